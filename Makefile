@@ -1,0 +1,41 @@
+# Everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+STUBS := federation/wire/icse/v1/node_pb2_grpc.py
+PROTOS := $(wildcard protos/icse/v1/*.proto)
+FEDERATION ?= dev.icse.test
+DEMO_NODES ?= FR,DE,NL,ES,IT,SE
+
+.PHONY: install stubs certs demo test bench clean
+
+install: $(STAMP) $(STUBS)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+stubs: $(STUBS)
+
+$(STUBS): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Ifederation/wire=protos \
+		--python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+certs: install
+	$(VENV)/bin/icse-pki --out certs/dev --federation $(FEDERATION) --nodes $(DEMO_NODES) --gateways eu-1
+
+demo: certs
+	$(PY) -m federation.demo --pki certs/dev --federation $(FEDERATION) --nodes $(DEMO_NODES)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) tests/bench/bench_exact.py
+
+clean:
+	rm -rf $(VENV) certs/dev .demo .pytest_cache federation/wire/icse *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

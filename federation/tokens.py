@@ -1,0 +1,238 @@
+"""The signed query token: claims, signing and verification.
+
+A gateway signs one short-lived JWT per node and call. It names the requesting
+officer, agency and case, is addressed to one node (``aud``), names the RPC and
+carries the canonical digest of the query's items, so it is worthless for any
+other node, method or query. Only asymmetric algorithms are accepted; the
+verifier uses the algorithm of the key found by ``kid``, never the one the
+token header asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
+MAX_LIFETIME_SECONDS = 60
+CLOCK_SKEW_SECONDS = 5
+METADATA_KEY = "authorization"
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "exp", "jti", "org", "country", "rpc", "qh")
+
+
+class TokenError(Exception):
+    """A token that is not acceptable; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class QueryClaims:
+    issuer: str  # gateway id
+    subject: str  # requesting officer
+    org: str  # requesting agency
+    country: str  # requesting agency's country
+    audience: str  # the one node this token is for
+    rpc: str  # "Match" or "Describe"
+    query_sha256: str  # federation.query.query_sha256 of the request
+    case: str  # case / purpose reference; required for Match
+    issued_at: int
+    expires_at: int
+    token_id: str
+
+    def to_jwt_claims(self) -> dict[str, Any]:
+        return {
+            "iss": self.issuer,
+            "sub": self.subject,
+            "org": self.org,
+            "country": self.country,
+            "aud": self.audience,
+            "rpc": self.rpc,
+            "qh": self.query_sha256,
+            "case": self.case,
+            "iat": self.issued_at,
+            "nbf": self.issued_at,
+            "exp": self.expires_at,
+            "jti": self.token_id,
+        }
+
+    @classmethod
+    def from_jwt_claims(cls, claims: dict[str, Any]) -> QueryClaims:
+        return cls(
+            issuer=str(claims["iss"]),
+            subject=str(claims["sub"]),
+            org=str(claims["org"]),
+            country=str(claims["country"]),
+            audience=str(claims["aud"]),
+            rpc=str(claims["rpc"]),
+            query_sha256=str(claims["qh"]),
+            case=str(claims.get("case", "")),
+            issued_at=int(claims["iat"]),
+            expires_at=int(claims["exp"]),
+            token_id=str(claims["jti"]),
+        )
+
+
+def new_claims(
+    *,
+    issuer: str,
+    subject: str,
+    org: str,
+    country: str,
+    audience: str,
+    rpc: str,
+    query_sha256: str,
+    case: str,
+    lifetime: int = 30,
+    now: float | None = None,
+) -> QueryClaims:
+    if not 0 < lifetime <= MAX_LIFETIME_SECONDS:
+        raise ValueError(f"token lifetime must be 1..{MAX_LIFETIME_SECONDS} s, got {lifetime}")
+    issued = int(time.time() if now is None else now)
+    return QueryClaims(
+        issuer=issuer,
+        subject=subject,
+        org=org,
+        country=country,
+        audience=audience,
+        rpc=rpc,
+        query_sha256=query_sha256,
+        case=case,
+        issued_at=issued,
+        expires_at=issued + lifetime,
+        token_id=uuid.uuid4().hex,
+    )
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    private_key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+    @property
+    def algorithm(self) -> str:
+        return "EdDSA" if isinstance(self.private_key, ed25519.Ed25519PrivateKey) else "ES256"
+
+    @classmethod
+    def load(cls, path: Path, kid: str) -> SigningKey:
+        key = load_pem_private_key(path.read_bytes(), password=None)
+        if isinstance(key, ec.EllipticCurvePrivateKey) and not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError(f"{path}: ECDSA signing keys must be on P-256 (ES256)")
+        if not isinstance(key, (ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey)):
+            raise ValueError(f"{path}: signing key must be Ed25519 or ECDSA P-256")
+        return cls(kid=kid, private_key=key)
+
+    def sign(self, claims: QueryClaims) -> str:
+        return jwt.encode(
+            claims.to_jwt_claims(),
+            self.private_key,
+            algorithm=self.algorithm,
+            headers={"kid": self.kid, "typ": "JWT"},
+        )
+
+
+class KeySet:
+    """The gateway public keys a node trusts, by ``kid`` (a JWKS document)."""
+
+    def __init__(self, keys: dict[str, jwt.PyJWK]):
+        self._keys = keys
+
+    @classmethod
+    def from_jwks(cls, document: dict[str, Any]) -> KeySet:
+        keys: dict[str, jwt.PyJWK] = {}
+        for entry in document.get("keys", []):
+            kid = entry.get("kid")
+            if not kid:
+                raise ValueError("every key in the key set needs a 'kid'")
+            jwk = jwt.PyJWK(entry)
+            if jwk.algorithm_name not in ALLOWED_ALGORITHMS:
+                raise ValueError(f"key {kid!r}: algorithm {jwk.algorithm_name} is not allowed")
+            keys[kid] = jwk
+        return cls(keys)
+
+    @classmethod
+    def load(cls, path: Path) -> KeySet:
+        return cls.from_jwks(json.loads(path.read_text()))
+
+    def kids(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def verify(self, token: str, audience: str, now: float | None = None) -> QueryClaims:
+        """Checks signature, algorithm, audience, times and required claims."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"malformed token: {exc}") from None
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise TokenError(f"token algorithm {str(alg)[:20]!r} is not allowed")
+        kid = header.get("kid")
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise TokenError(f"token signed with unknown key id {str(kid)[:64]!r}")
+        if key.algorithm_name != alg:
+            raise TokenError(f"token algorithm {alg} does not match key {kid!r}")
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[key.algorithm_name],
+                audience=audience,
+                leeway=CLOCK_SKEW_SECONDS,
+                options={"require": list(REQUIRED_CLAIMS), "verify_iat": True},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise TokenError("token is not valid yet (nbf/iat in the future)") from None
+        except jwt.InvalidAudienceError:
+            raise TokenError(f"token is addressed to another node, not {audience!r}") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise TokenError(f"token lacks required claim {exc.claim!r}") from None
+        except jwt.InvalidSignatureError:
+            raise TokenError("token signature does not verify") from None
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"invalid token: {exc}") from None
+        current = time.time() if now is None else now
+        if claims["iat"] > current + CLOCK_SKEW_SECONDS:
+            raise TokenError("token issued in the future")
+        if claims["exp"] - claims["iat"] > MAX_LIFETIME_SECONDS:
+            raise TokenError(f"token lifetime exceeds {MAX_LIFETIME_SECONDS} s")
+        try:
+            return QueryClaims.from_jwt_claims(claims)
+        except (TypeError, ValueError) as exc:
+            raise TokenError(f"token claims malformed: {exc}") from None
+
+
+def public_jwk(key: SigningKey) -> dict[str, Any]:
+    """The JWKS entry nodes need to verify tokens signed with ``key``."""
+    algorithm = jwt.get_algorithm_by_name(key.algorithm)
+    entry = json.loads(algorithm.to_jwk(key.private_key.public_key()))
+    entry.update({"kid": key.kid, "alg": key.algorithm, "use": "sig"})
+    return entry
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return ((METADATA_KEY, f"Bearer {token}"),)
+
+
+def token_from_metadata(metadata: Any) -> str:
+    """Extracts the bearer token from gRPC invocation metadata."""
+    values = [v for k, v in (metadata or ()) if k == METADATA_KEY]
+    if not values:
+        raise TokenError("missing 'authorization: Bearer' token")
+    if len(values) > 1:
+        raise TokenError("more than one authorization header")
+    value = values[0]
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise TokenError("authorization header must be 'Bearer <token>'")
+    return token.strip()

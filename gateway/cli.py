@@ -1,0 +1,187 @@
+"""``icse-gateway``: ask every country at once whether files are already known."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from federation import algorithms, tokens
+from federation.config import ConfigError
+from federation.query import QueryItem
+from gateway import config as gateway_config
+from gateway import filehash, render
+from gateway.fanout import Federation
+from gateway.merge import merge
+from gateway.results import Subject
+from gateway.signing import Signer
+
+EXIT_HIT, EXIT_NO_HIT, EXIT_ERROR = 0, 1, 2
+MAX_CASE = 128
+
+err = Console(stderr=True, highlight=False)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="icse-gateway",
+        description="Query the federation: files are hashed here and only their digests are "
+        "sent, signed, to every member country's node over mutual TLS.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    query = sub.add_parser(
+        "query",
+        help="ask every node whether digests or files are known",
+        description="Ask every node of the federation whether the given digests or files are known.",
+        epilog="Exit status: 0 at least one hit; 1 no hit and every node answered; "
+        "2 error, or no hit while some node did not answer (the answer is partial).",
+    )
+    query.add_argument("--config", type=Path, required=True, help="federation configuration (TOML)")
+    query.add_argument("--case", required=True, help="case or purpose reference (required; goes into every node's log)")
+    query.add_argument("--hash", action="append", default=[], metavar="ALGO:HEX",
+                       help=f"a digest to look up; repeatable. Algorithms: {', '.join(algorithms.names())}")
+    query.add_argument("--file", action="append", default=[], type=Path, metavar="PATH",
+                       help="a file to hash locally and look up; repeatable")
+    query.add_argument("--format", choices=["table", "json"], default="table")
+    query.add_argument("--timeout", type=float, help="per-node deadline in seconds (default: from config)")
+    query.add_argument("--officer", help="requesting officer id (default: from config)")
+
+    nodes = sub.add_parser("nodes", help="show every node's version, counts and generation")
+    nodes.add_argument("--config", type=Path, required=True, help="federation configuration (TOML)")
+    nodes.add_argument("--format", choices=["table", "json"], default="table")
+    nodes.add_argument("--timeout", type=float)
+
+    hashp = sub.add_parser("hash", help="print the digests of files without querying anyone")
+    hashp.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    hashp.add_argument("--format", choices=["table", "json"], default="table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "hash":
+            return _hash(args.files, args.format)
+        config = gateway_config.load(args.config)
+        if args.command == "nodes":
+            return asyncio.run(_nodes(config, args.format, args.timeout))
+        subjects = _subjects(args.hash, args.file)
+        case = _case(args.case)
+        return asyncio.run(_query(config, subjects, case, args.format, args.timeout, args.officer))
+    except (ConfigError, UsageError, OSError, ValueError) as exc:
+        err.print(f"[red]icse-gateway: {exc}[/red]")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _case(text: str) -> str:
+    case = text.strip()
+    if not case:
+        raise UsageError("--case must not be empty: every query belongs to a case")
+    if len(case) > MAX_CASE or not case.isprintable():
+        raise UsageError(f"--case must be at most {MAX_CASE} printable characters")
+    return case
+
+
+def _subjects(hashes: Sequence[str], files: Sequence[Path]) -> list[Subject]:
+    subjects = []
+    for text in hashes:
+        try:
+            algorithm, digest = algorithms.parse_tagged(text)
+        except algorithms.DigestError as exc:
+            raise UsageError(f"--hash {text[:80]}: {exc}") from None
+        subjects.append(Subject(QueryItem(algorithm.name, digest), ""))
+    for path in files:
+        if not path.is_file():
+            raise UsageError(f"--file {path}: not a readable file")
+        subjects += [Subject(item, str(path)) for item in filehash.file_items(path)]
+    if not subjects:
+        raise UsageError("nothing to look up: give --hash ALGO:HEX or --file PATH")
+    return subjects
+
+
+def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) -> Signer:
+    requester = config.requester
+    if officer:
+        requester = gateway_config.Requester(officer, requester.org, requester.country)
+    if not requester.officer:
+        raise UsageError("no requesting officer: set [requester] officer in the config or pass --officer")
+    key = tokens.SigningKey.load(config.signing_key, config.signing_kid)
+    return Signer(key, config.gateway_id, requester)
+
+
+async def _query(config, subjects: list[Subject], case: str, format_name: str,
+                 timeout: float | None, officer: str | None) -> int:
+    signer = _signer(config, officer)
+    async with Federation(config, signer) as federation:
+        answers = await federation.match([s.item for s in subjects], case, timeout)
+    result = merge(case, subjects, answers)
+    if format_name == "json":
+        print(json.dumps(render.to_json(result), indent=2))
+    else:
+        render.print_table(result, Console())
+    return result.exit_status()
+
+
+async def _nodes(config, format_name: str, timeout: float | None) -> int:
+    async with Federation(config, _signer(config, officer=config.requester.officer or "operator")) as federation:
+        described = await federation.describe(timeout)
+    rows = []
+    for d in described:
+        info = d.description
+        rows.append({
+            "node": d.node_id,
+            "status": "ok" if info else d.failure.value,
+            "message": d.message,
+            "latency_ms": round(d.latency_ms, 1),
+            "country": info.country if info else None,
+            "version": info.software_version if info else None,
+            "generation": info.generation if info else None,
+            "counts": {c.algorithm: c.count for c in info.counts} if info else {},
+        })
+    if format_name == "json":
+        print(json.dumps({"nodes": rows}, indent=2))
+    else:
+        table = Table(title="Federation nodes", title_justify="left")
+        for column in ("node", "status", "country", "version", "generation", "hashes", "ms", "message"):
+            table.add_column(column)
+        for r in rows:
+            counts = ", ".join(f"{a} {n:,}" for a, n in r["counts"].items())
+            table.add_row(r["node"], r["status"], r["country"] or "-", r["version"] or "-",
+                          str(r["generation"] if r["generation"] is not None else "-"), counts or "-",
+                          f"{r['latency_ms']:.0f}", r["message"])
+        Console().print(table)
+    return EXIT_HIT if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
+
+
+def _hash(files: Sequence[Path], format_name: str) -> int:
+    results = []
+    for path in files:
+        if not path.is_file():
+            raise UsageError(f"{path}: not a readable file")
+        results.append({"path": str(path), **{k: v.hex() for k, v in filehash.exact_digests(path).items()}})
+    if format_name == "json":
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(r["path"])
+            for name in algorithms.names():
+                if name in r:
+                    print(f"  {name}:{r[name]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

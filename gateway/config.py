@@ -1,0 +1,101 @@
+"""The federation configuration a gateway runs with (TOML), validated at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation import identity
+from federation.config import ConfigError, Table, root
+from federation.tls import TlsFiles
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    node_id: str
+    country: str
+    address: str
+    # Name the node's certificate must carry; pins which member we reached.
+    tls_name: str
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asks: carried in every token and so in every node's audit."""
+
+    officer: str
+    org: str
+    country: str
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    gateway_id: str
+    federation: str
+    tls: TlsFiles
+    signing_key: Path
+    signing_kid: str
+    requester: Requester
+    node_timeout: float
+    nodes: tuple[NodeEntry, ...]
+
+
+def load(path: Path) -> GatewayConfig:
+    doc = root(path)
+    doc.reject_unknown({"gateway", "tls", "signing", "requester", "nodes"})
+    gateway = doc.table("gateway")
+    gateway.reject_unknown({"id", "federation", "node_timeout"})
+    federation = gateway.get("federation", str)
+    gateway_id = _member_id(gateway, "id")
+    node_timeout = gateway.get("node_timeout", float, 5.0)
+    if not 0 < node_timeout <= 120:
+        raise ConfigError(f"{gateway.where('node_timeout')}: must be between 0 and 120 seconds")
+    tls = doc.table("tls")
+    tls.reject_unknown({"ca", "cert", "key"})
+    signing = doc.table("signing")
+    signing.reject_unknown({"key", "kid"})
+    requester = doc.table("requester", required=False)
+    requester.reject_unknown({"officer", "org", "country"})
+    nodes = tuple(_node(t, federation) for t in doc.tables("nodes"))
+    if not nodes:
+        raise ConfigError(f"{path}: no [[nodes]] configured")
+    seen: set[str] = set()
+    for node in nodes:
+        if node.node_id in seen:
+            raise ConfigError(f"{path}: node id {node.node_id!r} listed twice")
+        seen.add(node.node_id)
+    return GatewayConfig(
+        gateway_id=gateway_id,
+        federation=federation,
+        tls=TlsFiles(tls.path_of("ca"), tls.path_of("cert"), tls.path_of("key")),
+        signing_key=signing.path_of("key"),
+        signing_kid=signing.get("kid", str),
+        requester=Requester(
+            officer=requester.get("officer", str, ""),
+            org=requester.get("org", str, ""),
+            country=requester.get("country", str, ""),
+        ),
+        node_timeout=node_timeout,
+        nodes=nodes,
+    )
+
+
+def _member_id(table: Table, key: str) -> str:
+    try:
+        return identity.check_member_id(table.get(key, str), key)
+    except ValueError as exc:
+        raise ConfigError(f"{table.where(key)}: {exc}") from None
+
+
+def _node(table: Table, federation: str) -> NodeEntry:
+    table.reject_unknown({"id", "country", "address", "tls_name"})
+    node_id = _member_id(table, "id")
+    address = table.get("address", str)
+    if ":" not in address:
+        raise ConfigError(f"{table.where('address')}: expected HOST:PORT, got {address!r}")
+    return NodeEntry(
+        node_id=node_id,
+        country=table.get("country", str, node_id),
+        address=address,
+        tls_name=table.get("tls_name", str, identity.node_tls_name(federation, node_id)),
+    )

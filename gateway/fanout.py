@@ -1,0 +1,147 @@
+"""Fan-out: every node of the federation asked concurrently over mutual TLS.
+
+Each call carries its own deadline and its own token (audience = that node);
+a slow, dead or refusing node becomes a status line, never a failed query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from federation import tls, tokens
+from federation.query import QueryItem
+from federation.wire import items_to_pb, pb, rpc
+from gateway.config import GatewayConfig, NodeEntry
+from gateway.results import HitInfo, NodeAnswer, NodeStatus
+from gateway.signing import Signer
+
+_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    node_id: str
+    latency_ms: float
+    description: pb.DescribeResponse | None = None
+    # Why there is no description: the failure's status and message.
+    failure: NodeStatus | None = None
+    message: str = ""
+
+
+def _status_of(error: grpc.aio.AioRpcError) -> NodeStatus:
+    code = error.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return NodeStatus.TIMED_OUT
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return NodeStatus.UNAVAILABLE
+    if code in _REFUSALS:
+        return NodeStatus.REFUSED
+    return NodeStatus.ERROR
+
+
+def _hit(message: pb.Hit) -> HitInfo:
+    return HitInfo(
+        node_id=message.node_id,
+        country=message.country,
+        reference=message.reference,
+        contact=message.contact,
+        category=message.category,
+        victim_identified=message.victim_identified if message.HasField("victim_identified") else None,
+        series=message.series,
+        date_added=message.date_added,
+        distance=message.distance,
+        matched_share=message.matched_share or None,
+    )
+
+
+class Federation:
+    """Long-lived channels to every node; reuse one instance across queries."""
+
+    def __init__(self, config: GatewayConfig, signer: Signer):
+        self._config = config
+        self._signer = signer
+        credentials = tls.channel_credentials(config.tls)
+        self._stubs: dict[str, rpc.NodeStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        for node in config.nodes:
+            channel = grpc.aio.secure_channel(
+                node.address,
+                credentials,
+                options=CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", node.tls_name)],
+            )
+            self._channels.append(channel)
+            self._stubs[node.node_id] = rpc.NodeStub(channel)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels))
+
+    async def __aenter__(self) -> Federation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None) -> list[NodeAnswer]:
+        request = items_to_pb(items)
+        deadline = timeout or self._config.node_timeout
+        return list(await asyncio.gather(
+            *(self._match_one(node, request, items, case, deadline) for node in self._config.nodes)
+        ))
+
+    async def _match_one(
+        self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str, timeout: float
+    ) -> NodeAnswer:
+        token = self._signer.token(node.node_id, "Match", items, case)
+        started = time.perf_counter()
+        try:
+            response = await self._stubs[node.node_id].Match(
+                request, timeout=timeout, metadata=tokens.bearer(token)
+            )
+        except grpc.aio.AioRpcError as error:
+            return NodeAnswer(node.node_id, node.country, _status_of(error), error.details() or "",
+                              (time.perf_counter() - started) * 1000)
+        latency = (time.perf_counter() - started) * 1000
+        if len(response.results) != len(items) or response.node_id != node.node_id:
+            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR,
+                              f"malformed answer: {len(response.results)} results for {len(items)} items "
+                              f"from node {response.node_id!r}", latency)
+        hits = tuple(tuple(_hit(h) for h in result.hits) for result in response.results)
+        return NodeAnswer(
+            node_id=node.node_id,
+            country=node.country,
+            status=NodeStatus.HIT if any(hits) else NodeStatus.NO_HIT,
+            latency_ms=latency,
+            hits=hits,
+            truncated=tuple(result.truncated for result in response.results),
+        )
+
+    async def describe(self, timeout: float | None = None) -> list[NodeDescription]:
+        deadline = timeout or self._config.node_timeout
+        return list(await asyncio.gather(*(self._describe_one(n, deadline) for n in self._config.nodes)))
+
+    async def _describe_one(self, node: NodeEntry, timeout: float) -> NodeDescription:
+        token = self._signer.token(node.node_id, "Describe", [], "")
+        started = time.perf_counter()
+        try:
+            response = await self._stubs[node.node_id].Describe(
+                pb.DescribeRequest(), timeout=timeout, metadata=tokens.bearer(token)
+            )
+        except grpc.aio.AioRpcError as error:
+            return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000,
+                                   failure=_status_of(error), message=error.details() or "")
+        return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000, response)

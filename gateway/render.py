@@ -1,0 +1,111 @@
+"""Presenting a merged result: a table for people, stable JSON for programs.
+
+The JSON layout is versioned by its ``schema`` field and documented in the
+README; fields are only ever added to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gateway.results import HitInfo, MergedResult, NodeStatus
+
+SCHEMA = "icse.query-result/1"
+
+
+def _hit_json(hit: HitInfo) -> dict[str, Any]:
+    return {
+        "country": hit.country,
+        "node": hit.node_id,
+        "reference": hit.reference,
+        "category": hit.category,
+        "victim_identified": hit.victim_identified,
+        "series": hit.series,
+        "date_added": hit.date_added,
+        "contact": hit.contact,
+        "distance": hit.distance,
+        "matched_share": hit.matched_share,
+    }
+
+
+def to_json(result: MergedResult) -> dict[str, Any]:
+    answered = sum(1 for n in result.nodes if n.status.answered)
+    return {
+        "schema": SCHEMA,
+        "case": result.case,
+        "partial": result.partial,
+        "summary": {
+            "items": len(result.items),
+            "items_with_hits": sum(1 for i in result.items if i.hits),
+            "countries_with_hits": list(result.countries_with_hits),
+            "nodes": len(result.nodes),
+            "nodes_answered": answered,
+        },
+        "items": [
+            {
+                "source": item.subject.source,
+                "algorithm": item.subject.item.algorithm,
+                "digest": item.subject.item.digest.hex(),
+                "hits": [_hit_json(h) for h in item.hits],
+                "truncated_by": list(item.truncated_by),
+            }
+            for item in result.items
+        ],
+        "nodes": [
+            {
+                "node": n.node_id,
+                "country": n.country,
+                "status": n.status.value,
+                "message": n.message,
+                "latency_ms": round(n.latency_ms, 1),
+            }
+            for n in result.nodes
+        ],
+    }
+
+
+_STATUS_STYLE = {
+    NodeStatus.HIT: "bold green",
+    NodeStatus.NO_HIT: "green",
+    NodeStatus.TIMED_OUT: "yellow",
+    NodeStatus.UNAVAILABLE: "yellow",
+    NodeStatus.REFUSED: "red",
+    NodeStatus.ERROR: "red",
+}
+
+
+def _flag(value: bool | None) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
+
+
+def print_table(result: MergedResult, console: Console) -> None:
+    hits = Table(title=f"Case {result.case}: hits", title_justify="left")
+    for column in ("item", "country", "reference", "category", "victim identified", "series", "added", "contact"):
+        hits.add_column(column)
+    for item in result.items:
+        label = f"{item.subject.source + ' ' if item.subject.source else ''}{item.subject.item.algorithm}:{item.subject.item.digest.hex()[:16]}…"
+        for hit in item.hits:
+            hits.add_row(label, hit.country, hit.reference, hit.category or "-", _flag(hit.victim_identified),
+                         hit.series or "-", hit.date_added, hit.contact or "-")
+    with_hits = sum(1 for i in result.items if i.hits)
+    if with_hits:
+        console.print(hits)
+    console.print(f"{with_hits} of {len(result.items)} item(s) known to the federation"
+                  + (f" — in {', '.join(result.countries_with_hits)}" if with_hits else ""))
+
+    nodes = Table(title="Nodes", title_justify="left")
+    for column in ("node", "country", "status", "ms", "message"):
+        nodes.add_column(column)
+    for node in result.nodes:
+        nodes.add_row(node.node_id, node.country, f"[{_STATUS_STYLE[node.status]}]{node.status.value}",
+                      f"{node.latency_ms:.0f}", node.message)
+    console.print(nodes)
+    if result.partial:
+        missing = [n.country for n in result.nodes if not n.status.answered]
+        console.print(f"[bold yellow]PARTIAL answer:[/] no answer from {', '.join(missing)}; "
+                      "absence of a hit there means nothing.")
+    else:
+        console.print("Complete answer: every node answered.")

@@ -1,0 +1,85 @@
+"""Who may ask this node, and for what: the checks before the store is touched.
+
+A call is accepted when the TLS peer is a gateway of the federation (its
+certificate's URI names it), and its bearer token verifies against the trusted
+key set, is addressed to this node, was issued by that same gateway, names the
+RPC being called and carries the digest of exactly this request's items.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from federation import identity, tls, tokens
+from federation.tokens import QueryClaims
+
+
+class AuthError(Exception):
+    """Refusal. ``denied`` separates "who are you?" from "not allowed"."""
+
+    def __init__(self, message: str, *, denied: bool = False):
+        super().__init__(message)
+        self.denied = denied
+
+
+class ReloadingKeySet:
+    """The trusted key set, re-read when its file changes (key rotation)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        self._keys = tokens.KeySet({})
+        self.get()
+
+    def get(self) -> tokens.KeySet:
+        stat = os.stat(self._path)
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            self._keys = tokens.KeySet.load(self._path)
+            self._stamp = stamp
+        return self._keys
+
+
+class Authenticator:
+    def __init__(self, node_id: str, federation: str, keys: Path, gateways: Sequence[str]):
+        self._node_id = node_id
+        self._federation = federation
+        self._keys = ReloadingKeySet(keys)
+        self._gateways = frozenset(gateways)
+
+    def authorize(
+        self,
+        metadata: Any,
+        auth_context: Mapping[str, Sequence[bytes]],
+        rpc: str,
+        query_sha256: str,
+    ) -> QueryClaims:
+        peer_gateway = self._peer_gateway(auth_context)
+        try:
+            token = tokens.token_from_metadata(metadata)
+            claims = self._keys.get().verify(token, audience=self._node_id)
+        except tokens.TokenError as exc:
+            raise AuthError(str(exc)) from None
+        if claims.issuer not in self._gateways:
+            raise AuthError(f"gateway {claims.issuer!r} is not trusted by this node", denied=True)
+        if claims.issuer != peer_gateway:
+            raise AuthError(
+                f"token issued by {claims.issuer!r} but presented by {peer_gateway!r}", denied=True
+            )
+        if claims.rpc != rpc:
+            raise AuthError(f"token is for {claims.rpc!r}, not {rpc!r}", denied=True)
+        if claims.query_sha256 != query_sha256:
+            raise AuthError("request items differ from those the token was signed for", denied=True)
+        if rpc == "Match" and not claims.case.strip():
+            raise AuthError("a query needs a case reference ('case' claim)", denied=True)
+        return claims
+
+    def _peer_gateway(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
+        for uri in tls.peer_uris(auth_context):
+            gateway = identity.gateway_id_from_uri(self._federation, uri)
+            if gateway is not None:
+                return gateway
+        raise AuthError("client certificate does not name a gateway of this federation", denied=True)

@@ -1,0 +1,79 @@
+"""A node's configuration file (TOML), validated at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from federation import identity
+from federation.config import ConfigError, Table, root
+from federation.tls import TlsFiles
+from node.matcher import Limits
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    country: str
+    federation: str
+    listen: str
+    store: Path
+    contact: str
+    tls: TlsFiles | None
+    gateway_keys: Path | None
+    trusted_gateways: tuple[str, ...]
+    limits: Limits
+
+
+def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
+    """Reads ``path``. Commands that only touch the store need no TLS or keys."""
+    doc = root(path)
+    doc.reject_unknown({"node", "tls", "trust", "limits"})
+    node = doc.table("node")
+    node.reject_unknown({"id", "country", "federation", "listen", "store", "contact"})
+    try:
+        node_id = identity.check_member_id(node.get("id", str), "node id")
+    except ValueError as exc:
+        raise ConfigError(f"{node.where('id')}: {exc}") from None
+    country = node.get("country", str)
+    if len(country) != 2 or not country.isalpha() or not country.isupper():
+        raise ConfigError(f"{node.where('country')}: expected an ISO 3166 alpha-2 code like 'FR', got {country!r}")
+    tls = trust_files = None
+    gateways: tuple[str, ...] = ()
+    if for_serving:
+        tls_table = doc.table("tls")
+        tls_table.reject_unknown({"ca", "cert", "key"})
+        tls = TlsFiles(tls_table.path_of("ca"), tls_table.path_of("cert"), tls_table.path_of("key"))
+        trust = doc.table("trust")
+        trust.reject_unknown({"gateway_keys", "gateways"})
+        trust_files = trust.path_of("gateway_keys")
+        gateways = tuple(trust.get("gateways", list))
+        if not gateways or not all(isinstance(g, str) for g in gateways):
+            raise ConfigError(f"{trust.where('gateways')}: expected a non-empty list of gateway ids")
+    limits = doc.table("limits", required=False)
+    limits.reject_unknown({"max_items", "max_hits_per_item", "max_distance"})
+    defaults = Limits()
+    parsed_limits = Limits(
+        max_items=_positive(limits, "max_items", defaults.max_items),
+        max_hits_per_item=_positive(limits, "max_hits_per_item", defaults.max_hits_per_item),
+        max_distance=_positive(limits, "max_distance", defaults.max_distance),
+    )
+    return NodeConfig(
+        node_id=node_id,
+        country=country,
+        federation=node.get("federation", str),
+        listen=node.get("listen", str, "127.0.0.1:0"),
+        store=node.path_of("store", must_exist=False),
+        contact=node.get("contact", str, ""),
+        tls=tls,
+        gateway_keys=trust_files,
+        trusted_gateways=gateways,
+        limits=parsed_limits,
+    )
+
+
+def _positive(table: Table, key: str, default: int) -> int:
+    value = table.get(key, int, default)
+    if value < 1:
+        raise ConfigError(f"{table.where(key)}: must be at least 1, got {value}")
+    return value

@@ -1,0 +1,72 @@
+"""In-memory indexes over a node's digests, one per algorithm.
+
+The store stays the record of truth; an index maps query digests to store row
+ids in bulk so that a batch of thousands of items costs one vectorised search
+and one SQL query for the hits, never one SQL query per digest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from federation.algorithms import Algorithm, MatchKind
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A stored row that answers a query digest, and how far it is from it."""
+
+    record_id: int
+    distance: int = 0
+
+
+class Index(Protocol):
+    def __len__(self) -> int: ...
+
+    def search(self, digests: Sequence[bytes], max_distance: Sequence[int]) -> list[list[Candidate]]:
+        """Per query digest, the stored rows within ``max_distance`` of it."""
+        ...
+
+
+class ExactIndex:
+    """Sorted fixed-width byte strings searched with ``numpy.searchsorted``.
+
+    About digest_size + 8 bytes per stored hash (a Python dict would take over
+    100), and a 10,000-item batch costs a few milliseconds at millions of rows.
+    """
+
+    def __init__(self, algorithm: Algorithm, ids: Sequence[int], digests: Sequence[bytes]):
+        self._dtype = np.dtype(f"S{algorithm.digest_size}")
+        keys = np.array(digests, dtype=self._dtype) if digests else np.empty(0, self._dtype)
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._ids = np.asarray(ids, dtype=np.int64)[order] if len(ids) else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def nbytes(self) -> int:
+        return self._keys.nbytes + self._ids.nbytes
+
+    def search(self, digests: Sequence[bytes], max_distance: Sequence[int] = ()) -> list[list[Candidate]]:
+        if not len(self._keys) or not digests:
+            return [[] for _ in digests]
+        queries = np.array(digests, dtype=self._dtype)
+        positions = np.searchsorted(self._keys, queries)
+        clipped = np.minimum(positions, len(self._keys) - 1)
+        found = self._keys[clipped] == queries
+        ids = self._ids[clipped]
+        return [[Candidate(int(i))] if hit else [] for hit, i in zip(found.tolist(), ids.tolist())]
+
+
+_BY_KIND = {MatchKind.EXACT: ExactIndex}
+
+
+def build(algorithm: Algorithm, ids: Sequence[int], digests: Sequence[bytes]) -> Index:
+    """The index that serves ``algorithm``'s match kind."""
+    return _BY_KIND[algorithm.match_kind](algorithm, ids, digests)

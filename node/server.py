@@ -1,0 +1,68 @@
+"""Runs a node: mutual-TLS gRPC server over the store, until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from federation import tls
+from federation.wire import rpc
+from node.auth import Authenticator
+from node.config import NodeConfig
+from node.live_index import LiveIndexes
+from node.service import NodeService
+from node.store import Store
+
+log = logging.getLogger("icse.node")
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.max_metadata_size", 16 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+GRACE_SECONDS = 5.0
+
+
+def _write_ready(path: Path, port: int, config: NodeConfig) -> None:
+    """Atomically tells a supervisor (tests, demo) the bound port."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"node_id": config.node_id, "port": port, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
+    assert config.tls is not None and config.gateway_keys is not None
+    store = await Store.open(config.store)
+    try:
+        indexes = LiveIndexes(store)
+        loaded = await indexes.current()
+        auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        rpc.add_NodeServicer_to_server(NodeService(config, store, indexes, auth), server)
+        port = server.add_secure_port(config.listen, tls.server_credentials(config.tls))
+        if port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        await server.start()
+        log.info(
+            "node %s (%s) serving on port %d: %s hashes, generation %d",
+            config.node_id, config.country, port, sum(loaded.counts().values()), loaded.generation,
+        )
+        if ready_file is not None:
+            _write_ready(ready_file, port, config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("node %s stopping: finishing in-flight calls (grace %.0f s)", config.node_id, GRACE_SECONDS)
+        await server.stop(GRACE_SECONDS)
+    finally:
+        await store.close()
+    log.info("node %s stopped", config.node_id)
