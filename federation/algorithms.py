@@ -71,8 +71,9 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Algorithm:
+    """The algorithm registered under exactly ``name`` (lower case, as on the wire)."""
     try:
-        return _REGISTRY[name.strip().lower()]
+        return _REGISTRY[name]
     except KeyError:
         raise DigestError(
             f"unknown algorithm {name[:40]!r} (known: {', '.join(_REGISTRY)})"
@@ -84,5 +85,5 @@ def parse_tagged(text: str) -> tuple[Algorithm, bytes]:
     algo, sep, hexdigest = text.strip().partition(":")
     if not sep:
         raise DigestError(f"expected ALGORITHM:HEX, got {text.strip()[:80]!r}")
-    algorithm = get(algo)
+    algorithm = get(algo.strip().lower())
     return algorithm, algorithm.parse_hex(hexdigest)

@@ -156,10 +156,10 @@ class LocalFederation:
     """Nodes started together, and the gateway configuration that reaches them."""
 
     def __init__(self, workdir: Path, pki: DevPki, specs: Iterable[NodeSpec], gateway_id: str = "eu-1"):
-        self.workdir = workdir
+        self.workdir = workdir.resolve()
         self.pki = pki
         self.gateway_id = gateway_id
-        self.nodes = {s.node_id: LocalNode(s, workdir, pki, [gateway_id]) for s in specs}
+        self.nodes = {s.node_id: LocalNode(s, self.workdir, pki, [gateway_id]) for s in specs}
 
     def __getitem__(self, node_id: str) -> LocalNode:
         return self.nodes[node_id]

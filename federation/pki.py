@@ -146,6 +146,10 @@ class DevPki:
     nodes: list[str] = field(default_factory=list)
     gateways: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Absolute, so configurations that name these files work from anywhere.
+        self.root = Path(self.root).resolve()
+
     @property
     def ca_cert(self) -> Path:
         return self.root / "ca.pem"

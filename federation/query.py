@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class QueryItem:
-    """One digest to look up. ``algorithm`` is as received, not yet validated."""
+class QueryItem(NamedTuple):
+    """One digest to look up. ``algorithm`` is as received, not yet validated.
+
+    A named tuple because batches hold tens of thousands of them.
+    """
 
     algorithm: str
     digest: bytes

@@ -25,7 +25,12 @@ from gateway.signing import Signer
 EXIT_HIT, EXIT_NO_HIT, EXIT_ERROR = 0, 1, 2
 MAX_CASE = 128
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _console() -> Console:
+    """Full-width tables also when the output goes to a file or a pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 class UsageError(ValueError):
@@ -80,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         case = _case(args.case)
         return asyncio.run(_query(config, subjects, case, args.format, args.timeout, args.officer))
     except (ConfigError, UsageError, OSError, ValueError) as exc:
-        err.print(f"[red]icse-gateway: {exc}[/red]")
+        err.print(f"icse-gateway: {exc}", style="red", markup=False)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -131,7 +136,7 @@ async def _query(config, subjects: list[Subject], case: str, format_name: str,
     if format_name == "json":
         print(json.dumps(render.to_json(result), indent=2))
     else:
-        render.print_table(result, Console())
+        render.print_table(result, _console())
     return result.exit_status()
 
 
@@ -162,7 +167,7 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
             table.add_row(r["node"], r["status"], r["country"] or "-", r["version"] or "-",
                           str(r["generation"] if r["generation"] is not None else "-"), counts or "-",
                           f"{r['latency_ms']:.0f}", r["message"])
-        Console().print(table)
+        _console().print(table)
     return EXIT_HIT if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
 
 

@@ -69,6 +69,22 @@ def _hit(message: pb.Hit) -> HitInfo:
     )
 
 
+def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tuple, tuple]:
+    """Per-item hits and truncation flags from a node's sparse answer."""
+    if response.node_id != node.node_id:
+        raise ValueError(f"answer is from node {response.node_id!r}")
+    hits: list[tuple[HitInfo, ...]] = [()] * count
+    truncated = [False] * count
+    previous = -1
+    for result in response.results:
+        if not previous < result.item < count:
+            raise ValueError(f"item position {result.item} out of order or range")
+        previous = result.item
+        hits[result.item] = tuple(_hit(h) for h in result.hits)
+        truncated[result.item] = result.truncated
+    return tuple(hits), tuple(truncated)
+
+
 class Federation:
     """Long-lived channels to every node; reuse one instance across queries."""
 
@@ -116,18 +132,17 @@ class Federation:
             return NodeAnswer(node.node_id, node.country, _status_of(error), error.details() or "",
                               (time.perf_counter() - started) * 1000)
         latency = (time.perf_counter() - started) * 1000
-        if len(response.results) != len(items) or response.node_id != node.node_id:
-            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR,
-                              f"malformed answer: {len(response.results)} results for {len(items)} items "
-                              f"from node {response.node_id!r}", latency)
-        hits = tuple(tuple(_hit(h) for h in result.hits) for result in response.results)
+        try:
+            hits, truncated = _unpack(response, node, len(items))
+        except ValueError as exc:
+            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}", latency)
         return NodeAnswer(
             node_id=node.node_id,
             country=node.country,
-            status=NodeStatus.HIT if any(hits) else NodeStatus.NO_HIT,
+            status=NodeStatus.HIT if response.results else NodeStatus.NO_HIT,
             latency_ms=latency,
             hits=hits,
-            truncated=tuple(result.truncated for result in response.results),
+            truncated=truncated,
         )
 
     async def describe(self, timeout: float | None = None) -> list[NodeDescription]:

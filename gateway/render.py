@@ -33,6 +33,7 @@ def _hit_json(hit: HitInfo) -> dict[str, Any]:
 
 def to_json(result: MergedResult) -> dict[str, Any]:
     answered = sum(1 for n in result.nodes if n.status.answered)
+    known_files, files, _, _ = _known(result)
     return {
         "schema": SCHEMA,
         "case": result.case,
@@ -40,6 +41,8 @@ def to_json(result: MergedResult) -> dict[str, Any]:
         "summary": {
             "items": len(result.items),
             "items_with_hits": sum(1 for i in result.items if i.hits),
+            "files": files,
+            "files_with_hits": known_files,
             "countries_with_hits": list(result.countries_with_hits),
             "nodes": len(result.nodes),
             "nodes_answered": answered,
@@ -81,6 +84,30 @@ def _flag(value: bool | None) -> str:
     return "unknown" if value is None else ("yes" if value else "no")
 
 
+def _known(result: MergedResult) -> tuple[int, int, int, int]:
+    """(files known, files, given hashes known, given hashes): files count once."""
+    files: dict[str, bool] = {}
+    given = known_given = 0
+    for item in result.items:
+        if item.subject.source:
+            files[item.subject.source] = files.get(item.subject.source, False) or bool(item.hits)
+        else:
+            given += 1
+            known_given += bool(item.hits)
+    return sum(files.values()), len(files), known_given, given
+
+
+def _summary_line(result: MergedResult) -> str:
+    known_files, files, known_given, given = _known(result)
+    parts = []
+    if files:
+        parts.append(f"{known_files} of {files} file(s)")
+    if given:
+        parts.append(f"{known_given} of {given} given hash(es)")
+    where = f" — in {', '.join(result.countries_with_hits)}" if result.countries_with_hits else ""
+    return f"{' and '.join(parts)} known to the federation{where}"
+
+
 def print_table(result: MergedResult, console: Console) -> None:
     hits = Table(title=f"Case {result.case}: hits", title_justify="left")
     for column in ("item", "country", "reference", "category", "victim identified", "series", "added", "contact"):
@@ -90,11 +117,9 @@ def print_table(result: MergedResult, console: Console) -> None:
         for hit in item.hits:
             hits.add_row(label, hit.country, hit.reference, hit.category or "-", _flag(hit.victim_identified),
                          hit.series or "-", hit.date_added, hit.contact or "-")
-    with_hits = sum(1 for i in result.items if i.hits)
-    if with_hits:
+    if any(item.hits for item in result.items):
         console.print(hits)
-    console.print(f"{with_hits} of {len(result.items)} item(s) known to the federation"
-                  + (f" — in {', '.join(result.countries_with_hits)}" if with_hits else ""))
+    console.print(_summary_line(result))
 
     nodes = Table(title="Nodes", title_justify="left")
     for column in ("node", "country", "status", "ms", "message"):

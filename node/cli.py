@@ -20,7 +20,7 @@ from node import server
 from node.importer import ImportAborted, ImportReport, import_file
 from node.store import Store
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_import(config, args.files, args.format, args.strict))
         return asyncio.run(_stats(config, args.format))
     except (ConfigError, ImportAborted, OSError, ValueError) as exc:
-        err.print(f"[red]icse-node: {exc}[/red]", highlight=False)
+        err.print(f"icse-node: {exc}", style="red", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -87,7 +87,7 @@ def _csv_row(number: int, cells: dict[str, str], width: int, expected: int) -> P
     if width > expected:
         return Rejection(number, f"{width} columns, expected at most {expected}")
     try:
-        algorithm = algorithms.get(cells.get("algorithm", ""))
+        algorithm = algorithms.get(cells.get("algorithm", "").strip().lower())
         digest = algorithm.parse_hex(cells.get("digest", ""))
         return HashRecord(
             algorithm=algorithm.name,

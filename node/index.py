@@ -24,6 +24,9 @@ class Candidate:
     distance: int = 0
 
 
+_NONE: list[Candidate] = []  # shared by every miss; callers never mutate results
+
+
 class Index(Protocol):
     def __len__(self) -> int: ...
 
@@ -61,7 +64,7 @@ class ExactIndex:
         clipped = np.minimum(positions, len(self._keys) - 1)
         found = self._keys[clipped] == queries
         ids = self._ids[clipped]
-        return [[Candidate(int(i))] if hit else [] for hit, i in zip(found.tolist(), ids.tolist())]
+        return [[Candidate(i)] if hit else _NONE for hit, i in zip(found.tolist(), ids.tolist())]
 
 
 _BY_KIND = {MatchKind.EXACT: ExactIndex}

@@ -1,12 +1,12 @@
 """The pure core of answering a query: validate items, search the indexes.
 
 Knows nothing of gRPC or SQLite; the service feeds it items and indexes and
-turns its candidates into hits.
+turns its candidates into hits. Items are grouped by algorithm once, so each
+index is searched a single time per batch.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,10 +28,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class ValidItem:
+class Group:
+    """The items of one algorithm in a batch, with their positions in it."""
+
     algorithm: Algorithm
-    digest: bytes
-    max_distance: int
+    positions: list[int]
+    digests: list[bytes]
+    max_distances: list[int]
+
+
+@dataclass(frozen=True)
+class ValidBatch:
+    size: int
+    groups: list[Group]
 
 
 @dataclass(frozen=True)
@@ -40,42 +49,57 @@ class ItemMatches:
     truncated: bool = False
 
 
-def validate(items: Sequence[QueryItem], limits: Limits) -> list[ValidItem]:
+def validate(items: Sequence[QueryItem], limits: Limits) -> ValidBatch:
     if not items:
         raise InvalidRequest("request has no items")
     if len(items) > limits.max_items:
         raise InvalidRequest(f"request has {len(items)} items; this node accepts at most {limits.max_items}")
-    return [_validate_item(n, item, limits) for n, item in enumerate(items)]
-
-
-def _validate_item(number: int, item: QueryItem, limits: Limits) -> ValidItem:
-    try:
-        algorithm = algorithms.get(item.algorithm)
-        digest = algorithm.validate(item.digest)
-    except algorithms.DigestError as exc:
-        raise InvalidRequest(f"item {number}: {exc}") from None
-    if algorithm.match_kind is MatchKind.EXACT:
-        if item.max_distance:
-            raise InvalidRequest(f"item {number}: {algorithm.name} is matched exactly; max_distance must be 0")
-        return ValidItem(algorithm, digest, 0)
-    wanted = item.max_distance or algorithm.max_distance
-    return ValidItem(algorithm, digest, min(wanted, limits.max_distance, algorithm.max_distance))
-
-
-def match(items: Sequence[ValidItem], indexes: Mapping[str, Index], limits: Limits) -> list[ItemMatches]:
-    """Searches each algorithm's index once for all of its items in the batch."""
-    positions: dict[str, list[int]] = defaultdict(list)
+    positions: dict[str, list[int]] = {}
     for position, item in enumerate(items):
-        positions[item.algorithm.name].append(position)
-    results = [ItemMatches([]) for _ in items]
-    for name, where in positions.items():
-        index = indexes.get(name)
+        positions.setdefault(item.algorithm, []).append(position)
+    groups = [_group(name, where, items, limits) for name, where in positions.items()]
+    return ValidBatch(len(items), groups)
+
+
+def _group(name: str, where: list[int], items: Sequence[QueryItem], limits: Limits) -> Group:
+    try:
+        algorithm = algorithms.get(name)
+    except algorithms.DigestError as exc:
+        raise InvalidRequest(f"item {where[0]}: {exc}") from None
+    digests = [items[p].digest for p in where]
+    for position, digest in zip(where, digests):
+        if len(digest) != algorithm.digest_size:
+            try:
+                algorithm.validate(digest)
+            except algorithms.DigestError as exc:
+                raise InvalidRequest(f"item {position}: {exc}") from None
+    wanted = [items[p].max_distance for p in where]
+    if algorithm.match_kind is MatchKind.EXACT:
+        for position, distance in zip(where, wanted):
+            if distance:
+                raise InvalidRequest(f"item {position}: {name} is matched exactly; max_distance must be 0")
+        distances = wanted
+    else:
+        cap = min(limits.max_distance, algorithm.max_distance)
+        distances = [min(d or algorithm.max_distance, cap) for d in wanted]
+    return Group(algorithm, where, digests, distances)
+
+
+def _ranked(candidates: list[Candidate], cap: int) -> ItemMatches:
+    if len(candidates) > 1:
+        candidates = sorted(candidates, key=lambda c: (c.distance, c.record_id))
+    return ItemMatches(candidates[:cap], truncated=len(candidates) > cap)
+
+
+def match(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> list[ItemMatches]:
+    """Per item in request order, its best candidates up to the per-item cap."""
+    no_hit = ItemMatches([])
+    results = [no_hit] * batch.size
+    for group in batch.groups:
+        index = indexes.get(group.algorithm.name)
         if index is None:
             continue
-        found = index.search([items[p].digest for p in where], [items[p].max_distance for p in where])
-        for position, candidates in zip(where, found):
-            ranked = sorted(candidates, key=lambda c: (c.distance, c.record_id))
-            results[position] = ItemMatches(
-                ranked[: limits.max_hits_per_item], truncated=len(ranked) > limits.max_hits_per_item
-            )
+        for position, candidates in zip(group.positions, index.search(group.digests, group.max_distances)):
+            if candidates:
+                results[position] = _ranked(candidates, limits.max_hits_per_item)
     return results

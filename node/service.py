@@ -61,10 +61,12 @@ class NodeService(rpc.NodeServicer):
             tier=pb.RELEASE_TIER_STANDARD,
             results=[
                 pb.ItemResult(
+                    item=position,
                     hits=[self._hit(records[c.record_id], c.distance) for c in m.candidates if c.record_id in records],
                     truncated=m.truncated,
                 )
-                for m in found
+                for position, m in enumerate(found)
+                if m.candidates
             ],
         )
         hits = sum(len(m.candidates) for m in found)

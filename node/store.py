@@ -8,6 +8,7 @@ transaction so the in-memory indexes know when to reload.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,6 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0), ('schema_versi
 """
 
 _COLUMNS = "id, algorithm, digest, reference, category, victim_identified, series, date_added"
-# SQLite's default limit on host parameters is 32766; stay well below it.
-_IN_CHUNK = 900
 
 
 @dataclass(frozen=True)
@@ -109,18 +108,15 @@ class Store:
         return [r[0] for r in rows], [bytes(r[1]) for r in rows]
 
     async def records(self, ids: Iterable[int]) -> dict[int, StoredRecord]:
-        """The rows for a batch of hits: one query per chunk, never one per digest."""
+        """The rows for a batch of hits in one SQL query, never one per digest."""
         wanted = sorted(set(ids))
-        found: dict[int, StoredRecord] = {}
-        for start in range(0, len(wanted), _IN_CHUNK):
-            chunk = wanted[start : start + _IN_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            async with self._db.execute(
-                f"SELECT {_COLUMNS} FROM hashes WHERE id IN ({marks})", chunk
-            ) as cursor:
-                async for row in cursor:
-                    found[row[0]] = _row_to_record(row)
-        return found
+        if not wanted:
+            return {}
+        rows = await self._db.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM hashes WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(wanted),),
+        )
+        return {row[0]: _row_to_record(row) for row in rows}
 
     async def add(self, batches: AsyncIterator[list[HashRecord]] | Iterable[list[HashRecord]]) -> ImportCounts:
         """Adds every batch in one transaction: all of it lands, or none does.

@@ -1,0 +1,137 @@
+"""``make demo``: a local federation of country nodes, queried through the gateway.
+
+Every country gets its own synthetic hash set (random digests, with a few
+deliberately known to several countries); an investigator's "seized" files are
+random bytes written at demo time, some of which the countries know. Nothing
+here resembles real material. Every node process is stopped at the end, also
+on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from federation.localfed import LocalFederation, NodeSpec
+from federation.pki import DevPki
+
+CONTACTS = {
+    "FR": "OCRVP victim-ID desk, icse@ocrvp.example.fr",
+    "DE": "BKA SO12, icse@bka.example.de",
+    "NL": "Politie TBKK, icse@politie.example.nl",
+    "ES": "Policia Nacional UIT, icse@policia.example.es",
+    "IT": "Polizia Postale CNCPO, icse@cncpo.example.it",
+    "SE": "NOA Victim ID, icse@polisen.example.se",
+    "BE": "Federal Police CCU, icse@police.example.be",
+    "PL": "CBZC, icse@policja.example.pl",
+}
+RANDOM_PER_COUNTRY = 5_000
+
+
+def _seized_files(directory: Path, rng: random.Random) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in ("IMG_0001.jpg", "IMG_0002.jpg", "clip_0003.mp4", "IMG_0004.jpg"):
+        path = directory / name
+        path.write_bytes(rng.randbytes(rng.randint(20_000, 60_000)))
+        files.append(path)
+    return files
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _hash_sets(countries: Sequence[str], seized: Sequence[Path], rng: random.Random, out: Path) -> dict[str, Path]:
+    """One CSV per country: random digests, plus seized files known to some."""
+    known_by = {
+        seized[0]: countries[:3],  # one file known to three countries
+        seized[1]: countries[3:5] or countries[:1],  # another to two
+        seized[2]: countries[-1:],  # a video known to one
+    }  # seized[3] is known to nobody
+    series = {seized[0]: "SERIES-ALPHA", seized[1]: "SERIES-BRAVO", seized[2]: "SERIES-CHARLIE"}
+    shared_random = [rng.randbytes(32).hex() for _ in range(20)]
+    paths = {}
+    for index, country in enumerate(countries):
+        path = out / f"{country}.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["algorithm", "digest", "reference", "category", "victim_identified", "series"])
+            for file, holders in known_by.items():
+                if country in holders:
+                    writer.writerow(["sha256", _sha256(file), f"{country}-{rng.randrange(10**8):08d}",
+                                     rng.choice(["1", "2"]), rng.choice(["true", "false"]), series[file]])
+            for digest in shared_random[index % 4 :: 4]:
+                writer.writerow(["sha256", digest, "", "1", "", ""])
+            for _ in range(RANDOM_PER_COUNTRY):
+                algorithm, size = rng.choice([("md5", 16), ("sha1", 20), ("sha256", 32)])
+                writer.writerow([algorithm, rng.randbytes(size).hex(), "", rng.choice(["1", "2", "3"]), "", ""])
+        paths[country] = path
+    return paths
+
+
+def _run(command: list[str], title: str) -> int:
+    print(f"\n$ {title}", flush=True)
+    env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "160")}
+    return subprocess.run(command, env=env, timeout=120).returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="demo", description=__doc__)
+    parser.add_argument("--pki", type=Path, default=Path("certs/dev"))
+    parser.add_argument("--federation", default="dev.icse.test")
+    parser.add_argument("--nodes", default="FR,DE,NL,ES,IT,SE")
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"))
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args(argv)
+    countries = [c.strip() for c in args.nodes.split(",") if c.strip()]
+    if len(countries) < 2:
+        parser.error("the demo needs at least two countries")
+    rng = random.Random(args.seed)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    pki = DevPki(args.pki, args.federation, countries, ["eu-1"])
+    if not pki.ca_cert.exists():
+        pki.create()
+
+    seized = _seized_files(args.workdir / "seized", rng)
+    sets = _hash_sets(countries, seized, rng, args.workdir)
+    federation = LocalFederation(
+        args.workdir / "nodes", pki,
+        [NodeSpec(c, c, CONTACTS.get(c, f"icse@police.example.{c.lower()}")) for c in countries],
+    )
+    print(f"Importing synthetic hash sets into {len(countries)} country stores…", flush=True)
+    for country in countries:
+        result = federation[country].import_file(sets[country])
+        print(f"  {country}: {result.stdout.strip()}", flush=True)
+        if result.returncode != 0:
+            print(result.stderr, file=sys.stderr)
+            return 2
+    print(f"Starting {len(countries)} node processes on loopback (mutual TLS)…", flush=True)
+    with federation:
+        for country in countries:
+            print(f"  {country} listening on {federation[country].address}", flush=True)
+        config = federation.write_gateway_config(officer="demo-officer-7", org="Demo National Police", country="FR")
+        gateway = federation.gateway_command
+        _run(gateway("nodes", "--config", str(config)), "icse-gateway nodes")
+        files = [arg for path in seized for arg in ("--file", str(path))]
+        miss = "md5:" + rng.randbytes(16).hex()
+        status = _run(
+            gateway("query", "--config", str(config), "--case", "DEMO-2026-0001", *files, "--hash", miss),
+            "icse-gateway query --case DEMO-2026-0001 --file … --hash md5:…",
+        )
+        print(f"\n(exit status {status}: 0 = at least one hit)")
+    print("All node processes stopped.")
+    return 0 if status == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Helpers for tests that talk to real node processes over real mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from federation import identity, tokens
+from federation.pki import DevPki
+from federation.query import QueryItem, query_sha256
+from federation.tls import TlsFiles, channel_credentials
+from federation.wire import items_to_pb, pb, rpc
+
+
+@dataclass(frozen=True)
+class Client:
+    """A raw gRPC client for one node, with a chosen identity and signing key."""
+
+    address: str
+    node_id: str
+    federation: str
+    credentials: grpc.ChannelCredentials
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            self.address, self.credentials,
+            options=[("grpc.ssl_target_name_override", identity.node_tls_name(self.federation, self.node_id))],
+        )
+
+    async def match(self, items: Sequence[QueryItem], token: str | None, timeout: float = 10.0) -> pb.MatchResponse:
+        async with self.channel() as channel:
+            metadata = tokens.bearer(token) if token is not None else None
+            return await rpc.NodeStub(channel).Match(items_to_pb(items), timeout=timeout, metadata=metadata)
+
+
+def gateway_client(pki: DevPki, address: str, node_id: str, gateway_id: str = "eu-1") -> Client:
+    files = TlsFiles(pki.ca_cert, pki.gateway_cert(gateway_id), pki.gateway_key(gateway_id))
+    return Client(address, node_id, pki.federation, channel_credentials(files))
+
+
+def signing_key(pki: DevPki, gateway_id: str = "eu-1") -> tokens.SigningKey:
+    return tokens.SigningKey.load(pki.signing_key(gateway_id), pki.signing_kid(gateway_id))
+
+
+def claims_for(node_id: str, items: Sequence[QueryItem], *, issuer: str = "eu-1", case: str = "CASE-1",
+               rpc_name: str = "Match", now: float | None = None, lifetime: int = 30) -> tokens.QueryClaims:
+    return tokens.new_claims(
+        issuer=issuer, subject="officer-1", org="Test Police", country="FR", audience=node_id,
+        rpc=rpc_name, query_sha256=query_sha256(items), case=case, lifetime=lifetime, now=now,
+    )
+
+
+def run_gateway(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def query_json(config: Path, *args: str) -> tuple[int, dict]:
+    done = run_gateway("query", "--config", str(config), "--format", "json", *args)
+    assert done.stderr == "" or done.returncode != 0, done.stderr
+    return done.returncode, (json.loads(done.stdout) if done.stdout.strip() else {})

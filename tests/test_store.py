@@ -1,0 +1,145 @@
+"""The node's store, indexes and importer against a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation import algorithms
+from federation.pki import DevPki
+from federation.query import QueryItem
+from node import matcher
+from node.importer import ImportAborted, import_file
+from node.index import Candidate, ExactIndex
+from node.live_index import LiveIndexes
+from node.records import HashRecord
+from node.store import Store
+
+
+async def test_import_is_idempotent_and_reports_rejections(tmp_path: Path) -> None:
+    source = tmp_path / "set.txt"
+    source.write_text("md5:" + "11" * 16 + "\nsha1:zz\nsha256:" + "22" * 32 + "\nmd5:" + "11" * 16 + "\n")
+    async with await Store.open(tmp_path / "s.sqlite") as store:
+        first = await import_file(store, source, country="FR")
+        assert (first.added, first.already_present) == (2, 1)
+        assert [(r.line, r.reason) for r in first.rejected] == [(2, "sha1 digest must be 40 hex characters, got 2")]
+        generation = await store.generation()
+        again = await import_file(store, source, country="FR")
+        assert (again.added, again.already_present) == (0, 3)
+        assert await store.generation() == generation, "nothing changed, so no new generation"
+        assert await store.counts() == {"md5": 1, "sha256": 1}
+
+
+async def test_strict_import_writes_nothing_on_a_bad_row(tmp_path: Path) -> None:
+    rows = "".join(f"sha256:{os.urandom(32).hex()}\n" for _ in range(25_000)) + "sha256:nothex\n"
+    source = tmp_path / "set.txt"
+    source.write_text(rows)
+    async with await Store.open(tmp_path / "s.sqlite") as store:
+        with pytest.raises(ImportAborted, match="line 25001"):
+            await import_file(store, source, country="FR", strict=True)
+        assert await store.counts() == {}
+        assert await store.generation() == 0
+
+
+async def test_store_is_wal_and_references_are_opaque(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    source = tmp_path / "set.txt"
+    source.write_text("md5:" + "ab" * 16 + "\n")
+    async with await Store.open(path) as store:
+        await import_file(store, source, country="DE")
+        (stored,) = (await store.records([1])).values()
+    assert stored.record.reference.startswith("DE-") and "ab" * 4 not in stored.record.reference.lower()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_exact_index_finds_only_exact_digests() -> None:
+    rng = random.Random(1)
+    digests = [rng.randbytes(20) for _ in range(5000)]
+    index = ExactIndex(algorithms.SHA1, list(range(100, 5100)), digests)
+    queries = [digests[17], rng.randbytes(20), digests[4999], digests[0][:-1] + b"\x00"]
+    found = index.search(queries, [0] * 4)
+    assert found[0] == [Candidate(117)] and found[2] == [Candidate(5099)]
+    assert found[1] == [] and (found[3] == [] or digests[0][-1] == 0)
+    assert ExactIndex(algorithms.SHA1, [], []).search([digests[0]], [0]) == [[]]
+
+
+def test_digests_with_trailing_zero_bytes_stay_distinct() -> None:
+    stored = [b"\x01" * 15 + b"\x00", b"\x01" * 15 + b"\x02"]
+    index = ExactIndex(algorithms.MD5, [1, 2], stored)
+    assert index.search([b"\x01" * 15 + b"\x00", b"\x01" * 15 + b"\x01"], [0, 0]) == [[Candidate(1)], []]
+
+
+async def test_live_indexes_follow_imports_by_another_connection(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    async with await Store.open(path) as serving, await Store.open(path) as importing:
+        live = LiveIndexes(serving)
+        assert (await live.current()).counts() == {}
+        await importing.add([[HashRecord("md5", b"\x05" * 16, "R-1")]])
+        current = await live.current()
+        assert current.counts() == {"md5": 1} and current.generation == 1
+        valid = matcher.validate([QueryItem("md5", b"\x05" * 16)], matcher.Limits())
+        assert matcher.match(valid, current.indexes, matcher.Limits())[0].candidates == [Candidate(1)]
+
+
+def test_matcher_caps_hits_per_item() -> None:
+    class Many:
+        def __len__(self) -> int:
+            return 3
+
+        def search(self, digests, max_distance):
+            return [[Candidate(3, 9), Candidate(1, 2), Candidate(2, 2)] for _ in digests]
+
+    limits = matcher.Limits(max_hits_per_item=2)
+    valid = matcher.validate([QueryItem("md5", b"\x00" * 16)], limits)
+    (result,) = matcher.match(valid, {"md5": Many()}, limits)
+    assert result.candidates == [Candidate(1, 2), Candidate(2, 2)] and result.truncated
+
+
+def test_pki_keys_are_private(tmp_path: Path) -> None:
+    pki = DevPki(tmp_path, "t.icse.test", ["FR"], ["gw"]).create()
+    for key in (pki.ca_key, pki.node_key("FR"), pki.gateway_key("gw"), pki.signing_key("gw")):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert "PRIVATE" not in pki.jwks.read_text() and '"d"' not in pki.jwks.read_text()
+
+
+def _node_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_node_cli_import_and_stats(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\nid = "FR"\ncountry = "FR"\nfederation = "t"\nstore = "fr.sqlite"\n')
+    source = tmp_path / "set.csv"
+    source.write_text(f"md5,{'aa' * 16},FR-1,1,true\nsha1,bad,FR-2,1,\n")
+    done = _node_cli("import", "--config", str(config), str(source))
+    assert done.returncode == 1, "a file with rejected rows exits 1"
+    assert "added 1, already present 0, rejected 1" in done.stdout and "line 2:" in done.stdout
+    stats = _node_cli("stats", "--config", str(config), "--format", "json")
+    assert stats.returncode == 0 and '"md5": 1' in stats.stdout
+    assert (tmp_path / "fr.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[node]\nid = "FR"\ncountry = "France"\nfederation = "t"\nstore = "s"\n', "[node] country: expected an ISO 3166"),
+        ('[node]\nid = "FR"\ncountry = "FR"\nfederation = "t"\nstore = "s"\ncolour = 1\n', "[node] colour: unknown key"),
+        ('[node]\ncountry = "FR"\nfederation = "t"\nstore = "s"\n', "[node] id: required"),
+        ('[node]\nid = "FR"\ncountry = "FR"\nfederation = "t"\nstore = "s"\n[limits]\nmax_items = 0\n',
+         "[limits] max_items: must be at least 1"),
+        ("[node\n", "not valid TOML"),
+    ],
+)
+def test_node_config_errors_name_the_bad_key(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(text)
+    done = _node_cli("stats", "--config", str(config))
+    assert done.returncode == 2 and message in done.stderr
