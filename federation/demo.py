@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
     parser.add_argument("--seed", type=int, default=2026)
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. from a supervisor) unwinds like Ctrl-C, so every node is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     countries = [c.strip() for c in args.nodes.split(",") if c.strip()]
     if len(countries) < 2:
         parser.error("the demo needs at least two countries")

@@ -10,6 +10,7 @@ their command lines and files.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -47,6 +48,13 @@ def toml_text(tables: dict[str, dict[str, object]]) -> str:
         lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends it SIGTERM if we die,
+    so not even a SIGKILLed supervisor leaves nodes behind (Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 class LocalNode:
@@ -113,6 +121,7 @@ class LocalNode:
         self.process = subprocess.Popen(
             self.node_command("serve", "--config", str(self.config_path), "--ready-file", str(self.ready_path)),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=environment(), preexec_fn=_die_with_parent,
         )
         log.close()
 
