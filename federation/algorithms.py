@@ -17,7 +17,11 @@ class MatchKind(Enum):
     """How a node compares digests of an algorithm, and so which index serves it."""
 
     EXACT = "exact"
+    # One perceptual hash; a match is within a Hamming distance.
     HAMMING = "hamming"
+    # A sequence of perceptual frame hashes (video); a match is a stored video
+    # holding near matches for a large enough share of the query's frames.
+    FRAMES = "frames"
 
 
 class DigestError(ValueError):
@@ -27,30 +31,49 @@ class DigestError(ValueError):
 @dataclass(frozen=True)
 class Algorithm:
     name: str
+    # Bytes of one hash (of one frame, for FRAMES kinds).
     digest_size: int
     match_kind: MatchKind
     # Name in hashlib when investigators' files are hashed locally with it.
     hashlib_name: str | None = None
-    # Largest Hamming distance a node may be asked for (perceptual kinds).
-    max_distance: int = 0
+    # Perceptual kinds: the distance asked for when a query names none.
+    default_distance: int = 0
+    # Perceptual kinds: hashes below this quality are unreliable and not sent.
+    min_quality: int = 0
+    # FRAMES kinds: a digest is 1..max_frames hashes concatenated.
+    max_frames: int = 1
+    # FRAMES kinds: share of query frames that must match a stored video.
+    min_share: float = 0.0
+
+    @property
+    def perceptual(self) -> bool:
+        return self.match_kind is not MatchKind.EXACT
+
+    def frames(self, digest: bytes) -> int:
+        return len(digest) // self.digest_size
 
     def validate(self, digest: bytes) -> bytes:
-        if len(digest) != self.digest_size:
+        size, count = self.digest_size, len(digest) // self.digest_size
+        if self.max_frames == 1 and len(digest) != size:
             raise DigestError(
-                f"{self.name} digest must be {self.digest_size} bytes "
-                f"({self.digest_size * 2} hex characters), got {len(digest)}"
+                f"{self.name} digest must be {size} bytes ({size * 2} hex characters), got {len(digest)}"
+            )
+        if self.max_frames > 1 and (len(digest) % size or not 1 <= count <= self.max_frames):
+            raise DigestError(
+                f"{self.name} digest must be 1 to {self.max_frames} frame hashes of {size} bytes, "
+                f"got {len(digest)} bytes"
             )
         return digest
 
     def parse_hex(self, text: str) -> bytes:
         text = text.strip().lower()
-        if len(text) != self.digest_size * 2:
+        if self.max_frames == 1 and len(text) != self.digest_size * 2:
             raise DigestError(
                 f"{self.name} digest must be {self.digest_size * 2} hex characters, got {len(text)}"
             )
-        if not _HEX.fullmatch(text):
+        if not _HEX.fullmatch(text) or len(text) % 2:
             raise DigestError(f"{self.name} digest is not hexadecimal: {text[:80]!r}")
-        return bytes.fromhex(text)
+        return self.validate(bytes.fromhex(text))
 
 
 _HEX = re.compile(r"[0-9a-f]*")
@@ -58,8 +81,14 @@ _HEX = re.compile(r"[0-9a-f]*")
 MD5 = Algorithm("md5", 16, MatchKind.EXACT, hashlib_name="md5")
 SHA1 = Algorithm("sha1", 20, MatchKind.EXACT, hashlib_name="sha1")
 SHA256 = Algorithm("sha256", 32, MatchKind.EXACT, hashlib_name="sha256")
+# Meta's PDQ: 256 bits; distance <= 31 is a match, quality < 50 is unreliable.
+PDQ = Algorithm("pdq", 32, MatchKind.HAMMING, default_distance=31, min_quality=50)
+# Video as PDQ hashes of about one frame per second (consecutive near-identical
+# frames dropped); vPDQ's rule: >= 80 % of query frames within distance 31.
+VPDQ = Algorithm("vpdq", 32, MatchKind.FRAMES, default_distance=31, min_quality=50,
+                 max_frames=4096, min_share=0.8)
 
-_REGISTRY: dict[str, Algorithm] = {a.name: a for a in (MD5, SHA1, SHA256)}
+_REGISTRY: dict[str, Algorithm] = {a.name: a for a in (MD5, SHA1, SHA256, PDQ, VPDQ)}
 
 
 def all_algorithms() -> tuple[Algorithm, ...]:

@@ -19,7 +19,7 @@ from gateway import config as gateway_config
 from gateway import filehash, render
 from gateway.fanout import Federation
 from gateway.merge import merge
-from gateway.results import Subject
+from gateway.results import Skipped, Subject
 from gateway.signing import Signer
 
 EXIT_HIT, EXIT_NO_HIT, EXIT_ERROR = 0, 1, 2
@@ -57,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--hash", action="append", default=[], metavar="ALGO:HEX",
                        help=f"a digest to look up; repeatable. Algorithms: {', '.join(algorithms.names())}")
     query.add_argument("--file", action="append", default=[], type=Path, metavar="PATH",
-                       help="a file to hash locally and look up; repeatable")
+                       help="a file to hash locally and look up (exact digests; PDQ for images, "
+                       "frame hashes for videos); repeatable")
+    query.add_argument("--dihedral", action="store_true",
+                       help="also look up images' 7 rotations and flips (PDQ)")
+    query.add_argument("--max-distance", type=int, default=0, metavar="N",
+                       help="largest Hamming distance for perceptual matches "
+                       "(default: 31; each node caps it at its own maximum)")
     query.add_argument("--format", choices=["table", "json"], default="table")
     query.add_argument("--timeout", type=float, help="per-node deadline in seconds (default: from config)")
     query.add_argument("--officer", help="requesting officer id (default: from config)")
@@ -67,9 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     nodes.add_argument("--format", choices=["table", "json"], default="table")
     nodes.add_argument("--timeout", type=float)
 
-    hashp = sub.add_parser("hash", help="print the digests of files without querying anyone")
+    hashp = sub.add_parser(
+        "hash", help="print the hashes of files without querying anyone",
+        description="Print each file's exact digests, PDQ hash and quality (images) or frame "
+        "hashes (videos), as they would be sent. Nothing leaves this machine.")
     hashp.add_argument("files", type=Path, nargs="+", metavar="FILE")
     hashp.add_argument("--format", choices=["table", "json"], default="table")
+    hashp.add_argument("--dihedral", action="store_true", help="also the 7 rotations and flips (PDQ)")
     return parser
 
 
@@ -77,13 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "hash":
-            return _hash(args.files, args.format)
+            return _hash(args.files, args.format, args.dihedral)
         config = gateway_config.load(args.config)
         if args.command == "nodes":
             return asyncio.run(_nodes(config, args.format, args.timeout))
-        subjects = _subjects(args.hash, args.file)
         case = _case(args.case)
-        return asyncio.run(_query(config, subjects, case, args.format, args.timeout, args.officer))
+        if not 0 <= args.max_distance <= 256:
+            raise UsageError("--max-distance must be between 0 and 256")
+        subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
+        return asyncio.run(_query(config, subjects, skipped, case, args.format, args.timeout, args.officer))
     except (ConfigError, UsageError, OSError, ValueError) as exc:
         err.print(f"icse-gateway: {exc}", style="red", markup=False)
         return EXIT_ERROR
@@ -100,21 +112,26 @@ def _case(text: str) -> str:
     return case
 
 
-def _subjects(hashes: Sequence[str], files: Sequence[Path]) -> list[Subject]:
-    subjects = []
+def _subjects(hashes: Sequence[str], files: Sequence[Path], dihedral: bool,
+              max_distance: int) -> tuple[list[Subject], list[Skipped]]:
+    subjects: list[Subject] = []
+    skipped: list[Skipped] = []
     for text in hashes:
         try:
             algorithm, digest = algorithms.parse_tagged(text)
         except algorithms.DigestError as exc:
             raise UsageError(f"--hash {text[:80]}: {exc}") from None
-        subjects.append(Subject(QueryItem(algorithm.name, digest), ""))
+        distance = max_distance if algorithm.perceptual else 0
+        subjects.append(Subject(QueryItem(algorithm.name, digest, distance), ""))
     for path in files:
         if not path.is_file():
             raise UsageError(f"--file {path}: not a readable file")
-        subjects += [Subject(item, str(path)) for item in filehash.file_items(path)]
+        hashes_of_file = filehash.hash_file(path, dihedral=dihedral)
+        subjects += filehash.subjects(hashes_of_file, max_distance)
+        skipped += hashes_of_file.skipped
     if not subjects:
         raise UsageError("nothing to look up: give --hash ALGO:HEX or --file PATH")
-    return subjects
+    return subjects, skipped
 
 
 def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) -> Signer:
@@ -127,12 +144,12 @@ def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) ->
     return Signer(key, config.gateway_id, requester)
 
 
-async def _query(config, subjects: list[Subject], case: str, format_name: str,
+async def _query(config, subjects: list[Subject], skipped: list[Skipped], case: str, format_name: str,
                  timeout: float | None, officer: str | None) -> int:
     signer = _signer(config, officer)
     async with Federation(config, signer) as federation:
         answers = await federation.match([s.item for s in subjects], case, timeout)
-    result = merge(case, subjects, answers)
+    result = merge(case, subjects, answers, skipped)
     if format_name == "json":
         print(json.dumps(render.to_json(result), indent=2))
     else:
@@ -171,20 +188,17 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
     return EXIT_HIT if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
 
 
-def _hash(files: Sequence[Path], format_name: str) -> int:
+def _hash(files: Sequence[Path], format_name: str, dihedral: bool) -> int:
     results = []
     for path in files:
         if not path.is_file():
             raise UsageError(f"{path}: not a readable file")
-        results.append({"path": str(path), **{k: v.hex() for k, v in filehash.exact_digests(path).items()}})
+        results.append(render.hashes_json(filehash.hash_file(path, dihedral=dihedral)))
     if format_name == "json":
         print(json.dumps(results, indent=2))
     else:
-        for r in results:
-            print(r["path"])
-            for name in algorithms.names():
-                if name in r:
-                    print(f"  {name}:{r[name]}")
+        for entry in results:
+            render.print_hashes(entry)
     return 0
 
 

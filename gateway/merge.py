@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.results import ItemOutcome, MergedResult, NodeAnswer, Subject
+from gateway.results import ItemOutcome, MergedResult, NodeAnswer, Skipped, Subject
 
 
-def merge(case: str, subjects: Sequence[Subject], answers: Sequence[NodeAnswer]) -> MergedResult:
+def merge(case: str, subjects: Sequence[Subject], answers: Sequence[NodeAnswer],
+          skipped: Sequence[Skipped] = ()) -> MergedResult:
     """Hits per item from every node that answered, nearest first, then by country.
 
     The answer is partial when any node did not answer: its absence of hits
@@ -26,4 +27,5 @@ def merge(case: str, subjects: Sequence[Subject], answers: Sequence[NodeAnswer])
         items=tuple(outcomes),
         nodes=tuple(sorted(answers, key=lambda a: a.node_id)),
         partial=any(not answer.status.answered for answer in answers),
+        skipped=tuple(skipped),
     )

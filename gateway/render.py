@@ -11,7 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gateway.results import HitInfo, MergedResult, NodeStatus
+from gateway.filehash import FileHashes
+from gateway.results import HitInfo, MergedResult, NodeStatus, Subject
 
 SCHEMA = "icse.query-result/1"
 
@@ -50,6 +51,7 @@ def to_json(result: MergedResult) -> dict[str, Any]:
         "items": [
             {
                 "source": item.subject.source,
+                "variant": item.subject.variant,
                 "algorithm": item.subject.item.algorithm,
                 "digest": item.subject.item.digest.hex(),
                 "hits": [_hit_json(h) for h in item.hits],
@@ -57,6 +59,7 @@ def to_json(result: MergedResult) -> dict[str, Any]:
             }
             for item in result.items
         ],
+        "skipped": [{"source": k.source, "algorithm": k.algorithm, "reason": k.reason} for k in result.skipped],
         "nodes": [
             {
                 "node": n.node_id,
@@ -108,18 +111,34 @@ def _summary_line(result: MergedResult) -> str:
     return f"{' and '.join(parts)} known to the federation{where}"
 
 
+def _label(subject: Subject) -> str:
+    digest = subject.item.digest.hex()
+    tagged = f"{subject.item.algorithm}:{digest[:16]}{'…' if len(digest) > 16 else ''}"
+    variant = f" ({subject.variant})" if subject.variant else ""
+    return f"{subject.source}{variant}\n{tagged}" if subject.source else tagged
+
+
+def _closeness(hit: HitInfo) -> str:
+    if hit.matched_share is not None:
+        return f"{hit.matched_share:.0%} frames, d {hit.distance}"
+    return str(hit.distance)
+
+
 def print_table(result: MergedResult, console: Console) -> None:
     hits = Table(title=f"Case {result.case}: hits", title_justify="left")
-    for column in ("item", "country", "reference", "category", "victim identified", "series", "added", "contact"):
+    for column in ("item", "country", "distance", "reference", "category", "victim identified", "series",
+                   "added", "contact"):
         hits.add_column(column)
     for item in result.items:
-        label = f"{item.subject.source + ' ' if item.subject.source else ''}{item.subject.item.algorithm}:{item.subject.item.digest.hex()[:16]}…"
         for hit in item.hits:
-            hits.add_row(label, hit.country, hit.reference, hit.category or "-", _flag(hit.victim_identified),
-                         hit.series or "-", hit.date_added, hit.contact or "-")
+            hits.add_row(_label(item.subject), hit.country, _closeness(hit), hit.reference, hit.category or "-",
+                         _flag(hit.victim_identified), hit.series or "-", hit.date_added, hit.contact or "-")
     if any(item.hits for item in result.items):
         console.print(hits)
     console.print(_summary_line(result))
+    for skipped in result.skipped:
+        console.print(f"[yellow]not sent:[/] {skipped.source} {skipped.algorithm}: {skipped.reason}",
+                      highlight=False)
 
     nodes = Table(title="Nodes", title_justify="left")
     for column in ("node", "country", "status", "ms", "message"):
@@ -134,3 +153,33 @@ def print_table(result: MergedResult, console: Console) -> None:
                       "absence of a hit there means nothing.")
     else:
         console.print("Complete answer: every node answered.")
+
+
+def hashes_json(hashes: FileHashes) -> dict[str, Any]:
+    """What ``icse-gateway hash`` prints for one file (stable, documented)."""
+    entry: dict[str, Any] = {"path": str(hashes.path), **{k: v.hex() for k, v in hashes.exact.items()}}
+    if hashes.pdq is not None:
+        entry["pdq"] = hashes.pdq.digest.hex()
+        entry["pdq_quality"] = hashes.pdq.quality
+    if hashes.dihedral:
+        entry["pdq_dihedral"] = {name: h.digest.hex() for name, h in hashes.dihedral}
+    if hashes.video is not None:
+        entry["vpdq"] = hashes.video.digest.hex()
+        entry["video_frames"] = len(hashes.video.frames)
+        entry["video_frames_sampled"] = hashes.video.sampled
+    entry["skipped"] = [{"algorithm": k.algorithm, "reason": k.reason} for k in hashes.skipped]
+    return entry
+
+
+def print_hashes(entry: dict[str, Any]) -> None:
+    print(entry["path"])
+    for key, value in entry.items():
+        if key in ("path", "skipped", "pdq_dihedral"):
+            continue
+        if key == "vpdq":
+            value = f"{value[:64]}… ({entry['video_frames']} frames)"
+        print(f"  {key}: {value}")
+    for name, digest in entry.get("pdq_dihedral", {}).items():
+        print(f"  pdq ({name}): {digest}")
+    for skipped in entry["skipped"]:
+        print(f"  not sent: {skipped['algorithm']}: {skipped['reason']}")

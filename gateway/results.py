@@ -53,6 +53,17 @@ class Subject:
 
     item: QueryItem
     source: str = ""
+    # For rotated/flipped PDQ variants of an image: which one ("rot90", ...).
+    variant: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A hash that was not sent, and why (low quality, undecodable media)."""
+
+    source: str
+    algorithm: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ class MergedResult:
     items: tuple[ItemOutcome, ...]
     nodes: tuple[NodeAnswer, ...]
     partial: bool = field(default=False)
+    skipped: tuple[Skipped, ...] = ()
 
     @property
     def countries_with_hits(self) -> tuple[str, ...]:

@@ -60,38 +60,67 @@ def parse_lines(lines: Iterable[str]) -> Iterator[Parsed]:
 
 CSV_COLUMNS = ("algorithm", "digest", "reference", "category", "victim_identified")
 _CSV_ALIASES = {"algo": "algorithm", "hash": "digest", "ref": "reference"}
-_CSV_OPTIONAL = ("series", "date_added")
 
 
 def parse_csv(lines: Iterable[str]) -> Iterator[Parsed]:
-    """CSV with columns algo,digest,reference,category,victim_identified
-    (header optional; with a header, ``series`` and ``date_added`` may follow)."""
+    """CSV in one of two shapes, told apart by the header:
+
+    - long: ``algo,digest,reference,category,victim_identified`` (the header
+      is optional; with one, ``series`` and ``date_added`` may follow);
+    - wide: one column per algorithm (``md5,sha1,pdq,...``) plus the metadata
+      columns; every filled algorithm cell becomes a record sharing the row's
+      metadata (how case systems export an item with all its hashes).
+    """
     reader = csv.reader(lines)
     columns: tuple[str, ...] = CSV_COLUMNS
+    wide: tuple[str, ...] = ()
     for row in reader:
         number = reader.line_num
         if not row or not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
             continue
-        if number == 1 and row[0].strip().lower() in {"algo", "algorithm"}:
-            names = tuple(_CSV_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row)
-            missing = {"algorithm", "digest"} - set(names)
-            if missing:
-                yield Rejection(number, f"header lacks column(s): {', '.join(sorted(missing))}")
+        if number == 1 and _is_header(row):
+            columns = tuple(_CSV_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row)
+            wide = tuple(c for c in columns if c in algorithms.names())
+            if "algorithm" not in columns and not wide:
+                yield Rejection(number, "header names neither an 'algorithm' column nor algorithm columns "
+                                f"({', '.join(algorithms.names())})")
                 return
-            columns = names
+            if "algorithm" in columns and "digest" not in columns:
+                yield Rejection(number, "header lacks column(s): digest")
+                return
+            if "algorithm" in columns:
+                wide = ()
             continue
-        yield _csv_row(number, dict(zip(columns, row)), len(row), len(columns))
+        if len(row) > len(columns):
+            yield Rejection(number, f"{len(row)} columns, expected at most {len(columns)}")
+            continue
+        cells = dict(zip(columns, row))
+        if not wide:
+            yield _csv_record(number, cells.get("algorithm", ""), cells.get("digest", ""), cells)
+            continue
+        filled = [name for name in wide if cells.get(name, "").strip()]
+        if not filled:
+            yield Rejection(number, f"no hash in any of the columns {', '.join(wide)}")
+        for name in filled:
+            yield _csv_record(number, name, cells[name], cells)
 
 
-def _csv_row(number: int, cells: dict[str, str], width: int, expected: int) -> Parsed:
-    if width > expected:
-        return Rejection(number, f"{width} columns, expected at most {expected}")
+def _is_header(row: list[str]) -> bool:
+    first = _CSV_ALIASES.get(row[0].strip().lower(), row[0].strip().lower())
+    names = {c.strip().lower() for c in row}
+    return first == "algorithm" or bool(names & set(algorithms.names())) and not _looks_hex(row)
+
+
+def _looks_hex(row: list[str]) -> bool:
+    return any(len(c.strip()) >= 32 and all(ch in "0123456789abcdefABCDEF" for ch in c.strip()) for c in row)
+
+
+def _csv_record(number: int, algorithm_name: str, digest_hex: str, cells: dict[str, str]) -> Parsed:
     try:
-        algorithm = algorithms.get(cells.get("algorithm", "").strip().lower())
-        digest = algorithm.parse_hex(cells.get("digest", ""))
+        algorithm = algorithms.get(algorithm_name.strip().lower())
         return HashRecord(
             algorithm=algorithm.name,
-            digest=digest,
+            digest=algorithm.parse_hex(digest_hex),
             reference=_short_text("reference", cells.get("reference", "")),
             category=_short_text("category", cells.get("category", "")),
             victim_identified=parse_flag(cells.get("victim_identified", "")),

@@ -22,6 +22,8 @@ class Candidate:
 
     record_id: int
     distance: int = 0
+    # Video: the share of the query's frames that matched this stored video.
+    matched_share: float | None = None
 
 
 _NONE: list[Candidate] = []  # shared by every miss; callers never mutate results

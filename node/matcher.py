@@ -80,8 +80,8 @@ def _group(name: str, where: list[int], items: Sequence[QueryItem], limits: Limi
                 raise InvalidRequest(f"item {position}: {name} is matched exactly; max_distance must be 0")
         distances = wanted
     else:
-        cap = min(limits.max_distance, algorithm.max_distance)
-        distances = [min(d or algorithm.max_distance, cap) for d in wanted]
+        # The node's cap bounds what a requester may ask for, whatever it asks.
+        distances = [min(d or algorithm.default_distance, limits.max_distance) for d in wanted]
     return Group(algorithm, where, digests, distances)
 
 
