@@ -200,7 +200,7 @@ async def test_token_presented_over_another_gateways_connection_is_denied(federa
     [
         ([QueryItem("sha256", b"\x00" * 32), QueryItem("sha256", b"\x00" * 31)],
          "item 1: sha256 digest must be 32 bytes (64 hex characters), got 31"),
-        ([QueryItem("crc32", b"\x00" * 4)], "item 0: unknown algorithm 'crc32' (known: md5, sha1, sha256)"),
+        ([QueryItem("crc32", b"\x00" * 4)], "item 0: unknown algorithm 'crc32' (known: md5, sha1, sha256, pdq, vpdq)"),
         ([QueryItem("md5", b"\x00" * 16, max_distance=3)], "item 0: md5 is matched exactly; max_distance must be 0"),
         ([], "request has no items"),
         ([QueryItem("md5", b"\x00" * 16)] * 20_001, "request has 20001 items; this node accepts at most 20000"),
