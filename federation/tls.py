@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 
 @dataclass(frozen=True)
@@ -40,3 +44,15 @@ def peer_uris(auth_context: Mapping[str, Sequence[bytes]]) -> list[str]:
     """URI names in the verified peer certificate (empty without mutual TLS)."""
     names = [v.decode("utf-8", "replace") for v in auth_context.get("x509_subject_alternative_name", ())]
     return [n for n in names if "://" in n]
+
+
+def thumbprint(pem: bytes) -> str:
+    """RFC 8705 ``x5t#S256``: base64url SHA-256 of the (first) certificate's DER."""
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+
+
+def peer_thumbprint(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
+    """Thumbprint of the verified client certificate on this connection."""
+    certs = auth_context.get("x509_pem_cert", ())
+    return thumbprint(certs[0]) if certs else None

@@ -25,7 +25,7 @@ ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
 MAX_LIFETIME_SECONDS = 60
 CLOCK_SKEW_SECONDS = 5
 METADATA_KEY = "authorization"
-REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "exp", "jti", "org", "country", "rpc", "qh")
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "org", "country", "rpc", "qh", "cnf")
 
 
 class TokenError(Exception):
@@ -42,6 +42,9 @@ class QueryClaims:
     rpc: str  # "Match" or "Describe"
     query_sha256: str  # federation.query.query_sha256 of the request
     case: str  # case / purpose reference; required for Match
+    # SHA-256 thumbprint of the gateway's TLS client certificate (RFC 8705
+    # ``cnf``/``x5t#S256``): the token is only good on that gateway's connections.
+    cert_thumbprint: str
     issued_at: int
     expires_at: int
     token_id: str
@@ -56,6 +59,7 @@ class QueryClaims:
             "rpc": self.rpc,
             "qh": self.query_sha256,
             "case": self.case,
+            "cnf": {"x5t#S256": self.cert_thumbprint},
             "iat": self.issued_at,
             "nbf": self.issued_at,
             "exp": self.expires_at,
@@ -73,6 +77,7 @@ class QueryClaims:
             rpc=str(claims["rpc"]),
             query_sha256=str(claims["qh"]),
             case=str(claims.get("case", "")),
+            cert_thumbprint=str(claims["cnf"]["x5t#S256"]),
             issued_at=int(claims["iat"]),
             expires_at=int(claims["exp"]),
             token_id=str(claims["jti"]),
@@ -89,6 +94,7 @@ def new_claims(
     rpc: str,
     query_sha256: str,
     case: str,
+    cert_thumbprint: str,
     lifetime: int = 30,
     now: float | None = None,
 ) -> QueryClaims:
@@ -104,6 +110,7 @@ def new_claims(
         rpc=rpc,
         query_sha256=query_sha256,
         case=case,
+        cert_thumbprint=cert_thumbprint,
         issued_at=issued,
         expires_at=issued + lifetime,
         token_id=uuid.uuid4().hex,
@@ -206,8 +213,8 @@ class KeySet:
             raise TokenError(f"token lifetime exceeds {MAX_LIFETIME_SECONDS} s")
         try:
             return QueryClaims.from_jwt_claims(claims)
-        except (TypeError, ValueError) as exc:
-            raise TokenError(f"token claims malformed: {exc}") from None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise TokenError(f"token claims malformed: {exc!r}") from None
 
 
 def public_jwk(key: SigningKey) -> dict[str, Any]:

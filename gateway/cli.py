@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from federation import algorithms, tokens
+from federation import algorithms
 from federation.config import ConfigError
 from federation.query import QueryItem
 from gateway import config as gateway_config
@@ -20,7 +20,7 @@ from gateway import filehash, render
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.results import Skipped, Subject
-from gateway.signing import Signer
+from gateway.signing import Signer, signer_for
 
 EXIT_HIT, EXIT_NO_HIT, EXIT_ERROR = 0, 1, 2
 MAX_CASE = 128
@@ -140,8 +140,7 @@ def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) ->
         requester = gateway_config.Requester(officer, requester.org, requester.country)
     if not requester.officer:
         raise UsageError("no requesting officer: set [requester] officer in the config or pass --officer")
-    key = tokens.SigningKey.load(config.signing_key, config.signing_kid)
-    return Signer(key, config.gateway_id, requester)
+    return signer_for(config, requester)
 
 
 async def _query(config, subjects: list[Subject], skipped: list[Skipped], case: str, format_name: str,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from federation import tokens
+from federation import tls, tokens
 from federation.query import QueryItem, query_sha256
-from gateway.config import Requester
+from gateway.config import GatewayConfig, Requester
 
 
 class Signer:
-    def __init__(self, key: tokens.SigningKey, gateway_id: str, requester: Requester, lifetime: int = 30):
+    def __init__(self, key: tokens.SigningKey, gateway_id: str, requester: Requester, cert_thumbprint: str,
+                 lifetime: int = 30):
         self._key = key
+        self._thumbprint = cert_thumbprint
         self._gateway_id = gateway_id
         self._requester = requester
         self._lifetime = lifetime
@@ -26,6 +28,14 @@ class Signer:
             rpc=rpc,
             query_sha256=query_sha256(items),
             case=case,
+            cert_thumbprint=self._thumbprint,
             lifetime=self._lifetime,
         )
         return self._key.sign(claims)
+
+
+def signer_for(config: GatewayConfig, requester: Requester | None = None) -> Signer:
+    """The signer a gateway configuration describes, bound to its client certificate."""
+    key = tokens.SigningKey.load(config.signing_key, config.signing_kid)
+    thumbprint = tls.thumbprint(config.tls.cert.read_bytes())
+    return Signer(key, config.gateway_id, requester or config.requester, thumbprint)

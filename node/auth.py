@@ -2,8 +2,9 @@
 
 A call is accepted when the TLS peer is a gateway of the federation (its
 certificate's URI names it), and its bearer token verifies against the trusted
-key set, is addressed to this node, was issued by that same gateway, names the
-RPC being called and carries the digest of exactly this request's items.
+key set, is addressed to this node, was issued by that same gateway for that
+very certificate (``cnf`` thumbprint), names the RPC being called, carries the
+digest of exactly this request's items, and has not been used before.
 """
 
 from __future__ import annotations
@@ -15,14 +16,22 @@ from typing import Any
 
 from federation import identity, tls, tokens
 from federation.tokens import QueryClaims
+from node.replay import ReplayError, ReplayGuard
 
 
 class AuthError(Exception):
-    """Refusal. ``denied`` separates "who are you?" from "not allowed"."""
+    """Refusal. ``denied`` separates "who are you?" from "not allowed".
 
-    def __init__(self, message: str, *, denied: bool = False):
+    ``gateway`` and ``claims`` carry what was learnt before the refusal, for
+    the audit record.
+    """
+
+    def __init__(self, message: str, *, denied: bool = False, gateway: str = "",
+                 claims: QueryClaims | None = None):
         super().__init__(message)
         self.denied = denied
+        self.gateway = gateway
+        self.claims = claims
 
 
 class ReloadingKeySet:
@@ -44,11 +53,13 @@ class ReloadingKeySet:
 
 
 class Authenticator:
-    def __init__(self, node_id: str, federation: str, keys: Path, gateways: Sequence[str]):
+    def __init__(self, node_id: str, federation: str, keys: Path, gateways: Sequence[str],
+                 replay: ReplayGuard | None = None):
         self._node_id = node_id
         self._federation = federation
         self._keys = ReloadingKeySet(keys)
         self._gateways = frozenset(gateways)
+        self._replay = replay or ReplayGuard()
 
     def authorize(
         self,
@@ -57,25 +68,37 @@ class Authenticator:
         rpc: str,
         query_sha256: str,
     ) -> QueryClaims:
-        peer_gateway = self._peer_gateway(auth_context)
+        gateway = self._peer_gateway(auth_context)
         try:
             token = tokens.token_from_metadata(metadata)
             claims = self._keys.get().verify(token, audience=self._node_id)
         except tokens.TokenError as exc:
-            raise AuthError(str(exc)) from None
+            raise AuthError(str(exc), gateway=gateway) from None
+        try:
+            self._check(claims, gateway, auth_context, rpc, query_sha256)
+        except AuthError as exc:
+            raise AuthError(str(exc), denied=exc.denied, gateway=gateway, claims=claims) from None
+        return claims
+
+    def _check(self, claims: QueryClaims, gateway: str, auth_context: Mapping[str, Sequence[bytes]],
+               rpc: str, query_sha256: str) -> None:
         if claims.issuer not in self._gateways:
             raise AuthError(f"gateway {claims.issuer!r} is not trusted by this node", denied=True)
-        if claims.issuer != peer_gateway:
-            raise AuthError(
-                f"token issued by {claims.issuer!r} but presented by {peer_gateway!r}", denied=True
-            )
+        if claims.issuer != gateway:
+            raise AuthError(f"token issued by {claims.issuer!r} but presented by {gateway!r}", denied=True)
+        if claims.cert_thumbprint != tls.peer_thumbprint(auth_context):
+            raise AuthError("token is bound to another client certificate (cnf x5t#S256)", denied=True)
         if claims.rpc != rpc:
             raise AuthError(f"token is for {claims.rpc!r}, not {rpc!r}", denied=True)
         if claims.query_sha256 != query_sha256:
             raise AuthError("request items differ from those the token was signed for", denied=True)
         if rpc == "Match" and not claims.case.strip():
             raise AuthError("a query needs a case reference ('case' claim)", denied=True)
-        return claims
+        try:
+            # Last: only tokens that pass every other check take a place in memory.
+            self._replay.admit(claims.token_id, claims.issued_at, claims.expires_at)
+        except ReplayError as exc:
+            raise AuthError(str(exc)) from None
 
     def _peer_gateway(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
         for uri in tls.peer_uris(auth_context):

@@ -9,6 +9,7 @@ from federation import identity
 from federation.config import ConfigError, Table, root
 from federation.tls import TlsFiles
 from node.matcher import Limits
+from node.policy import Policy, Tier
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,13 @@ class NodeConfig:
     gateway_keys: Path | None
     trusted_gateways: tuple[str, ...]
     limits: Limits
+    policy: Policy
 
 
 def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
     """Reads ``path``. Commands that only touch the store need no TLS or keys."""
     doc = root(path)
-    doc.reject_unknown({"node", "tls", "trust", "limits"})
+    doc.reject_unknown({"node", "tls", "trust", "limits", "policy"})
     node = doc.table("node")
     node.reject_unknown({"id", "country", "federation", "listen", "store", "contact"})
     try:
@@ -58,6 +60,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         max_hits_per_item=_positive(limits, "max_hits_per_item", defaults.max_hits_per_item),
         max_distance=_positive(limits, "max_distance", defaults.max_distance),
     )
+    policy = _policy(doc.table("policy", required=False))
     return NodeConfig(
         node_id=node_id,
         country=country,
@@ -69,6 +72,30 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         gateway_keys=trust_files,
         trusted_gateways=gateways,
         limits=parsed_limits,
+        policy=policy,
+    )
+
+
+def _tier(table: Table, key: str, value: object) -> Tier:
+    try:
+        return Tier(value)
+    except ValueError:
+        raise ConfigError(f"{table.where(key)}: expected \"hit\" or \"standard\", got {value!r}") from None
+
+
+def _policy(table: Table) -> Policy:
+    table.reject_unknown({"countries", "tier", "tiers", "requests_per_minute", "items_per_day"})
+    defaults = Policy()
+    countries = table.get("countries", list, ["*"])
+    if not countries or not all(isinstance(c, str) for c in countries):
+        raise ConfigError(f"{table.where('countries')}: expected a list of country codes, or [\"*\"]")
+    tiers = table.table("tiers", required=False)
+    return Policy(
+        countries=None if "*" in countries else frozenset(countries),
+        tier=_tier(table, "tier", table.get("tier", str, defaults.tier.value)),
+        tiers={country: _tier(tiers, country, value) for country, value in tiers.data.items()},
+        requests_per_minute=_positive(table, "requests_per_minute", defaults.requests_per_minute),
+        items_per_day=_positive(table, "items_per_day", defaults.items_per_day),
     )
 
 

@@ -14,7 +14,7 @@ import grpc
 from federation import identity, tokens
 from federation.pki import DevPki
 from federation.query import QueryItem, query_sha256
-from federation.tls import TlsFiles, channel_credentials
+from federation.tls import TlsFiles, channel_credentials, thumbprint
 from federation.wire import items_to_pb, pb, rpc
 
 
@@ -48,11 +48,14 @@ def signing_key(pki: DevPki, gateway_id: str = "eu-1") -> tokens.SigningKey:
     return tokens.SigningKey.load(pki.signing_key(gateway_id), pki.signing_kid(gateway_id))
 
 
-def claims_for(node_id: str, items: Sequence[QueryItem], *, issuer: str = "eu-1", case: str = "CASE-1",
-               rpc_name: str = "Match", now: float | None = None, lifetime: int = 30) -> tokens.QueryClaims:
+def claims_for(pki: DevPki, node_id: str, items: Sequence[QueryItem], *, issuer: str = "eu-1",
+               case: str = "CASE-1", rpc_name: str = "Match", now: float | None = None, lifetime: int = 30,
+               cert_of: str | None = None, country: str = "FR", subject: str = "officer-1") -> tokens.QueryClaims:
+    """Claims as gateway ``issuer`` would sign them (bound to ``cert_of``'s certificate)."""
     return tokens.new_claims(
-        issuer=issuer, subject="officer-1", org="Test Police", country="FR", audience=node_id,
+        issuer=issuer, subject=subject, org="Test Police", country=country, audience=node_id,
         rpc=rpc_name, query_sha256=query_sha256(items), case=case, lifetime=lifetime, now=now,
+        cert_thumbprint=thumbprint(pki.gateway_cert(cert_of or issuer).read_bytes()),
     )
 
 

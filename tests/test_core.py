@@ -82,14 +82,14 @@ def test_token_round_trip_with_each_allowed_algorithm(private) -> None:
     key = tokens.SigningKey("k1", private)
     keyset = tokens.KeySet.from_jwks({"keys": [tokens.public_jwk(key)]})
     claims = tokens.new_claims(issuer="gw", subject="o", org="a", country="FR", audience="DE",
-                               rpc="Match", query_sha256="q", case="C-1")
+                               rpc="Match", query_sha256="q", case="C-1", cert_thumbprint="t")
     assert keyset.verify(key.sign(claims), audience="DE") == claims
 
 
 def test_token_claims_cannot_outlive_sixty_seconds() -> None:
     with pytest.raises(ValueError, match="lifetime must be 1..60"):
         tokens.new_claims(issuer="gw", subject="o", org="a", country="FR", audience="DE",
-                          rpc="Match", query_sha256="q", case="C", lifetime=61)
+                          rpc="Match", query_sha256="q", case="C", cert_thumbprint="t", lifetime=61)
 
 
 def test_token_missing_required_claim_is_refused() -> None:

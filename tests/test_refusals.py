@@ -43,7 +43,7 @@ def honest(federation: RunningFederation) -> list[QueryItem]:
 
 async def assert_still_serving(client: Client, federation: RunningFederation, items: list[QueryItem]) -> None:
     key = signing_key(federation.local.pki)
-    response = await client.match(items, key.sign(claims_for(NODE, items)))
+    response = await client.match(items, key.sign(claims_for(federation.local.pki, NODE, items)))
     assert [h.reference for h in response.results[0].hits] == ["FR-SHARED"]
 
 
@@ -82,7 +82,7 @@ async def test_client_without_certificate_fails_the_handshake(federation, node, 
     pki = federation.local.pki
     assert _raw_tls_refused(node.port, pki.ca_cert, identity.node_tls_name(pki.federation, NODE), None)
     bare = Client(node.address, NODE, pki.federation, grpc.ssl_channel_credentials(pki.ca_cert.read_bytes()))
-    token = signing_key(pki).sign(claims_for(NODE, honest))
+    token = signing_key(pki).sign(claims_for(federation.local.pki, NODE, honest))
     error = await refused(bare, honest, token)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     await assert_still_serving(client, federation, honest)
@@ -95,7 +95,7 @@ async def test_certificate_from_another_ca_fails_the_handshake(federation, node,
     # Trusting the real CA for the server, but presenting the rogue client certificate.
     creds = channel_credentials(TlsFiles(pki.ca_cert, rogue.cert, rogue.key))
     error = await refused(Client(node.address, NODE, pki.federation, creds), honest,
-                          signing_key(pki).sign(claims_for(NODE, honest)))
+                          signing_key(pki).sign(claims_for(federation.local.pki, NODE, honest)))
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     await assert_still_serving(client, federation, honest)
 
@@ -128,33 +128,33 @@ async def test_bad_tokens_are_refused(federation, client, honest, case: str, cod
         case "missing token":
             token = None
         case "other audience":
-            token = _sign(federation, claims_for("DE", honest))
+            token = _sign(federation, claims_for(federation.local.pki, "DE", honest))
         case "expired":
-            token = _sign(federation, claims_for(NODE, honest, now=now - 120))
+            token = _sign(federation, claims_for(federation.local.pki, NODE, honest, now=now - 120))
         case "not yet valid":
-            token = _sign(federation, claims_for(NODE, honest, now=now + 120))
+            token = _sign(federation, claims_for(federation.local.pki, NODE, honest, now=now + 120))
         case "too long-lived":
-            long_lived = claims_for(NODE, honest)
+            long_lived = claims_for(federation.local.pki, NODE, honest)
             claims = long_lived.to_jwt_claims() | {"exp": long_lived.issued_at + 3600}
             key = signing_key(federation.local.pki)
             token = jwt.encode(claims, key.private_key, algorithm="EdDSA", headers={"kid": key.kid})
         case "unknown key":
-            token = tokens.SigningKey("rogue-1", ed25519.Ed25519PrivateKey.generate()).sign(claims_for(NODE, honest))
+            token = tokens.SigningKey("rogue-1", ed25519.Ed25519PrivateKey.generate()).sign(claims_for(federation.local.pki, NODE, honest))
         case "alg none":
-            token = jwt.encode(claims_for(NODE, honest).to_jwt_claims(), None, algorithm="none",
+            token = jwt.encode(claims_for(federation.local.pki, NODE, honest).to_jwt_claims(), None, algorithm="none",
                                headers={"kid": signing_key(federation.local.pki).kid})
         case "hs256 with public key":
             public = federation.local.pki.jwks.read_bytes()
-            token = _forge_hs256(claims_for(NODE, honest).to_jwt_claims(), public,
+            token = _forge_hs256(claims_for(federation.local.pki, NODE, honest).to_jwt_claims(), public,
                                  signing_key(federation.local.pki).kid)
         case "garbage":
             token = "not.a.jwt"
         case "items altered":
-            token = _sign(federation, claims_for(NODE, [QueryItem("md5", b"\x01" * 16)]))
+            token = _sign(federation, claims_for(federation.local.pki, NODE, [QueryItem("md5", b"\x01" * 16)]))
         case "describe token":
-            token = _sign(federation, claims_for(NODE, honest, rpc_name="Describe"))
+            token = _sign(federation, claims_for(federation.local.pki, NODE, honest, rpc_name="Describe"))
         case "no case":
-            token = _sign(federation, claims_for(NODE, honest, case=""))
+            token = _sign(federation, claims_for(federation.local.pki, NODE, honest, case=""))
     error = await refused(client, honest, token)
     assert error.code() == code
     assert message in error.details()
@@ -180,7 +180,7 @@ def _forge_hs256(claims: dict, secret: bytes, kid: str) -> str:
 async def test_gateway_the_node_does_not_trust_is_denied(federation, node, client, honest) -> None:
     pki = federation.local.pki
     other = gateway_client(pki, node.address, NODE, gateway_id="eu-2")
-    token = signing_key(pki, "eu-2").sign(claims_for(NODE, honest, issuer="eu-2"))
+    token = signing_key(pki, "eu-2").sign(claims_for(federation.local.pki, NODE, honest, issuer="eu-2"))
     error = await refused(other, honest, token)
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "gateway 'eu-2' is not trusted" in error.details()
@@ -190,7 +190,7 @@ async def test_gateway_the_node_does_not_trust_is_denied(federation, node, clien
 async def test_token_presented_over_another_gateways_connection_is_denied(federation, node, client, honest) -> None:
     pki = federation.local.pki
     other = gateway_client(pki, node.address, NODE, gateway_id="eu-2")
-    error = await refused(other, honest, _sign(federation, claims_for(NODE, honest)))
+    error = await refused(other, honest, _sign(federation, claims_for(federation.local.pki, NODE, honest)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "presented by 'eu-2'" in error.details()
 
@@ -208,7 +208,7 @@ async def test_token_presented_over_another_gateways_connection_is_denied(federa
     ids=["short digest", "unknown algorithm", "distance on exact", "empty", "oversized batch"],
 )
 async def test_malformed_items_are_invalid_argument(federation, client, honest, items, message: str) -> None:
-    error = await refused(client, items, _sign(federation, claims_for(NODE, items)))
+    error = await refused(client, items, _sign(federation, claims_for(federation.local.pki, NODE, items)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == message
     await assert_still_serving(client, federation, honest)

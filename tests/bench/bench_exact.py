@@ -23,13 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from federation import tokens  # noqa: E402
 from federation.localfed import LocalFederation, NodeSpec  # noqa: E402
 from federation.pki import DevPki  # noqa: E402
 from federation.query import QueryItem  # noqa: E402
 from gateway import config as gateway_config  # noqa: E402
 from gateway.fanout import Federation  # noqa: E402
-from gateway.signing import Signer  # noqa: E402
+from gateway.signing import signer_for  # noqa: E402
 from node import matcher  # noqa: E402
 from node.live_index import LiveIndexes  # noqa: E402
 from node.records import HashRecord  # noqa: E402
@@ -79,7 +78,7 @@ def _sqlite_point_lookups(path: Path, batch: list[QueryItem]) -> float:
 
 async def _over_grpc(local: LocalFederation, batch: list[QueryItem], rounds: int) -> tuple[float, int]:
     config = gateway_config.load(local.write_gateway_config())
-    signer = Signer(tokens.SigningKey.load(config.signing_key, config.signing_kid), config.gateway_id, config.requester)
+    signer = signer_for(config)
     times, hits = [], 0
     async with Federation(config, signer) as federation:
         await federation.match(batch[:1], "BENCH-WARMUP", timeout=60)
