@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: 31; each node caps it at its own maximum)")
     query.add_argument("--format", choices=["table", "json"], default="table")
     query.add_argument("--timeout", type=float, help="per-node deadline in seconds (default: from config)")
+    query.add_argument("--deadline", type=float,
+                       help="overall deadline of the query in seconds (default: from config)")
     query.add_argument("--officer", help="requesting officer id (default: from config)")
 
     nodes = sub.add_parser("nodes", help="show every node's version, counts and generation")
@@ -95,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= args.max_distance <= 256:
             raise UsageError("--max-distance must be between 0 and 256")
         subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
-        return asyncio.run(_query(config, subjects, skipped, case, args.format, args.timeout, args.officer))
+        for flag, value in (("--timeout", args.timeout), ("--deadline", args.deadline)):
+            if value is not None and not 0 < value <= 300:
+                raise UsageError(f"{flag} must be between 0 and 300 seconds")
+        return asyncio.run(_query(config, subjects, skipped, case, args.format, args.timeout, args.deadline,
+                                  args.officer))
     except (ConfigError, UsageError, OSError, ValueError) as exc:
         err.print(f"icse-gateway: {exc}", style="red", markup=False)
         return EXIT_ERROR
@@ -144,10 +150,10 @@ def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) ->
 
 
 async def _query(config, subjects: list[Subject], skipped: list[Skipped], case: str, format_name: str,
-                 timeout: float | None, officer: str | None) -> int:
+                 timeout: float | None, deadline: float | None, officer: str | None) -> int:
     signer = _signer(config, officer)
     async with Federation(config, signer) as federation:
-        answers = await federation.match([s.item for s in subjects], case, timeout)
+        answers = await federation.match([s.item for s in subjects], case, timeout, deadline)
     result = merge(case, subjects, answers, skipped)
     if format_name == "json":
         print(json.dumps(render.to_json(result), indent=2))

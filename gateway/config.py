@@ -37,6 +37,8 @@ class GatewayConfig:
     signing_kid: str
     requester: Requester
     node_timeout: float
+    # Overall budget of one query, whatever the nodes do.
+    deadline: float
     nodes: tuple[NodeEntry, ...]
 
 
@@ -44,12 +46,15 @@ def load(path: Path) -> GatewayConfig:
     doc = root(path)
     doc.reject_unknown({"gateway", "tls", "signing", "requester", "nodes"})
     gateway = doc.table("gateway")
-    gateway.reject_unknown({"id", "federation", "node_timeout"})
+    gateway.reject_unknown({"id", "federation", "node_timeout", "deadline"})
     federation = gateway.get("federation", str)
     gateway_id = _member_id(gateway, "id")
     node_timeout = gateway.get("node_timeout", float, 5.0)
     if not 0 < node_timeout <= 120:
         raise ConfigError(f"{gateway.where('node_timeout')}: must be between 0 and 120 seconds")
+    deadline = gateway.get("deadline", float, max(node_timeout, 10.0))
+    if not node_timeout <= deadline <= 300:
+        raise ConfigError(f"{gateway.where('deadline')}: must be at least node_timeout and at most 300 seconds")
     tls = doc.table("tls")
     tls.reject_unknown({"ca", "cert", "key"})
     signing = doc.table("signing")
@@ -76,6 +81,7 @@ def load(path: Path) -> GatewayConfig:
             country=requester.get("country", str, ""),
         ),
         node_timeout=node_timeout,
+        deadline=deadline,
         nodes=nodes,
     )
 

@@ -17,6 +17,7 @@ from federation import tls, tokens
 from federation.query import QueryItem
 from federation.wire import items_to_pb, pb, rpc
 from gateway.config import GatewayConfig, NodeEntry
+from gateway.health import HealthPolicy, NodeHealth
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.signing import Signer
 
@@ -30,6 +31,13 @@ _REFUSALS = {
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    # Retries and hedging are done here, with a fresh token each time.
+    ("grpc.enable_retries", 0),
+    # Reconnect quickly once a node is back, so the next query is complete.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
 ]
 
 
@@ -86,14 +94,26 @@ def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tu
 
 
 class Federation:
-    """Long-lived channels to every node; reuse one instance across queries."""
+    """Long-lived channels to every node; reuse one instance across queries.
 
-    def __init__(self, config: GatewayConfig, signer: Signer):
+    Per query: one overall deadline, and under it a per-node deadline. A node
+    that is slower than its recent 95th percentile gets a hedged second
+    request (with its own token, so replay protection holds) and the loser is
+    cancelled; an unavailable node is retried once if the budget allows; a
+    node that keeps failing is skipped for a cool-down.
+    """
+
+    RETRY_BACKOFF = 0.05
+    # Below this much budget a retry could not get an answer back anyway.
+    RETRY_MIN_BUDGET = 0.25
+
+    def __init__(self, config: GatewayConfig, signer: Signer, health: HealthPolicy | None = None):
         self._config = config
         self._signer = signer
         credentials = tls.channel_credentials(config.tls)
         self._stubs: dict[str, rpc.NodeStub] = {}
         self._channels: list[grpc.aio.Channel] = []
+        self._health = {node.node_id: NodeHealth(health or HealthPolicy()) for node in config.nodes}
         for node in config.nodes:
             channel = grpc.aio.secure_channel(
                 node.address,
@@ -112,16 +132,61 @@ class Federation:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None) -> list[NodeAnswer]:
+    def health(self, node_id: str) -> NodeHealth:
+        return self._health[node_id]
+
+    async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
+                    deadline: float | None = None) -> list[NodeAnswer]:
         request = items_to_pb(items)
-        deadline = timeout or self._config.node_timeout
+        per_node = timeout or self._config.node_timeout
+        ends = time.monotonic() + (deadline or self._config.deadline)
         return list(await asyncio.gather(
-            *(self._match_one(node, request, items, case, deadline) for node in self._config.nodes)
+            *(self._ask(node, request, items, case, per_node, ends) for node in self._config.nodes)
         ))
 
-    async def _match_one(
-        self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str, timeout: float
-    ) -> NodeAnswer:
+    async def _ask(self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str,
+                   per_node: float, ends: float) -> NodeAnswer:
+        health = self._health[node.node_id]
+        if not health.admit():
+            return NodeAnswer(node.node_id, node.country, NodeStatus.SKIPPED, health.reason())
+        started = time.monotonic()
+        answer = await self._hedged(node, request, items, case, min(per_node, ends - started), health)
+        if answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
+            await asyncio.sleep(self.RETRY_BACKOFF)
+            answer = await self._call(node, request, items, case, min(per_node, ends - time.monotonic()))
+        if answer.status.answered:
+            health.succeeded(answer.latency_ms / 1000)
+        elif answer.status is not NodeStatus.REFUSED:
+            health.failed()
+        return answer
+
+    async def _hedged(self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str,
+                      timeout: float, health: NodeHealth) -> NodeAnswer:
+        delay = health.hedge_delay()
+        primary = asyncio.create_task(self._call(node, request, items, case, timeout))
+        if delay is None or delay >= timeout:
+            return await primary
+        done, _ = await asyncio.wait({primary}, timeout=delay)
+        if done:
+            return primary.result()
+        backup = asyncio.create_task(self._call(node, request, items, case, timeout - delay))
+        pending = {primary, backup}
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                answers = [task.result() for task in done]
+                good = [a for a in answers if a.status.answered]
+                if good or not pending:
+                    return (good or answers)[0]
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _call(self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str,
+                    timeout: float) -> NodeAnswer:
+        """One RPC with its own token and deadline."""
+        if timeout <= 0:
+            return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent")
         token = self._signer.token(node.node_id, "Match", items, case)
         started = time.perf_counter()
         try:

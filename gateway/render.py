@@ -80,6 +80,7 @@ _STATUS_STYLE = {
     NodeStatus.UNAVAILABLE: "yellow",
     NodeStatus.REFUSED: "red",
     NodeStatus.ERROR: "red",
+    NodeStatus.SKIPPED: "yellow",
 }
 
 

@@ -15,6 +15,8 @@ class NodeStatus(Enum):
     UNAVAILABLE = "unavailable"
     REFUSED = "refused"
     ERROR = "error"
+    # Not asked: its circuit breaker is open after repeated failures.
+    SKIPPED = "skipped"
 
     @property
     def answered(self) -> bool:

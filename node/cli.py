@@ -16,6 +16,7 @@ from rich.table import Table
 
 from federation.config import ConfigError
 from node import config as node_config
+from node.audit_cli import add_audit_parser, run_audit
 from node import server
 from node.importer import ImportAborted, ImportReport, import_file
 from node.store import Store
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="input format (auto: .csv is CSV, anything else lines)")
     imp.add_argument("--strict", action="store_true", help="import nothing from a file with a bad row")
 
+    add_audit_parser(sub)
+
     stats = sub.add_parser("stats", help="show what the store holds")
     stats.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
     stats.add_argument("--format", default="table", choices=["table", "json"])
@@ -58,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "audit":
+        return run_audit(args)
     try:
         if args.command == "serve":
             logging.basicConfig(

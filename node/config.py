@@ -25,6 +25,8 @@ class NodeConfig:
     trusted_gateways: tuple[str, ...]
     limits: Limits
     policy: Policy
+    # Calls served at once; beyond it callers get RESOURCE_EXHAUSTED at once.
+    max_concurrent: int = 64
 
 
 def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
@@ -53,7 +55,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         if not gateways or not all(isinstance(g, str) for g in gateways):
             raise ConfigError(f"{trust.where('gateways')}: expected a non-empty list of gateway ids")
     limits = doc.table("limits", required=False)
-    limits.reject_unknown({"max_items", "max_hits_per_item", "max_distance"})
+    limits.reject_unknown({"max_items", "max_hits_per_item", "max_distance", "max_concurrent"})
     defaults = Limits()
     parsed_limits = Limits(
         max_items=_positive(limits, "max_items", defaults.max_items),
@@ -73,6 +75,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         trusted_gateways=gateways,
         limits=parsed_limits,
         policy=policy,
+        max_concurrent=_positive(limits, "max_concurrent", 64),
     )
 
 

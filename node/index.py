@@ -69,9 +69,14 @@ class ExactIndex:
         return [[Candidate(i)] if hit else _NONE for hit, i in zip(found.tolist(), ids.tolist())]
 
 
-_BY_KIND = {MatchKind.EXACT: ExactIndex}
-
-
 def build(algorithm: Algorithm, ids: Sequence[int], digests: Sequence[bytes]) -> Index:
     """The index that serves ``algorithm``'s match kind."""
-    return _BY_KIND[algorithm.match_kind](algorithm, ids, digests)
+    # Imported here: the compiled kernels load only where perceptual hashes are stored.
+    from node.frame_index import FrameIndex
+    from node.hamming_index import build_hamming_index
+
+    if algorithm.match_kind is MatchKind.HAMMING:
+        return build_hamming_index(algorithm, ids, digests)
+    if algorithm.match_kind is MatchKind.FRAMES:
+        return FrameIndex(algorithm, ids, digests, build_hamming_index)
+    return ExactIndex(algorithm, ids, digests)

@@ -10,12 +10,16 @@ import signal
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from federation import tls
-from federation.wire import rpc
+from federation.wire import SERVICE_NAME, rpc
+from node.audit import AuditLog
 from node.auth import Authenticator
 from node.config import NodeConfig
 from node.live_index import LiveIndexes
+from node.policy import Admission
 from node.service import NodeService
 from node.store import Store
 
@@ -44,12 +48,22 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         indexes = LiveIndexes(store)
         loaded = await indexes.current()
         auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
-        rpc.add_NodeServicer_to_server(NodeService(config, store, indexes, auth), server)
+        audit = await AuditLog.open(store.connection)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent)
+        service = NodeService(config, store, indexes, auth, Admission(config.policy), audit)
+        rpc.add_NodeServicer_to_server(service, server)
+        checks = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
         port = server.add_secure_port(config.listen, tls.server_credentials(config.tls))
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
         await server.start()
+        for name in ("", SERVICE_NAME):
+            await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "node %s (%s) serving on port %d: %s hashes, generation %d",
             config.node_id, config.country, port, sum(loaded.counts().values()), loaded.generation,
@@ -62,6 +76,7 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("node %s stopping: finishing in-flight calls (grace %.0f s)", config.node_id, GRACE_SECONDS)
+        await checks.enter_graceful_shutdown()
         await server.stop(GRACE_SECONDS)
     finally:
         await store.close()

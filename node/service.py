@@ -1,101 +1,161 @@
-"""The gRPC face of a node: authenticate, validate, match, answer.
+"""The gRPC face of a node: authenticate, apply policy, validate, match, answer.
 
-Thin on purpose: decisions live in ``auth`` and ``matcher``; this module maps
-their outcomes to gRPC statuses and protobuf messages.
+Thin on purpose: decisions live in ``auth``, ``policy`` and ``matcher``; this
+module maps their outcomes to gRPC statuses and protobuf messages, and makes
+sure every outcome is in the audit log before the answer leaves.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import grpc
 
 import federation
-from federation.query import query_sha256
+from federation.query import QueryItem, query_sha256
 from federation.tokens import QueryClaims
 from federation.wire import items_from_pb, pb, rpc
 from node import matcher
+from node.audit import AuditEntry, AuditLog
 from node.auth import AuthError, Authenticator
 from node.config import NodeConfig
 from node.live_index import LiveIndexes
+from node.policy import Admission, PolicyRefusal, Tier
 from node.records import StoredRecord
 from node.store import Store
 
 log = logging.getLogger("icse.node")
 
+_TIERS = {Tier.HIT: pb.RELEASE_TIER_HIT, Tier.STANDARD: pb.RELEASE_TIER_STANDARD}
+
+
+class Refused(Exception):
+    """Ends a call with ``code``; raised inside the service, audited once."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, claims: QueryClaims | None = None, gateway: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.claims = claims
+        self.gateway = gateway
+
+
+def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None, gateway: str, peer: str,
+           status: str, detail: str = "", references: Sequence[str] = ()) -> AuditEntry:
+    """The audit record of one call. Never the digests asked about."""
+    return AuditEntry(
+        time="",
+        gateway=claims.issuer if claims else gateway,
+        officer=claims.subject if claims else "",
+        org=claims.org if claims else "",
+        country=claims.country if claims else "",
+        case=claims.case if claims else "",
+        rpc=rpc_name,
+        items=len(items),
+        algorithms=tuple(sorted({i.algorithm[:16] for i in items})[:8]),
+        hits=len(references),
+        references=tuple(references),
+        status=status,
+        detail=detail,
+        token_id=claims.token_id if claims else "",
+        peer=peer,
+    )
+
 
 class NodeService(rpc.NodeServicer):
-    def __init__(self, config: NodeConfig, store: Store, indexes: LiveIndexes, auth: Authenticator):
+    def __init__(self, config: NodeConfig, store: Store, indexes: LiveIndexes, auth: Authenticator,
+                 admission: Admission, audit: AuditLog):
         self._config = config
         self._store = store
         self._indexes = indexes
         self._auth = auth
+        self._admission = admission
+        self._audit = audit
 
-    async def _authorize(self, context: grpc.aio.ServicerContext, method: str, digest: str) -> QueryClaims:
+    def _authorize(self, context: grpc.aio.ServicerContext, method: str, digest: str) -> QueryClaims:
         try:
-            return self._auth.authorize(
-                context.invocation_metadata(), context.auth_context(), method, digest
-            )
+            return self._auth.authorize(context.invocation_metadata(), context.auth_context(), method, digest)
         except AuthError as exc:
             code = grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
-            log.warning("refused %s: %s (peer %s)", method, exc, context.peer())
-            await context.abort(code, str(exc))
-            raise  # unreachable: abort raises
+            raise Refused(code, str(exc), exc.claims, exc.gateway) from None
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, method: str, items: Sequence[QueryItem],
+                      refusal: Refused) -> None:
+        log.warning("refused %s from %s: %s", method, refusal.gateway or context.peer(), refusal)
+        await self._audit.append(_entry(method, items, refusal.claims, refusal.gateway, context.peer(),
+                                        refusal.code.name, str(refusal)))
+        await context.abort(refusal.code, str(refusal))
 
     async def Match(self, request: pb.MatchRequest, context: grpc.aio.ServicerContext) -> pb.MatchResponse:
         started = time.perf_counter()
         items = items_from_pb(request)
-        claims = await self._authorize(context, "Match", query_sha256(items))
         try:
-            valid = matcher.validate(items, self._config.limits)
-        except matcher.InvalidRequest as exc:
-            log.info("invalid request from %s/%s case=%s: %s", claims.issuer, claims.subject, claims.case, exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        current = await self._indexes.current()
-        found = matcher.match(valid, current.indexes, self._config.limits)
-        records = await self._store.records(c.record_id for m in found for c in m.candidates)
-        response = pb.MatchResponse(
-            node_id=self._config.node_id,
-            country=self._config.country,
-            tier=pb.RELEASE_TIER_STANDARD,
-            results=[
-                pb.ItemResult(
-                    item=position,
-                    hits=[self._hit(records[c.record_id], c.distance) for c in m.candidates if c.record_id in records],
-                    truncated=m.truncated,
-                )
-                for position, m in enumerate(found)
-                if m.candidates
-            ],
-        )
-        hits = sum(len(m.candidates) for m in found)
-        # No digests in the log: a no-hit item must leave no trace of what was asked.
+            response, claims, references = await self._match(items, context)
+        except Refused as refusal:
+            await self._refuse(context, "Match", items, refusal)
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        # The record is durable before the answer leaves; no record, no answer.
+        await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
+                                        references=references))
         log.info(
             "match gateway=%s officer=%s org=%s country=%s case=%s items=%d hits=%d ms=%.1f",
             claims.issuer, claims.subject, claims.org, claims.country, claims.case,
-            len(items), hits, (time.perf_counter() - started) * 1000,
+            len(items), len(references), (time.perf_counter() - started) * 1000,
         )
         return response
 
-    def _hit(self, stored: StoredRecord, distance: int) -> pb.Hit:
+    async def _match(self, items: Sequence[QueryItem], context: grpc.aio.ServicerContext,
+                     ) -> tuple[pb.MatchResponse, QueryClaims, list[str]]:
+        claims = self._authorize(context, "Match", query_sha256(items))
+        try:
+            tier = self._admission.permit(claims)
+            valid = matcher.validate(items, self._config.limits)
+            self._admission.consume(claims, len(items))
+        except PolicyRefusal as exc:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.exhausted else grpc.StatusCode.PERMISSION_DENIED
+            raise Refused(code, str(exc), claims) from None
+        except matcher.InvalidRequest as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), claims) from None
+        current = await self._indexes.current()
+        found = matcher.match(valid, current.indexes, self._config.limits)
+        records = await self._store.records(c.record_id for m in found for c in m.candidates)
+        results, references = [], []
+        for position, matches in enumerate(found):
+            hits = [self._hit(records[c.record_id], c.distance, c.matched_share, tier)
+                    for c in matches.candidates if c.record_id in records]
+            if hits:
+                results.append(pb.ItemResult(item=position, hits=hits, truncated=matches.truncated))
+                references += [hit.reference for hit in hits]
+        response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
+                                    tier=_TIERS[tier], results=results)
+        return response, claims, references
+
+    def _hit(self, stored: StoredRecord, distance: int, share: float | None, tier: Tier) -> pb.Hit:
         record = stored.record
         hit = pb.Hit(
             reference=record.reference,
             country=self._config.country,
             node_id=self._config.node_id,
             contact=self._config.contact,
-            category=record.category,
-            series=record.series,
-            date_added=record.date_added,
             distance=distance,
+            matched_share=share or 0.0,
         )
-        if record.victim_identified is not None:
-            hit.victim_identified = record.victim_identified
+        if tier is Tier.STANDARD:
+            hit.category = record.category
+            hit.series = record.series
+            hit.date_added = record.date_added
+            if record.victim_identified is not None:
+                hit.victim_identified = record.victim_identified
         return hit
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
-        await self._authorize(context, "Describe", query_sha256([]))
+        try:
+            claims = self._authorize(context, "Describe", query_sha256([]))
+        except Refused as refusal:
+            await self._refuse(context, "Describe", [], refusal)
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        await self._audit.append(_entry("Describe", [], claims, claims.issuer, context.peer(), "OK"))
         current = await self._indexes.current()
         return pb.DescribeResponse(
             node_id=self._config.node_id,

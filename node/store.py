@@ -79,6 +79,11 @@ class Store:
         await db.executescript(SCHEMA)
         return cls(db, path)
 
+    @property
+    def connection(self) -> aiosqlite.Connection:
+        """For the audit log, which keeps its tables in the same file."""
+        return self._db
+
     async def close(self) -> None:
         await self._db.close()
 

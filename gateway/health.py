@@ -1,0 +1,68 @@
+"""What the gateway remembers about each node between queries (pure).
+
+Recent latencies, to decide when a slow node deserves a hedged second
+request; consecutive failures, to stop asking a node that keeps failing
+(circuit breaker) until a cool-down has passed, then try it once again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    failures_to_open: int = 3
+    cooldown: float = 30.0
+    hedge_percentile: float = 0.95
+    hedge_min_delay: float = 0.05
+    samples_for_hedging: int = 5
+    window: int = 64
+
+
+@dataclass
+class NodeHealth:
+    policy: HealthPolicy = field(default_factory=HealthPolicy)
+    latencies: deque[float] = field(default_factory=deque)
+    failures: int = 0
+    open_until: float = 0.0
+    _probing: bool = False
+
+    def admit(self, now: float | None = None) -> bool:
+        """May a call go to this node now? After the cool-down one probe goes through."""
+        current = time.monotonic() if now is None else now
+        if self.failures < self.policy.failures_to_open:
+            return True
+        if current < self.open_until or self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def reason(self, now: float | None = None) -> str:
+        current = time.monotonic() if now is None else now
+        return (f"skipped: circuit open after {self.failures} consecutive failures; "
+                f"next try in {max(0.0, self.open_until - current):.0f} s")
+
+    def succeeded(self, latency: float) -> None:
+        self.failures = 0
+        self._probing = False
+        self.latencies.append(latency)
+        while len(self.latencies) > self.policy.window:
+            self.latencies.popleft()
+
+    def failed(self, now: float | None = None) -> None:
+        current = time.monotonic() if now is None else now
+        self.failures += 1
+        self._probing = False
+        if self.failures >= self.policy.failures_to_open:
+            self.open_until = current + self.policy.cooldown
+
+    def hedge_delay(self) -> float | None:
+        """When to send a backup request: near this node's recent p95, or never yet."""
+        if len(self.latencies) < self.policy.samples_for_hedging:
+            return None
+        ordered = sorted(self.latencies)
+        index = min(len(ordered) - 1, int(self.policy.hedge_percentile * len(ordered)))
+        return max(self.policy.hedge_min_delay, ordered[index])

@@ -1,0 +1,1 @@
+"""Network test harness: network-namespace hosts (``netns``) and a fault-injecting TCP proxy (``faultproxy``)."""
