@@ -69,6 +69,10 @@ class LocalNode:
         self.gateways = list(gateways)
         self.process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
+        # Where the node listens and is reached; a network-namespace test sets
+        # its own address and a command prefix (``ip netns exec NAME``).
+        self.host = "127.0.0.1"
+        self.prefix: list[str] = []
 
     @property
     def node_id(self) -> str:
@@ -76,9 +80,10 @@ class LocalNode:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
-    def write_config(self, listen: str = "127.0.0.1:0") -> Path:
+    def write_config(self, listen: str | None = None) -> Path:
+        listen = listen or f"{self.host}:0"
         self.dir.mkdir(parents=True, exist_ok=True)
         tables: dict[str, dict[str, object]] = {
             "node": {
@@ -119,7 +124,8 @@ class LocalNode:
         self.ready_path.unlink(missing_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.node_command("serve", "--config", str(self.config_path), "--ready-file", str(self.ready_path)),
+            self.prefix + self.node_command("serve", "--config", str(self.config_path),
+                                            "--ready-file", str(self.ready_path)),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=environment(), preexec_fn=_die_with_parent,
         )
