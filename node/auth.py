@@ -68,7 +68,7 @@ class Authenticator:
         rpc: str,
         query_sha256: str,
     ) -> QueryClaims:
-        gateway = self._peer_gateway(auth_context)
+        gateway = self.peer_gateway(auth_context)
         try:
             token = tokens.token_from_metadata(metadata)
             claims = self._keys.get().verify(token, audience=self._node_id)
@@ -100,7 +100,8 @@ class Authenticator:
         except ReplayError as exc:
             raise AuthError(str(exc)) from None
 
-    def _peer_gateway(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
+    def peer_gateway(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
+        """The gateway id the verified client certificate names, or AuthError."""
         for uri in tls.peer_uris(auth_context):
             gateway = identity.gateway_id_from_uri(self._federation, uri)
             if gateway is not None:

@@ -14,13 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from federation import tls
-from federation.wire import SERVICE_NAME, rpc
+from federation.wire import SERVICE_NAME
 from node.audit import AuditLog
 from node.auth import Authenticator
 from node.config import NodeConfig
 from node.live_index import LiveIndexes
 from node.policy import Admission
-from node.service import NodeService
+from node.service import NodeService, handlers
 from node.store import Store
 
 log = logging.getLogger("icse.node")
@@ -51,7 +51,7 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         audit = await AuditLog.open(store.connection)
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent)
         service = NodeService(config, store, indexes, auth, Admission(config.policy), audit)
-        rpc.add_NodeServicer_to_server(service, server)
+        server.add_generic_rpc_handlers((handlers(service),))
         checks = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
         reflection.enable_server_reflection(

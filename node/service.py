@@ -12,11 +12,12 @@ import time
 from collections.abc import Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 
 import federation
 from federation.query import QueryItem, query_sha256
 from federation.tokens import QueryClaims
-from federation.wire import items_from_pb, pb, rpc
+from federation.wire import SERVICE_NAME, items_from_pb, pb, rpc
 from node import matcher
 from node.audit import AuditEntry, AuditLog
 from node.auth import AuthError, Authenticator
@@ -29,6 +30,13 @@ from node.store import Store
 log = logging.getLogger("icse.node")
 
 _TIERS = {Tier.HIT: pb.RELEASE_TIER_HIT, Tier.STANDARD: pb.RELEASE_TIER_STANDARD}
+
+
+class Malformed:
+    """Stands for request bytes that are not the message they claim to be."""
+
+
+MALFORMED = Malformed()
 
 
 class Refused(Exception):
@@ -87,8 +95,11 @@ class NodeService(rpc.NodeServicer):
                                         refusal.code.name, str(refusal)))
         await context.abort(refusal.code, str(refusal))
 
-    async def Match(self, request: pb.MatchRequest, context: grpc.aio.ServicerContext) -> pb.MatchResponse:
+    async def Match(self, request: pb.MatchRequest | Malformed,
+                    context: grpc.aio.ServicerContext) -> pb.MatchResponse:
         started = time.perf_counter()
+        if isinstance(request, Malformed):
+            await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest")
         items = items_from_pb(request)
         try:
             response, claims, references = await self._match(items, context)
@@ -149,7 +160,19 @@ class NodeService(rpc.NodeServicer):
                 hit.victim_identified = record.victim_identified
         return hit
 
-    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+    async def _refuse_malformed(self, context: grpc.aio.ServicerContext, method: str, message: str) -> None:
+        try:
+            gateway = self._auth.peer_gateway(context.auth_context())
+            refusal = Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request is not a valid {message} (protobuf did not parse)", gateway=gateway)
+        except AuthError as exc:
+            refusal = Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        await self._refuse(context, method, [], refusal)
+
+    async def Describe(self, request: pb.DescribeRequest | Malformed,
+                       context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        if isinstance(request, Malformed):
+            await self._refuse_malformed(context, "Describe", "icse.v1.DescribeRequest")
         try:
             claims = self._authorize(context, "Describe", query_sha256([]))
         except Refused as refusal:
@@ -167,3 +190,28 @@ class NodeService(rpc.NodeServicer):
             max_distance=self._config.limits.max_distance,
             contact=self._config.contact,
         )
+
+
+def _lenient(parse):
+    """A request deserializer that lets the service refuse bad bytes itself
+    (INVALID_ARGUMENT, audited) instead of grpc answering UNKNOWN."""
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError:
+            return MALFORMED
+    return deserialize
+
+
+def handlers(service: NodeService) -> grpc.GenericRpcHandler:
+    """The Node service's method handlers (what the generated registration
+    does, with lenient request parsing)."""
+    methods = {
+        "Match": grpc.unary_unary_rpc_method_handler(
+            service.Match, request_deserializer=_lenient(pb.MatchRequest.FromString),
+            response_serializer=pb.MatchResponse.SerializeToString),
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            service.Describe, request_deserializer=_lenient(pb.DescribeRequest.FromString),
+            response_serializer=pb.DescribeResponse.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
