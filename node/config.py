@@ -27,12 +27,14 @@ class NodeConfig:
     policy: Policy
     # Calls served at once; beyond it callers get RESOURCE_EXHAUSTED at once.
     max_concurrent: int = 64
+    # HOST:PORT of the Prometheus endpoint; None: no endpoint.
+    metrics_listen: str | None = None
 
 
 def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
     """Reads ``path``. Commands that only touch the store need no TLS or keys."""
     doc = root(path)
-    doc.reject_unknown({"node", "tls", "trust", "limits", "policy"})
+    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics"})
     node = doc.table("node")
     node.reject_unknown({"id", "country", "federation", "listen", "store", "contact"})
     try:
@@ -63,6 +65,11 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         max_distance=_positive(limits, "max_distance", defaults.max_distance),
     )
     policy = _policy(doc.table("policy", required=False))
+    metrics = doc.table("metrics", required=False)
+    metrics.reject_unknown({"listen"})
+    metrics_listen = metrics.get("listen", str, "") or None
+    if metrics_listen is not None and not metrics_listen.rpartition(":")[2].isdigit():
+        raise ConfigError(f"{metrics.where('listen')}: expected HOST:PORT, got {metrics_listen!r}")
     return NodeConfig(
         node_id=node_id,
         country=country,
@@ -76,6 +83,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         limits=parsed_limits,
         policy=policy,
         max_concurrent=_positive(limits, "max_concurrent", 64),
+        metrics_listen=metrics_listen,
     )
 
 

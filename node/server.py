@@ -19,6 +19,7 @@ from node.audit import AuditLog
 from node.auth import Authenticator
 from node.config import NodeConfig
 from node.live_index import LiveIndexes
+from node.metrics import NodeMetrics
 from node.policy import Admission
 from node.service import NodeService, handlers
 from node.store import Store
@@ -34,10 +35,11 @@ SERVER_OPTIONS = [
 GRACE_SECONDS = 5.0
 
 
-def _write_ready(path: Path, port: int, config: NodeConfig) -> None:
-    """Atomically tells a supervisor (tests, demo) the bound port."""
+def _write_ready(path: Path, config: NodeConfig, port: int, metrics_port: int | None) -> None:
+    """Atomically tells a supervisor (tests, demo) the bound ports."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"node_id": config.node_id, "port": port, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"node_id": config.node_id, "port": port, "metrics_port": metrics_port,
+                               "pid": os.getpid()}))
     tmp.replace(path)
 
 
@@ -50,7 +52,10 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
         audit = await AuditLog.open(store.connection)
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent)
-        service = NodeService(config, store, indexes, auth, Admission(config.policy), audit)
+        metrics = NodeMetrics()
+        metrics.serving(loaded.generation, loaded.counts())
+        metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
+        service = NodeService(config, store, indexes, auth, Admission(config.policy), audit, metrics)
         server.add_generic_rpc_handlers((handlers(service),))
         checks = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
@@ -64,20 +69,20 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         await server.start()
         for name in ("", SERVICE_NAME):
             await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "node %s (%s) serving on port %d: %s hashes, generation %d",
-            config.node_id, config.country, port, sum(loaded.counts().values()), loaded.generation,
-        )
+        log.info("serving", extra={"node": config.node_id, "node_country": config.country, "port": port,
+                                   "hashes": sum(loaded.counts().values()), "generation": loaded.generation})
         if ready_file is not None:
-            _write_ready(ready_file, port, config)
+            _write_ready(ready_file, config, port, metrics_server.server_port if metrics_server else None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("node %s stopping: finishing in-flight calls (grace %.0f s)", config.node_id, GRACE_SECONDS)
+        log.info("stopping: finishing in-flight calls", extra={"node": config.node_id, "grace_s": GRACE_SECONDS})
         await checks.enter_graceful_shutdown()
         await server.stop(GRACE_SECONDS)
+        if metrics_server is not None:
+            metrics_server.shutdown()
     finally:
         await store.close()
-    log.info("node %s stopped", config.node_id)
+    log.info("stopped", extra={"node": config.node_id})

@@ -8,7 +8,10 @@ sure every outcome is in the audit log before the answer leaves.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
+from collections import Counter
 from collections.abc import Sequence
 
 import grpc
@@ -23,6 +26,7 @@ from node.audit import AuditEntry, AuditLog
 from node.auth import AuthError, Authenticator
 from node.config import NodeConfig
 from node.live_index import LiveIndexes
+from node.metrics import NodeMetrics
 from node.policy import Admission, PolicyRefusal, Tier
 from node.records import StoredRecord
 from node.store import Store
@@ -30,6 +34,16 @@ from node.store import Store
 log = logging.getLogger("icse.node")
 
 _TIERS = {Tier.HIT: pb.RELEASE_TIER_HIT, Tier.STANDARD: pb.RELEASE_TIER_STANDARD}
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's request id (links gateway and node log lines), or a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
 
 
 class Malformed:
@@ -73,8 +87,9 @@ def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None
 
 class NodeService(rpc.NodeServicer):
     def __init__(self, config: NodeConfig, store: Store, indexes: LiveIndexes, auth: Authenticator,
-                 admission: Admission, audit: AuditLog):
+                 admission: Admission, audit: AuditLog, metrics: NodeMetrics):
         self._config = config
+        self._metrics = metrics
         self._store = store
         self._indexes = indexes
         self._auth = auth
@@ -89,31 +104,38 @@ class NodeService(rpc.NodeServicer):
             raise Refused(code, str(exc), exc.claims, exc.gateway) from None
 
     async def _refuse(self, context: grpc.aio.ServicerContext, method: str, items: Sequence[QueryItem],
-                      refusal: Refused) -> None:
-        log.warning("refused %s from %s: %s", method, refusal.gateway or context.peer(), refusal)
-        await self._audit.append(_entry(method, items, refusal.claims, refusal.gateway, context.peer(),
+                      refusal: Refused, started: float) -> None:
+        claims = refusal.claims
+        log.warning("refused", extra={
+            "request_id": request_id(context), "rpc": method, "status": refusal.code.name,
+            "reason": str(refusal), "gateway": claims.issuer if claims else refusal.gateway,
+            "officer": claims.subject if claims else "", "peer": context.peer(), "items": len(items)})
+        await self._audit.append(_entry(method, items, claims, refusal.gateway, context.peer(),
                                         refusal.code.name, str(refusal)))
+        self._metrics.refused(method, refusal.code.name, time.perf_counter() - started)
         await context.abort(refusal.code, str(refusal))
 
     async def Match(self, request: pb.MatchRequest | Malformed,
                     context: grpc.aio.ServicerContext) -> pb.MatchResponse:
         started = time.perf_counter()
         if isinstance(request, Malformed):
-            await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest")
+            await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest", started)
         items = items_from_pb(request)
         try:
             response, claims, references = await self._match(items, context)
         except Refused as refusal:
-            await self._refuse(context, "Match", items, refusal)
+            await self._refuse(context, "Match", items, refusal, started)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
         # The record is durable before the answer leaves; no record, no answer.
         await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
                                         references=references))
-        log.info(
-            "match gateway=%s officer=%s org=%s country=%s case=%s items=%d hits=%d ms=%.1f",
-            claims.issuer, claims.subject, claims.org, claims.country, claims.case,
-            len(items), len(references), (time.perf_counter() - started) * 1000,
-        )
+        elapsed = time.perf_counter() - started
+        self._metrics.answered("Match", Counter(item.algorithm for item in items), len(references), elapsed)
+        # No digests in the log: a no-hit item must leave no trace of what was asked.
+        log.info("answered", extra={
+            "request_id": request_id(context), "rpc": "Match", "gateway": claims.issuer,
+            "officer": claims.subject, "org": claims.org, "requester_country": claims.country,
+            "case": claims.case, "items": len(items), "hits": len(references), "ms": round(elapsed * 1000, 1)})
         return response
 
     async def _match(self, items: Sequence[QueryItem], context: grpc.aio.ServicerContext,
@@ -129,6 +151,7 @@ class NodeService(rpc.NodeServicer):
         except matcher.InvalidRequest as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), claims) from None
         current = await self._indexes.current()
+        self._metrics.serving(current.generation, current.counts())
         found = matcher.match(valid, current.indexes, self._config.limits)
         records = await self._store.records(c.record_id for m in found for c in m.candidates)
         results, references = [], []
@@ -160,26 +183,30 @@ class NodeService(rpc.NodeServicer):
                 hit.victim_identified = record.victim_identified
         return hit
 
-    async def _refuse_malformed(self, context: grpc.aio.ServicerContext, method: str, message: str) -> None:
+    async def _refuse_malformed(self, context: grpc.aio.ServicerContext, method: str, message: str,
+                                started: float) -> None:
         try:
             gateway = self._auth.peer_gateway(context.auth_context())
             refusal = Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               f"request is not a valid {message} (protobuf did not parse)", gateway=gateway)
         except AuthError as exc:
             refusal = Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        await self._refuse(context, method, [], refusal)
+        await self._refuse(context, method, [], refusal, started)
 
     async def Describe(self, request: pb.DescribeRequest | Malformed,
                        context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        started = time.perf_counter()
         if isinstance(request, Malformed):
-            await self._refuse_malformed(context, "Describe", "icse.v1.DescribeRequest")
+            await self._refuse_malformed(context, "Describe", "icse.v1.DescribeRequest", started)
         try:
             claims = self._authorize(context, "Describe", query_sha256([]))
         except Refused as refusal:
-            await self._refuse(context, "Describe", [], refusal)
+            await self._refuse(context, "Describe", [], refusal, started)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
         await self._audit.append(_entry("Describe", [], claims, claims.issuer, context.peer(), "OK"))
         current = await self._indexes.current()
+        self._metrics.serving(current.generation, current.counts())
+        self._metrics.answered("Describe", {}, 0, time.perf_counter() - started)
         return pb.DescribeResponse(
             node_id=self._config.node_id,
             country=self._config.country,
