@@ -2,7 +2,9 @@
 
 Every country gets its own synthetic hash set (random digests, with a few
 deliberately known to several countries); an investigator's "seized" files are
-random bytes written at demo time, some of which the countries know. Nothing
+random bytes written at demo time, some of which the countries know, and a
+drawn picture whose resized, recompressed original one country knows by its
+PDQ hash. Nothing
 here resembles real material. Every node process is stopped at the end, also
 on failure or Ctrl-C.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -20,6 +23,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
@@ -47,12 +53,42 @@ def _seized_files(directory: Path, rng: random.Random) -> list[Path]:
     return files
 
 
+def _drawn_pair(directory: Path, seized: Path, seed: int) -> tuple[Path, Path]:
+    """A drawn picture (gradient, noise, shapes) and a resized, recompressed copy
+    of it among the seized files: the copy's bytes differ, its PDQ hash barely."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, 480)[None, :, None]
+    y = np.linspace(0, 1, 360)[:, None, None]
+    pixels = 255 * (0.5 * x + 0.5 * y) * rng.uniform(0.3, 1, 3) + rng.normal(0, 12, (360, 480, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        x0, y0 = int(rng.integers(0, 400)), int(rng.integers(0, 300))
+        box = (x0, y0, x0 + int(rng.integers(30, 200)), y0 + int(rng.integers(30, 150)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    original = directory / "original.png"
+    image.save(original)
+    copy = seized / "IMG_0005.jpg"
+    image.resize((320, 240), Image.LANCZOS).save(copy, "JPEG", quality=65)
+    return original, copy
+
+
+def _pdq_of(path: Path) -> str:
+    """The PDQ hash of an image, as the investigators' CLI computes it."""
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "hash", "--format", "json", str(path)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout)[0]["pdq"]
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _hash_sets(countries: Sequence[str], seized: Sequence[Path], rng: random.Random, out: Path) -> dict[str, Path]:
-    """One CSV per country: random digests, plus seized files known to some."""
+def _hash_sets(countries: Sequence[str], seized: Sequence[Path], pdq: str, rng: random.Random,
+               out: Path) -> dict[str, Path]:
+    """One CSV per country: random digests, plus seized files known to some
+    (and, in the second country, the PDQ hash of a picture a seized file copies)."""
     known_by = {
         seized[0]: countries[:3],  # one file known to three countries
         seized[1]: countries[3:5] or countries[:1],  # another to two
@@ -70,6 +106,8 @@ def _hash_sets(countries: Sequence[str], seized: Sequence[Path], rng: random.Ran
                 if country in holders:
                     writer.writerow(["sha256", _sha256(file), f"{country}-{rng.randrange(10**8):08d}",
                                      rng.choice(["1", "2"]), rng.choice(["true", "false"]), series[file]])
+            if index == 1:
+                writer.writerow(["pdq", pdq, f"{country}-{rng.randrange(10**8):08d}", "1", "true", "SERIES-DELTA"])
             for digest in shared_random[index % 4 :: 4]:
                 writer.writerow(["sha256", digest, "", "1", "", ""])
             for _ in range(RANDOM_PER_COUNTRY):
@@ -106,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pki.create()
 
     seized = _seized_files(args.workdir / "seized", rng)
-    sets = _hash_sets(countries, seized, rng, args.workdir)
+    original, copy = _drawn_pair(args.workdir, args.workdir / "seized", args.seed)
+    seized.append(copy)
+    sets = _hash_sets(countries, seized, _pdq_of(original), rng, args.workdir)
     federation = LocalFederation(
         args.workdir / "nodes", pki,
         [NodeSpec(c, c, CONTACTS.get(c, f"icse@police.example.{c.lower()}")) for c in countries],

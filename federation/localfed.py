@@ -30,6 +30,8 @@ class NodeSpec:
     country: str
     contact: str = ""
     limits: dict[str, int] = field(default_factory=dict)
+    # Further configuration tables, e.g. {"policy": {...}, "metrics": {...}}.
+    tables: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
 def _toml_value(value: object) -> str:
@@ -69,6 +71,7 @@ class LocalNode:
         self.gateways = list(gateways)
         self.process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
         # Where the node listens and is reached; a network-namespace test sets
         # its own address and a command prefix (``ip netns exec NAME``).
         self.host = "127.0.0.1"
@@ -103,6 +106,7 @@ class LocalNode:
         }
         if self.spec.limits:
             tables["limits"] = dict(self.spec.limits)
+        tables.update(self.spec.tables)
         self.config_path.write_text(toml_text(tables))
         return self.config_path
 
@@ -136,7 +140,8 @@ class LocalNode:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.ready_path.exists():
-                self.port = int(json.loads(self.ready_path.read_text())["port"])
+                ready = json.loads(self.ready_path.read_text())
+                self.port, self.metrics_port = int(ready["port"]), ready.get("metrics_port")
                 return
             if self.process.poll() is not None:
                 raise RuntimeError(f"node {self.node_id} exited with {self.process.returncode}:\n{self.log_tail()}")

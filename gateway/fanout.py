@@ -7,7 +7,9 @@ a slow, dead or refusing node becomes a status line, never a failed query.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +22,9 @@ from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.signing import Signer
+
+log = logging.getLogger("icse.gateway")
+REQUEST_ID_KEY = "x-request-id"
 
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -93,6 +98,16 @@ def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tu
     return tuple(hits), tuple(truncated)
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One query as every node is asked it (each attempt signs its own token)."""
+
+    request: pb.MatchRequest
+    items: Sequence[QueryItem]
+    case: str
+    request_id: str
+
+
 class Federation:
     """Long-lived channels to every node; reuse one instance across queries.
 
@@ -136,40 +151,41 @@ class Federation:
         return self._health[node_id]
 
     async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
-                    deadline: float | None = None) -> list[NodeAnswer]:
-        request = items_to_pb(items)
+                    deadline: float | None = None, request_id: str | None = None) -> list[NodeAnswer]:
+        """Asks every node; ``request_id`` (sent to each node) links their log lines to ours."""
+        call = _Call(items_to_pb(items), items, case, request_id or uuid.uuid4().hex)
         per_node = timeout or self._config.node_timeout
         ends = time.monotonic() + (deadline or self._config.deadline)
-        return list(await asyncio.gather(
-            *(self._ask(node, request, items, case, per_node, ends) for node in self._config.nodes)
-        ))
+        return list(await asyncio.gather(*(self._ask(node, call, per_node, ends) for node in self._config.nodes)))
 
-    async def _ask(self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str,
-                   per_node: float, ends: float) -> NodeAnswer:
+    async def _ask(self, node: NodeEntry, call: _Call, per_node: float, ends: float) -> NodeAnswer:
         health = self._health[node.node_id]
         if not health.admit():
-            return NodeAnswer(node.node_id, node.country, NodeStatus.SKIPPED, health.reason())
-        started = time.monotonic()
-        answer = await self._hedged(node, request, items, case, min(per_node, ends - started), health)
-        if answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
-            await asyncio.sleep(self.RETRY_BACKOFF)
-            answer = await self._call(node, request, items, case, min(per_node, ends - time.monotonic()))
-        if answer.status.answered:
-            health.succeeded(answer.latency_ms / 1000)
-        elif answer.status is not NodeStatus.REFUSED:
-            health.failed()
+            answer = NodeAnswer(node.node_id, node.country, NodeStatus.SKIPPED, health.reason())
+        else:
+            started = time.monotonic()
+            answer = await self._hedged(node, call, min(per_node, ends - started), health)
+            if answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
+                await asyncio.sleep(self.RETRY_BACKOFF)
+                answer = await self._call(node, call, min(per_node, ends - time.monotonic()))
+            if answer.status.answered:
+                health.succeeded(answer.latency_ms / 1000)
+            elif answer.status is not NodeStatus.REFUSED:
+                health.failed()
+        log.info("node answered", extra={"request_id": call.request_id, "node": node.node_id,
+                                         "status": answer.status.value, "ms": round(answer.latency_ms, 1),
+                                         "detail": answer.message})
         return answer
 
-    async def _hedged(self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str,
-                      timeout: float, health: NodeHealth) -> NodeAnswer:
+    async def _hedged(self, node: NodeEntry, call: _Call, timeout: float, health: NodeHealth) -> NodeAnswer:
         delay = health.hedge_delay()
-        primary = asyncio.create_task(self._call(node, request, items, case, timeout))
+        primary = asyncio.create_task(self._call(node, call, timeout))
         if delay is None or delay >= timeout:
             return await primary
         done, _ = await asyncio.wait({primary}, timeout=delay)
         if done:
             return primary.result()
-        backup = asyncio.create_task(self._call(node, request, items, case, timeout - delay))
+        backup = asyncio.create_task(self._call(node, call, timeout - delay))
         pending = {primary, backup}
         try:
             while True:
@@ -182,16 +198,17 @@ class Federation:
             for task in pending:
                 task.cancel()
 
-    async def _call(self, node: NodeEntry, request: pb.MatchRequest, items: Sequence[QueryItem], case: str,
-                    timeout: float) -> NodeAnswer:
+    async def _call(self, node: NodeEntry, call: _Call, timeout: float) -> NodeAnswer:
         """One RPC with its own token and deadline."""
         if timeout <= 0:
             return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent")
-        token = self._signer.token(node.node_id, "Match", items, case)
+        items = call.items
+        token = self._signer.token(node.node_id, "Match", items, call.case)
         started = time.perf_counter()
         try:
             response = await self._stubs[node.node_id].Match(
-                request, timeout=timeout, metadata=tokens.bearer(token)
+                call.request, timeout=timeout,
+                metadata=tokens.bearer(token) + ((REQUEST_ID_KEY, call.request_id),),
             )
         except grpc.aio.AioRpcError as error:
             return NodeAnswer(node.node_id, node.country, _status_of(error), error.details() or "",

@@ -8,7 +8,7 @@ from gateway.results import ItemOutcome, MergedResult, NodeAnswer, Skipped, Subj
 
 
 def merge(case: str, subjects: Sequence[Subject], answers: Sequence[NodeAnswer],
-          skipped: Sequence[Skipped] = ()) -> MergedResult:
+          skipped: Sequence[Skipped] = (), request_id: str = "") -> MergedResult:
     """Hits per item from every node that answered, nearest first, then by country.
 
     The answer is partial when any node did not answer: its absence of hits
@@ -28,4 +28,5 @@ def merge(case: str, subjects: Sequence[Subject], answers: Sequence[NodeAnswer],
         nodes=tuple(sorted(answers, key=lambda a: a.node_id)),
         partial=any(not answer.status.answered for answer in answers),
         skipped=tuple(skipped),
+        request_id=request_id,
     )

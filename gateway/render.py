@@ -38,6 +38,7 @@ def to_json(result: MergedResult) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "case": result.case,
+        "request_id": result.request_id,
         "partial": result.partial,
         "summary": {
             "items": len(result.items),

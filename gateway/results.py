@@ -83,6 +83,8 @@ class MergedResult:
     nodes: tuple[NodeAnswer, ...]
     partial: bool = field(default=False)
     skipped: tuple[Skipped, ...] = ()
+    # Sent to every node with the query: finds its lines in their logs.
+    request_id: str = ""
 
     @property
     def countries_with_hits(self) -> tuple[str, ...]:
