@@ -6,19 +6,21 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from federation import algorithms
+from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
 from gateway import config as gateway_config
-from gateway import filehash, render
+from gateway import filehash, render, triage
 from gateway.fanout import Federation
 from gateway.merge import merge
+from gateway.metrics import GatewayMetrics
 from gateway.results import Skipped, Subject
 from gateway.signing import Signer, signer_for
 
@@ -69,8 +71,30 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--deadline", type=float,
                        help="overall deadline of the query in seconds (default: from config)")
     query.add_argument("--officer", help="requesting officer id (default: from config)")
+    query.add_argument("--metrics-file", type=Path, metavar="PATH",
+                       help="write Prometheus metrics of this query here (textfile collector format)")
+    tri = query.add_argument_group(
+        "directory triage", "--dir hashes every file of a tree here, in parallel, and asks in batches "
+        "(--timeout and --deadline apply to each batch); stdout then summarises, one row per file goes to the "
+        "reports. Exit status 2 also when no file is known and some file could not be read, or there was none.")
+    tri.add_argument("--dir", type=Path, metavar="PATH",
+                     help="hash every file under PATH (symlinks are not followed out of it, special files not read)")
+    tri.add_argument("--jobs", type=int, metavar="N", help="hashing processes (default: number of CPUs)")
+    tri.add_argument("--batch", type=int, metavar="N",
+                     help=f"hashes per request to the nodes (default: {triage.DEFAULT_BATCH:,}; at most "
+                     f"{triage.MAX_BATCH:,})")
+    tri.add_argument("--jsonl", type=Path, metavar="OUT", help="write one JSON line per file")
+    tri.add_argument("--csv", type=Path, metavar="OUT", help="write one CSV row per file")
+    tri.add_argument("--html", type=Path, metavar="OUT",
+                     help="write a self-contained HTML report (summary and sortable table of files)")
+    tri.add_argument("--cache", type=Path, metavar="FILE",
+                     help="hash cache for resuming, keyed by path, size and mtime "
+                     "(default: $XDG_CACHE_HOME/icse-gateway/triage-cache.sqlite)")
+    tri.add_argument("--no-cache", action="store_true", help="neither read nor write the hash cache")
 
+    _log_options(query)
     nodes = sub.add_parser("nodes", help="show every node's version, counts and generation")
+    _log_options(nodes)
     nodes.add_argument("--config", type=Path, required=True, help="federation configuration (TOML)")
     nodes.add_argument("--format", choices=["table", "json"], default="table")
     nodes.add_argument("--timeout", type=float)
@@ -85,8 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                         help="log to stderr from this level (default: WARNING)")
+    command.add_argument("--log-format", default="text", choices=["text", "json"],
+                         help="text, or JSON lines carrying the request id sent to every node")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logs.configure(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     try:
         if args.command == "hash":
             return _hash(args.files, args.format, args.dihedral)
@@ -96,12 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         case = _case(args.case)
         if not 0 <= args.max_distance <= 256:
             raise UsageError("--max-distance must be between 0 and 256")
-        subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
         for flag, value in (("--timeout", args.timeout), ("--deadline", args.deadline)):
             if value is not None and not 0 < value <= 300:
                 raise UsageError(f"{flag} must be between 0 and 300 seconds")
-        return asyncio.run(_query(config, subjects, skipped, case, args.format, args.timeout, args.deadline,
-                                  args.officer))
+        triage.check_options(args)
+        if args.dir is not None:
+            return triage.command(args, config, case, lambda: _signer(config, args.officer))
+        subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
+        return asyncio.run(_query(config, args, subjects, skipped, case))
     except (ConfigError, UsageError, OSError, ValueError) as exc:
         err.print(f"icse-gateway: {exc}", style="red", markup=False)
         return EXIT_ERROR
@@ -149,13 +183,17 @@ def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) ->
     return signer_for(config, requester)
 
 
-async def _query(config, subjects: list[Subject], skipped: list[Skipped], case: str, format_name: str,
-                 timeout: float | None, deadline: float | None, officer: str | None) -> int:
-    signer = _signer(config, officer)
-    async with Federation(config, signer) as federation:
-        answers = await federation.match([s.item for s in subjects], case, timeout, deadline)
-    result = merge(case, subjects, answers, skipped)
-    if format_name == "json":
+async def _query(config: gateway_config.GatewayConfig, args: argparse.Namespace, subjects: list[Subject],
+                 skipped: list[Skipped], case: str) -> int:
+    request_id = uuid.uuid4().hex
+    async with Federation(config, _signer(config, args.officer)) as federation:
+        answers = await federation.match([s.item for s in subjects], case, args.timeout, args.deadline, request_id)
+    result = merge(case, subjects, answers, skipped, request_id)
+    if args.metrics_file:
+        metrics = GatewayMetrics()
+        metrics.record(len(subjects), answers)
+        metrics.write(args.metrics_file)
+    if args.format == "json":
         print(json.dumps(render.to_json(result), indent=2))
     else:
         render.print_table(result, _console())

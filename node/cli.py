@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from federation import logs
 from federation.config import ConfigError
 from node import config as node_config
 from node.audit_cli import add_audit_parser, run_audit
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
     serve.add_argument("--ready-file", type=Path, help="write {port, pid} here once serving")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", default="json", choices=["json", "text"],
+                       help="JSON lines (default) or text, both with the request id of every call")
 
     imp = sub.add_parser(
         "import",
@@ -65,10 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(args)
     try:
         if args.command == "serve":
-            logging.basicConfig(
-                level=args.log_level, stream=sys.stderr,
-                format="%(asctime)s %(levelname)s %(name)s %(message)s",
-            )
+            logs.configure(args.log_level, args.log_format)
             asyncio.run(server.serve(node_config.load(args.config), args.ready_file))
             return 0
         config = node_config.load(args.config, for_serving=False)

@@ -1,0 +1,525 @@
+"""Directory triage (``icse-gateway query --dir``) against real nodes: a generated
+tree of a few thousand files, some of them known to some countries."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from federation.localfed import LocalFederation, NodeSpec
+from federation.pki import DevPki
+from gateway import filehash, triage
+from gateway.config import NodeEntry
+from gateway.results import NodeAnswer, NodeStatus
+from tests import media as draw
+
+SCRIPT_NAME = '"><script>alert(1)<.bin'
+RANDOM_FILES = 1_950
+IMAGES = 60
+
+
+@dataclass
+class Tree:
+    root: Path
+    regular: list[Path] = field(default_factory=list)  # every regular file, as walked
+    planted: dict[str, Path] = field(default_factory=dict)
+    unreadable: dict[str, Path] = field(default_factory=dict)
+    not_hashed: dict[str, Path] = field(default_factory=dict)
+    outside: Path | None = None
+
+
+def _write(tree: Tree, relative: str, data: bytes) -> Path:
+    path = tree.root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    tree.regular.append(path)
+    return path
+
+
+def _deep_file(base: Path) -> Path:
+    """A file whose path is longer than PATH_MAX: unreadable by path even for root."""
+    base.mkdir()
+    fd = os.open(base, os.O_RDONLY)
+    try:
+        for _ in range(18):  # 18 x 241 characters > 4096
+            os.mkdir("d" * 240, dir_fd=fd)
+            inner = os.open("d" * 240, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        out = os.open("buried.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, b"x" * 100)
+        os.close(out)
+    finally:
+        os.close(fd)
+    return base
+
+
+def _build(tmp: Path) -> Tree:
+    rng = random.Random(2024)
+    tree = Tree(tmp / "seized")
+    tree.root.mkdir()
+    for i in range(RANDOM_FILES):
+        _write(tree, f"dir{i % 40:02d}/sub{i % 3}/file{i:04d}.bin", rng.randbytes(rng.randint(16, 1500)))
+    # Not what their names say: an image and a video that cannot be decoded.
+    _write(tree, "dir00/corrupt.jpg", b"\xff\xd8\xff\xe0" + rng.randbytes(500))
+    _write(tree, "dir01/broken.mp4", rng.randbytes(700))
+    for i in range(IMAGES):
+        size = (64 + 8 * (i % 13), 64 + 8 * (i % 9))
+        path = tree.root / f"photos/album{i % 4}/img{i:03d}.{'png' if i % 3 == 0 else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = draw.drawing(5000 + i, size)
+        image.save(path) if path.suffix == ".png" else draw.save_jpeg(image, path, 80)
+        tree.regular.append(path)
+    for i in range(2):
+        tree.regular.append(draw.video(_mkdir(tree.root / "videos") / f"other{i}.mp4", 60 + i, seconds=3, fps=5,
+                                       size=(128, 96)))
+
+    # Planted: known to some countries.
+    tree.planted["script"] = _write(tree, f"docs/{SCRIPT_NAME}", rng.randbytes(777))
+    exact_image = tmp / "IMG_0001.jpg"
+    draw.save_jpeg(draw.drawing(901, (160, 120)), exact_image, 90)
+    tree.planted["exact_image"] = _write(tree, "photos/IMG_0001.jpg", exact_image.read_bytes())
+    original = draw.drawing(903, (160, 120))
+    draw.save_jpeg(original, tmp / "original.jpg", 92)
+    tree.planted["near_image"] = tree.root / "photos/edited/holiday.jpg"
+    tree.planted["near_image"].parent.mkdir(parents=True)
+    draw.save_jpeg(draw.edited(original, "resized"), tree.planted["near_image"], 60)
+    tree.regular.append(tree.planted["near_image"])
+    tree.planted["clip"] = draw.video(tree.root / "videos/clip.mp4", 77, seconds=3, fps=5, size=(128, 96))
+    tree.regular.append(tree.planted["clip"])
+    links = _mkdir(tree.root / "links")
+    tree.planted["alias"] = links / "alias.bin"
+    tree.planted["alias"].symlink_to(f"../docs/{SCRIPT_NAME}")
+    tree.regular.append(tree.planted["alias"])
+
+    # Outside the tree, and known: a link to it must not be followed.
+    tree.outside = tmp / "outside.bin"
+    tree.outside.write_bytes(rng.randbytes(300))
+    tree.not_hashed["outside_link"] = links / "outside"
+    tree.not_hashed["outside_link"].symlink_to(tree.outside)
+    tree.not_hashed["dir_link"] = links / "photos"
+    tree.not_hashed["dir_link"].symlink_to("../photos")
+    tree.not_hashed["fifo"] = links / "pipe"
+    os.mkfifo(tree.not_hashed["fifo"])  # opening it would block forever
+    tree.not_hashed["socket"] = links / "sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tree.not_hashed["socket"]))
+
+    # Unreadable even as root.
+    tree.unreadable["loop"] = links / "loop"
+    tree.unreadable["loop"].symlink_to("loop")
+    tree.unreadable["dangling"] = links / "dangling"
+    tree.unreadable["dangling"].symlink_to("nowhere")
+    deep = _deep_file(tree.root / "deep")
+    tree.unreadable["too_long"] = next(p for p in _descend(deep) if len(str(p)) >= 4096)
+    # Unreadable for anyone but root.
+    locked = _write(tree, "locked/secret.bin", rng.randbytes(100))
+    locked.chmod(0)
+    if os.geteuid() != 0:
+        tree.regular.remove(locked)
+        tree.unreadable["locked"] = locked
+    return tree
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _descend(base: Path) -> Iterator[Path]:
+    path = base
+    for _ in range(19):
+        path = path / ("d" * 240)
+        yield path
+
+
+def _import(local: LocalFederation, node_id: str, rows: list[dict[str, str]], tmp: Path) -> None:
+    path = tmp / f"{node_id}-triage.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["md5", "sha1", "sha256", "pdq", "vpdq", "reference", "series"])
+        writer.writeheader()
+        writer.writerows(rows)
+    done = local[node_id].import_file(path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@dataclass
+class Scene:
+    tmp: Path
+    tree: Tree
+    config: Path
+    cache: Path
+
+
+@pytest.fixture(scope="module")
+def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
+    tmp = tmp_path_factory.mktemp("triage")
+    tree = _build(tmp)
+    script = filehash.hash_file(tree.planted["script"])
+    exact_image = filehash.hash_file(tree.planted["exact_image"])
+    original = filehash.hash_file(tmp / "original.jpg")
+    clip = filehash.hash_file(tree.planted["clip"])
+    outside = filehash.hash_file(tree.outside)
+    assert exact_image.pdq and original.pdq and clip.video
+    local = LocalFederation(tmp / "nodes", pki, [NodeSpec(c, c, f"{c}@example") for c in ("FR", "DE", "NL", "ES")])
+    _import(local, "FR", [{"sha256": script.exact["sha256"].hex(), "reference": "FR-DOC-1"},
+                          {"sha256": outside.exact["sha256"].hex(), "reference": "FR-OUT-9"}], tmp)
+    _import(local, "DE", [{"md5": script.exact["md5"].hex(), "reference": "DE-DOC-2", "series": "S-D"},
+                          {"vpdq": clip.video.digest.hex(), "reference": "DE-VID-3"}], tmp)
+    _import(local, "NL", [{"sha1": exact_image.exact["sha1"].hex(), "pdq": exact_image.pdq.digest.hex(),
+                           "reference": "NL-IMG-4"}], tmp)
+    _import(local, "ES", [{"pdq": original.pdq.digest.hex(), "reference": "ES-IMG-5"}], tmp)
+    with local:
+        yield Scene(tmp, tree, local.write_gateway_config(), tmp / "cache.sqlite")
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _triage(scene: Scene, tag: str, *extra: str, config: Path | None = None) -> tuple[int, dict, Path]:
+    out = scene.tmp / f"out-{tag}"
+    out.mkdir(exist_ok=True)
+    done = _run("query", "--config", str(config or scene.config), "--case", f"TRIAGE/{tag}", "--format", "json",
+                "--dir", str(scene.tree.root), "--jsonl", str(out / "files.jsonl"), "--csv", str(out / "files.csv"),
+                "--html", str(out / "report.html"), *extra)
+    assert done.stdout.strip(), done.stderr
+    return done.returncode, json.loads(done.stdout), out
+
+
+@dataclass
+class Run:
+    code: int
+    summary: dict
+    rows: dict[str, dict]
+    csv_rows: list[dict[str, str]]
+    html: str
+    seconds: float
+
+
+def _load(code: int, summary: dict, out: Path, seconds: float) -> Run:
+    lines = (out / "files.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = {}
+    for line in lines:
+        row = json.loads(line)
+        assert row["path"] not in rows, f"{row['path']} listed twice"
+        rows[row["path"]] = row
+    with (out / "files.csv").open(newline="", encoding="utf-8") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    return Run(code, summary, rows, csv_rows, (out / "report.html").read_text(encoding="utf-8"), seconds)
+
+
+@pytest.fixture(scope="module")
+def first(scene: Scene) -> Run:
+    started = time.monotonic()
+    code, summary, out = _triage(scene, "first", "--jobs", "2", "--batch", "500", "--cache", str(scene.cache))
+    return _load(code, summary, out, time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def second(scene: Scene, first: Run) -> Run:
+    started = time.monotonic()
+    code, summary, out = _triage(scene, "second", "--jobs", "2", "--cache", str(scene.cache))
+    return _load(code, summary, out, time.monotonic() - started)
+
+
+def _key(path: Path) -> str:
+    return str(path)
+
+
+def test_tree_is_big_and_mixed(scene: Scene) -> None:
+    assert len(scene.tree.regular) >= 2000
+    assert sum(p.suffix in (".jpg", ".png") for p in scene.tree.regular) >= IMAGES
+    assert sum(p.suffix == ".mp4" for p in scene.tree.regular) >= 3
+
+
+def test_planted_files_are_found_in_the_right_countries(scene: Scene, first: Run) -> None:
+    assert first.code == 0
+    rows, planted = first.rows, scene.tree.planted
+    expected = {"script": ["DE", "FR"], "alias": ["DE", "FR"], "exact_image": ["NL"], "near_image": ["ES"],
+                "clip": ["DE"]}
+    for name, countries in expected.items():
+        row = rows[_key(planted[name])]
+        assert row["status"] == "hashed" and row["known"], name
+        assert row["countries"] == countries, name
+    script = rows[_key(planted["script"])]
+    assert {(r["country"], r["reference"]) for r in script["references"]} == {("FR", "FR-DOC-1"), ("DE", "DE-DOC-2")}
+    assert script["best_distance"] == 0 and script["sha256"] and script["md5"]
+    assert rows[_key(planted["exact_image"])]["references"][0]["matched_by"] == ["sha1", "pdq"]
+    near = rows[_key(planted["near_image"])]
+    assert 0 < near["best_distance"] <= 31, "a resized, recompressed copy: found by PDQ only"
+    assert near["references"][0]["matched_by"] == ["pdq"] and near["pdq_quality"] >= 50
+    clip = rows[_key(planted["clip"])]
+    assert clip["references"][0]["reference"] == "DE-VID-3" and clip["vpdq_frames"] >= 2
+
+    summary = first.summary
+    assert summary["summary"]["files_known"] == len(expected)
+    assert summary["summary"]["countries_with_hits"] == ["DE", "ES", "FR", "NL"]
+    assert summary["countries"]["FR"] == {"files": 2, "references": 2}
+    assert {k["path"] for k in summary["known_files"]} == {_key(planted[n]) for n in expected}
+    assert "items" not in summary, "stdout summarises; the rows are in the reports"
+    assert summary["partial"] is False and all(n["complete"] and n["batches"] >= 2 for n in summary["nodes"])
+
+
+def test_unrelated_files_are_not_known(scene: Scene, first: Run) -> None:
+    planted = {_key(p) for p in scene.tree.planted.values()}
+    others = [row for path, row in first.rows.items() if path not in planted]
+    assert len(others) > 2000
+    assert not any(row["known"] or row["references"] for row in others)
+    assert _key(scene.tree.outside) not in first.rows
+    assert "FR-OUT-9" not in json.dumps(first.summary) and "FR-OUT-9" not in first.html
+
+
+def test_every_file_has_a_row_with_its_hashes(scene: Scene, first: Run) -> None:
+    hashed = {p for p, r in first.rows.items() if r["status"] == "hashed"}
+    assert hashed == {_key(p) for p in scene.tree.regular}
+    for path in hashed:
+        row = first.rows[path]
+        assert len(row["md5"]) == 32 and len(row["sha1"]) == 40 and len(row["sha256"]) == 64, path
+    images = [first.rows[_key(p)] for p in scene.tree.regular if p.suffix in (".jpg", ".png")]
+    assert sum(1 for r in images if r["pdq"]) >= IMAGES
+    corrupt = first.rows[_key(scene.tree.root / "dir00/corrupt.jpg")]
+    assert corrupt["pdq"] is None and corrupt["not_sent"][0]["algorithm"] == "pdq"
+    assert first.summary["summary"]["files"] == len(scene.tree.regular)
+    assert first.summary["summary"]["items_queried"] >= 3 * len(scene.tree.regular)
+    assert first.summary["summary"]["batches"] >= 10, "batches of at most 500 hashes"
+
+    assert len(first.csv_rows) == len(first.rows)
+    by_path = {r["path"]: r for r in first.csv_rows}
+    script = by_path[_key(scene.tree.planted["script"])]
+    assert script["countries"] == "DE FR" and "FR-DOC-1" in script["references"] and script["known"] == "yes"
+    assert by_path[_key(scene.tree.planted["near_image"])]["pdq"] == first.rows[
+        _key(scene.tree.planted["near_image"])]["pdq"]
+
+
+def test_unreadable_and_special_entries_are_listed_not_fatal(scene: Scene, first: Run) -> None:
+    rows = first.rows
+    for name, path in scene.tree.unreadable.items():
+        key = _key(path)
+        assert key in rows, name
+        assert rows[key]["status"] == "unreadable" and rows[key]["reason"], name
+    assert "Too many levels of symbolic links" in rows[_key(scene.tree.unreadable["loop"])]["reason"]
+    assert "does not exist" in rows[_key(scene.tree.unreadable["dangling"])]["reason"]
+    assert "ENAMETOOLONG" in rows[_key(scene.tree.unreadable["too_long"])]["reason"]
+    for name, path in scene.tree.not_hashed.items():
+        assert rows[_key(path)]["status"] == "not_hashed", name
+    assert "outside the directory" in rows[_key(scene.tree.not_hashed["outside_link"])]["reason"]
+    listed = {u["path"] for u in first.summary["unreadable"]}
+    assert listed == {_key(p) for p in scene.tree.unreadable.values()}
+    assert first.summary["summary"]["unreadable"] == len(scene.tree.unreadable)
+
+
+def test_html_report_is_self_contained_escaped_and_complete(scene: Scene, first: Run) -> None:
+    page = first.html
+    assert page.count("<script") == 1, "only the report's own sorting script"
+    assert "<script>alert(1)" not in page
+    assert "&quot;&gt;&lt;script&gt;alert(1)&lt;.bin" in page
+    assert not re.search(r"""(src|href|action)\s*=|@import|url\(|https?://""", page), "no external resources"
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    for text in ("TRIAGE/first", "Known files", "Countries with hits", "Partial answers", "Unreadable files",
+                 "every node answered every batch", "FR-DOC-1", "ES-IMG-5", "NL-IMG-4", "DE-VID-3"):
+        assert text in page, text
+    for name in ("exact_image", "near_image", "clip"):
+        assert str(scene.tree.planted[name]) in page, name
+    assert "Too many levels of symbolic links" in page
+    assert page.count('<tr class="known">') == first.summary["summary"]["files_known"]
+    assert 'class="sortable"' in page and "aria-sort" in page
+
+
+def test_second_run_hashes_nothing_again(scene: Scene, first: Run, second: Run) -> None:
+    files = len(scene.tree.regular)
+    assert first.summary["summary"]["cache_hits"] == 0 and first.summary["summary"]["hashed_now"] == files
+    assert second.summary["summary"]["cache_hits"] == files
+    assert second.summary["summary"]["hashed_now"] == 0
+    assert all(r["from_cache"] for r in second.rows.values() if r["status"] == "hashed")
+    assert second.code == 0
+    known = lambda run: {p: (r["countries"], r["best_distance"]) for p, r in run.rows.items() if r["known"]}  # noqa: E731
+    assert known(second) == known(first)
+    assert {p: r["sha256"] for p, r in second.rows.items()} == {p: r["sha256"] for p, r in first.rows.items()}
+
+
+def test_a_node_that_does_not_answer_makes_the_answer_partial(scene: Scene, second: Run) -> None:
+    config = scene.tmp / "with-dead-node.toml"
+    config.write_text(scene.config.read_text() + '[[nodes]]\nid = "IT"\ncountry = "IT"\naddress = "127.0.0.1:9"\n')
+    code, summary, out = _triage(scene, "partial", "--cache", str(scene.cache), config=config)
+    assert code == 0, "hits are hits, even when some node did not answer"
+    assert summary["partial"] is True
+    it = next(n for n in summary["nodes"] if n["node"] == "IT")
+    assert it["answered"] == 0 and it["batches"] >= 1 and not it["complete"]
+    rows = [json.loads(line) for line in (out / "files.jsonl").read_text().splitlines()]
+    assert all(r["not_answered_by"] == ["IT"] for r in rows if r["status"] == "hashed")
+    page = (out / "report.html").read_text()
+    assert "Partial answer." in page and "IT (IT) answered 0 of" in page
+
+    # No hit and a partial answer proves nothing: 2; no hit and complete: 1.
+    quiet = scene.tree.root / "dir07"
+    base = ["query", "--case", "TRIAGE/quiet", "--dir", str(quiet), "--cache", str(scene.cache)]
+    assert _run(*base, "--config", str(config)).returncode == 2
+    done = _run(*base, "--config", str(scene.config))
+    assert done.returncode == 1, done.stdout + done.stderr
+    files = sum(1 for p in scene.tree.regular if quiet in p.parents)
+    assert f"0 of {files} file(s) known to the federation" in done.stdout
+    assert "Complete answer" in done.stdout
+
+
+def test_interrupted_run_keeps_its_work(scene: Scene, first: Run) -> None:
+    cache = scene.tmp / "interrupted.sqlite"
+    command = [sys.executable, "-m", "gateway.cli", "query", "--config", str(scene.config), "--case", "TRIAGE/int",
+               "--dir", str(scene.tree.root), "--jobs", "1", "--cache", str(cache), "--format", "json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        kept = 0
+        deadline = time.monotonic() + 60
+        while kept < 20 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+            if cache.exists():
+                try:
+                    with sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=1) as db:
+                        kept = db.execute("SELECT count(*) FROM hashes").fetchone()[0]
+                except sqlite3.Error:
+                    pass
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "resumes" in stderr
+    with sqlite3.connect(cache) as db:
+        saved = db.execute("SELECT count(*) FROM hashes").fetchone()[0]
+    assert 20 <= saved < len(scene.tree.regular)
+
+    done = _run(*command[3:])
+    summary = json.loads(done.stdout)["summary"]
+    assert summary["cache_hits"] == saved
+    assert summary["hashed_now"] == len(scene.tree.regular) - saved
+    assert summary["files_known"] == first.summary["summary"]["files_known"]
+
+
+def test_options_that_need_dir(scene: Scene) -> None:
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--hash", "md5:" + "0" * 32, "--jobs", "2")
+    assert done.returncode == 2 and "only go with --dir" in done.stderr
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.root),
+                "--file", str(scene.tree.outside))
+    assert done.returncode == 2 and "cannot be combined" in done.stderr
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.outside))
+    assert done.returncode == 2 and "not a directory" in done.stderr
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.root),
+                "--html", str(scene.tmp / "missing" / "r.html"))
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+# --------------------------------------------------------------------------- in process, no nodes
+
+
+class _NoHits:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+        self.batches.append(len(items))
+        return [NodeAnswer("FR", "FR", NodeStatus.NO_HIT, hits=((),) * len(items), truncated=(False,) * len(items))]
+
+
+def crashing_hasher(path: Path, *, dihedral: bool = False) -> filehash.FileHashes:
+    """Stands for a decoder that takes the whole process down on a hostile file."""
+    if path.name == "crash.bin":
+        os._exit(3)
+    return filehash.hash_file(path, dihedral=dihedral)
+
+
+async def test_a_file_that_crashes_a_worker_costs_only_its_perceptual_hash(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    for i in range(60):
+        (tmp_path / f"f{i:02d}.bin").write_bytes(rng.randbytes(200))
+    (tmp_path / "crash.bin").write_bytes(b"hostile")
+    draw.save_jpeg(draw.drawing(1, (96, 80)), tmp_path / "pic.jpg")
+    run = triage.Triage(str(tmp_path), "CRASH", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=50,
+                        hasher=crashing_hasher)
+    federation = _NoHits()
+    result = await run.run(federation)
+    rows = {Path(r.path).name: r for r in result.rows}
+    assert len(rows) == 62 and all(r.status == "hashed" for r in rows.values())
+    crashed = rows["crash.bin"]
+    assert crashed.hashes.exact["sha256"] == filehash.exact_digests(tmp_path / "crash.bin")["sha256"]
+    assert "crashed" in crashed.hashes.skipped[0].reason
+    assert rows["pic.jpg"].hashes.pdq is not None, "the other files are hashed as usual"
+    assert sum(federation.batches) == result.items_queried >= 62 * 3
+    assert max(federation.batches) <= 50
+    assert result.exit_status() == 1
+
+
+def test_cache_survives_a_round_trip(tmp_path: Path) -> None:
+    picture = draw.save_jpeg(draw.drawing(3, (96, 80)), tmp_path / "p.jpg")
+    clip = draw.video(tmp_path / "c.mp4", 9, seconds=2, fps=5, size=(96, 72))
+    cache = triage.HashCache(tmp_path / "c.sqlite")
+    for path, dihedral in ((picture, False), (picture, True), (clip, False)):
+        st = path.stat()
+        task = triage.Task(str(path), str(path), st.st_size, st.st_mtime_ns)
+        hashes = filehash.hash_file(path, dihedral=dihedral)
+        cache.put(task, dihedral, triage.Hashed(hashes, st.st_size, st.st_mtime_ns))
+        assert cache.get(task, dihedral) == hashes
+        assert cache.get(triage.Task(str(path), str(path), st.st_size, st.st_mtime_ns + 1), dihedral) is None
+    cache.close()
+    assert (tmp_path / "c.sqlite").stat().st_mode & 0o777 == 0o600
+
+
+def slow_hasher(path: Path, *, dihedral: bool = False) -> filehash.FileHashes:
+    time.sleep(0.01)
+    return filehash.hash_file(path, dihedral=dihedral)
+
+
+async def test_queries_start_while_files_are_still_being_hashed(tmp_path: Path) -> None:
+    rng = random.Random(6)
+    for i in range(200):
+        (tmp_path / f"f{i:03d}.bin").write_bytes(rng.randbytes(100))
+    run = triage.Triage(str(tmp_path), "PIPE", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=60,
+                        hasher=slow_hasher)
+    seen: list[int] = []
+
+    class Watching(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+            seen.append(run.done)
+            return await super().match(items, case, timeout, deadline)
+
+    federation = Watching()
+    result = await run.run(federation)
+    assert seen[0] < 200, "the first batch went out before the last file was hashed"
+    assert sum(federation.batches) == 600 and max(federation.batches) == 60
+    assert result.exit_status() == 1 and result.hashed_now == 200
+
+
+async def test_hashing_waits_when_the_nodes_fall_behind(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    for i in range(600):
+        (tmp_path / f"f{i:03d}.bin").write_bytes(rng.randbytes(50))
+    run = triage.Triage(str(tmp_path), "SLOW", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=20)
+    waiting: list[int] = []
+
+    class Slow(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+            waiting.append(len(run._pending))
+            await asyncio.sleep(0.01)
+            return await super().match(items, case, timeout, deadline)
+
+    result = await run.run(Slow())
+    assert result.items_queried == 1800
+    in_flight = 2 * run.jobs * triage.CHUNK_FILES * 3  # chunks already with the workers
+    assert max(waiting) <= 20 * triage.PENDING_BATCHES + in_flight < 1000
