@@ -1,8 +1,13 @@
-"""Parsers for the hash-set files a node imports.
+"""Parsers (and writers) for the hash-set files a node imports and exports.
 
 Each parser streams: it yields a ``HashRecord`` or a ``Rejection`` (line number
-and reason) per input row, so one bad row never stops an import and a large
-file never has to fit in memory. Parsers know nothing of the store.
+and reason) per input row — or an ``Unsupported`` for a hash kind the
+federation does not speak (PhotoDNA) — so one bad row never stops an import
+and a large file never has to fit in memory. Parsers know nothing of the store.
+
+The import path uses the ``*_rows`` variants, which yield plain tuples in
+``HashRecord`` field order (``ROW_FIELDS``) instead of records: the same
+parsing and validation, without building an object per row.
 """
 
 from __future__ import annotations
@@ -10,18 +15,48 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from federation import algorithms
 from node.records import HashRecord, Rejection
 
-Parsed = HashRecord | Rejection
+# (algorithm, digest, reference, category, victim_identified, series, date_added)
+Row = tuple[str, bytes, str, str, "bool | None", str, str]
+ROW_FIELDS = ("algorithm", "digest", "reference", "category", "victim_identified", "series", "date_added")
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A hash the input holds but the federation cannot match (e.g. PhotoDNA): skipped, counted."""
+
+    line: int
+    algorithm: str
+
+
+Parsed = HashRecord | Rejection | Unsupported
+ParsedRow = Row | Rejection | Unsupported
 Parser = Callable[[Iterable[str]], Iterator[Parsed]]
+RowParser = Callable[[Iterable[str]], Iterator[ParsedRow]]
+
+# Hash kinds found in case-system exports that no node can match; never computed.
+UNSUPPORTED_ALGORITHMS = ("photodna",)
 
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
+_FLAGS: dict[str, bool | None] = {"": None, "true": True, "false": False, "1": True, "0": False}
 MAX_FIELD = 256
+_CONTROL = re.compile(r"[\x00-\x1f]")
+_ALGORITHMS = {a.name: a for a in algorithms.all_algorithms()}
+
+# A vPDQ digest of 4096 frames is 262,144 hex characters: more than csv's default field limit.
+_LONGEST_DIGEST = max(a.digest_size * a.max_frames * 2 for a in algorithms.all_algorithms())
+if csv.field_size_limit() < _LONGEST_DIGEST + 1024:
+    csv.field_size_limit(min(sys.maxsize, _LONGEST_DIGEST + 1024))
 
 
 def parse_flag(text: str) -> bool | None:
@@ -35,31 +70,198 @@ def parse_flag(text: str) -> bool | None:
     raise ValueError(f"victim_identified must be true/false/empty, got {text.strip()[:20]!r}")
 
 
-def _short_text(name: str, value: str) -> str:
+def _flag(text: str) -> bool | None:
+    try:
+        return _FLAGS[text]
+    except KeyError:
+        return parse_flag(text)
+
+
+def short_text(name: str, value: str) -> str:
     value = value.strip()
+    if len(value) <= MAX_FIELD and value.isprintable():  # the common case, checked in C
+        return value
     if len(value) > MAX_FIELD:
         raise ValueError(f"{name} longer than {MAX_FIELD} characters")
-    if any(ord(ch) < 32 for ch in value):
+    if _CONTROL.search(value):
         raise ValueError(f"{name} contains control characters")
     return value
 
 
-def parse_lines(lines: Iterable[str]) -> Iterator[Parsed]:
-    """One ``algorithm:hex`` per line; blank lines and ``#`` comments are skipped."""
+_short_text = short_text  # the earlier private name
+
+
+def algorithm_named(name: str) -> algorithms.Algorithm:
+    """The registry's algorithm; raises ``DigestError`` (a ValueError) naming the unknown name."""
+    found = _ALGORITHMS.get(name)
+    return found if found is not None else algorithms.get(name.strip().lower())
+
+
+def parse_digest(algorithm: algorithms.Algorithm, text: str) -> bytes:
+    """``algorithm.parse_hex`` with a fast path for the common well-formed case."""
+    if algorithm.max_frames == 1 and len(text) == 2 * algorithm.digest_size:
+        try:
+            digest = bytes.fromhex(text)
+        except ValueError:
+            pass
+        else:
+            # fromhex skips whitespace between bytes: a short result means it was not plain hex.
+            if len(digest) == algorithm.digest_size:
+                return digest
+    return algorithm.parse_hex(text)
+
+
+_DATES: dict[str, str] = {}
+
+
+def parse_date(text: str) -> str:
+    """An ISO date (or date-time, whose date is kept); empty stays empty."""
+    try:
+        return _DATES[text]
+    except KeyError:
+        pass
+    value = text.strip()
+    if not value:
+        return ""
+    try:
+        date = dt.date.fromisoformat(value[:10]).isoformat()
+    except ValueError:
+        raise ValueError(f"date_added must be an ISO date (YYYY-MM-DD), got {value[:20]!r}") from None
+    if len(_DATES) > 4096:
+        _DATES.clear()
+    _DATES[text] = date
+    return date
+
+
+_parse_date = parse_date
+
+
+def unsupported_name(name: str) -> str | None:
+    name = name.strip().lower()
+    return name if name in UNSUPPORTED_ALGORITHMS else None
+
+
+def make_row(number: int, algorithm_name: str, digest_hex: str, reference: str = "", category: str = "",
+             victim: str = "", series: str = "", date: str = "") -> ParsedRow:
+    """One validated row from text cells, or why not."""
+    try:
+        algorithm = algorithm_named(algorithm_name)
+    except algorithms.DigestError as exc:
+        unsupported = unsupported_name(algorithm_name)
+        return Unsupported(number, unsupported) if unsupported else Rejection(number, str(exc))
+    try:
+        return (
+            algorithm.name,
+            parse_digest(algorithm, digest_hex),
+            short_text("reference", reference) if reference else "",
+            short_text("category", category) if category else "",
+            _flag(victim),
+            short_text("series", series) if series else "",
+            parse_date(date) if date else "",
+        )
+    except ValueError as exc:
+        return Rejection(number, str(exc))
+
+
+def as_record(row: Row) -> HashRecord:
+    return HashRecord(*row)
+
+
+def _records(rows: Iterator[ParsedRow]) -> Iterator[Parsed]:
+    for row in rows:
+        yield HashRecord(*row) if type(row) is tuple else row  # type: ignore[misc]
+
+
+# -- lines ---------------------------------------------------------------------------------------
+
+def parse_lines_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
     for number, line in enumerate(lines, start=1):
         text = line.strip()
-        if not text or text.startswith("#"):
+        if not text or text[0] == "#":
             continue
-        try:
-            algorithm, digest = algorithms.parse_tagged(text)
-        except algorithms.DigestError as exc:
-            yield Rejection(number, str(exc))
+        name, sep, digest_hex = text.partition(":")
+        if not sep:
+            yield Rejection(number, f"expected ALGORITHM:HEX, got {text[:80]!r}")
             continue
-        yield HashRecord(algorithm.name, digest)
+        yield make_row(number, name, digest_hex.strip())
 
+
+def parse_lines(lines: Iterable[str]) -> Iterator[Parsed]:
+    """One ``algorithm:hex`` per line; blank lines and ``#`` comments are skipped."""
+    return _records(parse_lines_rows(lines))
+
+
+# -- CSV -----------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ("algorithm", "digest", "reference", "category", "victim_identified")
+EXPORT_CSV_COLUMNS = ROW_FIELDS
 _CSV_ALIASES = {"algo": "algorithm", "hash": "digest", "ref": "reference"}
+_META = ("reference", "category", "victim_identified", "series", "date_added")
+
+
+def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
+    reader = csv.reader(lines)
+    columns: tuple[str, ...] = CSV_COLUMNS
+    wide: tuple[str, ...] = ()
+    unsupported_columns: tuple[str, ...] = ()
+    index = {name: n for n, name in enumerate(columns)}
+    width_max = len(columns)
+    rows = iter(reader)
+    while True:
+        try:
+            # The hot loop: long-format rows with every column present.
+            for row in rows:
+                first = row[0] if row else ""
+                if not first or first[0] in _ODD_START:
+                    if not row or first.lstrip().startswith("#") or not any(c.strip() for c in row):
+                        continue
+                number = reader.line_num
+                width = len(row)
+                if not wide and width == width_max and number > 1:
+                    yield make_row(number, first, row[i_digest], *[row[i] for i in i_meta])
+                    continue
+                break
+            else:
+                return
+        except csv.Error as exc:
+            yield Rejection(reader.line_num, f"not valid CSV: {exc}")
+            continue
+        if number == 1 and _is_header(row):
+            columns = tuple(_CSV_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row)
+            wide = tuple(c for c in columns if c in algorithms.names())
+            unsupported_columns = tuple(c for c in columns if c in UNSUPPORTED_ALGORITHMS)
+            if "algorithm" not in columns and not wide:
+                yield Rejection(number, "header names neither an 'algorithm' column nor algorithm columns "
+                                f"({', '.join(algorithms.names())})")
+                return
+            if "algorithm" in columns and "digest" not in columns:
+                yield Rejection(number, "header lacks column(s): digest")
+                return
+            if "algorithm" in columns:
+                wide = unsupported_columns = ()
+            index = {}
+            for n, name in enumerate(columns):
+                index.setdefault(name, n)
+            width_max = len(columns)
+            _fast_columns(index)
+            continue
+        if width > width_max:
+            yield Rejection(number, f"{width} columns, expected at most {width_max}")
+            continue
+        meta = [row[index[name]] if index.get(name, width) < width else "" for name in _META]
+        if not wide:
+            algo = row[index["algorithm"]] if index["algorithm"] < width else ""
+            digest = row[index["digest"]] if index["digest"] < width else ""
+            yield make_row(number, algo, digest, *meta)
+            continue
+        filled = [name for name in wide if index[name] < width and row[index[name]].strip()]
+        skipped = [name for name in unsupported_columns if index[name] < width and row[index[name]].strip()]
+        if not filled and not skipped:
+            yield Rejection(number, f"no hash in any of the columns {', '.join(wide)}")
+        for name in filled:
+            yield make_row(number, name, row[index[name]], *meta)
+        for name in skipped:
+            yield Unsupported(number, name)
 
 
 def parse_csv(lines: Iterable[str]) -> Iterator[Parsed]:
@@ -69,40 +271,10 @@ def parse_csv(lines: Iterable[str]) -> Iterator[Parsed]:
       is optional; with one, ``series`` and ``date_added`` may follow);
     - wide: one column per algorithm (``md5,sha1,pdq,...``) plus the metadata
       columns; every filled algorithm cell becomes a record sharing the row's
-      metadata (how case systems export an item with all its hashes).
+      metadata (how case systems export an item with all its hashes). A
+      ``photodna`` column is counted as unsupported.
     """
-    reader = csv.reader(lines)
-    columns: tuple[str, ...] = CSV_COLUMNS
-    wide: tuple[str, ...] = ()
-    for row in reader:
-        number = reader.line_num
-        if not row or not any(cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
-            continue
-        if number == 1 and _is_header(row):
-            columns = tuple(_CSV_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row)
-            wide = tuple(c for c in columns if c in algorithms.names())
-            if "algorithm" not in columns and not wide:
-                yield Rejection(number, "header names neither an 'algorithm' column nor algorithm columns "
-                                f"({', '.join(algorithms.names())})")
-                return
-            if "algorithm" in columns and "digest" not in columns:
-                yield Rejection(number, "header lacks column(s): digest")
-                return
-            if "algorithm" in columns:
-                wide = ()
-            continue
-        if len(row) > len(columns):
-            yield Rejection(number, f"{len(row)} columns, expected at most {len(columns)}")
-            continue
-        cells = dict(zip(columns, row))
-        if not wide:
-            yield _csv_record(number, cells.get("algorithm", ""), cells.get("digest", ""), cells)
-            continue
-        filled = [name for name in wide if cells.get(name, "").strip()]
-        if not filled:
-            yield Rejection(number, f"no hash in any of the columns {', '.join(wide)}")
-        for name in filled:
-            yield _csv_record(number, name, cells[name], cells)
+    return _records(parse_csv_rows(lines))
 
 
 def _is_header(row: list[str]) -> bool:
@@ -115,44 +287,60 @@ def _looks_hex(row: list[str]) -> bool:
     return any(len(c.strip()) >= 32 and all(ch in "0123456789abcdefABCDEF" for ch in c.strip()) for c in row)
 
 
-def _csv_record(number: int, algorithm_name: str, digest_hex: str, cells: dict[str, str]) -> Parsed:
-    try:
-        algorithm = algorithms.get(algorithm_name.strip().lower())
-        return HashRecord(
-            algorithm=algorithm.name,
-            digest=algorithm.parse_hex(digest_hex),
-            reference=_short_text("reference", cells.get("reference", "")),
-            category=_short_text("category", cells.get("category", "")),
-            victim_identified=parse_flag(cells.get("victim_identified", "")),
-            series=_short_text("series", cells.get("series", "")),
-            date_added=_parse_date(cells.get("date_added", "")),
-        )
-    except ValueError as exc:
-        return Rejection(number, str(exc))
+# -- writers (export) ----------------------------------------------------------------------------
+
+def _flag_text(value: bool | None) -> str:
+    return "" if value is None else ("true" if value else "false")
 
 
-def _parse_date(text: str) -> str:
-    text = text.strip()
-    if not text:
-        return ""
-    try:
-        return dt.date.fromisoformat(text[:10]).isoformat()
-    except ValueError:
-        raise ValueError(f"date_added must be an ISO date (YYYY-MM-DD), got {text[:20]!r}") from None
+def write_csv(handle: TextIO, batches: Iterable[Iterable[Row]]) -> int:
+    """Writes rows in the long CSV form ``parse_csv`` reads back identically."""
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(EXPORT_CSV_COLUMNS)
+    count = 0
+    for batch in batches:
+        rows = [(a, d.hex(), ref, cat, _flag_text(v), ser, date) for a, d, ref, cat, v, ser, date in batch]
+        writer.writerows(rows)
+        count += len(rows)
+    return count
 
+
+def write_lines(handle: TextIO, batches: Iterable[Iterable[Row]]) -> int:
+    """``algorithm:hex`` per line: the digests only, no metadata."""
+    handle.write("# algorithm:hex, one per line (digests only; export as csv or vics to keep metadata)\n")
+    count = 0
+    for batch in batches:
+        lines = [f"{row[0]}:{row[1].hex()}\n" for row in batch]
+        handle.writelines(lines)
+        count += len(lines)
+    return count
+
+
+# -- formats -------------------------------------------------------------------------------------
 
 PARSERS: dict[str, Parser] = {"lines": parse_lines, "csv": parse_csv}
-_SUFFIXES = {".csv": "csv", ".txt": "lines", ".lst": "lines"}
+ROW_PARSERS: dict[str, RowParser] = {"lines": parse_lines_rows, "csv": parse_csv_rows}
+# Every import format; 'vics' (Project VIC JSON) is binary and parsed by node.vics.
+FORMATS = ("lines", "csv", "vics")
+_SUFFIXES = {".csv": "csv", ".txt": "lines", ".lst": "lines", ".json": "vics"}
 
 
 def detect_format(path: Path) -> str:
     return _SUFFIXES.get(path.suffix.lower(), "lines")
 
 
-def parser_for(path: Path, format_name: str = "auto") -> Parser:
+def resolve_format(path: Path, format_name: str = "auto") -> str:
     name = detect_format(path) if format_name == "auto" else format_name
+    if name not in FORMATS:
+        raise ValueError(f"unknown import format {name!r} (known: auto, {', '.join(FORMATS)})")
+    return name
+
+
+def parser_for(path: Path, format_name: str = "auto") -> Parser:
+    """The text parser for ``lines`` and ``csv`` (VICS files go through ``node.vics``)."""
+    name = resolve_format(path, format_name)
     if name not in PARSERS:
-        raise ValueError(f"unknown import format {name!r} (known: auto, {', '.join(PARSERS)})")
+        raise ValueError(f"format {name!r} is not a text format; use node.vics")
     return PARSERS[name]
 
 
