@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from federation import identity, tokens
+from federation.localfed import LocalFederation
 from federation.pki import DevPki
 from federation.query import QueryItem, query_sha256
 from federation.tls import TlsFiles, channel_credentials, thumbprint
@@ -68,3 +70,17 @@ def query_json(config: Path, *args: str) -> tuple[int, dict]:
     done = run_gateway("query", "--config", str(config), "--format", "json", *args)
     assert done.stderr == "" or done.returncode != 0, done.stderr
     return done.returncode, (json.loads(done.stdout) if done.stdout.strip() else {})
+
+
+WIDE_COLUMNS = ("md5", "sha1", "sha256", "pdq", "vpdq", "reference", "category", "victim_identified", "series")
+
+
+def import_rows(local: LocalFederation, node_id: str, rows: list[dict[str, str]], directory: Path) -> None:
+    """Imports rows (wide CSV: one column per algorithm) through the real ``icse-node import``."""
+    path = directory / f"{node_id}-{len(list(directory.glob('*.csv')))}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, WIDE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    done = local[node_id].import_file(path)
+    assert done.returncode == 0, done.stdout + done.stderr

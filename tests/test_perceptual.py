@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,23 +13,13 @@ from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 from gateway import filehash
 from tests import media as draw
-from tests.support import query_json
+from tests.support import import_rows, query_json
 
 
 @dataclass
 class Scene:
     config: Path
     files: dict[str, Path]
-
-
-def _import(local: LocalFederation, node_id: str, rows: list[dict[str, str]], tmp: Path) -> None:
-    path = tmp / f"{node_id}-perceptual.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["md5", "pdq", "vpdq", "reference", "category", "victim_identified", "series"])
-        writer.writeheader()
-        writer.writerows(rows)
-    done = local[node_id].import_file(path)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +45,11 @@ def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sce
                             [NodeSpec("IT", "IT", "it@example", limits={"max_distance": 8})])
     # FR knows the original, DE the palette copy (a few bits away), NL the video; IT the original
     # too, but caps the distance it will search at 8.
-    _import(local, "FR", [{"pdq": stored.pdq.digest.hex(), "md5": stored.exact["md5"].hex(),
+    import_rows(local, "FR", [{"pdq": stored.pdq.digest.hex(), "md5": stored.exact["md5"].hex(),
                            "reference": "FR-IMG-1", "category": "1", "series": "S-PDQ"}], tmp)
-    _import(local, "DE", [{"pdq": also.pdq.digest.hex(), "reference": "DE-IMG-7", "victim_identified": "true"}], tmp)
-    _import(local, "NL", [{"vpdq": video.digest.hex(), "reference": "NL-VID-3", "series": "S-VID"}], tmp)
-    _import(local, "IT", [{"pdq": stored.pdq.digest.hex(), "reference": "IT-IMG-2"}], tmp)
+    import_rows(local, "DE", [{"pdq": also.pdq.digest.hex(), "reference": "DE-IMG-7", "victim_identified": "true"}], tmp)
+    import_rows(local, "NL", [{"vpdq": video.digest.hex(), "reference": "NL-VID-3", "series": "S-VID"}], tmp)
+    import_rows(local, "IT", [{"pdq": stored.pdq.digest.hex(), "reference": "IT-IMG-2"}], tmp)
     with local:
         yield Scene(local.write_gateway_config(), files)
 

@@ -27,6 +27,7 @@ from gateway import filehash, triage
 from gateway.config import NodeEntry
 from gateway.results import NodeAnswer, NodeStatus
 from tests import media as draw
+from tests.support import import_rows
 
 SCRIPT_NAME = '"><script>alert(1)<.bin'
 RANDOM_FILES = 1_950
@@ -148,16 +149,6 @@ def _descend(base: Path) -> Iterator[Path]:
         yield path
 
 
-def _import(local: LocalFederation, node_id: str, rows: list[dict[str, str]], tmp: Path) -> None:
-    path = tmp / f"{node_id}-triage.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, ["md5", "sha1", "sha256", "pdq", "vpdq", "reference", "series"])
-        writer.writeheader()
-        writer.writerows(rows)
-    done = local[node_id].import_file(path)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 @dataclass
 class Scene:
     tmp: Path
@@ -177,13 +168,13 @@ def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sce
     outside = filehash.hash_file(tree.outside)
     assert exact_image.pdq and original.pdq and clip.video
     local = LocalFederation(tmp / "nodes", pki, [NodeSpec(c, c, f"{c}@example") for c in ("FR", "DE", "NL", "ES")])
-    _import(local, "FR", [{"sha256": script.exact["sha256"].hex(), "reference": "FR-DOC-1"},
+    import_rows(local, "FR", [{"sha256": script.exact["sha256"].hex(), "reference": "FR-DOC-1"},
                           {"sha256": outside.exact["sha256"].hex(), "reference": "FR-OUT-9"}], tmp)
-    _import(local, "DE", [{"md5": script.exact["md5"].hex(), "reference": "DE-DOC-2", "series": "S-D"},
+    import_rows(local, "DE", [{"md5": script.exact["md5"].hex(), "reference": "DE-DOC-2", "series": "S-D"},
                           {"vpdq": clip.video.digest.hex(), "reference": "DE-VID-3"}], tmp)
-    _import(local, "NL", [{"sha1": exact_image.exact["sha1"].hex(), "pdq": exact_image.pdq.digest.hex(),
+    import_rows(local, "NL", [{"sha1": exact_image.exact["sha1"].hex(), "pdq": exact_image.pdq.digest.hex(),
                            "reference": "NL-IMG-4"}], tmp)
-    _import(local, "ES", [{"pdq": original.pdq.digest.hex(), "reference": "ES-IMG-5"}], tmp)
+    import_rows(local, "ES", [{"pdq": original.pdq.digest.hex(), "reference": "ES-IMG-5"}], tmp)
     with local:
         yield Scene(tmp, tree, local.write_gateway_config(), tmp / "cache.sqlite")
 
