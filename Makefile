@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo test bench clean
+.PHONY: install stubs certs demo test bench load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -36,6 +36,9 @@ test: install
 bench: install
 	$(PY) tests/bench/bench_exact.py
 	$(PY) tests/bench/bench_pdq_index.py --sizes 1000000,10000000
+
+load: install
+	$(PY) tests/bench/load.py
 
 clean:
 	rm -rf $(VENV) certs/dev .demo .pytest_cache federation/wire/icse *.egg-info

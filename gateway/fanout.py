@@ -11,12 +11,12 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
 from federation import tls, tokens
-from federation.query import QueryItem
+from federation.query import QueryItem, query_sha256
 from federation.wire import items_to_pb, pb, rpc
 from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth
@@ -104,6 +104,7 @@ class _Call:
 
     request: pb.MatchRequest
     items: Sequence[QueryItem]
+    query_sha256: str  # computed once, signed into every node's token
     case: str
     request_id: str
 
@@ -153,7 +154,7 @@ class Federation:
     async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
                     deadline: float | None = None, request_id: str | None = None) -> list[NodeAnswer]:
         """Asks every node; ``request_id`` (sent to each node) links their log lines to ours."""
-        call = _Call(items_to_pb(items), items, case, request_id or uuid.uuid4().hex)
+        call = _Call(items_to_pb(items), items, query_sha256(items), case, request_id or uuid.uuid4().hex)
         per_node = timeout or self._config.node_timeout
         ends = time.monotonic() + (deadline or self._config.deadline)
         return list(await asyncio.gather(*(self._ask(node, call, per_node, ends) for node in self._config.nodes)))
@@ -168,6 +169,8 @@ class Federation:
             if answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
                 await asyncio.sleep(self.RETRY_BACKOFF)
                 answer = await self._call(node, call, min(per_node, ends - time.monotonic()))
+            # What the investigator waited for this node, hedges and retries included.
+            answer = replace(answer, latency_ms=(time.monotonic() - started) * 1000)
             if answer.status.answered:
                 health.succeeded(answer.latency_ms / 1000)
             elif answer.status is not NodeStatus.REFUSED:
@@ -183,8 +186,8 @@ class Federation:
         if delay is None or delay >= timeout:
             return await primary
         done, _ = await asyncio.wait({primary}, timeout=delay)
-        if done:
-            return primary.result()
+        if done or not health.may_hedge():
+            return primary.result() if done else await primary
         backup = asyncio.create_task(self._call(node, call, timeout - delay))
         pending = {primary, backup}
         try:
@@ -203,7 +206,7 @@ class Federation:
         if timeout <= 0:
             return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent")
         items = call.items
-        token = self._signer.token(node.node_id, "Match", items, call.case)
+        token = self._signer.token(node.node_id, "Match", call.query_sha256, call.case)
         started = time.perf_counter()
         try:
             response = await self._stubs[node.node_id].Match(

@@ -20,6 +20,9 @@ class HealthPolicy:
     hedge_min_delay: float = 0.05
     samples_for_hedging: int = 5
     window: int = 64
+    # At most this share of calls may be hedges: when every node is slow at
+    # once (an overloaded gateway host) hedging must not double the load.
+    hedge_budget: float = 0.1
 
 
 @dataclass
@@ -28,6 +31,8 @@ class NodeHealth:
     latencies: deque[float] = field(default_factory=deque)
     failures: int = 0
     open_until: float = 0.0
+    calls: int = 0
+    hedges: int = 0
     _probing: bool = False
 
     def admit(self, now: float | None = None) -> bool:
@@ -45,7 +50,15 @@ class NodeHealth:
         return (f"skipped: circuit open after {self.failures} consecutive failures; "
                 f"next try in {max(0.0, self.open_until - current):.0f} s")
 
+    def may_hedge(self) -> bool:
+        """Spends one hedge from the budget (one is always allowed to start with)."""
+        if self.hedges >= 1 + self.policy.hedge_budget * self.calls:
+            return False
+        self.hedges += 1
+        return True
+
     def succeeded(self, latency: float) -> None:
+        self.calls += 1
         self.failures = 0
         self._probing = False
         self.latencies.append(latency)
@@ -54,6 +67,7 @@ class NodeHealth:
 
     def failed(self, now: float | None = None) -> None:
         current = time.monotonic() if now is None else now
+        self.calls += 1
         self.failures += 1
         self._probing = False
         if self.failures >= self.policy.failures_to_open:

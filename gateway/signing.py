@@ -18,7 +18,9 @@ class Signer:
         self._requester = requester
         self._lifetime = lifetime
 
-    def token(self, node_id: str, rpc: str, items: Sequence[QueryItem], case: str) -> str:
+    def token(self, node_id: str, rpc: str, items: Sequence[QueryItem] | str, case: str) -> str:
+        """A token for one call; ``items`` may be given as their ``query_sha256``
+        already, so a query fanned out to many nodes is digested once."""
         claims = tokens.new_claims(
             issuer=self._gateway_id,
             subject=self._requester.officer,
@@ -26,7 +28,7 @@ class Signer:
             country=self._requester.country,
             audience=node_id,
             rpc=rpc,
-            query_sha256=query_sha256(items),
+            query_sha256=items if isinstance(items, str) else query_sha256(items),
             case=case,
             cert_thumbprint=self._thumbprint,
             lifetime=self._lifetime,

@@ -83,3 +83,13 @@ def test_hedge_delay_follows_recent_latency() -> None:
     for _ in range(100):
         health.succeeded(0.01)
     assert health.hedge_delay() == 0.05, "never below the floor"
+
+
+def test_hedges_are_capped_to_a_share_of_calls() -> None:
+    health = NodeHealth(HealthPolicy(hedge_budget=0.1))
+    assert health.may_hedge(), "one hedge is allowed to start with"
+    assert not health.may_hedge()
+    for _ in range(20):
+        health.succeeded(0.01)
+    assert health.may_hedge() and health.may_hedge()
+    assert not health.may_hedge(), "3 hedges for 20 calls is over 10 %"
