@@ -18,8 +18,8 @@ run, its peak sampled RSS per level and its VmHWM, so one can see whether memory
 
 Part 2 starts ``--fanout-nodes`` node processes with small stores and, for each of
 ``--fanout-queries`` sequential queries, takes the end-to-end latency minus the slowest node's
-latency as the gateway measured that call (the time spent in the gateway itself: signing one
-token per node, encoding, scheduling, merging the per-node answers). Target: median < 5 ms.
+own RPC round trip (the time spent in the gateway itself: signing one token per node,
+encoding, scheduling, merging the per-node answers). Target: median < 5 ms.
 
 Every node process is stopped on exit, on an exception and on Ctrl-C.
 """
@@ -334,6 +334,11 @@ def fanout_test(args: argparse.Namespace, workdir: Path, pki: DevPki) -> None:
           f"{args.fanout_pause * 1000:.0f} ms apart; {_loadavg()}", flush=True)
     started = time.monotonic()
     local, first = _make_federation(workdir / "fanout", pki, count, args.fanout_stored, seed=1000)
+    # 49 members share these 2 cores with the gateway; in a federation each has
+    # its own machine. Lower their CPU priority so the gateway's own cost is
+    # what is measured, not its wait for a core.
+    for node in local.nodes.values():
+        node.prefix = ["nice", "-n", "15"]
     batches = _batches(first, args.fanout_batch, 32, seed=9)
     with local:
         print(f"  {count} nodes filled and started in {time.monotonic() - started:.1f} s", flush=True)
@@ -363,7 +368,9 @@ def fanout_test(args: argparse.Namespace, workdir: Path, pki: DevPki) -> None:
                         failures += 1
                         continue
                     total = (ended - begun) * 1000
-                    slowest = max(a.latency_ms for a in answers)
+                    # A node's own latency: its RPC's round trip (NodeAnswer.latency_ms is
+                    # what the gateway waited, start-up of the fan-out included).
+                    slowest = max(end - start for start, end in spans) * 1000
                     primaries = sorted(spans)[:count]  # hedges start a p95 later, retries after a failure
                     rows.append({
                         "end-to-end ms": total,
@@ -386,10 +393,11 @@ def fanout_test(args: argparse.Namespace, workdir: Path, pki: DevPki) -> None:
     if plain:
         print(f"{'overhead ms, queries w/o hedges':>32} {statistics.median(plain):>8.2f} {_quantile(plain, 0.9):>8.2f} "
               f"{_quantile(plain, 0.99):>8.2f}   ({len(plain)} of {len(rows)} queries)")
-    overhead = statistics.median(r["overhead ms"] for r in rows) if rows else float("nan")
+    # With a hedge the loser's span ends when it is cancelled: those queries understate the overhead.
+    overhead = statistics.median(plain) if plain else float("nan")
     verdict = "meets" if overhead < 5.0 else "MISSES"
-    print(f"fan-out overhead at {count} nodes (end-to-end minus the slowest node's latency as the gateway "
-          f"measured it): median {overhead:.2f} ms ({verdict} the < 5 ms target); "
+    print(f"fan-out overhead at {count} nodes (end-to-end minus the slowest node's own RPC round trip, "
+          f"queries without hedges): median {overhead:.2f} ms ({verdict} the < 5 ms target); "
           f"{len(rows)} queries measured, {failures} not complete; after part 2: {_loadavg()}", flush=True)
 
 
