@@ -35,6 +35,7 @@ test: install
 
 bench: install
 	$(PY) tests/bench/bench_exact.py
+	$(PY) tests/bench/bench_import.py
 	$(PY) tests/bench/bench_pdq_index.py --sizes 1000000,10000000
 
 load: install

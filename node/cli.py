@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +19,11 @@ from federation import logs
 from federation.config import ConfigError
 from node import config as node_config
 from node.audit_cli import add_audit_parser, run_audit
+from node.describe import describe, render as render_description
 from node import server
-from node.importer import ImportAborted, ImportReport, import_file
+from node import formats, vics
+from node.importer import ImportAborted, ImportReport, import_file, retract_files
+from node.records import Rejection
 from node.store import Store
 
 err = Console(stderr=True, soft_wrap=True)
@@ -43,17 +48,58 @@ def _parser() -> argparse.ArgumentParser:
         "import",
         help="add hashes from files to the store",
         description="Add hashes to the node's store. Formats: 'lines' (one ALGORITHM:HEX per line, "
-        "'#' comments) and 'csv' (algo,digest,reference,category,victim_identified; header optional). "
-        "Each file is one transaction: a crash leaves the store as before. Bad rows are reported "
-        "with their line numbers and skipped, or abort the file with --strict.",
+        "'#' comments), 'csv' (algo,digest,reference,category,victim_identified[,series,date_added]; "
+        "header optional; or one column per algorithm) and 'vics' (Project VIC VICS JSON: each MD5/SHA1 "
+        "of a media item becomes a row; PhotoDNA is counted as not supported and skipped; file paths "
+        "are never stored). Each file is one transaction: a crash, or malformed JSON, leaves the store "
+        "as before. Bad rows are reported with their line number (media item number for VICS) and "
+        "skipped, or abort the file with --strict. Re-importing a file changes nothing. "
+        "Exit status: 0 all imported, 1 some rows rejected, 2 a file could not be imported.",
     )
     imp.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
     imp.add_argument("files", type=Path, nargs="+", metavar="FILE")
-    imp.add_argument("--format", default="auto", choices=["auto", "lines", "csv"],
-                     help="input format (auto: .csv is CSV, anything else lines)")
+    imp.add_argument("--format", default="auto", choices=["auto", *formats.FORMATS],
+                     help="input format (auto: .csv is CSV, .json is VICS, anything else lines)")
     imp.add_argument("--strict", action="store_true", help="import nothing from a file with a bad row")
 
+    retract = sub.add_parser(
+        "retract",
+        help="remove hashes from the store",
+        description="Remove hashes from the node's store, in one transaction: those listed in FILEs "
+        "(any import format; rows are matched by algorithm and digest, metadata is ignored), or every "
+        "row holding one of the given --reference values. A running node stops matching them on its "
+        "next query. Prints how many rows were removed and how many were not present. "
+        "Exit status: 0 done, 1 some rows of a file rejected, 2 error (nothing removed).",
+    )
+    retract.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
+    retract.add_argument("files", type=Path, nargs="*", metavar="FILE", help="hash files to retract")
+    retract.add_argument("--reference", action="append", default=[], metavar="REF",
+                         help="retract every row with this reference (repeatable)")
+    retract.add_argument("--format", default="auto", choices=["auto", *formats.FORMATS],
+                         help="format of the FILEs (auto: .csv is CSV, .json is VICS, anything else lines)")
+    retract.add_argument("--strict", action="store_true", help="remove nothing if a file has a bad row")
+
+    export = sub.add_parser(
+        "export",
+        help="write the store's hash set to a file",
+        description="Write the node's own hash set, streamed, in a form 'import' reads back identically: "
+        "'csv' (every column), 'vics' (Project VIC JSON; a row's reference in the IcseReference field) "
+        "or 'lines' (digests only, no metadata). The file is written next to --out and renamed into "
+        "place when complete, readable by its owner only.",
+    )
+    export.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
+    export.add_argument("--format", choices=list(formats.FORMATS),
+                        help="output format (default: from --out's suffix as for import, else csv)")
+    export.add_argument("--out", type=Path, help="output file (default: standard output)")
+
     add_audit_parser(sub)
+
+    describe = sub.add_parser(
+        "describe", help="version, listening state, counts, generation and audit head of this node",
+        description="What an on-call operator asks first, read from this node's own files and a probe "
+        "of its listening port (no federation certificate needed).")
+    describe.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
+    describe.add_argument("--format", default="table", choices=["table", "json"])
 
     stats = sub.add_parser("stats", help="show what the store holds")
     stats.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
@@ -73,6 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = node_config.load(args.config, for_serving=False)
         if args.command == "import":
             return asyncio.run(_import(config, args.files, args.format, args.strict))
+        if args.command == "retract":
+            return asyncio.run(_retract(config, args.files, args.reference, args.format, args.strict))
+        if args.command == "export":
+            return asyncio.run(_export(config, args.format, args.out))
+        if args.command == "describe":
+            if not config.store.is_file():
+                raise OSError(f"{config.store}: no store here (has the node imported or served yet?)")
+            print(render_description(asyncio.run(describe(config)), args.format))
+            return 0
         return asyncio.run(_stats(config, args.format))
     except (ConfigError, ImportAborted, OSError, ValueError) as exc:
         err.print(f"icse-node: {exc}", style="red", markup=False, highlight=False)
@@ -81,34 +136,133 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-async def _import(config: node_config.NodeConfig, files: list[Path], format_name: str, strict: bool) -> int:
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    )
+
+
+def _check_files(files: list[Path]) -> None:
     for path in files:
         if not path.is_file():
             raise OSError(f"{path}: no such file")
+
+
+async def _import(config: node_config.NodeConfig, files: list[Path], format_name: str, strict: bool) -> int:
+    _check_files(files)
+    for path in files:
+        formats.resolve_format(path, format_name)
     status = 0
     async with await Store.open(config.store) as store:
         for path in files:
-            with Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                console=err, transient=True, disable=not err.is_terminal,
-            ) as progress:
+            with _progress() as progress:
                 task = progress.add_task(path.name, total=path.stat().st_size)
-                report = await import_file(
-                    store, path, country=config.country, format_name=format_name, strict=strict,
-                    advance=lambda n: progress.advance(task, n),
-                )
+                try:
+                    report = await import_file(
+                        store, path, country=config.country, format_name=format_name, strict=strict,
+                        advance=(lambda n: progress.advance(task, n)) if err.is_terminal else None,
+                    )
+                except ImportAborted as exc:
+                    progress.stop()
+                    err.print(f"icse-node: {exc}", style="red", markup=False, highlight=False)
+                    status = 2
+                    continue
             _print_report(report)
-            status = status or (1 if report.rejected else 0)
+            status = status or (1 if report.rejected_total else 0)
     return status
+
+
+def _print_rejections(rejected: list[tuple[str, Rejection]], total: int, limit: int = 50) -> None:
+    for unit, rejection in rejected[:limit]:
+        print(f"  {unit} {rejection.line}: {rejection.reason}")
+    if total > limit:
+        print(f"  ... and {total - limit} more rejected rows")
+
+
+def _unsupported_text(unsupported: Counter[str]) -> str:
+    if not unsupported:
+        return "unsupported 0"
+    kinds = ", ".join(f"{count} {name}" for name, count in sorted(unsupported.items()))
+    return f"unsupported {sum(unsupported.values())} (not supported, skipped: {kinds})"
 
 
 def _print_report(report: ImportReport) -> None:
     print(f"{report.path}: added {report.added}, already present {report.already_present}, "
-          f"rejected {len(report.rejected)}")
-    for rejection in report.rejected[:50]:
-        print(f"  line {rejection.line}: {rejection.reason}")
-    if len(report.rejected) > 50:
-        print(f"  ... and {len(report.rejected) - 50} more rejected rows")
+          f"rejected {report.rejected_total}, {_unsupported_text(report.unsupported)}")
+    _print_rejections([(report.unit, r) for r in report.rejected], report.rejected_total)
+
+
+async def _retract(config: node_config.NodeConfig, files: list[Path], references: list[str],
+                   format_name: str, strict: bool) -> int:
+    if bool(files) == bool(references):
+        raise ValueError("retract: give hash FILEs or --reference REF, not both and not neither")
+    if references:
+        async with await Store.open(config.store) as store:
+            result = await store.remove_references(references)
+        print(f"references: removed {result.removed} rows, not present {len(result.references_missing)} "
+              f"of {result.references_found + len(result.references_missing)} references")
+        for missing in result.references_missing[:50]:
+            print(f"  not present: {missing}")
+        if len(result.references_missing) > 50:
+            print(f"  ... and {len(result.references_missing) - 50} more")
+        return 0
+    _check_files(files)
+    for path in files:
+        formats.resolve_format(path, format_name)
+    async with await Store.open(config.store) as store:
+        with _progress() as progress:
+            def advance(path: Path):
+                if not err.is_terminal:
+                    return None
+                task = progress.add_task(path.name, total=path.stat().st_size)
+                return lambda n: progress.advance(task, n)
+
+            report = await retract_files(store, files, country=config.country, format_name=format_name,
+                                         strict=strict, advance=advance)
+    names = ", ".join(str(p) for p in files) if len(files) <= 3 else f"{len(files)} files"
+    print(f"{names}: removed {report.removed}, not present {report.not_present}, "
+          f"rejected {report.rejected_total}, {_unsupported_text(report.unsupported)}")
+    _print_rejections([(f"{path.name} {unit}" if len(files) > 1 else unit, r)
+                       for path, unit, r in report.rejected], report.rejected_total)
+    return 1 if report.rejected_total else 0
+
+
+async def _export(config: node_config.NodeConfig, format_name: str | None, out: Path | None) -> int:
+    if format_name is None:
+        format_name = formats.detect_format(out) if out is not None and out.suffix.lower() in (
+            ".csv", ".json", ".txt", ".lst") else "csv"
+    async with await Store.open(config.store) as store:
+        if out is None:
+            count = await _write_export(store, format_name, sys.stdout, config)
+            sys.stdout.flush()
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+            try:
+                descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with open(descriptor, "w", encoding="utf-8", newline="") as handle:
+                    count = await _write_export(store, format_name, handle, config)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(partial, out)
+            finally:
+                partial.unlink(missing_ok=True)
+    err.print(f"exported {count} rows ({format_name}) to {out or 'standard output'}",
+              markup=False, highlight=False)
+    return 0
+
+
+async def _write_export(store: Store, format_name: str, handle, config: node_config.NodeConfig) -> int:
+    """Streams the store into ``handle``: a chunk of rows at a time, never the whole set."""
+    if format_name == "vics":
+        writer = vics.VicsWriter(handle, case_number=f"icse-node {config.node_id} export")
+    else:
+        writer = {"csv": formats.CsvWriter, "lines": formats.LinesWriter}[format_name](handle)
+    async for batch in store.iter_rows(by_reference=format_name == "vics"):
+        writer.write(batch)
+    writer.close()
+    return writer.count
 
 
 async def _stats(config: node_config.NodeConfig, format_name: str) -> int:

@@ -88,9 +88,6 @@ def short_text(name: str, value: str) -> str:
     return value
 
 
-_short_text = short_text  # the earlier private name
-
-
 def algorithm_named(name: str) -> algorithms.Algorithm:
     """The registry's algorithm; raises ``DigestError`` (a ValueError) naming the unknown name."""
     found = _ALGORITHMS.get(name)
@@ -133,9 +130,6 @@ def parse_date(text: str) -> str:
     return date
 
 
-_parse_date = parse_date
-
-
 def unsupported_name(name: str) -> str | None:
     name = name.strip().lower()
     return name if name in UNSUPPORTED_ALGORITHMS else None
@@ -161,10 +155,6 @@ def make_row(number: int, algorithm_name: str, digest_hex: str, reference: str =
         )
     except ValueError as exc:
         return Rejection(number, str(exc))
-
-
-def as_record(row: Row) -> HashRecord:
-    return HashRecord(*row)
 
 
 def _records(rows: Iterator[ParsedRow]) -> Iterator[Parsed]:
@@ -197,6 +187,8 @@ CSV_COLUMNS = ("algorithm", "digest", "reference", "category", "victim_identifie
 EXPORT_CSV_COLUMNS = ROW_FIELDS
 _CSV_ALIASES = {"algo": "algorithm", "hash": "digest", "ref": "reference"}
 _META = ("reference", "category", "victim_identified", "series", "date_added")
+# A first cell starting with one of these may be a comment or a blank row: checked on the slow path.
+_ODD_START = frozenset(" \t#")
 
 
 def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
@@ -205,20 +197,21 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
     wide: tuple[str, ...] = ()
     unsupported_columns: tuple[str, ...] = ()
     index = {name: n for n, name in enumerate(columns)}
-    width_max = len(columns)
+    # The fast path: long-format rows with every column present, cells by position.
+    fast = True
+    i_digest = index["digest"]
+    i_meta = [index.get(name, -1) for name in _META]
     rows = iter(reader)
     while True:
         try:
-            # The hot loop: long-format rows with every column present.
             for row in rows:
                 first = row[0] if row else ""
                 if not first or first[0] in _ODD_START:
                     if not row or first.lstrip().startswith("#") or not any(c.strip() for c in row):
                         continue
-                number = reader.line_num
-                width = len(row)
-                if not wide and width == width_max and number > 1:
-                    yield make_row(number, first, row[i_digest], *[row[i] for i in i_meta])
+                if fast and len(row) == len(columns) and reader.line_num > 1:
+                    yield make_row(reader.line_num, first, row[i_digest],
+                                   *[row[i] if i >= 0 else "" for i in i_meta])
                     continue
                 break
             else:
@@ -226,6 +219,8 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
         except csv.Error as exc:
             yield Rejection(reader.line_num, f"not valid CSV: {exc}")
             continue
+        number = reader.line_num
+        width = len(row)
         if number == 1 and _is_header(row):
             columns = tuple(_CSV_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row)
             wide = tuple(c for c in columns if c in algorithms.names())
@@ -242,11 +237,12 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
             index = {}
             for n, name in enumerate(columns):
                 index.setdefault(name, n)
-            width_max = len(columns)
-            _fast_columns(index)
+            fast = not wide and index["algorithm"] == 0
+            i_digest = index.get("digest", -1)
+            i_meta = [index.get(name, -1) for name in _META]
             continue
-        if width > width_max:
-            yield Rejection(number, f"{width} columns, expected at most {width_max}")
+        if width > len(columns):
+            yield Rejection(number, f"{width} columns, expected at most {len(columns)}")
             continue
         meta = [row[index[name]] if index.get(name, width) < width else "" for name in _META]
         if not wide:
@@ -293,27 +289,38 @@ def _flag_text(value: bool | None) -> str:
     return "" if value is None else ("true" if value else "false")
 
 
-def write_csv(handle: TextIO, batches: Iterable[Iterable[Row]]) -> int:
+class CsvWriter:
     """Writes rows in the long CSV form ``parse_csv`` reads back identically."""
-    writer = csv.writer(handle, lineterminator="\n")
-    writer.writerow(EXPORT_CSV_COLUMNS)
-    count = 0
-    for batch in batches:
+
+    def __init__(self, handle: TextIO):
+        self._writer = csv.writer(handle, lineterminator="\n")
+        self._writer.writerow(EXPORT_CSV_COLUMNS)
+        self.count = 0
+
+    def write(self, batch: Iterable[Row]) -> None:
         rows = [(a, d.hex(), ref, cat, _flag_text(v), ser, date) for a, d, ref, cat, v, ser, date in batch]
-        writer.writerows(rows)
-        count += len(rows)
-    return count
+        self._writer.writerows(rows)
+        self.count += len(rows)
+
+    def close(self) -> None:
+        pass
 
 
-def write_lines(handle: TextIO, batches: Iterable[Iterable[Row]]) -> int:
+class LinesWriter:
     """``algorithm:hex`` per line: the digests only, no metadata."""
-    handle.write("# algorithm:hex, one per line (digests only; export as csv or vics to keep metadata)\n")
-    count = 0
-    for batch in batches:
+
+    def __init__(self, handle: TextIO):
+        self._handle = handle
+        handle.write("# algorithm:hex, one per line (digests only; export as csv or vics to keep metadata)\n")
+        self.count = 0
+
+    def write(self, batch: Iterable[Row]) -> None:
         lines = [f"{row[0]}:{row[1].hex()}\n" for row in batch]
-        handle.writelines(lines)
-        count += len(lines)
-    return count
+        self._handle.writelines(lines)
+        self.count += len(lines)
+
+    def close(self) -> None:
+        pass
 
 
 # -- formats -------------------------------------------------------------------------------------

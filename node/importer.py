@@ -1,21 +1,34 @@
-"""Imports a hash-set file into the store: streamed, one transaction, reported."""
+"""Imports a hash-set file into the store (and retracts one from it): streamed, one
+transaction, reported."""
 
 from __future__ import annotations
 
+import io
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from node import formats
-from node.records import HashRecord, Rejection
-from node.store import Store
+from node import formats, vics
+from node.formats import Unsupported
+from node.records import Rejection
+from node.store import ImportCounts, RemoveCounts, Store
 
-BATCH_ROWS = 10_000
+# Rows per insert batch. Large batches sort better (inserted in digest order) and
+# overlap parsing with SQLite's work; two batches are in memory at a time.
+BATCH_ROWS = 50_000
+# Rejections kept for the report (all are counted): a file of millions of bad rows
+# must not fill the memory either.
+KEPT_REJECTIONS = 10_000
+_READ_CHUNK = 1 << 20
+
+Advance = Callable[[int], None]
 
 
 class ImportAborted(Exception):
-    """A strict import met a bad row; nothing was written."""
+    """A strict import met a bad row, or the file itself is unreadable; nothing was written."""
 
 
 @dataclass
@@ -23,7 +36,22 @@ class ImportReport:
     path: Path
     added: int = 0
     already_present: int = 0
-    rejected: list[Rejection] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)  # the first KEPT_REJECTIONS
+    rejected_total: int = 0
+    # Hashes of kinds no node can match (PhotoDNA), by kind: skipped, never computed.
+    unsupported: Counter[str] = field(default_factory=Counter)
+    # What a rejection's position counts: "line", or "media item" for VICS files.
+    unit: str = "line"
+
+
+@dataclass
+class RetractReport:
+    paths: list[Path]
+    removed: int = 0
+    not_present: int = 0
+    rejected: list[tuple[Path, str, Rejection]] = field(default_factory=list)  # (file, unit, rejection)
+    rejected_total: int = 0
+    unsupported: Counter[str] = field(default_factory=Counter)
 
 
 def new_reference(country: str) -> str:
@@ -31,11 +59,49 @@ def new_reference(country: str) -> str:
     return f"{country}-{uuid.uuid4().hex[:16].upper()}"
 
 
-def _lines(handle, advance: Callable[[int], None] | None) -> Iterator[str]:
-    for line in handle:
-        if advance is not None:
-            advance(len(line))
-        yield line
+class _Counting(io.RawIOBase):
+    """A file's raw bytes, reporting how many were read (drives the progress bar)."""
+
+    def __init__(self, raw: io.RawIOBase, advance: Advance | None):
+        self._raw = raw
+        self._advance = advance
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        count = self._raw.readinto(buffer) or 0
+        if count and self._advance is not None:
+            self._advance(count)
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+@contextmanager
+def _parsed_rows(path: Path, format_name: str, country: str, advance: Advance | None
+                 ) -> Iterator[tuple[str, Iterator[formats.ParsedRow]]]:
+    """(unit, rows) of one file in any import format; ``ImportAborted`` if it is unreadable."""
+    name = formats.resolve_format(path, format_name)
+    if name == "vics":
+        with vics.VicsReader(path, country=country, advance=advance) as reader:
+            yield "media item", _guard(path, reader.rows())
+        return
+    raw = _Counting(io.FileIO(path, "r"), advance)
+    with io.TextIOWrapper(io.BufferedReader(raw, _READ_CHUNK), encoding="utf-8-sig", newline="") as text:
+        yield "line", _guard(path, formats.ROW_PARSERS[name](text))
+
+
+def _guard(path: Path, rows: Iterator[formats.ParsedRow]) -> Iterator[formats.ParsedRow]:
+    """Turns a file-level failure (not UTF-8, malformed JSON) into ``ImportAborted``."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise ImportAborted(f"{path}: not UTF-8 text ({exc.reason}); nothing from this file was imported") from None
+    except vics.VicsError as exc:
+        raise ImportAborted(f"{path}: {exc}") from None
 
 
 async def import_file(
@@ -45,36 +111,82 @@ async def import_file(
     country: str,
     format_name: str = "auto",
     strict: bool = False,
-    advance: Callable[[int], None] | None = None,
+    advance: Advance | None = None,
 ) -> ImportReport:
     """Adds the file's valid rows in one transaction; bad rows are reported.
 
-    With ``strict``, any bad row aborts the whole import and nothing is written.
+    With ``strict``, any bad row aborts the whole import and nothing is written;
+    so does a file that cannot be read to its end (malformed JSON, not UTF-8).
     """
-    parser = formats.parser_for(path, format_name)
     report = ImportReport(path)
+    with _parsed_rows(path, format_name, country, advance) as (unit, rows):
+        report.unit = unit
 
-    async def batches() -> AsyncIterator[list[HashRecord]]:
-        batch: list[HashRecord] = []
-        with path.open("r", encoding="utf-8-sig", newline="") as handle:
-            try:
-                for parsed in parser(_lines(handle, advance)):
-                    if isinstance(parsed, Rejection):
-                        if strict:
-                            raise ImportAborted(f"{path}: line {parsed.line}: {parsed.reason}")
-                        report.rejected.append(parsed)
-                        continue
-                    if not parsed.reference:
-                        parsed = replace(parsed, reference=new_reference(country))
-                    batch.append(parsed)
+        async def batches() -> AsyncIterator[list[formats.Row]]:
+            batch: list[formats.Row] = []
+            append = batch.append
+            for row in rows:
+                if type(row) is tuple:
+                    if not row[2]:
+                        row = (row[0], row[1], new_reference(country), *row[3:])
+                    append(row)
                     if len(batch) >= BATCH_ROWS:
                         yield batch
                         batch = []
-            except UnicodeDecodeError as exc:
-                raise ImportAborted(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+                        append = batch.append
+                elif isinstance(row, Unsupported):
+                    report.unsupported[row.algorithm] += 1
+                else:
+                    if strict:
+                        raise ImportAborted(f"{path}: {unit} {row.line}: {row.reason}")
+                    report.rejected_total += 1
+                    if len(report.rejected) < KEPT_REJECTIONS:
+                        report.rejected.append(row)
+            if batch:
+                yield batch
+
+        counts: ImportCounts = await store.add_rows(batches())
+    report.added, report.already_present = counts.added, counts.already_present
+    return report
+
+
+async def retract_files(
+    store: Store,
+    paths: list[Path],
+    *,
+    country: str,
+    format_name: str = "auto",
+    strict: bool = False,
+    advance: Callable[[Path], Advance | None] | None = None,
+) -> RetractReport:
+    """Removes every (algorithm, digest) the files list, all files in one transaction.
+
+    Metadata in the files is ignored; rows the store does not hold count as not
+    present. With ``strict``, a bad row aborts and nothing is removed.
+    """
+    report = RetractReport(list(paths))
+
+    async def batches() -> AsyncIterator[list[tuple[str, bytes]]]:
+        batch: list[tuple[str, bytes]] = []
+        for path in paths:
+            with _parsed_rows(path, format_name, country, advance(path) if advance else None) as (unit, rows):
+                for row in rows:
+                    if type(row) is tuple:
+                        batch.append((row[0], row[1]))
+                        if len(batch) >= BATCH_ROWS:
+                            yield batch
+                            batch = []
+                    elif isinstance(row, Unsupported):
+                        report.unsupported[row.algorithm] += 1
+                    else:
+                        if strict:
+                            raise ImportAborted(f"{path}: {unit} {row.line}: {row.reason}")
+                        report.rejected_total += 1
+                        if len(report.rejected) < KEPT_REJECTIONS:
+                            report.rejected.append((path, unit, row))
         if batch:
             yield batch
 
-    counts = await store.add(batches())
-    report.added, report.already_present = counts.added, counts.already_present
+    counts: RemoveCounts = await store.remove(batches())
+    report.removed, report.not_present = counts.removed, counts.not_present
     return report

@@ -7,11 +7,14 @@ transaction so the in-memory indexes know when to reload.
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
+import contextlib
 import json
+import operator
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiosqlite
 
@@ -36,6 +39,15 @@ CREATE TABLE IF NOT EXISTS meta (
 INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0), ('schema_version', 1);
 """
 
+# (algorithm, digest, reference, category, victim_identified, series, date_added): HashRecord's order.
+Row = tuple
+T = TypeVar("T")
+_INSERT = (
+    "INSERT OR IGNORE INTO hashes (algorithm, digest, reference, category, victim_identified, series, "
+    "date_added) VALUES (?, ?, ?, ?, ?, ?, COALESCE(NULLIF(?, ''), date('now', 'localtime')))"
+)
+_DIGEST = operator.itemgetter(1)
+
 _COLUMNS = "id, algorithm, digest, reference, category, victim_identified, series, date_added"
 
 
@@ -45,8 +57,17 @@ class ImportCounts:
     already_present: int
 
 
-def _flag_in(value: bool | None) -> int | None:
-    return None if value is None else int(value)
+@dataclass(frozen=True)
+class RemoveCounts:
+    removed: int
+    not_present: int
+
+
+@dataclass(frozen=True)
+class ReferenceRemoval:
+    removed: int  # rows
+    references_found: int
+    references_missing: tuple[str, ...]
 
 
 def _row_to_record(row: Sequence) -> StoredRecord:
@@ -129,34 +150,142 @@ class Store:
         Rows already present (same algorithm and digest) are left untouched, so
         importing the same file twice changes nothing.
         """
-        today = dt.date.today().isoformat()
+        async def rows() -> AsyncIterator[list[Row]]:
+            async for batch in _aiter(batches):
+                yield [(r.algorithm, r.digest, r.reference, r.category, r.victim_identified, r.series,
+                        r.date_added) for r in batch]
+
+        return await self.add_rows(rows())
+
+    async def add_rows(self, batches: AsyncIterator[list[Row]] | Iterable[list[Row]]) -> ImportCounts:
+        """``add`` for rows as tuples in ``HashRecord`` field order (the importer's fast path).
+
+        One transaction. Each batch is inserted in index order (algorithm, digest),
+        on the database thread while the next batch is being parsed (SQLite
+        releases the GIL while it steps). An empty ``date_added`` is today.
+        """
         offered = 0
         before = self._db.total_changes
+        pending: asyncio.Future[int] | None = None
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            if hasattr(batches, "__aiter__"):
-                async for batch in batches:  # type: ignore[union-attr]
-                    offered += await self._insert(batch, today)
-            else:
-                for batch in batches:  # type: ignore[union-attr]
-                    offered += await self._insert(batch, today)
+            async for batch in _aiter(batches):
+                batch = _in_index_order(batch)
+                if pending is not None:
+                    offered += await pending
+                pending = asyncio.ensure_future(self._insert_rows(batch))
+                await asyncio.sleep(0)  # hands the batch to the database thread before parsing on
+            if pending is not None:
+                offered += await pending
+                pending = None
             added = self._db.total_changes - before
             if added:
-                await self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                await self._bump_generation()
             await self._db.execute("COMMIT")
         except BaseException:
+            await self._settle(pending)
             await self._db.execute("ROLLBACK")
             raise
         return ImportCounts(added=added, already_present=offered - added)
 
-    async def _insert(self, batch: list[HashRecord], today: str) -> int:
-        await self._db.executemany(
-            "INSERT OR IGNORE INTO hashes (algorithm, digest, reference, category, "
-            "victim_identified, series, date_added) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (r.algorithm, r.digest, r.reference, r.category, _flag_in(r.victim_identified),
-                 r.series, r.date_added or today)
-                for r in batch
-            ],
-        )
+    async def _insert_rows(self, batch: list[Row]) -> int:
+        await self._db.executemany(_INSERT, batch)
         return len(batch)
+
+    @staticmethod
+    async def _settle(pending: asyncio.Future[int] | None) -> None:
+        """Waits for an insert still running before rolling back (its error, if any, is moot)."""
+        if pending is not None:
+            with contextlib.suppress(BaseException):
+                await pending
+
+    async def _bump_generation(self) -> None:
+        await self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+
+    async def remove(self, batches: AsyncIterator[list[tuple[str, bytes]]] | Iterable[list[tuple[str, bytes]]]
+                     ) -> RemoveCounts:
+        """Removes the rows with these (algorithm, digest) pairs, in one transaction.
+
+        Bumps the generation when anything was removed, so a running node stops
+        matching them on its next query.
+        """
+        offered = 0
+        before = self._db.total_changes
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            async for batch in _aiter(batches):
+                await self._db.executemany("DELETE FROM hashes WHERE algorithm = ? AND digest = ?", batch)
+                offered += len(batch)
+            removed = self._db.total_changes - before
+            if removed:
+                await self._bump_generation()
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        return RemoveCounts(removed=removed, not_present=offered - removed)
+
+    async def remove_references(self, references: Iterable[str]) -> ReferenceRemoval:
+        """Removes every row holding one of these references, in one transaction."""
+        wanted = json.dumps(sorted(set(references)))
+        before = self._db.total_changes
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            found = {row[0] for row in await self._db.execute_fetchall(
+                "SELECT DISTINCT reference FROM hashes WHERE reference IN (SELECT value FROM json_each(?))",
+                (wanted,),
+            )}
+            await self._db.execute(
+                "DELETE FROM hashes WHERE reference IN (SELECT value FROM json_each(?))", (wanted,))
+            removed = self._db.total_changes - before
+            if removed:
+                await self._bump_generation()
+            await self._db.execute("COMMIT")
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        missing = tuple(r for r in json.loads(wanted) if r not in found)
+        return ReferenceRemoval(removed=removed, references_found=len(found), references_missing=missing)
+
+    async def iter_rows(self, *, by_reference: bool = False, chunk: int = 5000) -> AsyncIterator[list[Row]]:
+        """Every row, in chunks, streamed from one consistent snapshot (one SELECT).
+
+        In insertion order, or grouped by reference and metadata (for writers that
+        gather an item's hashes); never the whole set in memory.
+        """
+        order = "reference, category, victim_identified, series, date_added, id" if by_reference else "id"
+        async with self._db.execute(
+            f"SELECT algorithm, digest, reference, category, victim_identified, series, date_added "
+            f"FROM hashes ORDER BY {order}"
+        ) as cursor:
+            while rows := await cursor.fetchmany(chunk):
+                yield [(r[0], bytes(r[1]), r[2], r[3], None if r[4] is None else bool(r[4]), r[5], r[6])
+                       for r in rows]
+
+
+def _in_index_order(batch: list[Row]) -> list[Row]:
+    """The batch sorted by (algorithm, digest), the UNIQUE index's order: inserting in
+    index order touches each B-tree page once per batch instead of at random (about
+    1.5x faster inserts than file order for random digests). Buckets by algorithm,
+    then sorts each by digest: cheaper than a tuple key."""
+    buckets: dict[str, list[Row]] = {}
+    for row in batch:
+        bucket = buckets.get(row[0])
+        if bucket is None:
+            bucket = buckets[row[0]] = []
+        bucket.append(row)
+    ordered: list[Row] = []
+    for name in sorted(buckets):
+        bucket = buckets[name]
+        bucket.sort(key=_DIGEST)
+        ordered += bucket
+    return ordered
+
+
+async def _aiter(batches: AsyncIterator[T] | Iterable[T]) -> AsyncIterator[T]:
+    if hasattr(batches, "__aiter__"):
+        async for batch in batches:  # type: ignore[union-attr]
+            yield batch
+    else:
+        for batch in batches:  # type: ignore[union-attr]
+            yield batch

@@ -110,3 +110,17 @@ def test_example_configurations_validate(tmp_path: Path, pki: DevPki) -> None:
         module = __import__(loader, fromlist=["load"])
         loaded = module.load(path)
         assert loaded is not None
+
+
+def test_node_describe_reads_its_own_files(observed: LocalFederation) -> None:
+    import subprocess
+
+    node = observed["NL"]
+    done = subprocess.run(node.node_command("describe", "--config", str(node.config_path), "--format", "json"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    description = json.loads(done.stdout)
+    assert (description["node_id"], description["country"]) == ("NL", "NL")
+    assert description["counts"] == {"md5": 1, "sha256": 1} and description["generation"] >= 1
+    assert description["audit_records_head"] >= 1 and len(description["audit_head_hash"]) == 64
+    assert description["listening"] is None, "the test node's port is chosen at start"
