@@ -85,6 +85,14 @@ def _row_to_record(row: Sequence) -> StoredRecord:
     )
 
 
+@dataclass
+class _Changes:
+    """Rows a write transaction changed; known once its block has run."""
+
+    before: int
+    count: int = 0
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path):
         self._db = db
@@ -165,28 +173,39 @@ class Store:
         releases the GIL while it steps). An empty ``date_added`` is today.
         """
         offered = 0
-        before = self._db.total_changes
         pending: asyncio.Future[int] | None = None
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            async for batch in _aiter(batches):
-                batch = _in_index_order(batch)
+        async with self._changing() as changes:
+            try:
+                async for batch in _aiter(batches):
+                    batch = _in_index_order(batch)
+                    if pending is not None:
+                        offered += await pending
+                    pending = asyncio.ensure_future(self._insert_rows(batch))
+                    await asyncio.sleep(0)  # hands the batch to the database thread before parsing on
                 if pending is not None:
                     offered += await pending
-                pending = asyncio.ensure_future(self._insert_rows(batch))
-                await asyncio.sleep(0)  # hands the batch to the database thread before parsing on
-            if pending is not None:
-                offered += await pending
-                pending = None
-            added = self._db.total_changes - before
-            if added:
+                    pending = None
+            except BaseException:
+                await self._settle(pending)
+                raise
+        added = changes.count
+        return ImportCounts(added=added, already_present=offered - added)
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[_Changes]:
+        """One write transaction, all or nothing, that moves the generation
+        (in the same transaction) when it changed any row."""
+        changes = _Changes(self._db.total_changes)
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield changes
+            changes.count = self._db.total_changes - changes.before
+            if changes.count:
                 await self._bump_generation()
             await self._db.execute("COMMIT")
         except BaseException:
-            await self._settle(pending)
             await self._db.execute("ROLLBACK")
             raise
-        return ImportCounts(added=added, already_present=offered - added)
 
     async def _insert_rows(self, batch: list[Row]) -> int:
         await self._db.executemany(_INSERT, batch)
@@ -210,40 +229,24 @@ class Store:
         matching them on its next query.
         """
         offered = 0
-        before = self._db.total_changes
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._changing() as changes:
             async for batch in _aiter(batches):
                 await self._db.executemany("DELETE FROM hashes WHERE algorithm = ? AND digest = ?", batch)
                 offered += len(batch)
-            removed = self._db.total_changes - before
-            if removed:
-                await self._bump_generation()
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
+        removed = changes.count
         return RemoveCounts(removed=removed, not_present=offered - removed)
 
     async def remove_references(self, references: Iterable[str]) -> ReferenceRemoval:
         """Removes every row holding one of these references, in one transaction."""
         wanted = json.dumps(sorted(set(references)))
-        before = self._db.total_changes
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._changing() as changes:
             found = {row[0] for row in await self._db.execute_fetchall(
                 "SELECT DISTINCT reference FROM hashes WHERE reference IN (SELECT value FROM json_each(?))",
                 (wanted,),
             )}
             await self._db.execute(
                 "DELETE FROM hashes WHERE reference IN (SELECT value FROM json_each(?))", (wanted,))
-            removed = self._db.total_changes - before
-            if removed:
-                await self._bump_generation()
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
+        removed = changes.count
         missing = tuple(r for r in json.loads(wanted) if r not in found)
         return ReferenceRemoval(removed=removed, references_found=len(found), references_missing=missing)
 
