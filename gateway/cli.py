@@ -132,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None and not 0 < value <= 300:
                 raise UsageError(f"{flag} must be between 0 and 300 seconds")
         triage.check_options(args)
+        if args.dir is not None and args.metrics_file is not None:
+            raise UsageError("--metrics-file applies to single queries, not to --dir triage")
         if args.dir is not None:
             return triage.command(args, config, case, lambda: _signer(config, args.officer))
         subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
