@@ -49,9 +49,6 @@ class Algorithm:
     def perceptual(self) -> bool:
         return self.match_kind is not MatchKind.EXACT
 
-    def frames(self, digest: bytes) -> int:
-        return len(digest) // self.digest_size
-
     def validate(self, digest: bytes) -> bytes:
         size, count = self.digest_size, len(digest) // self.digest_size
         if self.max_frames == 1 and len(digest) != size:

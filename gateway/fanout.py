@@ -235,7 +235,7 @@ class Federation:
         return list(await asyncio.gather(*(self._describe_one(n, deadline) for n in self._config.nodes)))
 
     async def _describe_one(self, node: NodeEntry, timeout: float) -> NodeDescription:
-        token = self._signer.token(node.node_id, "Describe", [], "")
+        token = self._signer.token(node.node_id, "Describe", query_sha256([]), "")
         started = time.perf_counter()
         try:
             response = await self._stubs[node.node_id].Describe(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from federation import tls, tokens
-from federation.query import QueryItem, query_sha256
 from gateway.config import GatewayConfig, Requester
 
 
@@ -18,9 +15,9 @@ class Signer:
         self._requester = requester
         self._lifetime = lifetime
 
-    def token(self, node_id: str, rpc: str, items: Sequence[QueryItem] | str, case: str) -> str:
-        """A token for one call; ``items`` may be given as their ``query_sha256``
-        already, so a query fanned out to many nodes is digested once."""
+    def token(self, node_id: str, rpc: str, query_digest: str, case: str) -> str:
+        """A token for one call to one node. ``query_digest`` is the request's
+        ``query_sha256``, computed once however many nodes are asked."""
         claims = tokens.new_claims(
             issuer=self._gateway_id,
             subject=self._requester.officer,
@@ -28,7 +25,7 @@ class Signer:
             country=self._requester.country,
             audience=node_id,
             rpc=rpc,
-            query_sha256=items if isinstance(items, str) else query_sha256(items),
+            query_sha256=query_digest,
             case=case,
             cert_thumbprint=self._thumbprint,
             lifetime=self._lifetime,

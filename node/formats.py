@@ -40,7 +40,6 @@ class Unsupported:
 
 Parsed = HashRecord | Rejection | Unsupported
 ParsedRow = Row | Rejection | Unsupported
-Parser = Callable[[Iterable[str]], Iterator[Parsed]]
 RowParser = Callable[[Iterable[str]], Iterator[ParsedRow]]
 
 # Hash kinds found in case-system exports that no node can match; never computed.
@@ -165,6 +164,7 @@ def _records(rows: Iterator[ParsedRow]) -> Iterator[Parsed]:
 # -- lines ---------------------------------------------------------------------------------------
 
 def parse_lines_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
+    """One ``algorithm:hex`` per line; blank lines and ``#`` comments are skipped."""
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if not text or text[0] == "#":
@@ -174,11 +174,6 @@ def parse_lines_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
             yield Rejection(number, f"expected ALGORITHM:HEX, got {text[:80]!r}")
             continue
         yield make_row(number, name, digest_hex.strip())
-
-
-def parse_lines(lines: Iterable[str]) -> Iterator[Parsed]:
-    """One ``algorithm:hex`` per line; blank lines and ``#`` comments are skipped."""
-    return _records(parse_lines_rows(lines))
 
 
 # -- CSV -----------------------------------------------------------------------------------------
@@ -192,6 +187,15 @@ _ODD_START = frozenset(" \t#")
 
 
 def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
+    """CSV in one of two shapes, told apart by the header:
+
+    - long: ``algo,digest,reference,category,victim_identified`` (the header
+      is optional; with one, ``series`` and ``date_added`` may follow);
+    - wide: one column per algorithm (``md5,sha1,pdq,...``) plus the metadata
+      columns; every filled algorithm cell becomes a record sharing the row's
+      metadata (how case systems export an item with all its hashes). A
+      ``photodna`` column is counted as unsupported.
+    """
     reader = csv.reader(lines)
     columns: tuple[str, ...] = CSV_COLUMNS
     wide: tuple[str, ...] = ()
@@ -260,17 +264,6 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
             yield Unsupported(number, name)
 
 
-def parse_csv(lines: Iterable[str]) -> Iterator[Parsed]:
-    """CSV in one of two shapes, told apart by the header:
-
-    - long: ``algo,digest,reference,category,victim_identified`` (the header
-      is optional; with one, ``series`` and ``date_added`` may follow);
-    - wide: one column per algorithm (``md5,sha1,pdq,...``) plus the metadata
-      columns; every filled algorithm cell becomes a record sharing the row's
-      metadata (how case systems export an item with all its hashes). A
-      ``photodna`` column is counted as unsupported.
-    """
-    return _records(parse_csv_rows(lines))
 
 
 def _is_header(row: list[str]) -> bool:
@@ -325,7 +318,6 @@ class LinesWriter:
 
 # -- formats -------------------------------------------------------------------------------------
 
-PARSERS: dict[str, Parser] = {"lines": parse_lines, "csv": parse_csv}
 ROW_PARSERS: dict[str, RowParser] = {"lines": parse_lines_rows, "csv": parse_csv_rows}
 # Every import format; 'vics' (Project VIC JSON) is binary and parsed by node.vics.
 FORMATS = ("lines", "csv", "vics")
@@ -343,13 +335,6 @@ def resolve_format(path: Path, format_name: str = "auto") -> str:
     return name
 
 
-def parser_for(path: Path, format_name: str = "auto") -> Parser:
-    """The text parser for ``lines`` and ``csv`` (VICS files go through ``node.vics``)."""
-    name = resolve_format(path, format_name)
-    if name not in PARSERS:
-        raise ValueError(f"format {name!r} is not a text format; use node.vics")
-    return PARSERS[name]
-
-
 def read_text(text: str, format_name: str) -> Iterator[Parsed]:
-    return PARSERS[format_name](io.StringIO(text, newline=""))
+    """Parses text in a text format into records (what the import path does, as objects)."""
+    return _records(ROW_PARSERS[format_name](io.StringIO(text, newline="")))

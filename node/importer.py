@@ -104,6 +104,20 @@ def _guard(path: Path, rows: Iterator[formats.ParsedRow]) -> Iterator[formats.Pa
         raise ImportAborted(f"{path}: {exc}") from None
 
 
+def _tally(report: ImportReport | RetractReport, row: Rejection | Unsupported, kept: object,
+           path: Path, unit: str, strict: bool) -> None:
+    """Counts a row that is not a hash to use: unsupported kind, or rejected
+    (kept for the report up to a limit; with ``strict``, the file is aborted)."""
+    if isinstance(row, Unsupported):
+        report.unsupported[row.algorithm] += 1
+        return
+    if strict:
+        raise ImportAborted(f"{path}: {unit} {row.line}: {row.reason}")
+    report.rejected_total += 1
+    if len(report.rejected) < KEPT_REJECTIONS:
+        report.rejected.append(kept)  # type: ignore[arg-type]
+
+
 async def import_file(
     store: Store,
     path: Path,
@@ -134,14 +148,8 @@ async def import_file(
                         yield batch
                         batch = []
                         append = batch.append
-                elif isinstance(row, Unsupported):
-                    report.unsupported[row.algorithm] += 1
                 else:
-                    if strict:
-                        raise ImportAborted(f"{path}: {unit} {row.line}: {row.reason}")
-                    report.rejected_total += 1
-                    if len(report.rejected) < KEPT_REJECTIONS:
-                        report.rejected.append(row)
+                    _tally(report, row, row, path, unit, strict)
             if batch:
                 yield batch
 
@@ -176,14 +184,8 @@ async def retract_files(
                         if len(batch) >= BATCH_ROWS:
                             yield batch
                             batch = []
-                    elif isinstance(row, Unsupported):
-                        report.unsupported[row.algorithm] += 1
                     else:
-                        if strict:
-                            raise ImportAborted(f"{path}: {unit} {row.line}: {row.reason}")
-                        report.rejected_total += 1
-                        if len(report.rejected) < KEPT_REJECTIONS:
-                            report.rejected.append((path, unit, row))
+                        _tally(report, row, (path, unit, row), path, unit, strict)
         if batch:
             yield batch
 

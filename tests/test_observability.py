@@ -107,9 +107,8 @@ def test_example_configurations_validate(tmp_path: Path, pki: DevPki) -> None:
             text = text.replace(old, str(new))
         path = tmp_path / Path(example).name
         path.write_text(text)
-        module = __import__(loader, fromlist=["load"])
-        loaded = module.load(path)
-        assert loaded is not None
+        loaded = __import__(loader, fromlist=["load"]).load(path)
+        assert loaded.federation == "icse.example.org"
 
 
 def test_node_describe_reads_its_own_files(observed: LocalFederation) -> None:
