@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import inspect
 import json
 import subprocess
 import sys
@@ -91,12 +92,14 @@ def import_rows(local: LocalFederation, node_id: str, rows: list[dict[str, str]]
 POLL_INTERVAL = 0.01
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
+def wait_until(predicate: Callable[[], object], timeout: float, what: str,
+               interval: float = POLL_INTERVAL) -> object:
     """Polls ``predicate`` until it returns something true, and returns that.
 
-    How tests wait for something observable (a file, a record, a process gone)
-    instead of sleeping blindly: the deadline only bounds a failure, it is
-    never what the test waits for. Raises ``TimeoutError`` naming ``what``.
+    How tests wait for something observable (a file, a record, a process gone,
+    a retried call that succeeds) instead of sleeping blindly: the deadline only
+    bounds a failure, it is never what the test waits for. ``interval`` spaces
+    predicates that are costly (a whole query). Raises ``TimeoutError`` naming ``what``.
     """
     end = time.monotonic() + timeout
     while True:
@@ -105,16 +108,20 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> ob
             return value
         if time.monotonic() > end:
             raise TimeoutError(f"not within {timeout:g} s: {what}")
-        time.sleep(POLL_INTERVAL)
+        time.sleep(interval)
 
 
-async def wait_until_async(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    """``wait_until`` for a test running an event loop (the loop keeps running)."""
+async def wait_until_async(predicate: Callable[[], object], timeout: float, what: str,
+                           interval: float = POLL_INTERVAL) -> object:
+    """``wait_until`` for a test running an event loop (the loop keeps running);
+    ``predicate`` may be a coroutine function, e.g. a call that is retried."""
     end = time.monotonic() + timeout
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > end:
             raise TimeoutError(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(POLL_INTERVAL)
+        await asyncio.sleep(interval)
