@@ -118,7 +118,7 @@ class LocalNode:
         """``icse-node serve`` tied to this process: not even a SIGKILLed
         supervisor leaves nodes behind. The node arms the tie itself, after
         exec: no Python may run between fork and exec in a process with gRPC
-        threads (no ``preexec_fn``). Standard input is a pipe whose end only we
+        threads (no pre-exec hook). Standard input is a pipe whose end only we
         hold; the kernel closes it when we die, whatever the prefix. The
         parent-death signal needs the node's parent to be us: without a prefix
         (a prefix such as ``ip netns exec`` may fork)."""

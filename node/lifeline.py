@@ -2,9 +2,9 @@
 
 A supervisor that starts nodes (the local federation of the demo, tests and
 benchmarks) has live gRPC threads, so it must not run Python between fork and
-exec (``preexec_fn``): a plain fork of a threaded process that then runs the
-interpreter can deadlock or crash the child. So the supervisor only passes
-flags, and the node arms the tie after exec:
+exec (no pre-exec hook in ``subprocess``): a plain fork of a threaded process
+that then runs the interpreter can deadlock or crash the child. So the
+supervisor only passes flags, and the node arms the tie after exec:
 
 * ``--parent-pid PID``: the kernel's parent-death signal (Linux
   ``PR_SET_PDEATHSIG``) sends the node SIGTERM when its parent dies, even by

@@ -119,8 +119,8 @@ def test_node_refuses_to_serve_when_its_parent_is_already_gone(pki: DevPki, tmp_
 
 
 def test_no_python_runs_between_fork_and_exec() -> None:
-    """No ``preexec_fn`` argument anywhere: unsafe in a process with gRPC threads."""
-    needle = "preexec" + "_fn="
+    """No pre-exec hook anywhere (``git grep`` finds none): unsafe with gRPC threads."""
+    needle = "preexec" + "_fn"
     offenders = [str(path.relative_to(REPO)) for top in ("federation", "node", "gateway", "tests")
                  for path in (REPO / top).rglob("*.py") if needle in path.read_text(errors="replace")]
     assert offenders == []
