@@ -10,7 +10,6 @@ their command lines and files.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -50,13 +49,6 @@ def toml_text(tables: dict[str, dict[str, object]]) -> str:
         lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends it SIGTERM if we die,
-    so not even a SIGKILLed supervisor leaves nodes behind (Linux only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 class LocalNode:
@@ -122,18 +114,29 @@ class LocalNode:
             capture_output=True, text=True, timeout=600,
         )
 
+    def serve_command(self) -> list[str]:
+        """``icse-node serve`` tied to this process: not even a SIGKILLed
+        supervisor leaves nodes behind. The node arms the tie itself, after
+        exec: no Python may run between fork and exec in a process with gRPC
+        threads (no pre-exec hook). Standard input is a pipe whose end only we
+        hold; the kernel closes it when we die, whatever the prefix. The
+        parent-death signal needs the node's parent to be us: without a prefix
+        (a prefix such as ``ip netns exec`` may fork)."""
+        command = self.node_command("serve", "--config", str(self.config_path),
+                                    "--ready-file", str(self.ready_path), "--stop-on-stdin-eof")
+        if not self.prefix:
+            command += ["--parent-pid", str(os.getpid())]
+        return self.prefix + command
+
     def start(self) -> None:
         if not self.config_path.exists():
             self.write_config()
         self.ready_path.unlink(missing_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.prefix + self.node_command("serve", "--config", str(self.config_path),
-                                            "--ready-file", str(self.ready_path)),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=environment(), preexec_fn=_die_with_parent,
-        )
-        log.close()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.serve_command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                env=environment(),
+            )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         assert self.process is not None
@@ -168,6 +171,8 @@ class LocalNode:
                 self.process.kill()
                 self.process.wait()
         code = self.process.returncode
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         self.process = None
         return code
 

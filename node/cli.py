@@ -20,7 +20,7 @@ from federation.config import ConfigError
 from node import config as node_config
 from node.audit_cli import add_audit_parser, run_audit
 from node.describe import describe, render as render_description
-from node import server
+from node import lifeline, server
 from node import formats, vics
 from node.importer import ImportAborted, ImportReport, import_file, retract_files
 from node.records import Rejection
@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", default="json", choices=["json", "text"],
                        help="JSON lines (default) or text, both with the request id of every call")
+    serve.add_argument("--parent-pid", type=int, metavar="PID",
+                       help="stop when process PID, the node's parent, dies (even by SIGKILL; Linux)")
+    serve.add_argument("--stop-on-stdin-eof", action="store_true",
+                       help="stop when standard input reaches end of file (a supervisor's pipe closed)")
 
     imp = sub.add_parser(
         "import",
@@ -113,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(args)
     try:
         if args.command == "serve":
+            _tie_to_supervisor(args.parent_pid, args.stop_on_stdin_eof)
             logs.configure(args.log_level, args.log_format)
             asyncio.run(server.serve(node_config.load(args.config), args.ready_file))
             return 0
@@ -129,11 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_description(asyncio.run(describe(config)), args.format))
             return 0
         return asyncio.run(_stats(config, args.format))
-    except (ConfigError, ImportAborted, OSError, ValueError) as exc:
+    except (ConfigError, ImportAborted, OSError, ValueError, lifeline.ParentGone) as exc:
         err.print(f"icse-node: {exc}", style="red", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _tie_to_supervisor(parent_pid: int | None, stdin_eof: bool) -> None:
+    """Armed first, before anything slow: a supervisor may die while we start."""
+    if parent_pid is not None:
+        lifeline.die_with_parent(parent_pid)
+    if stdin_eof:
+        lifeline.stop_on_stdin_eof()
 
 
 def _progress() -> Progress:

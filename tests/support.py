@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import inspect
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +87,41 @@ def import_rows(local: LocalFederation, node_id: str, rows: list[dict[str, str]]
         writer.writerows(rows)
     done = local[node_id].import_file(path)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+POLL_INTERVAL = 0.01
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str,
+               interval: float = POLL_INTERVAL) -> object:
+    """Polls ``predicate`` until it returns something true, and returns that.
+
+    How tests wait for something observable (a file, a record, a process gone,
+    a retried call that succeeds) instead of sleeping blindly: the deadline only
+    bounds a failure, it is never what the test waits for. ``interval`` spaces
+    predicates that are costly (a whole query). Raises ``TimeoutError`` naming ``what``.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"not within {timeout:g} s: {what}")
+        time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], object], timeout: float, what: str,
+                           interval: float = POLL_INTERVAL) -> object:
+    """``wait_until`` for a test running an event loop (the loop keeps running);
+    ``predicate`` may be a coroutine function, e.g. a call that is retried."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(interval)

@@ -20,6 +20,7 @@ from node.audit import (
 )
 from node.audit_cli import add_audit_parser, run_audit
 from node.store import Store
+from tests.support import wait_until_async
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -242,6 +243,10 @@ async def test_the_entry_has_no_place_for_digests(log: AuditLog, tmp_path: Path)
 
 # -- two processes --------------------------------------------------------------------------
 
+# Part of the scenario, not a wait: both writers append at this pace (seconds
+# between appends), so their appends overlap in time.
+WRITER_PACE = 0.002
+
 CHILD = """
 import asyncio, sys, time
 from pathlib import Path
@@ -255,7 +260,7 @@ async def main():
     for n in range(100):
         await log.append(AuditEntry("", "proc-B", "o", "org", "NL", "c", "Match", 1, ("md5",), 0, (), "OK",
                                     "", f"t{n}", "p"))
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(float(sys.argv[4]))  # the writer's pace, so the two writers overlap
     await db.close()
 
 asyncio.run(main())
@@ -266,14 +271,12 @@ async def test_two_processes_appending_interleave_without_breaking_the_chain(log
                                                                              tmp_path: Path) -> None:
     ready = tmp_path / "child-ready"
     child = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, str(ROOT),
-                                                 str(tmp_path / "node.sqlite"), str(ready))
-    for _ in range(200):
-        if ready.exists() or child.returncode is not None:
-            break
-        await asyncio.sleep(0.05)
+                                                 str(tmp_path / "node.sqlite"), str(ready), str(WRITER_PACE))
+    await wait_until_async(lambda: ready.exists() or child.returncode is not None, 10,
+                           "the second writer has opened the log")
     for n in range(100):
         await log.append(entry(n, gateway="proc-A"))
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(WRITER_PACE)
     assert await asyncio.wait_for(child.wait(), 30) == 0
     result = await log.verify()
     assert result.ok and result.checked == 200

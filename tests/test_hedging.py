@@ -31,9 +31,10 @@ from gateway.fanout import Federation
 from gateway.health import HealthPolicy
 from gateway.results import NodeStatus
 from gateway.signing import signer_for
+from tests.support import wait_until_async
 
 NODE = "FR"
-SLOW = 4.0  # how long a slow call takes, seconds
+SLOW = 4.0  # how long a slow call takes, seconds: the test double's delay is the scenario
 
 
 @dataclass
@@ -110,15 +111,6 @@ async def _fast_queries(fed: Federation, count: int, prefix: str) -> None:
         assert answer.status is NodeStatus.NO_HIT, answer
 
 
-async def _until(predicate, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return predicate()
-
-
 async def test_slow_primary_is_hedged_and_the_loser_cancelled(member: Member) -> None:
     policy = HealthPolicy(failures_to_open=1000)
     async with Federation(member.config, signer_for(member.config), policy) as fed:
@@ -143,7 +135,7 @@ async def test_slow_primary_is_hedged_and_the_loser_cancelled(member: Member) ->
         assert primary.jti != hedge.jti, "each request carries its own token (replay protection holds)"
         # Sent after the node's recent p95, not at once.
         assert hedge.started - primary.started >= delay * 0.9, (hedge.started - primary.started, delay)
-        assert await _until(lambda: primary.cancelled), "the slow primary was not cancelled"
+        await wait_until_async(lambda: primary.cancelled, 3, "the slow primary is cancelled")
         assert not primary.finished and hedge.finished
 
         # And the gateway goes on as before: the next query is one fast call.
@@ -191,4 +183,4 @@ async def test_hedge_and_primary_both_slow_end_at_the_node_deadline(member: Memb
         assert 0.9 < elapsed < 1.0 + 0.5, elapsed
         calls = member.node.for_query(items)
         assert len(calls) == 2 and calls[0].jti != calls[1].jti
-        assert await _until(lambda: all(c.cancelled for c in calls)), calls
+        await wait_until_async(lambda: all(c.cancelled for c in calls), 3, "the hedge and the primary are both cancelled")

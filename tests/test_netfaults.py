@@ -39,7 +39,7 @@ from gateway.results import NodeAnswer, NodeStatus
 from gateway.signing import signer_for
 from tests.net import netns
 from tests.net.faultproxy import FaultProxy
-from tests.support import query_json
+from tests.support import query_json, wait_until, wait_until_async
 
 COUNTRIES = ("FR", "DE", "NL", "ES")
 # Start-up slack for the command line (interpreter, imports, TLS handshakes);
@@ -51,6 +51,7 @@ SLACK = 1.5
 # After a fault is cleared: how long a gateway may take to be complete again
 # (gRPC reconnect backoff, TCP retransmission backoff).
 RECOVERY = 6.0
+RETRY_INTERVAL = 0.3  # between whole queries while waiting for a healed member
 NOT_ANSWERED = {"timed_out", "unavailable"}
 # The circuit breaker is tested elsewhere (test_resilience); here it must not
 # turn the faulted member into "skipped" while faults come and go.
@@ -143,15 +144,17 @@ def _assert_cli_partial(result: dict, faulted: str, allowed: set[str] = NOT_ANSW
 
 
 def _cli_complete_again(netfed: NetFederation, case: str) -> dict:
-    end = time.monotonic() + RECOVERY
-    attempt = 0
-    while True:
-        attempt += 1
-        _, result = _cli_query(netfed, f"{case}-{attempt}", 2.0)
-        if not result["partial"] or time.monotonic() > end:
-            break
-        time.sleep(0.3)
-    assert result["partial"] is False, _statuses(result)
+    results: list[dict] = []
+
+    def complete() -> bool:
+        results.append(_cli_query(netfed, f"{case}-{len(results) + 1}", 2.0)[1])
+        return not results[-1]["partial"]
+
+    try:
+        wait_until(complete, RECOVERY, f"{case}: every member answers again", interval=RETRY_INTERVAL)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; last answer: {_statuses(results[-1])}") from None
+    result = results[-1]
     assert set(_statuses(result).values()) == {"hit"}
     return result
 
@@ -181,16 +184,19 @@ def _assert_partial(answers: dict[str, NodeAnswer], faulted: str, allowed: set[N
 
 async def _complete_again(fed: Federation, items: list[QueryItem], case: str, *, timeout: float = 2.0,
                           deadline: float = 2.5) -> dict[str, NodeAnswer]:
-    end = time.monotonic() + RECOVERY
-    attempt = 0
-    while True:
-        attempt += 1
-        _, answers = await _timed(fed, items, f"{case}-{attempt}", timeout=timeout, deadline=deadline)
-        if _complete(answers) or time.monotonic() > end:
-            break
-        await asyncio.sleep(0.3)
-    assert _complete(answers), {c: (a.status.value, a.message) for c, a in answers.items()}
-    return answers
+    tries: list[dict[str, NodeAnswer]] = []
+
+    async def complete() -> bool:
+        _, answers = await _timed(fed, items, f"{case}-{len(tries) + 1}", timeout=timeout, deadline=deadline)
+        tries.append(answers)
+        return _complete(answers)
+
+    try:
+        await wait_until_async(complete, RECOVERY, f"{case}: every member answers again", interval=RETRY_INTERVAL)
+    except TimeoutError as exc:
+        last = {c: (a.status.value, a.message) for c, a in tries[-1].items()}
+        raise AssertionError(f"{exc}; last answers: {last}") from None
+    return tries[-1]
 
 
 async def _with_federation(config: gateway_config.GatewayConfig,

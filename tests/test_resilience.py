@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from gateway import config as gateway_config
 from gateway.fanout import Federation
 from gateway.results import NodeStatus
 from gateway.signing import signer_for
-from tests.support import claims_for, gateway_client, query_json, signing_key
+from tests.support import claims_for, gateway_client, query_json, signing_key, wait_until, wait_until_async
 
 
 def _count(store: Path) -> int:
@@ -60,10 +61,9 @@ def test_import_killed_midway_leaves_the_store_as_before(single: LocalFederation
     process = subprocess.Popen(node.node_command("import", "--config", str(node.config_path), str(big)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wal = node.store_path.with_name(node.store_path.name + "-wal")
-    end = time.monotonic() + 60
     # Kill it once the transaction is visibly under way (its WAL is growing).
-    while time.monotonic() < end and process.poll() is None and (not wal.exists() or wal.stat().st_size < 4 << 20):
-        time.sleep(0.01)
+    wait_until(lambda: process.poll() is not None or (wal.exists() and wal.stat().st_size >= 4 << 20), 60,
+               "the import's write-ahead log grows past 4 MiB")
     assert process.poll() is None, "the import finished before it could be killed; make the file bigger"
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -73,26 +73,71 @@ def test_import_killed_midway_leaves_the_store_as_before(single: LocalFederation
     assert _count(node.store_path) == 401_000
 
 
+# Queries without end, each through the gateway's command line (which reads
+# the federation configuration afresh), one line per query: FR's status.
+LOAD = r"""
+import contextlib, io, json, sys
+from gateway.cli import main
+
+config, digest, out = sys.argv[1:4]
+with open(out, "a") as log:
+    for n in range(1_000_000):
+        answer = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(answer):
+                main(["query", "--config", config, "--case", f"K-{n}", "--hash", digest, "--format", "json",
+                      "--timeout", "2", "--deadline", "3"])
+            status = {node["node"]: node["status"] for node in json.loads(answer.getvalue())["nodes"]}["FR"]
+        except Exception as exc:  # e.g. the configuration read while the test rewrites it
+            status = f"error:{type(exc).__name__}"
+        print(status, file=log, flush=True)
+"""
+
+
+def _served_matches(store: Path) -> int:
+    """Match calls the node answered: each has its audit record before its answer leaves."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        entries = [json.loads(entry) for (entry,) in db.execute("SELECT entry FROM audit")]
+    return sum(1 for e in entries if e.get("rpc") == "Match" and e.get("status") == "OK")
+
+
+def _statuses(outs: list[Path]) -> list[str]:
+    return [line for out in outs if out.exists() for line in out.read_text().splitlines()]
+
+
 def test_node_killed_during_queries_restarts_with_everything(single: LocalFederation, tmp_path: Path) -> None:
     node = single["FR"]
     assert node.import_file(_hash_file(tmp_path / "set.txt", 5000, 3)).returncode == 0
+    known = (tmp_path / "set.txt").read_text().split()[0]
     single.start()
     config = single.write_gateway_config()
-    load = [subprocess.Popen([sys.executable, "-m", "gateway.cli", "query", "--config", str(config),
-                              "--case", f"K-{n}", "--hash", "sha256:" + "ab" * 32, "--format", "json"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in range(6)]
-    time.sleep(0.3)
-    node.process.send_signal(signal.SIGKILL)
-    node.process.wait()
-    for process in load:
-        process.wait(timeout=60)
-    node.process = None
-    single.start()
+    outs = [tmp_path / f"load-{n}.txt" for n in range(4)]
+    load = [subprocess.Popen([sys.executable, "-c", LOAD, str(config), known, str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for out in outs]
+    try:
+        # Killed while it is serving: only once it has answered queries.
+        served = wait_until(lambda: _served_matches(node.store_path), 60, "the node answers its first query")
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait()
+        node.process = None
+        before = len(_statuses(outs))
+        # The queries go on and find the member gone...
+        wait_until(lambda: any(s != "hit" for s in _statuses(outs)[before:]), 60, "queries see the node down")
+        single.start()
+        single.write_gateway_config(config)
+        after = len(_statuses(outs))
+        # ... and find it again, with its hash set, once it has restarted.
+        wait_until(lambda: "hit" in _statuses(outs)[after:], 60, "queries find the restarted node")
+    finally:
+        for process in load:
+            process.kill()
+            process.wait()
+    assert served >= 1
     assert _count(node.store_path) == 5000
+    assert _served_matches(node.store_path) >= served, "the answered calls' audit records survived the kill"
     verified = _audit_verify(node)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    code, result = query_json(single.write_gateway_config(), "--case", "K-after", "--hash",
-                              f"sha256:{(tmp_path / 'set.txt').read_text().split()[0].split(':')[1]}")
+    code, result = query_json(config, "--case", "K-after", "--hash", known)
     assert code == 0 and result["items"][0]["hits"][0]["country"] == "FR"
 
 
@@ -140,15 +185,17 @@ def test_overload_is_refused_with_resource_exhausted(pki: DevPki, tmp_path: Path
 
 async def _one(client, pki: DevPki, items: list[QueryItem]) -> bool:
     """A small query once the burst has drained (the slot frees just after the answer)."""
-    for _ in range(20):
+
+    async def answered() -> str | None:
         try:
             response = await client.match(items[:10], signing_key(pki).sign(claims_for(pki, "FR", items[:10])))
-            return response.node_id == "FR"
+            return response.node_id
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
-            await asyncio.sleep(0.1)
-    return False
+            return None
+
+    return await wait_until_async(answered, 10, "the node answers once the burst has drained") == "FR"
 
 
 def test_health_and_reflection_answer_standard_clients(single: LocalFederation, pki: DevPki) -> None:

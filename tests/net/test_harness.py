@@ -26,6 +26,7 @@ from federation.pki import DevPki
 from federation.tls import TlsFiles, channel_credentials, server_credentials
 from tests.net import netns
 from tests.net.faultproxy import FaultProxy
+from tests.support import wait_until
 from tests.net.netns import netns_hosts, wait_tcp  # noqa: F401  (fixture)
 
 PORT = 7000  # inside a fresh namespace, nothing else listens
@@ -223,9 +224,7 @@ def test_close_stops_processes_even_on_failure() -> None:
         with netns.host("it") as h:
             ns, veth = h.ns, h.root_veth
             leader = h.popen(["sh", "-c", "sleep 30 & sleep 30"])
-            deadline = time.monotonic() + 5
-            while len(netns._ns_pids(ns)) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: len(netns._ns_pids(ns)) >= 2, 5, "two processes in the namespace")
             inside = netns._ns_pids(ns)
             assert len(inside) >= 2
             raise RuntimeError("boom")
@@ -332,15 +331,6 @@ def _rtt(c: socket.socket, payload: bytes = b"ping-0123456789") -> float:
     return time.monotonic() - start
 
 
-def _wait_for(predicate, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 def _echo_bulk(c: socket.socket, data: bytes) -> bytes:
     sender = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)), daemon=True)
     sender.start()
@@ -353,7 +343,8 @@ def test_proxy_forwards_bytes_unchanged(proxy: FaultProxy) -> None:
     data = os.urandom(1 << 20)
     with _connect(proxy, timeout=10) as c:
         assert _echo_bulk(c, data) == data
-    assert _wait_for(lambda: proxy.bytes_up == len(data) and proxy.bytes_down == len(data))
+    wait_until(lambda: proxy.bytes_up == len(data) and proxy.bytes_down == len(data), 3,
+               "the proxy counts every byte both ways")
     stats = proxy.snapshot()
     assert stats.accepted == 1 and stats.resets == 0
 
@@ -455,13 +446,12 @@ def test_proxy_reset_while_stalled_frees_connections(proxy: FaultProxy) -> None:
     with _connect(proxy) as c:
         _rtt(c)
         proxy.stall()
-        c.sendall(b"held")
-        time.sleep(0.1)
+        c.sendall(b"held")  # held or still in flight: the reset frees the connection either way
         proxy.reset()
         c.settimeout(3)
         with pytest.raises(ConnectionResetError):
             c.recv(100)
-    assert _wait_for(lambda: proxy.snapshot().active == 0)
+    wait_until(lambda: proxy.snapshot().active == 0, 3, "the proxy holds no connection")
 
 
 def test_proxy_one_shot_reset(proxy: FaultProxy) -> None:
