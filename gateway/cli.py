@@ -17,7 +17,7 @@ from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
 from gateway import config as gateway_config
-from gateway import filehash, render, triage
+from gateway import filehash, render, selfcheck, triage
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics
@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "hash":
             return _hash(args.files, args.format, args.dihedral)
         config = gateway_config.load(args.config)
+        # Before any node is dialled: a certificate the nodes would refuse looks,
+        # from here, exactly like a federation that is down.
+        selfcheck.check_client(config.tls, selfcheck.ClientIdentity(config.federation, config.gateway_id))
         if args.command == "nodes":
             return asyncio.run(_nodes(config, args.format, args.timeout))
         case = _case(args.case)
