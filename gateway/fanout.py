@@ -84,6 +84,24 @@ def _attempt_words(details: str) -> str:
     return text
 
 
+def _both_attempts(first: str, retry: str) -> str:
+    said_first, said_retry = _attempt_words(first), _attempt_words(retry)
+    if said_first == said_retry:
+        return f"{said_first} (the retry met the same)"
+    return f"{said_first}; retry: {said_retry}"
+
+
+def _tls_words(details: str, node: NodeEntry, ca: str) -> str:
+    """A TLS failure said in words instead of OpenSSL's text (kept in the debug log)."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (f"TLS: the certificate at {node.address} does not verify against the federation CA ({ca}): "
+                "wrong CA file here, or what answers there is not the federation's node")
+    if "Peer name" in details and "is not in peer certificate" in details:
+        return (f"TLS: the certificate at {node.address} does not carry the name {node.tls_name}: "
+                "another member, or a wrong tls_name or address in the configuration")
+    return details
+
+
 def _hit(message: pb.Hit) -> HitInfo:
     return HitInfo(
         node_id=message.node_id,
@@ -212,8 +230,7 @@ class Federation:
             answer = await self._call(node, call, min(per_node, ends - time.monotonic()))
             if not answer.status.answered:
                 # Both outcomes: "died during my call" reads differently from "was already down".
-                answer = replace(answer, message=f"{_attempt_words(first.message)}; "
-                                                 f"retry: {_attempt_words(answer.message)}")
+                answer = replace(answer, message=_both_attempts(first.message, answer.message))
         # What the investigator waited for this node, hedges and retries included.
         return replace(answer, latency_ms=(time.monotonic() - started) * 1000)
 
@@ -251,7 +268,7 @@ class Federation:
                 metadata=tokens.bearer(token) + ((REQUEST_ID_KEY, call.request_id),),
             )
         except grpc.aio.AioRpcError as error:
-            return NodeAnswer(node.node_id, node.country, _status_of(error), error.details() or "",
+            return NodeAnswer(node.node_id, node.country, _status_of(error), self._details(node, error),
                               (time.perf_counter() - started) * 1000)
         latency = (time.perf_counter() - started) * 1000
         try:
@@ -267,6 +284,15 @@ class Federation:
             truncated=truncated,
         )
 
+    def _details(self, node: NodeEntry, error: grpc.aio.AioRpcError) -> str:
+        details = error.details() or ""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return details
+        words = _tls_words(details, node, str(self._config.tls.ca))
+        if words != details:
+            log.debug("TLS failure", extra={"node": node.node_id, "detail": details})
+        return words
+
     async def describe(self, timeout: float | None = None) -> list[NodeDescription]:
         deadline = timeout or self._config.node_timeout
         return list(await asyncio.gather(*(self._describe_one(n, deadline) for n in self._config.nodes)))
@@ -280,5 +306,5 @@ class Federation:
             )
         except grpc.aio.AioRpcError as error:
             return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000,
-                                   failure=_status_of(error), message=error.details() or "")
+                                   failure=_status_of(error), message=self._details(node, error))
         return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000, response)
