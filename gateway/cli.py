@@ -34,8 +34,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _console() -> Console:
-    """Full-width tables also when the output goes to a file or a pipe (COLUMNS, if set, wins)."""
-    return Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
+    """Full-width tables also when the output goes to a file or a pipe: 160 columns, or COLUMNS if wider."""
+    if sys.stdout.isatty():
+        return Console()
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=max(160, int(columns) if columns.isdigit() else 0))
 
 
 class UsageError(ValueError):
