@@ -70,7 +70,7 @@ def _status_of(error: grpc.aio.AioRpcError) -> NodeStatus:
 _CONNECT_FAILED = "failed to connect to all addresses"
 # How gRPC's transport words a connection that broke under a call already sent.
 _LOST = ("socket closed", "connection reset", "broken pipe", "goaway", "stream removed", "end of tcp stream",
-         "connection aborted", "eof")
+         "connection aborted")
 
 
 def _attempt_words(details: str) -> str:

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from federation.pki import DevPki, Leaf, cert_pem, gateway_leaf, issue, key_pem, new_ca, write_private
 from federation.query import QueryItem
+from federation.tls import TlsFiles
 from gateway import config as gateway_config
 from gateway.fanout import Federation
 from gateway.health import Admission, HealthPolicy, NodeHealth
 from gateway.results import NodeAnswer, NodeStatus
 from gateway.selfcheck import CertificateProblem, ClientIdentity, check_client
 from gateway.signing import signer_for
-from federation.tls import TlsFiles
 from tests.net.faultproxy import FaultProxy
 from tests.support import run_gateway
 
@@ -176,8 +177,6 @@ class _Made:
 @pytest.fixture
 def make_cert(pki: DevPki, tmp_path: Path) -> Callable[..., _Made]:
     """A client certificate and key written to disk, issued as asked (by the federation CA by default)."""
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
     ca_key = load_pem_private_key(pki.ca_key.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
 

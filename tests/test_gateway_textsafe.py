@@ -116,10 +116,17 @@ HOSTILE_HIT = pb.Hit(reference="\x1b[2J\x1b[31mPL-1\x1b[0m", country="PL", node_
                      date_added="2026-01-01\x07")
 
 
+HOSTILE_VERSION = "\x1b]0;pwned\x07 1.0 [/]"
+
+
 class _Hostile(rpc.NodeServicer):
     def Match(self, request: pb.MatchRequest, context: grpc.ServicerContext) -> pb.MatchResponse:
         return pb.MatchResponse(node_id="PL", country="PL",
                                 results=[pb.ItemResult(item=0, hits=[HOSTILE_HIT])])
+
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+        return pb.DescribeResponse(node_id="PL", country="P\u202eL", software_version=HOSTILE_VERSION,
+                                   counts=[pb.AlgorithmCount(algorithm="[bold]md5", count=1)])
 
 
 def _serve(cert: bytes, key: bytes, ca: bytes) -> tuple[grpc.Server, int]:
@@ -151,6 +158,19 @@ def test_escapes_and_control_characters_from_a_node_are_shown_escaped(federation
         assert raw not in done.stdout, repr(raw)
     for field in ("reference", "contact", "category", "series", "date_added"):
         assert terminal_safe(getattr(HOSTILE_HIT, field)) in done.stdout, field
+
+
+def test_what_a_node_says_about_itself_is_shown_escaped(federation, pki: DevPki, tmp_path: Path) -> None:
+    server, port = _serve(pki.node_cert("PL").read_bytes(), pki.node_key("PL").read_bytes(),
+                          pki.ca_cert.read_bytes())
+    try:
+        done = _gateway("nodes", "--config", str(_with_node(federation.config, tmp_path / "fed.toml", "PL", port)))
+    finally:
+        server.stop(None)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "\x1b" not in done.stdout and "\u202e" not in done.stdout
+    assert terminal_safe(HOSTILE_VERSION) in done.stdout and "P\\u202eL" in done.stdout
+    assert "[bold]md5 1" in done.stdout
 
 
 # --------------------------------------------------------------------------- gateway messages
