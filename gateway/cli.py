@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -13,16 +14,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
 from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
 from gateway import config as gateway_config
-from gateway import filehash, render, triage
+from gateway import filehash, render, selfcheck, triage
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics
 from gateway.results import Skipped, Subject
 from gateway.signing import Signer, signer_for
+from gateway.textsafe import cell
 
 EXIT_HIT, EXIT_NO_HIT, EXIT_ERROR = 0, 1, 2
 MAX_CASE = 128
@@ -31,8 +34,11 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _console() -> Console:
-    """Full-width tables also when the output goes to a file or a pipe."""
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    """Full-width tables also when the output goes to a file or a pipe: 160 columns, or COLUMNS if wider."""
+    if sys.stdout.isatty():
+        return Console()
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=max(160, int(columns) if columns.isdigit() else 0))
 
 
 class UsageError(ValueError):
@@ -123,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "hash":
             return _hash(args.files, args.format, args.dihedral)
         config = gateway_config.load(args.config)
+        # Before any node is dialled: a certificate the nodes would refuse looks,
+        # from here, exactly like a federation that is down.
+        selfcheck.check_client(config.tls, selfcheck.ClientIdentity(config.federation, config.gateway_id))
         if args.command == "nodes":
             return asyncio.run(_nodes(config, args.format, args.timeout))
         case = _case(args.case)
@@ -139,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
         return asyncio.run(_query(config, args, subjects, skipped, case))
     except (ConfigError, UsageError, OSError, ValueError) as exc:
-        err.print(f"icse-gateway: {exc}", style="red", markup=False)
+        err.print(cell(f"icse-gateway: {exc}", style="red"))
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
@@ -226,9 +235,10 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
             table.add_column(column)
         for r in rows:
             counts = ", ".join(f"{a} {n:,}" for a, n in r["counts"].items())
-            table.add_row(r["node"], r["status"], r["country"] or "-", r["version"] or "-",
-                          str(r["generation"] if r["generation"] is not None else "-"), counts or "-",
-                          f"{r['latency_ms']:.0f}", r["message"])
+            # What a node says about itself is data: shown literally (textsafe).
+            table.add_row(cell(r["node"]), cell(r["status"]), cell(r["country"] or "-"), cell(r["version"] or "-"),
+                          str(r["generation"] if r["generation"] is not None else "-"), cell(counts or "-"),
+                          f"{r['latency_ms']:.0f}", cell(r["message"]))
         _console().print(table)
     return EXIT_HIT if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
 

@@ -67,6 +67,41 @@ def _status_of(error: grpc.aio.AioRpcError) -> NodeStatus:
     return NodeStatus.ERROR
 
 
+_CONNECT_FAILED = "failed to connect to all addresses"
+# How gRPC's transport words a connection that broke under a call already sent.
+_LOST = ("socket closed", "connection reset", "broken pipe", "goaway", "stream removed", "end of tcp stream",
+         "connection aborted")
+
+
+def _attempt_words(details: str) -> str:
+    """One unavailable attempt, said as what happened to it (gRPC's text kept in brackets)."""
+    text = details.strip() or "no detail"
+    if _CONNECT_FAILED in text:
+        rest = text.replace(_CONNECT_FAILED, "").lstrip("; ").removeprefix("last error: ")
+        return f"failed to connect ({rest})" if rest else "failed to connect"
+    if any(marker in text.lower() for marker in _LOST):
+        return f"connection lost during the call ({text})"
+    return text
+
+
+def _both_attempts(first: str, retry: str) -> str:
+    said_first, said_retry = _attempt_words(first), _attempt_words(retry)
+    if said_first == said_retry:
+        return f"{said_first} (the retry met the same)"
+    return f"{said_first}; retry: {said_retry}"
+
+
+def _tls_words(details: str, node: NodeEntry, ca: str) -> str:
+    """A TLS failure said in words instead of OpenSSL's text (kept in the debug log)."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (f"TLS: the certificate at {node.address} does not verify against the federation CA ({ca}): "
+                "wrong CA file here, or what answers there is not the federation's node")
+    if "Peer name" in details and "is not in peer certificate" in details:
+        return (f"TLS: the certificate at {node.address} does not carry the name {node.tls_name}: "
+                "another member, or a wrong tls_name or address in the configuration")
+    return details
+
+
 def _hit(message: pb.Hit) -> HitInfo:
     return HitInfo(
         node_id=message.node_id,
@@ -161,24 +196,43 @@ class Federation:
 
     async def _ask(self, node: NodeEntry, call: _Call, per_node: float, ends: float) -> NodeAnswer:
         health = self._health[node.node_id]
-        if not health.admit():
+        admission = health.admit()
+        if not admission:
             answer = NodeAnswer(node.node_id, node.country, NodeStatus.SKIPPED, health.reason())
         else:
-            started = time.monotonic()
-            answer = await self._hedged(node, call, min(per_node, ends - started), health)
-            if answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
-                await asyncio.sleep(self.RETRY_BACKOFF)
-                answer = await self._call(node, call, min(per_node, ends - time.monotonic()))
-            # What the investigator waited for this node, hedges and retries included.
-            answer = replace(answer, latency_ms=(time.monotonic() - started) * 1000)
-            if answer.status.answered:
-                health.succeeded(answer.latency_ms / 1000)
-            elif answer.status is not NodeStatus.REFUSED:
-                health.failed()
+            settled = False
+            try:
+                answer = await self._attempts(node, call, per_node, ends, health)
+                if answer.status.answered:
+                    health.succeeded(answer.latency_ms / 1000)
+                    settled = True
+                elif answer.status is not NodeStatus.REFUSED:
+                    health.failed()
+                    settled = True
+            finally:
+                # Refused, cancelled or broken by an exception: says nothing about the
+                # node, but a trial call must still give its place back.
+                if not settled:
+                    health.inconclusive(admission)
         log.info("node answered", extra={"request_id": call.request_id, "node": node.node_id,
                                          "status": answer.status.value, "ms": round(answer.latency_ms, 1),
                                          "detail": answer.message})
         return answer
+
+    async def _attempts(self, node: NodeEntry, call: _Call, per_node: float, ends: float,
+                        health: NodeHealth) -> NodeAnswer:
+        """The (hedged) call, and one retry if the node was unavailable and time allows."""
+        started = time.monotonic()
+        answer = await self._hedged(node, call, min(per_node, ends - started), health)
+        if answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
+            await asyncio.sleep(self.RETRY_BACKOFF)
+            first = answer
+            answer = await self._call(node, call, min(per_node, ends - time.monotonic()))
+            if not answer.status.answered:
+                # Both outcomes: "died during my call" reads differently from "was already down".
+                answer = replace(answer, message=_both_attempts(first.message, answer.message))
+        # What the investigator waited for this node, hedges and retries included.
+        return replace(answer, latency_ms=(time.monotonic() - started) * 1000)
 
     async def _hedged(self, node: NodeEntry, call: _Call, timeout: float, health: NodeHealth) -> NodeAnswer:
         delay = health.hedge_delay()
@@ -214,7 +268,7 @@ class Federation:
                 metadata=tokens.bearer(token) + ((REQUEST_ID_KEY, call.request_id),),
             )
         except grpc.aio.AioRpcError as error:
-            return NodeAnswer(node.node_id, node.country, _status_of(error), error.details() or "",
+            return NodeAnswer(node.node_id, node.country, _status_of(error), self._details(node, error),
                               (time.perf_counter() - started) * 1000)
         latency = (time.perf_counter() - started) * 1000
         try:
@@ -230,6 +284,15 @@ class Federation:
             truncated=truncated,
         )
 
+    def _details(self, node: NodeEntry, error: grpc.aio.AioRpcError) -> str:
+        details = error.details() or ""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return details
+        words = _tls_words(details, node, str(self._config.tls.ca))
+        if words != details:
+            log.debug("TLS failure", extra={"node": node.node_id, "detail": details})
+        return words
+
     async def describe(self, timeout: float | None = None) -> list[NodeDescription]:
         deadline = timeout or self._config.node_timeout
         return list(await asyncio.gather(*(self._describe_one(n, deadline) for n in self._config.nodes)))
@@ -243,5 +306,5 @@ class Federation:
             )
         except grpc.aio.AioRpcError as error:
             return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000,
-                                   failure=_status_of(error), message=error.details() or "")
+                                   failure=_status_of(error), message=self._details(node, error))
         return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000, response)

@@ -40,6 +40,8 @@ class FileHashes:
     dihedral: tuple[tuple[str, media.PerceptualHash], ...] = ()
     video: media.VideoHash | None = None
     skipped: tuple[Skipped, ...] = field(default=())
+    # A PDQ hash below the quality floor: never sent, but shown by ``icse-gateway hash``.
+    pdq_unsent: media.PerceptualHash | None = None
 
 
 def hash_file(path: Path, *, dihedral: bool = False) -> FileHashes:
@@ -71,7 +73,8 @@ def _checked(hashes: FileHashes, algorithm: algorithms.Algorithm) -> FileHashes:
     if hashes.pdq.quality >= algorithm.min_quality:
         return hashes
     reason = f"quality {hashes.pdq.quality} below {algorithm.min_quality}: not sent"
-    return FileHashes(hashes.path, hashes.exact, skipped=(Skipped(str(hashes.path), algorithm.name, reason),))
+    return FileHashes(hashes.path, hashes.exact, skipped=(Skipped(str(hashes.path), algorithm.name, reason),),
+                      pdq_unsent=hashes.pdq)
 
 
 def subjects(hashes: FileHashes, max_distance: int = 0) -> list[Subject]:

@@ -3,6 +3,13 @@
 Recent latencies, to decide when a slow node deserves a hedged second
 request; consecutive failures, to stop asking a node that keeps failing
 (circuit breaker) until a cool-down has passed, then try it once again.
+
+The trial call after a cool-down is the breaker's only way out of the open
+state, so it must be settled whatever becomes of it: an answer closes the
+circuit, a failure re-opens it for another cool-down, and an outcome that says
+nothing about the node's health (a refusal, a cancelled call) gives the place
+back so that the next call is again a trial. Otherwise one refused trial would
+leave the member skipped for the rest of a long triage.
 """
 
 from __future__ import annotations
@@ -10,6 +17,18 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Admission(Enum):
+    """May a call go to a node, and is it the breaker's one trial call?"""
+
+    SKIP = "skip"
+    CALL = "call"
+    TRIAL = "trial"
+
+    def __bool__(self) -> bool:
+        return self is not Admission.SKIP
 
 
 @dataclass(frozen=True)
@@ -35,15 +54,32 @@ class NodeHealth:
     hedges: int = 0
     _probing: bool = False
 
-    def admit(self, now: float | None = None) -> bool:
-        """May a call go to this node now? After the cool-down one probe goes through."""
+    def admit(self, now: float | None = None) -> Admission:
+        """May a call go to this node now? After the cool-down one trial goes through.
+
+        A ``TRIAL`` admission must end in :meth:`succeeded`, :meth:`failed` or
+        :meth:`inconclusive` — whatever happens to the call.
+        """
         current = time.monotonic() if now is None else now
         if self.failures < self.policy.failures_to_open:
-            return True
+            return Admission.CALL
         if current < self.open_until or self._probing:
-            return False
+            return Admission.SKIP
         self._probing = True
-        return True
+        return Admission.TRIAL
+
+    @property
+    def probing(self) -> bool:
+        """A trial call is out and not settled yet."""
+        return self._probing
+
+    def inconclusive(self, admission: Admission) -> None:
+        """The call ended without telling whether the node works (refused, cancelled).
+
+        Counts neither way; a trial gives its place back, so the next call may try again.
+        """
+        if admission is Admission.TRIAL:
+            self._probing = False
 
     def reason(self, now: float | None = None) -> str:
         current = time.monotonic() if now is None else now

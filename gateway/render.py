@@ -10,9 +10,11 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gateway.filehash import FileHashes
 from gateway.results import HitInfo, MergedResult, NodeStatus, Subject
+from gateway.textsafe import cell, terminal_safe
 
 SCHEMA = "icse.query-result/1"
 
@@ -113,11 +115,13 @@ def _summary_line(result: MergedResult) -> str:
     return f"{' and '.join(parts)} known to the federation{where}"
 
 
-def _label(subject: Subject) -> str:
+def _label(subject: Subject) -> Text:
     digest = subject.item.digest.hex()
     tagged = f"{subject.item.algorithm}:{digest[:16]}{'…' if len(digest) > 16 else ''}"
+    if not subject.source:
+        return cell(tagged)
     variant = f" ({subject.variant})" if subject.variant else ""
-    return f"{subject.source}{variant}\n{tagged}" if subject.source else tagged
+    return Text.assemble(cell(subject.source + variant), "\n", tagged)
 
 
 def _closeness(hit: HitInfo) -> str:
@@ -127,34 +131,46 @@ def _closeness(hit: HitInfo) -> str:
 
 
 def print_table(result: MergedResult, console: Console) -> None:
-    hits = Table(title=f"Case {result.case}: hits", title_justify="left")
+    """Every value from a node or a file name is shown literally (see gateway.textsafe)."""
+    hits = Table(title=Text.assemble("Case ", cell(result.case), ": hits"), title_justify="left")
     for column in ("item", "country", "distance", "reference", "category", "victim identified", "series",
                    "added", "contact"):
         hits.add_column(column)
     for item in result.items:
         for hit in item.hits:
-            hits.add_row(_label(item.subject), hit.country, _closeness(hit), hit.reference, hit.category or "-",
-                         _flag(hit.victim_identified), hit.series or "-", hit.date_added, hit.contact or "-")
+            hits.add_row(_label(item.subject), cell(hit.country), _closeness(hit), cell(hit.reference),
+                         cell(hit.category or "-"), _flag(hit.victim_identified), cell(hit.series or "-"),
+                         cell(hit.date_added), cell(hit.contact or "-"))
     if any(item.hits for item in result.items):
         console.print(hits)
-    console.print(_summary_line(result))
+    console.print(cell(_summary_line(result)))
     for skipped in result.skipped:
-        console.print(f"[yellow]not sent:[/] {skipped.source} {skipped.algorithm}: {skipped.reason}",
-                      highlight=False)
+        console.print(Text.assemble(("not sent:", "yellow"), " ",
+                                    cell(f"{skipped.source} {skipped.algorithm}: {skipped.reason}")))
 
     nodes = Table(title="Nodes", title_justify="left")
     for column in ("node", "country", "status", "ms", "message"):
         nodes.add_column(column)
     for node in result.nodes:
-        nodes.add_row(node.node_id, node.country, f"[{_STATUS_STYLE[node.status]}]{node.status.value}",
-                      f"{node.latency_ms:.0f}", node.message)
+        nodes.add_row(cell(node.node_id), cell(node.country), cell(node.status.value, _STATUS_STYLE[node.status]),
+                      f"{node.latency_ms:.0f}", cell(node.message))
     console.print(nodes)
-    if result.partial:
-        missing = [n.country for n in result.nodes if not n.status.answered]
-        console.print(f"[bold yellow]PARTIAL answer:[/] no answer from {', '.join(missing)}; "
-                      "absence of a hit there means nothing.")
-    else:
-        console.print("Complete answer: every node answered.")
+    console.print(_completeness(result))
+
+
+def _completeness(result: MergedResult) -> Text:
+    """Whether the answer is complete; when nobody answered, what to check."""
+    if not result.partial:
+        return Text("Complete answer: every node answered.")
+    missing = [n.country for n in result.nodes if not n.status.answered]
+    if len(missing) == len(result.nodes):
+        return Text.assemble(
+            ("NO node answered", "bold red"),
+            f" ({len(missing)} asked): this is not a \"no hit\". Check the node addresses in the configuration, "
+            "this gateway's certificate and key (and the CA file), and the network path to the nodes "
+            "(firewall, VPN, DNS); each node's message above says what its call met.")
+    return Text.assemble(("PARTIAL answer:", "bold yellow"),
+                         " ", cell(f"no answer from {', '.join(missing)}; absence of a hit there means nothing."))
 
 
 def hashes_json(hashes: FileHashes) -> dict[str, Any]:
@@ -163,6 +179,12 @@ def hashes_json(hashes: FileHashes) -> dict[str, Any]:
     if hashes.pdq is not None:
         entry["pdq"] = hashes.pdq.digest.hex()
         entry["pdq_quality"] = hashes.pdq.quality
+        entry["pdq_sent"] = True
+    elif hashes.pdq_unsent is not None:
+        # Computed but too poor to match reliably: shown, as Meta's tools do, never sent.
+        entry["pdq"] = hashes.pdq_unsent.digest.hex()
+        entry["pdq_quality"] = hashes.pdq_unsent.quality
+        entry["pdq_sent"] = False
     if hashes.dihedral:
         entry["pdq_dihedral"] = {name: h.digest.hex() for name, h in hashes.dihedral}
     if hashes.video is not None:
@@ -174,14 +196,17 @@ def hashes_json(hashes: FileHashes) -> dict[str, Any]:
 
 
 def print_hashes(entry: dict[str, Any]) -> None:
-    print(entry["path"])
+    """One file's hashes for people; its path and the reasons are data (escaped)."""
+    print(terminal_safe(entry["path"]))
     for key, value in entry.items():
-        if key in ("path", "skipped", "pdq_dihedral"):
+        if key in ("path", "skipped", "pdq_dihedral", "pdq_sent"):
             continue
         if key == "vpdq":
             value = f"{value[:64]}… ({entry['video_frames']} frames)"
-        print(f"  {key}: {value}")
+        if key == "pdq" and entry.get("pdq_sent") is False:
+            value = f"{value} (not sent: quality {entry['pdq_quality']})"
+        print(f"  {key}: {terminal_safe(value)}")
     for name, digest in entry.get("pdq_dihedral", {}).items():
         print(f"  pdq ({name}): {digest}")
     for skipped in entry["skipped"]:
-        print(f"  not sent: {skipped['algorithm']}: {skipped['reason']}")
+        print(terminal_safe(f"  not sent: {skipped['algorithm']}: {skipped['reason']}"))

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
 from federation import logs
 from federation.config import ConfigError
 from node import config as node_config

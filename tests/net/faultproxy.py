@@ -54,6 +54,7 @@ class ProxyStats:
     active: int = 0  # connections currently open (both sides)
     resets: int = 0  # connections aborted with RST by the proxy (reset mode)
     upstream_failures: int = 0  # connections whose upstream connect failed (client gets RST)
+    read_up: int = 0  # client -> proxy, read (also while stalled: "the client has sent it")
 
 
 @dataclass(eq=False)  # hashed by identity (kept in a set)
@@ -254,7 +255,8 @@ class FaultProxy:
     def snapshot(self) -> ProxyStats:
         """A copy of the counters (with ``active`` current)."""
         s = self.stats
-        return ProxyStats(s.bytes_up, s.bytes_down, s.accepted, s.active, s.resets, s.upstream_failures)
+        return ProxyStats(s.bytes_up, s.bytes_down, s.accepted, s.active, s.resets, s.upstream_failures,
+                          s.read_up)
 
     @property
     def bytes_up(self) -> int:
@@ -338,7 +340,7 @@ class FaultProxy:
         up_q: asyncio.Queue[Any] = asyncio.Queue(self._queue_chunks)
         down_q: asyncio.Queue[Any] = asyncio.Queue(self._queue_chunks)
         tasks = [
-            asyncio.create_task(self._reader(creader, up_q)),
+            asyncio.create_task(self._reader(creader, up_q, "read_up")),
             asyncio.create_task(self._writer(up_q, uwriter, "bytes_up")),
             asyncio.create_task(self._reader(ureader, down_q)),
             asyncio.create_task(self._writer(down_q, cwriter, "bytes_down")),
@@ -362,13 +364,15 @@ class FaultProxy:
                 if t.done() and not t.cancelled():
                     t.exception()  # retrieved: no "never retrieved" warnings
 
-    async def _reader(self, reader: asyncio.StreamReader, queue: asyncio.Queue[Any]) -> None:
+    async def _reader(self, reader: asyncio.StreamReader, queue: asyncio.Queue[Any], counter: str = "") -> None:
         loop = asyncio.get_running_loop()
         while True:
             data = await reader.read(self._chunk_size)
             if not data:
                 await queue.put(_EOF)
                 return
+            if counter:
+                setattr(self.stats, counter, getattr(self.stats, counter) + len(data))
             with self._cfg_lock:
                 p, (lo, hi), gen = self._drop_p, self._drop_range, self._generation
             hold = self._rng.uniform(lo, hi) if p > 0 and self._rng.random() < p else 0.0
