@@ -249,7 +249,7 @@ def _hash(files: Sequence[Path], format_name: str, dihedral: bool) -> int:
     for path in files:
         if not path.is_file():
             raise UsageError(f"{path}: not a readable file")
-        results.append(render.hashes_json(filehash.hash_file(path, dihedral=dihedral)))
+        results.append({"path": str(path), **filehash.hashes_json(filehash.hash_file(path, dihedral=dihedral))})
     if format_name == "json":
         print(json.dumps(results, indent=2))
     else:

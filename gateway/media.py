@@ -41,12 +41,18 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class PerceptualHash:
+    """One image's hash and quality; with ``variants``, also its rotations and flips."""
+
     digest: bytes
     quality: int
+    # (name, digest) of the eight rotations/flips when asked for, "original" first.
+    variants: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
 class VideoHash:
+    """A video's frame hashes, and how many frames were looked at to keep them."""
+
     frames: tuple[bytes, ...]  # kept frame hashes, in time order
     sampled: int  # frames hashed before dropping near-duplicates and low quality
     low_quality: int  # sampled frames dropped for quality below the threshold
@@ -96,14 +102,21 @@ def open_image(path: Path) -> Image.Image | None:
 
 
 def pdq(pixels: np.ndarray) -> PerceptualHash:
+    """Meta's PDQ of RGB pixels: 256 bits and a quality from 0 to 100."""
     bits, quality = pdqhash.compute(np.ascontiguousarray(pixels, dtype=np.uint8))
     return PerceptualHash(_bits_to_bytes(bits), int(quality))
 
 
-def pdq_dihedral(pixels: np.ndarray) -> list[tuple[str, PerceptualHash]]:
-    """The eight rotations and flips, for material that was turned or mirrored."""
+def pdq_dihedral(pixels: np.ndarray) -> PerceptualHash:
+    """Also the eight rotations and flips, for material that was turned or mirrored."""
     vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(pixels, dtype=np.uint8))
-    return [(name, PerceptualHash(_bits_to_bytes(v), int(quality))) for name, v in zip(DIHEDRAL_NAMES, vectors)]
+    variants = tuple((name, _bits_to_bytes(v)) for name, v in zip(DIHEDRAL_NAMES, vectors))
+    return PerceptualHash(variants[0][1], int(quality), variants)
+
+
+def pdq_image(pixels: np.ndarray, dihedral: bool) -> PerceptualHash:
+    """PDQ of a decoded picture, with its rotations and flips when ``dihedral``."""
+    return pdq_dihedral(pixels) if dihedral else pdq(pixels)
 
 
 def _distance(a: bytes, b: bytes) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gateway.filehash import FileHashes
+from federation import algorithms
+from federation.algorithms import MatchKind
 from gateway.results import HitInfo, MergedResult, NodeStatus, Subject
 
 SCHEMA = "icse.query-result/1"
@@ -157,31 +158,21 @@ def print_table(result: MergedResult, console: Console) -> None:
         console.print("Complete answer: every node answered.")
 
 
-def hashes_json(hashes: FileHashes) -> dict[str, Any]:
-    """What ``icse-gateway hash`` prints for one file (stable, documented)."""
-    entry: dict[str, Any] = {"path": str(hashes.path), **{k: v.hex() for k, v in hashes.exact.items()}}
-    if hashes.pdq is not None:
-        entry["pdq"] = hashes.pdq.digest.hex()
-        entry["pdq_quality"] = hashes.pdq.quality
-    if hashes.dihedral:
-        entry["pdq_dihedral"] = {name: h.digest.hex() for name, h in hashes.dihedral}
-    if hashes.video is not None:
-        entry["vpdq"] = hashes.video.digest.hex()
-        entry["video_frames"] = len(hashes.video.frames)
-        entry["video_frames_sampled"] = hashes.video.sampled
-    entry["skipped"] = [{"algorithm": k.algorithm, "reason": k.reason} for k in hashes.skipped]
-    return entry
-
-
 def print_hashes(entry: dict[str, Any]) -> None:
+    """One file of ``icse-gateway hash``: ``entry`` is its :func:`gateway.filehash.hashes_json` and path."""
     print(entry["path"])
-    for key, value in entry.items():
-        if key in ("path", "skipped", "pdq_dihedral"):
+    for algorithm in algorithms.all_algorithms():
+        name = algorithm.name
+        if entry.get(name) is None:
             continue
-        if key == "vpdq":
-            value = f"{value[:64]}… ({entry['video_frames']} frames)"
-        print(f"  {key}: {value}")
-    for name, digest in entry.get("pdq_dihedral", {}).items():
-        print(f"  pdq ({name}): {digest}")
-    for skipped in entry["skipped"]:
+        if algorithm.match_kind is MatchKind.FRAMES:
+            print(f"  {name}: {entry[name][:64]}… ({entry[f'{name}_frames']} frames)")
+            print(f"  {name}_frames_sampled: {entry[f'{name}_frames_sampled']}")
+            continue
+        print(f"  {name}: {entry[name]}")
+        if algorithm.perceptual:
+            print(f"  {name}_quality: {entry[f'{name}_quality']}")
+        for variant, digest in entry.get(f"{name}_dihedral", {}).items():
+            print(f"  {name} ({variant}): {digest}")
+    for skipped in entry["not_sent"]:
         print(f"  not sent: {skipped['algorithm']}: {skipped['reason']}")

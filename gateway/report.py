@@ -8,8 +8,9 @@ control characters). Undecodable bytes in names are shown as ``\\xNN``.
 
 Row fields (JSON lines; CSV has the scalar ones): ``path``, ``status``
 (``hashed``, ``unreadable``, ``not_hashed``), ``reason``, ``size``,
-``mtime_ns``, ``md5``, ``sha1``, ``sha256``, ``pdq``, ``pdq_quality``,
-``pdq_dihedral``, ``vpdq`` and ``vpdq_frames``, ``known``, ``countries``,
+``mtime_ns``, the hash fields of :func:`gateway.filehash.hashes_json`
+(``md5``, ``sha1``, ``sha256``, ``pdq``, ``pdq_quality``, ``pdq_dihedral``,
+``vpdq``, ``vpdq_frames``, …), ``known``, ``countries``,
 ``best_distance``, ``references`` (country, node, reference, distance,
 matched_share, matched_by, variant, category, victim_identified, series,
 date_added, contact), ``not_answered_by`` (nodes that did not answer a batch
@@ -31,7 +32,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from federation import algorithms
+from federation.algorithms import MatchKind
 from federation.files import atomic_write
+from gateway import filehash
 from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, TriageResult
 
 SCHEMA = "icse.triage-result/1"
@@ -72,35 +76,26 @@ def _cell(value: Any) -> Any:
 
 
 def file_json(row: FileRow) -> dict[str, Any]:
-    hashes = row.hashes
-    exact = hashes.exact if hashes else {}
-    entry: dict[str, Any] = {
+    """One file's row; its hash fields are :func:`gateway.filehash.hashes_json`'s."""
+    hashes = filehash.hashes_json(row.hashes)
+    for skipped in hashes["not_sent"]:
+        skipped["reason"] = printable(skipped["reason"])
+    return {
         "path": printable(row.path),
         "status": row.status,
         "reason": printable(row.reason),
         "size": row.size,
         "mtime_ns": row.mtime_ns,
-        "md5": exact["md5"].hex() if "md5" in exact else None,
-        "sha1": exact["sha1"].hex() if "sha1" in exact else None,
-        "sha256": exact["sha256"].hex() if "sha256" in exact else None,
-        "pdq": hashes.pdq.digest.hex() if hashes and hashes.pdq else None,
-        "pdq_quality": hashes.pdq.quality if hashes and hashes.pdq else None,
-        "vpdq": hashes.video.digest.hex() if hashes and hashes.video else None,
-        "vpdq_frames": len(hashes.video.frames) if hashes and hashes.video else None,
+        **hashes,
         "known": row.known,
         "countries": row.countries,
         "best_distance": row.best_distance,
         "references": row.references(),
         "not_answered_by": sorted(row.not_answered_by),
         "truncated_by": sorted(row.truncated_by),
-        "not_sent": [{"algorithm": s.algorithm, "reason": printable(s.reason)}
-                     for s in (hashes.skipped if hashes else ())],
         "from_cache": row.from_cache,
         "notes": [printable(n) for n in row.notes],
     }
-    if hashes and hashes.dihedral:
-        entry["pdq_dihedral"] = {name: h.digest.hex() for name, h in hashes.dihedral}
-    return entry
 
 
 def write_jsonl(result: TriageResult, path: Path) -> None:
@@ -111,9 +106,24 @@ def write_jsonl(result: TriageResult, path: Path) -> None:
     atomic_write(path, write)
 
 
-CSV_COLUMNS = ("path", "status", "reason", "size", "md5", "sha1", "sha256", "pdq", "pdq_quality", "vpdq_frames",
-               "known", "countries", "best_distance", "references", "not_answered_by", "not_sent", "from_cache",
-               "notes")
+def _hash_columns() -> tuple[tuple[str, str, str], ...]:
+    """(row field, heading, sort kind) per kind, for tables: each kind's digest, an image kind's quality,
+    a video kind's frame count (its digest is too long for a cell)."""
+    columns: list[tuple[str, str, str]] = []
+    for algorithm in algorithms.all_algorithms():
+        name, title = algorithm.name, algorithm.title
+        if algorithm.match_kind is MatchKind.FRAMES:
+            columns.append((f"{name}_frames", f"{title} frames", "num"))
+        elif algorithm.perceptual:
+            columns += [(name, title, "text"), (f"{name}_quality", f"{title} quality", "num")]
+        else:
+            columns.append((name, title, "text"))
+    return tuple(columns)
+
+
+HASH_COLUMNS = _hash_columns()
+CSV_COLUMNS = ("path", "status", "reason", "size", *(field for field, _, _ in HASH_COLUMNS), "known", "countries",
+               "best_distance", "references", "not_answered_by", "not_sent", "from_cache", "notes")
 
 
 def _reference_text(ref: dict[str, Any]) -> str:

@@ -81,20 +81,17 @@ def _file_row_html(row: FileRow) -> str:
         f"<td>{_e(' '.join(entry['countries']))}</td>",
         f"<td class=\"num\" data-sort=\"{'' if best is None else best}\">{'' if best is None else best}</td>",
         f"<td data-sort=\"{len(entry['references'])}\">{_references_html(entry['references'])}</td>",
-        f"<td class=\"digest\">{_e(entry['md5'] or '')}</td>",
-        f"<td class=\"digest\">{_e(entry['sha1'] or '')}</td>",
-        f"<td class=\"digest\">{_e(entry['sha256'] or '')}</td>",
-        f"<td class=\"digest\">{_e(entry['pdq'] or '')}</td>",
-        f"<td class=\"num\">{'' if entry['pdq_quality'] is None else entry['pdq_quality']}</td>",
+        *(f"<td class=\"{'num' if kind == 'num' else 'digest'}\">{_e('' if entry[key] is None else entry[key])}</td>"
+          for key, _, kind in _HASH_COLUMNS),
         f"<td>{_e('; '.join(notes))}</td>",
     ]
     css = " class=\"known\"" if row.known else ""
     return f"<tr{css}>{''.join(cells)}</tr>"
 
 
+_HASH_COLUMNS = report.HASH_COLUMNS
 _FILE_HEADERS = (("path", "text"), ("size", "num"), ("countries", "text"), ("best distance", "num"),
-                 ("references", "num"), ("md5", "text"), ("sha1", "text"), ("sha256", "text"), ("pdq", "text"),
-                 ("quality", "num"), ("notes", "text"))
+                 ("references", "num"), *((heading, kind) for _, heading, kind in _HASH_COLUMNS), ("notes", "text"))
 
 
 def _table(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> str:

@@ -12,42 +12,16 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any
 
-from gateway import filehash, media
-from gateway.results import Skipped
+from gateway import filehash
 from gateway.triage.model import Hashed, Task
 
 # Bumped when what hash_file computes changes: older cache entries are ignored.
-HASH_VERSION = 1
-
-
-def hashes_record(hashes: filehash.FileHashes) -> dict[str, Any]:
-    return {
-        "exact": {name: digest.hex() for name, digest in hashes.exact.items()},
-        "pdq": [hashes.pdq.digest.hex(), hashes.pdq.quality] if hashes.pdq else None,
-        "dihedral": [[name, h.digest.hex(), h.quality] for name, h in hashes.dihedral],
-        "video": {"frames": [f.hex() for f in hashes.video.frames], "sampled": hashes.video.sampled,
-                  "low_quality": hashes.video.low_quality} if hashes.video else None,
-        "skipped": [[s.algorithm, s.reason] for s in hashes.skipped],
-    }
-
-
-def hashes_from_record(record: dict[str, Any], path: str) -> filehash.FileHashes:
-    pdq = record.get("pdq")
-    video = record.get("video")
-    return filehash.FileHashes(
-        path=Path(path),
-        exact={name: bytes.fromhex(digest) for name, digest in record["exact"].items()},
-        pdq=media.PerceptualHash(bytes.fromhex(pdq[0]), int(pdq[1])) if pdq else None,
-        dihedral=tuple((name, media.PerceptualHash(bytes.fromhex(d), int(q))) for name, d, q in record["dihedral"]),
-        video=media.VideoHash(tuple(bytes.fromhex(f) for f in video["frames"]), int(video["sampled"]),
-                              int(video["low_quality"])) if video else None,
-        skipped=tuple(Skipped(path, algorithm, reason) for algorithm, reason in record["skipped"]),
-    )
+HASH_VERSION = 2
 
 
 def default_cache_path() -> Path:
+    """Where the cache lives unless ``--cache`` says otherwise."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "icse-gateway" / "triage-cache.sqlite"
 
@@ -96,7 +70,7 @@ class HashCache:
         if row is None:
             return None
         try:
-            return hashes_from_record(json.loads(row[0]), task.real)
+            return filehash.hashes_from_json(json.loads(row[0]), task.real)
         except (ValueError, KeyError, TypeError, IndexError):
             return None
 
@@ -105,7 +79,7 @@ class HashCache:
         self._db.execute(
             "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
             (self.key(task), self.variant(dihedral), hashed.size, hashed.mtime_ns,
-             json.dumps(hashes_record(hashed.hashes), separators=(",", ":")),
+             json.dumps(filehash.hashes_json(hashed.hashes), separators=(",", ":")),
              dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")))
 
     def commit(self) -> None:

@@ -19,7 +19,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from gateway import filehash
-from gateway.results import Skipped
 from gateway.triage.model import Hashed, Task
 from gateway.triage.walk import kind_of, reason_of
 Hasher = Callable[..., filehash.FileHashes]
@@ -31,6 +30,7 @@ def _worker_init() -> None:
 
 
 def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed:
+    """Hashes one file; whatever a decoder does, the file keeps at least its exact digests."""
     real = Path(task.real)
     try:
         before = os.stat(real, follow_symlinks=False)
@@ -45,14 +45,13 @@ def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed
     try:
         hashes = (hasher or filehash.hash_file)(real, dihedral=dihedral)
     except Exception as exc:  # noqa: BLE001 - whatever a decoder does, the bytes still identify the file
+        reason = f"perceptual hashing failed: {type(exc).__name__}: {exc}"[:300]
         try:
-            exact = filehash.exact_digests(real)
+            hashes = filehash.exact_only(real, reason)
         except OSError as read_error:
             if read_error.errno == errno.ENOENT:
                 return Hashed(None, before.st_size, before.st_mtime_ns, "vanished while it was being read")
             return Hashed(None, before.st_size, before.st_mtime_ns, reason_of(read_error))
-        reason = f"perceptual hashing failed: {type(exc).__name__}: {exc}"[:300]
-        hashes = filehash.FileHashes(real, exact, skipped=(Skipped(str(real), "pdq/vpdq", reason),))
     try:
         after = os.stat(real, follow_symlinks=False)
         stable = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
@@ -64,18 +63,17 @@ def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed
 
 
 def hash_chunk(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = None) -> list[Hashed]:
+    """What a worker runs: a few small files, or one large one."""
     return [hash_one(task, dihedral, hasher) for task in tasks]
 
 
 def exact_only(task: Task, why: str) -> Hashed:
     """Exact digests without any decoder: for a file that crashed a worker."""
     try:
-        exact = filehash.exact_digests(Path(task.real))
+        hashes = filehash.exact_only(Path(task.real), why)
     except OSError as exc:
         return Hashed(None, task.size, task.mtime_ns, reason_of(exc))
-    skipped = (Skipped(task.real, "pdq/vpdq", why),)
-    return Hashed(filehash.FileHashes(Path(task.real), exact, skipped=skipped), task.size, task.mtime_ns,
-                  stable=False)
+    return Hashed(hashes, task.size, task.mtime_ns, stable=False)
 
 
 def _start_forkserver() -> None:
@@ -99,6 +97,7 @@ def _start_forkserver() -> None:
 
 
 def new_pool(workers: int) -> ProcessPoolExecutor:
+    """Hashing processes forked from the fork server, never from this (threaded) process."""
     _start_forkserver()
     context = multiprocessing.get_context("forkserver")
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
