@@ -113,7 +113,24 @@ def hash_file(path: Path, *, dihedral: bool = False) -> FileHashes:
             skipped.append(Skipped(source, algorithm.name, reason))
         elif video is not None:
             found[algorithm.name] = video
+    if not found and not skipped:
+        skipped = _undecodable(path, source)
     return FileHashes(path, exact, found, tuple(skipped))
+
+
+def _undecodable(path: Path, source: str) -> list[Skipped]:
+    """Why a file whose name or signature says image or video got no perceptual hash (none if it says neither)."""
+    content = media.claimed_content(path)
+    if content is None:
+        return []
+    what = "an image" if content is Content.IMAGE else "a video"
+    try:
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = False
+    data = "the file is empty" if empty else "its data is not in any format this gateway decodes"
+    reason = f"its name or signature says {what}, but it does not decode as one: {data}"
+    return [Skipped(source, a.name, reason) for a in _of(content)]
 
 
 def exact_only(path: Path, reason: str) -> FileHashes:

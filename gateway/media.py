@@ -17,6 +17,8 @@ import numpy as np
 import pdqhash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from federation.algorithms import Content
+
 # Images above this many pixels are refused rather than decoded (decompression bombs).
 MAX_PIXELS = 64_000_000
 # Frames per second sampled from videos.
@@ -31,6 +33,17 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".w
 # them in random bytes.
 _VIDEO_CONTAINERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv",
                                "asf", "mpegts", "mpeg", "ogg"})
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+                            ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".ico", ".pcx", ".tga", ".ppm",
+                            ".pgm", ".pbm"})
+# Leading bytes of image and video formats: (offset, bytes). Enough to tell that a
+# file means to be media even when its name does not say so.
+_IMAGE_SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF87a"), (0, b"GIF89a"),
+                     (0, b"II*\x00"), (0, b"MM\x00*"), (8, b"WEBP"), (4, b"ftypheic"),
+                     (4, b"ftypheix"), (4, b"ftypmif1"), (4, b"ftypavif"), (0, b"\x00\x00\x00\x0cjP  "))
+_VIDEO_SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (8, b"AVI "), (0, b"FLV\x01"),
+                     (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"), (0, b"\x00\x00\x01\xba"), (0, b"OggS"))
 
 DIHEDRAL_NAMES = ("original", "rot90", "rot180", "rot270", "flip-v", "flip-h", "rot90-flip-v", "rot90-flip-h")
 
@@ -99,6 +112,29 @@ def open_image(path: Path) -> Image.Image | None:
         if isinstance(exc, MediaError):
             raise
         raise MediaError(f"image cannot be decoded: {exc}") from None
+
+
+def claimed_content(path: Path) -> Content | None:
+    """What the file's name or first bytes say it is (image or video), whether or not it decodes.
+
+    A decoder that does not recognise a file says only "not mine": this tells
+    "not media" from "media that does not decode", which the investigator must see.
+    """
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return Content.IMAGE
+    if suffix in VIDEO_SUFFIXES:
+        return Content.VIDEO
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    if any(head.startswith(magic, offset) for offset, magic in _IMAGE_SIGNATURES):
+        return Content.IMAGE
+    if any(head.startswith(magic, offset) for offset, magic in _VIDEO_SIGNATURES):
+        return Content.VIDEO
+    return None
 
 
 def pdq(pixels: np.ndarray) -> PerceptualHash:
