@@ -87,7 +87,7 @@ def _reencoded(source: Path, path: Path, size: tuple[int, int] = (240, 180)) -> 
         stream.pix_fmt = "yuv420p"
         stream.bit_rate = 300_000
         for frame in reader.decode(video=0):
-            pixels = np.asarray(frame.to_image().resize(size, Image.BILINEAR))
+            pixels = np.asarray(frame.to_image().resize(size, Image.Resampling.BILINEAR))
             writer.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         writer.mux(stream.encode())
     return path
@@ -108,7 +108,7 @@ def _seized_files(workdir: Path, seed: int) -> tuple[list[Path], Path, Path]:
     image = _picture(seed)
     image.save(original)
     copy = seized / "IMG_0005.jpg"
-    image.resize((320, 240), Image.LANCZOS).save(copy, "JPEG", quality=65)
+    image.resize((320, 240), Image.Resampling.LANCZOS).save(copy, "JPEG", quality=65)
     footage = _video(workdir / "original.mp4", seed)
     clip = _reencoded(footage, seized / "clip_0003.mp4")
     return [pictures[0], pictures[1], clip, pictures[2], copy], original, footage

@@ -47,6 +47,8 @@ class Hashed:
 
 @dataclass
 class Match:
+    """One hit for one of a file's hashes: which algorithm and variant found it."""
+
     algorithm: str
     variant: str
     hit: HitInfo
@@ -54,6 +56,8 @@ class Match:
 
 @dataclass
 class FileRow:
+    """Everything a report says about one entry of the tree."""
+
     path: str
     status: str  # HASHED, UNREADABLE or NOT_HASHED
     reason: str = ""
@@ -100,11 +104,13 @@ class FileRow:
 
 @dataclass
 class NodeTally:
+    """How one node answered the batches of a run."""
+
     node_id: str
     country: str
     batches: int = 0
     answered: int = 0
-    statuses: Counter = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
     messages: list[str] = field(default_factory=list)
 
     def record(self, answer: NodeAnswer) -> None:
@@ -121,6 +127,8 @@ class NodeTally:
 
 @dataclass
 class TriageResult:
+    """A whole run: its rows in walk order, the nodes' tallies, and how it was asked."""
+
     case: str
     root: str
     started: dt.datetime

@@ -29,7 +29,17 @@ from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
 from gateway.triage.cache import HashCache
-from gateway.triage.model import DEFAULT_BATCH, HASHED, UNREADABLE, FileRow, Hashed, Match, NodeTally, Task, TriageResult
+from gateway.triage.model import (
+    DEFAULT_BATCH,
+    HASHED,
+    UNREADABLE,
+    FileRow,
+    Hashed,
+    Match,
+    NodeTally,
+    Task,
+    TriageResult,
+)
 from gateway.triage.walk import walk
 from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, stop_pool
 
@@ -175,6 +185,10 @@ class Triage:
         chunk: list[tuple[int, Task]] = []
         size = 0
 
+        def done(work: asyncio.Task[None]) -> None:
+            running.discard(work)
+            slots.release()
+
         async def submit() -> None:
             nonlocal chunk, size
             await slots.acquire()
@@ -185,7 +199,7 @@ class Triage:
                 raise
             work = asyncio.create_task(self._hash(chunk))
             running.add(work)
-            work.add_done_callback(lambda t: (running.discard(t), slots.release()))
+            work.add_done_callback(done)
             chunk, size = [], 0
 
         while (entry := await entries.get()) is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from gateway import filehash
 from gateway.triage.model import Hashed, Task
 from gateway.triage.walk import kind_of, reason_of
+
 Hasher = Callable[..., filehash.FileHashes]
 
 
