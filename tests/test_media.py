@@ -13,8 +13,8 @@ from PIL import Image
 
 from federation import algorithms
 from federation.algorithms import Content
-from gateway import filehash, media, report
-from gateway.triage import FileRow
+from gateway import filehash, media
+from gateway.triage import FileRow, report
 from tests import media as draw
 from tests.support import run_gateway
 

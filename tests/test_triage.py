@@ -23,9 +23,10 @@ import pytest
 
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
-from gateway import filehash, report, triage
+from gateway import filehash, triage
 from gateway.config import NodeEntry
 from gateway.results import NodeAnswer, NodeStatus
+from gateway.triage import report
 from tests import media as draw
 from tests.support import import_rows
 

@@ -4,9 +4,9 @@
 regular file in worker processes (:mod:`.workers`; exact digests, and the
 perceptual hashes :func:`gateway.filehash.hash_file` computes), remembers what
 it hashed (:mod:`.cache`) and asks the federation in batches while the hashing
-goes on (:mod:`.run`). The result is one row per file (:mod:`.model`, shown by
-:mod:`gateway.report` and :mod:`gateway.report_html`); :mod:`.command` is the
-command line's entry. Nothing here is fatal for a file: what cannot be read
+goes on (:mod:`.run`). The result is one row per file (:mod:`.model`), reported by
+:mod:`.report` (JSON lines, CSV, the summary on stdout) and :mod:`.report_html`;
+:mod:`.command` is the command line's entry. Nothing here is fatal for a file: what cannot be read
 or decoded is listed with the reason.
 """
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from gateway import report, report_html
+from gateway.triage import report, report_html
 from gateway.triage.cache import HashCache, default_cache_path
 from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH, TriageResult
 from gateway.triage.run import Triage

@@ -1,7 +1,7 @@
 """What a directory triage produces: one row per file, a tally per node, the whole result.
 
 Shared by the run that fills it (:mod:`gateway.triage.run`) and the reports
-that show it (:mod:`gateway.report`, :mod:`gateway.report_html`); it imports
+that show it (:mod:`gateway.triage.report`, :mod:`gateway.triage.report_html`); it imports
 neither, so neither imports the other.
 """
 

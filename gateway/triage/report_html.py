@@ -1,6 +1,6 @@
 """The triage's HTML report: one self-contained page, sortable, that loads nothing.
 
-The page's style and script are package data (``gateway/static``), read with
+The page's style and script are package data (``gateway/triage/static``), read with
 :mod:`importlib.resources` and inlined; a Content-Security-Policy allows
 exactly them (by hash) and nothing else. Every value on the page is escaped:
 file names come from seized media and are attacker-controlled, as are the
@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from federation.files import atomic_write
-from gateway import report
+from gateway.triage import report
 from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, TriageResult
 
 
 @cache
 def _asset(name: str) -> str:
-    return (resources.files("gateway") / "static" / name).read_text(encoding="utf-8")
+    return (resources.files("gateway.triage") / "static" / name).read_text(encoding="utf-8")
 
 
 def _csp_hash(text: str) -> str:

@@ -1,5 +1,5 @@
 """Reports of a directory triage: JSON lines, CSV, and the short summary
-printed on stdout (table or JSON); the HTML page is :mod:`gateway.report_html`.
+printed on stdout (table or JSON); the HTML page is :mod:`gateway.triage.report_html`.
 
 File names come from seized media and are attacker-controlled, as are the
 strings nodes return: every value is escaped for where it goes (HTML text and
