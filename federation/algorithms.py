@@ -2,8 +2,16 @@
 
 Everything that needs to know about an algorithm — the CLI parsing
 ``sha256:HEX``, the node validating a query, the importer checking a row, the
-node choosing an index — asks this registry instead of branching on names.
-Later kinds (perceptual ones) register here with their own match kind.
+node choosing an index, the gateway hashing a file and naming the fields of
+its reports — asks this registry instead of branching on names.
+
+Like python-threatexchange's ``SignalType``, an entry says what content it
+hashes (:class:`Content`) and how it is shown, but this package carries no
+decoder: the node never decodes media, and must not load Pillow or FFmpeg to
+learn what ``pdq`` is. The gateway keeps the hashing functions in one small
+table keyed by :attr:`Algorithm.name` (:mod:`gateway.filehash`), checked
+against this registry by the tests; adding a kind is an entry here and, for a
+perceptual one, its function there.
 """
 
 from __future__ import annotations
@@ -22,6 +30,17 @@ class MatchKind(Enum):
     # A sequence of perceptual frame hashes (video); a match is a stored video
     # holding near matches for a large enough share of the query's frames.
     FRAMES = "frames"
+
+
+class Content(Enum):
+    """What a file must be for an algorithm to hash it (threatexchange's ``ContentType``)."""
+
+    # Any bytes: exact digests, computed with hashlib.
+    BYTES = "bytes"
+    # A decoded picture.
+    IMAGE = "image"
+    # The decoded frames of a video.
+    VIDEO = "video"
 
 
 class DigestError(ValueError):
@@ -44,6 +63,14 @@ class Algorithm:
     max_frames: int = 1
     # FRAMES kinds: share of query frames that must match a stored video.
     min_share: float = 0.0
+    # What the gateway decodes to hash a file with it.
+    content: Content = Content.BYTES
+    # How people call it (report headings); the name when empty.
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
 
     @property
     def perceptual(self) -> bool:
@@ -79,17 +106,23 @@ MD5 = Algorithm("md5", 16, MatchKind.EXACT, hashlib_name="md5")
 SHA1 = Algorithm("sha1", 20, MatchKind.EXACT, hashlib_name="sha1")
 SHA256 = Algorithm("sha256", 32, MatchKind.EXACT, hashlib_name="sha256")
 # Meta's PDQ: 256 bits; distance <= 31 is a match, quality < 50 is unreliable.
-PDQ = Algorithm("pdq", 32, MatchKind.HAMMING, default_distance=31, min_quality=50)
+PDQ = Algorithm("pdq", 32, MatchKind.HAMMING, default_distance=31, min_quality=50, content=Content.IMAGE,
+                label="PDQ")
 # Video as PDQ hashes of about one frame per second (consecutive near-identical
 # frames dropped); vPDQ's rule: >= 80 % of query frames within distance 31.
 VPDQ = Algorithm("vpdq", 32, MatchKind.FRAMES, default_distance=31, min_quality=50,
-                 max_frames=4096, min_share=0.8)
+                 max_frames=4096, min_share=0.8, content=Content.VIDEO, label="vPDQ")
 
 _REGISTRY: dict[str, Algorithm] = {a.name: a for a in (MD5, SHA1, SHA256, PDQ, VPDQ)}
 
 
 def all_algorithms() -> tuple[Algorithm, ...]:
     return tuple(_REGISTRY.values())
+
+
+def perceptual() -> tuple[Algorithm, ...]:
+    """The kinds computed by decoding a file (images, videos), in registry order."""
+    return tuple(a for a in _REGISTRY.values() if a.perceptual)
 
 
 def names() -> tuple[str, ...]:

@@ -1,12 +1,13 @@
 """``make demo``: a local federation of country nodes, queried through the gateway.
 
 Every country gets its own synthetic hash set (random digests, with a few
-deliberately known to several countries); an investigator's "seized" files are
-random bytes written at demo time, some of which the countries know, and a
-drawn picture whose resized, recompressed original one country knows by its
-PDQ hash. Nothing
-here resembles real material. Every node process is stopped at the end, also
-on failure or Ctrl-C.
+deliberately known to several countries). The investigator's "seized" files
+are what their names say, drawn at demo time (gradients, noise and shapes):
+pictures, some of which countries know by their exact digests; a resized,
+recompressed copy of a picture one country knows by its PDQ hash; and a
+re-encoded copy of a short video another country knows by its frame hashes.
+Nothing here resembles real material. Every node process is stopped at the
+end, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import av
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -43,58 +46,95 @@ CONTACTS = {
 RANDOM_PER_COUNTRY = 5_000
 
 
-def _seized_files(directory: Path, rng: random.Random) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    files = []
-    for name in ("IMG_0001.jpg", "IMG_0002.jpg", "clip_0003.mp4", "IMG_0004.jpg"):
-        path = directory / name
-        path.write_bytes(rng.randbytes(rng.randint(20_000, 60_000)))
-        files.append(path)
-    return files
-
-
-def _drawn_pair(directory: Path, seized: Path, seed: int) -> tuple[Path, Path]:
-    """A drawn picture (gradient, noise, shapes) and a resized, recompressed copy
-    of it among the seized files: the copy's bytes differ, its PDQ hash barely."""
+def _picture(seed: int, size: tuple[int, int] = (480, 360)) -> Image.Image:
+    """A gradient with noise and coloured shapes: enough detail for a reliable PDQ hash."""
     rng = np.random.default_rng(seed)
-    x = np.linspace(0, 1, 480)[None, :, None]
-    y = np.linspace(0, 1, 360)[:, None, None]
-    pixels = 255 * (0.5 * x + 0.5 * y) * rng.uniform(0.3, 1, 3) + rng.normal(0, 12, (360, 480, 3))
+    width, height = size
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    pixels = 255 * (0.5 * x + 0.5 * y) * rng.uniform(0.3, 1, 3) + rng.normal(0, 12, (height, width, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(8):
-        x0, y0 = int(rng.integers(0, 400)), int(rng.integers(0, 300))
-        box = (x0, y0, x0 + int(rng.integers(30, 200)), y0 + int(rng.integers(30, 150)))
+        x0, y0 = int(rng.integers(0, width - 80)), int(rng.integers(0, height - 60))
+        box = (x0, y0, x0 + int(rng.integers(30, width // 2)), y0 + int(rng.integers(30, height // 2)))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    original = directory / "original.png"
+    return image
+
+
+def _video(path: Path, seed: int, seconds: int = 6, fps: int = 10, size: tuple[int, int] = (320, 240)) -> Path:
+    """A short clip: a drawn scene that changes every second and drifts in between."""
+    scenes = [np.asarray(_picture(seed * 100 + s, (size[0] + 64, size[1] + 64))) for s in range(seconds)]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 800_000
+        for index in range(seconds * fps):
+            shift = index % fps * 3
+            frame = np.ascontiguousarray(scenes[index // fps][shift : shift + size[1], shift : shift + size[0]])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _reencoded(source: Path, path: Path, size: tuple[int, int] = (240, 180)) -> Path:
+    """The same clip decoded and encoded again, smaller and at a lower bit rate: other bytes, same frames."""
+    with av.open(str(source)) as reader, av.open(str(path), "w") as writer:
+        stream = writer.add_stream("mpeg4", rate=10)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 300_000
+        for frame in reader.decode(video=0):
+            pixels = np.asarray(frame.to_image().resize(size, Image.Resampling.BILINEAR))
+            writer.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        writer.mux(stream.encode())
+    return path
+
+
+def _seized_files(workdir: Path, seed: int) -> tuple[list[Path], Path, Path]:
+    """The seized files, and the originals that countries know two of them by:
+    ``[IMG_0001.jpg, IMG_0002.jpg, clip_0003.mp4, IMG_0004.jpg, IMG_0005.jpg]``, the
+    picture IMG_0005 is a resized, recompressed copy of, and the video clip_0003 re-encodes."""
+    seized = workdir / "seized"
+    seized.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    for number in (1, 2, 4):
+        path = seized / f"IMG_{number:04d}.jpg"
+        _picture(seed + number).save(path, "JPEG", quality=85)
+        pictures.append(path)
+    original = workdir / "original.png"
+    image = _picture(seed)
     image.save(original)
     copy = seized / "IMG_0005.jpg"
-    image.resize((320, 240), Image.LANCZOS).save(copy, "JPEG", quality=65)
-    return original, copy
+    image.resize((320, 240), Image.Resampling.LANCZOS).save(copy, "JPEG", quality=65)
+    footage = _video(workdir / "original.mp4", seed)
+    clip = _reencoded(footage, seized / "clip_0003.mp4")
+    return [pictures[0], pictures[1], clip, pictures[2], copy], original, footage
 
 
-def _pdq_of(path: Path) -> str:
-    """The PDQ hash of an image, as the investigators' CLI computes it."""
+def _hashes_of(path: Path) -> dict[str, Any]:
+    """A file's hashes, as the investigators' CLI computes them."""
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "hash", "--format", "json", str(path)],
                           capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(done.stdout)[0]["pdq"]
+    return json.loads(done.stdout)[0]
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _hash_sets(countries: Sequence[str], seized: Sequence[Path], pdq: str, rng: random.Random,
+def _hash_sets(countries: Sequence[str], seized: Sequence[Path], pdq: str, vpdq: str, rng: random.Random,
                out: Path) -> dict[str, Path]:
-    """One CSV per country: random digests, plus seized files known to some
-    (and, in the second country, the PDQ hash of a picture a seized file copies)."""
+    """One CSV per country: random digests, plus seized files known to some; the
+    second country knows the PDQ hash of a picture a seized file copies, the last
+    one the frame hashes of the video a seized clip re-encodes."""
     known_by = {
         seized[0]: countries[:3],  # one file known to three countries
         seized[1]: countries[3:5] or countries[:1],  # another to two
-        seized[2]: countries[-1:],  # a video known to one
     }  # seized[3] is known to nobody
-    series = {seized[0]: "SERIES-ALPHA", seized[1]: "SERIES-BRAVO", seized[2]: "SERIES-CHARLIE"}
+    series = {seized[0]: "SERIES-ALPHA", seized[1]: "SERIES-BRAVO"}
     shared_random = [rng.randbytes(32).hex() for _ in range(20)]
     paths = {}
     for index, country in enumerate(countries):
@@ -108,6 +148,9 @@ def _hash_sets(countries: Sequence[str], seized: Sequence[Path], pdq: str, rng: 
                                      rng.choice(["1", "2"]), rng.choice(["true", "false"]), series[file]])
             if index == 1:
                 writer.writerow(["pdq", pdq, f"{country}-{rng.randrange(10**8):08d}", "1", "true", "SERIES-DELTA"])
+            if index == len(countries) - 1:
+                writer.writerow(["vpdq", vpdq, f"{country}-{rng.randrange(10**8):08d}", "1", "false",
+                                 "SERIES-CHARLIE"])
             for digest in shared_random[index % 4 :: 4]:
                 writer.writerow(["sha256", digest, "", "1", "", ""])
             for _ in range(RANDOM_PER_COUNTRY):
@@ -143,10 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not pki.ca_cert.exists():
         pki.create()
 
-    seized = _seized_files(args.workdir / "seized", rng)
-    original, copy = _drawn_pair(args.workdir, args.workdir / "seized", args.seed)
-    seized.append(copy)
-    sets = _hash_sets(countries, seized, _pdq_of(original), rng, args.workdir)
+    seized, picture, footage = _seized_files(args.workdir, args.seed)
+    pdq, vpdq = _hashes_of(picture)["pdq"], _hashes_of(footage)["vpdq"]
+    sets = _hash_sets(countries, seized, pdq, vpdq, rng, args.workdir)
     federation = LocalFederation(
         args.workdir / "nodes", pki,
         [NodeSpec(c, c, CONTACTS.get(c, f"icse@police.example.{c.lower()}")) for c in countries],

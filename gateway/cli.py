@@ -19,13 +19,15 @@ from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
 from gateway import config as gateway_config
-from gateway import filehash, render, selfcheck, triage
+from gateway import filehash, render, selfcheck
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics
 from gateway.results import Skipped, Subject
 from gateway.signing import Signer, signer_for
 from gateway.textsafe import cell
+from gateway.triage import DEFAULT_BATCH, MAX_BATCH
+from gateway.triage.command import TriageOptions, command as triage_command
 
 EXIT_HIT, EXIT_NO_HIT, EXIT_ERROR = 0, 1, 2
 MAX_CASE = 128
@@ -87,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="hash every file under PATH (symlinks are not followed out of it, special files not read)")
     tri.add_argument("--jobs", type=int, metavar="N", help="hashing processes (default: number of CPUs)")
     tri.add_argument("--batch", type=int, metavar="N",
-                     help=f"hashes per request to the nodes (default: {triage.DEFAULT_BATCH:,}; at most "
-                     f"{triage.MAX_BATCH:,})")
+                     help=f"hashes per request to the nodes (default: {DEFAULT_BATCH:,}; at most "
+                     f"{MAX_BATCH:,})")
     tri.add_argument("--jsonl", type=Path, metavar="OUT", help="write one JSON line per file")
     tri.add_argument("--csv", type=Path, metavar="OUT", help="write one CSV row per file")
     tri.add_argument("--html", type=Path, metavar="OUT",
@@ -140,11 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag, value in (("--timeout", args.timeout), ("--deadline", args.deadline)):
             if value is not None and not 0 < value <= 300:
                 raise UsageError(f"{flag} must be between 0 and 300 seconds")
-        triage.check_options(args)
+        options = _triage_options(args)
+        options.check(with_digests_or_files=bool(args.hash or args.file))
         if args.dir is not None and args.metrics_file is not None:
             raise UsageError("--metrics-file applies to single queries, not to --dir triage")
-        if args.dir is not None:
-            return triage.command(args, config, case, lambda: _signer(config, args.officer))
+        if options.directory is not None:
+            return triage_command(options, config, case, lambda: _signer(config, args.officer))
         subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
         return asyncio.run(_query(config, args, subjects, skipped, case))
     except (ConfigError, UsageError, OSError, ValueError) as exc:
@@ -152,6 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+
+
+def _triage_options(args: argparse.Namespace) -> TriageOptions:
+    """The triage part of ``query``'s command line, typed."""
+    return TriageOptions(
+        directory=args.dir, jobs=args.jobs, batch=args.batch, jsonl=args.jsonl, csv=args.csv, html=args.html,
+        cache=args.cache, no_cache=args.no_cache, dihedral=args.dihedral, max_distance=args.max_distance,
+        timeout=args.timeout, deadline=args.deadline, officer=args.officer, json_summary=args.format == "json")
 
 
 def _case(text: str) -> str:
@@ -248,7 +259,7 @@ def _hash(files: Sequence[Path], format_name: str, dihedral: bool) -> int:
     for path in files:
         if not path.is_file():
             raise UsageError(f"{path}: not a readable file")
-        results.append(render.hashes_json(filehash.hash_file(path, dihedral=dihedral)))
+        results.append({"path": str(path), **filehash.hashes_json(filehash.hash_file(path, dihedral=dihedral))})
     if format_name == "json":
         print(json.dumps(results, indent=2))
     else:

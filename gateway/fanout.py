@@ -17,14 +17,13 @@ import grpc
 
 from federation import tls, tokens
 from federation.query import QueryItem, query_sha256
-from federation.wire import items_to_pb, pb, rpc
+from federation.wire import REQUEST_ID_KEY, items_to_pb, pb, rpc
 from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.signing import Signer
 
 log = logging.getLogger("icse.gateway")
-REQUEST_ID_KEY = "x-request-id"
 
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED,

@@ -1,24 +1,45 @@
 """Hashing an investigator's files locally: only digests ever leave the machine.
 
-Every file gets the exact digests; images also a PDQ hash, videos their frame
-hashes. What could not be hashed perceptually, or was too poor to send, is
-said in ``notes`` instead of failing the file.
+Every file gets the exact digests; images also their image kinds' hashes (PDQ),
+videos their video kinds' frame hashes (vPDQ). What could not be hashed
+perceptually, or was too poor to send, is said in ``skipped`` instead of
+failing the file.
+
+Which kinds exist, what each decodes and how its fields are named come from
+:mod:`federation.algorithms`; this module adds the one thing the registry
+cannot carry — the hashing functions, which need Pillow, pdqhash and PyAV —
+in :data:`IMAGE_HASHERS` and :data:`VIDEO_HASHERS`, keyed by the algorithm's
+name. :func:`hashes_json` is the one rendering of a file's hashes, used by
+``icse-gateway hash``, the triage reports and the triage cache alike.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from federation import algorithms
+from federation.algorithms import Algorithm, Content, MatchKind
 from federation.query import QueryItem
 from gateway import media
+from gateway.media import PerceptualHash, VideoHash
 from gateway.results import Skipped, Subject
 
 CHUNK = 1 << 20
+
+# Image kinds: decoded RGB pixels and whether rotations/flips are wanted -> the hash.
+IMAGE_HASHERS: dict[str, Callable[[np.ndarray, bool], PerceptualHash]] = {
+    algorithms.PDQ.name: media.pdq_image,
+}
+# Video kinds: the file and the lowest frame quality kept -> frame hashes, or None if no video.
+VIDEO_HASHERS: dict[str, Callable[[Path, int], VideoHash | None]] = {
+    algorithms.VPDQ.name: media.video_hash,
+}
 
 
 def exact_digests(path: Path) -> dict[str, bytes]:
@@ -35,57 +56,165 @@ def exact_digests(path: Path) -> dict[str, bytes]:
 class FileHashes:
     path: Path
     exact: dict[str, bytes]
-    pdq: media.PerceptualHash | None = None
-    # The eight rotations/flips, when asked for (the first is the original).
-    dihedral: tuple[tuple[str, media.PerceptualHash], ...] = ()
-    video: media.VideoHash | None = None
-    skipped: tuple[Skipped, ...] = field(default=())
-    # A PDQ hash below the quality floor: never sent, but shown by ``icse-gateway hash``.
-    pdq_unsent: media.PerceptualHash | None = None
+    # By algorithm name: a PerceptualHash for image kinds, a VideoHash for video kinds.
+    perceptual: dict[str, PerceptualHash | VideoHash] = field(default_factory=dict)
+    skipped: tuple[Skipped, ...] = ()
+    # Image hashes below their kind's quality floor: never sent, but shown (as Meta's tools do).
+    unsent: dict[str, PerceptualHash] = field(default_factory=dict)
+
+    # For callers that want one kind by name (tests, the demo); the code above them does not.
+    @property
+    def pdq(self) -> PerceptualHash | None:
+        found = self.perceptual.get(algorithms.PDQ.name)
+        return found if isinstance(found, PerceptualHash) else None
+
+    @property
+    def dihedral(self) -> tuple[tuple[str, PerceptualHash], ...]:
+        """PDQ's eight rotations and flips as hashes, when they were asked for."""
+        pdq = self.pdq
+        return tuple((name, PerceptualHash(digest, pdq.quality)) for name, digest in pdq.variants) if pdq else ()
+
+    @property
+    def video(self) -> VideoHash | None:
+        found = self.perceptual.get(algorithms.VPDQ.name)
+        return found if isinstance(found, VideoHash) else None
+
+
+def _of(content: Content) -> list[Algorithm]:
+    return [a for a in algorithms.perceptual() if a.content is content]
 
 
 def hash_file(path: Path, *, dihedral: bool = False) -> FileHashes:
+    """Exact digests, and the perceptual hashes of whatever the file decodes as."""
     exact = exact_digests(path)
     source = str(path)
+    found: dict[str, PerceptualHash | VideoHash] = {}
+    unsent: dict[str, PerceptualHash] = {}
+    skipped: list[Skipped] = []
     try:
         image = media.open_image(path)
     except media.MediaError as exc:
-        return FileHashes(path, exact, skipped=(Skipped(source, "pdq", str(exc)),))
+        return FileHashes(path, exact, skipped=tuple(Skipped(source, a.name, str(exc)) for a in _of(Content.IMAGE)))
     if image is not None:
         pixels = np.asarray(image)
-        if dihedral:
-            variants = tuple(media.pdq_dihedral(pixels))
-            return _checked(FileHashes(path, exact, variants[0][1], variants), algorithms.PDQ)
-        return _checked(FileHashes(path, exact, media.pdq(pixels)), algorithms.PDQ)
+        for algorithm in _of(Content.IMAGE):
+            hashed = IMAGE_HASHERS[algorithm.name](pixels, dihedral)
+            if hashed.quality >= algorithm.min_quality:
+                found[algorithm.name] = hashed
+            else:
+                unsent[algorithm.name] = hashed
+                reason = f"quality {hashed.quality} below {algorithm.min_quality}: not sent"
+                skipped.append(Skipped(source, algorithm.name, reason))
+        return FileHashes(path, exact, found, tuple(skipped), unsent)
+    for algorithm in _of(Content.VIDEO):
+        try:
+            video = VIDEO_HASHERS[algorithm.name](path, algorithm.min_quality)
+        except media.MediaError as exc:
+            skipped.append(Skipped(source, algorithm.name, str(exc)))
+            continue
+        if video is not None and not video.frames:
+            reason = f"all {video.sampled} sampled frames below quality {algorithm.min_quality}"
+            skipped.append(Skipped(source, algorithm.name, reason))
+        elif video is not None:
+            found[algorithm.name] = video
+    if not found and not skipped:
+        skipped = _undecodable(path, source)
+    return FileHashes(path, exact, found, tuple(skipped))
+
+
+def _undecodable(path: Path, source: str) -> list[Skipped]:
+    """Why a file whose name or signature says image or video got no perceptual hash (none if it says neither)."""
+    content = media.claimed_content(path)
+    if content is None:
+        return []
+    what = "an image" if content is Content.IMAGE else "a video"
     try:
-        video = media.video_hash(path, algorithms.VPDQ.min_quality)
-    except media.MediaError as exc:
-        return FileHashes(path, exact, skipped=(Skipped(source, "vpdq", str(exc)),))
-    if video is not None and not video.frames:
-        reason = f"all {video.sampled} sampled frames below quality {algorithms.VPDQ.min_quality}"
-        return FileHashes(path, exact, skipped=(Skipped(source, "vpdq", reason),))
-    return FileHashes(path, exact, video=video)
+        empty = path.stat().st_size == 0
+    except OSError:
+        empty = False
+    data = "the file is empty" if empty else "its data is not in any format this gateway decodes"
+    reason = f"its name or signature says {what}, but it does not decode as one: {data}"
+    return [Skipped(source, a.name, reason) for a in _of(content)]
 
 
-def _checked(hashes: FileHashes, algorithm: algorithms.Algorithm) -> FileHashes:
-    """Drops a PDQ hash whose quality is too low to match reliably."""
-    assert hashes.pdq is not None
-    if hashes.pdq.quality >= algorithm.min_quality:
-        return hashes
-    reason = f"quality {hashes.pdq.quality} below {algorithm.min_quality}: not sent"
-    return FileHashes(hashes.path, hashes.exact, skipped=(Skipped(str(hashes.path), algorithm.name, reason),),
-                      pdq_unsent=hashes.pdq)
+def exact_only(path: Path, reason: str) -> FileHashes:
+    """Exact digests alone, every perceptual kind marked not sent for ``reason`` (no decoder runs)."""
+    names = "/".join(a.name for a in algorithms.perceptual())
+    return FileHashes(path, exact_digests(path), skipped=(Skipped(str(path), names, reason),))
 
 
 def subjects(hashes: FileHashes, max_distance: int = 0) -> list[Subject]:
     """The query items for one file, labelled with where they came from."""
     source = str(hashes.path)
     found = [Subject(QueryItem(name, digest), source) for name, digest in hashes.exact.items()]
-    if hashes.dihedral:
-        found += [Subject(QueryItem("pdq", h.digest, max_distance), source, variant)
-                  for variant, h in hashes.dihedral]
-    elif hashes.pdq is not None:
-        found.append(Subject(QueryItem("pdq", hashes.pdq.digest, max_distance), source))
-    if hashes.video is not None:
-        found.append(Subject(QueryItem("vpdq", hashes.video.digest, max_distance), source))
+    for name, value in hashes.perceptual.items():
+        variants = value.variants if isinstance(value, PerceptualHash) and value.variants else (("", value.digest),)
+        found += [Subject(QueryItem(name, digest, max_distance), source, variant) for variant, digest in variants]
     return found
+
+
+# --------------------------------------------------------------------------- one rendering of a file's hashes
+
+
+def hashes_json(hashes: FileHashes | None) -> dict[str, Any]:
+    """A file's hashes as flat JSON fields, the same in every output; None for a file not hashed.
+
+    Every kind has its field (``md5``, ``pdq``, ``vpdq``, …: hex, or null);
+    image kinds add ``<name>_quality`` (and ``<name>_dihedral`` when the
+    rotations were asked for), video kinds ``<name>_frames``,
+    ``<name>_frames_sampled`` and ``<name>_frames_low_quality``;
+    an image hash below its quality floor is shown with ``<name>_sent`` false;
+    ``not_sent`` lists what was not sent and why. Nothing is lost:
+    :func:`hashes_from_json` reads it back.
+    """
+    entry: dict[str, Any] = {}
+    for algorithm in algorithms.all_algorithms():
+        name = algorithm.name
+        value = hashes.perceptual.get(name) if hashes else None
+        if not algorithm.perceptual:
+            digest = hashes.exact.get(name) if hashes else None
+            entry[name] = digest.hex() if digest is not None else None
+        elif algorithm.match_kind is MatchKind.FRAMES:
+            video = value if isinstance(value, VideoHash) else None
+            entry[name] = video.digest.hex() if video else None
+            entry[f"{name}_frames"] = len(video.frames) if video else None
+            entry[f"{name}_frames_sampled"] = video.sampled if video else None
+            entry[f"{name}_frames_low_quality"] = video.low_quality if video else None
+        else:
+            image = value if isinstance(value, PerceptualHash) else None
+            shown = image or (hashes.unsent.get(name) if hashes else None)
+            entry[name] = shown.digest.hex() if shown else None
+            entry[f"{name}_quality"] = shown.quality if shown else None
+            entry[f"{name}_sent"] = None if shown is None else image is not None
+            if shown and shown.variants:
+                entry[f"{name}_dihedral"] = {variant: digest.hex() for variant, digest in shown.variants}
+    entry["not_sent"] = [{"algorithm": s.algorithm, "reason": s.reason} for s in (hashes.skipped if hashes else ())]
+    return entry
+
+
+def hashes_from_json(entry: dict[str, Any], path: str) -> FileHashes:
+    """The hashes :func:`hashes_json` wrote for the file at ``path``."""
+    exact: dict[str, bytes] = {}
+    found: dict[str, PerceptualHash | VideoHash] = {}
+    unsent: dict[str, PerceptualHash] = {}
+    for algorithm in algorithms.all_algorithms():
+        name = algorithm.name
+        if entry.get(name) is None:
+            continue
+        digest = bytes.fromhex(entry[name])
+        if not algorithm.perceptual:
+            exact[name] = digest
+        elif algorithm.match_kind is MatchKind.FRAMES:
+            size = algorithm.digest_size
+            frames = tuple(digest[i : i + size] for i in range(0, len(digest), size))
+            found[name] = VideoHash(frames, int(entry[f"{name}_frames_sampled"]),
+                                    int(entry[f"{name}_frames_low_quality"]))
+        else:
+            variants = tuple((v, bytes.fromhex(d)) for v, d in (entry.get(f"{name}_dihedral") or {}).items())
+            image = PerceptualHash(digest, int(entry[f"{name}_quality"]), variants)
+            if entry.get(f"{name}_sent") is False:
+                unsent[name] = image
+            else:
+                found[name] = image
+    skipped = tuple(Skipped(path, s["algorithm"], s["reason"]) for s in entry["not_sent"])
+    return FileHashes(Path(path), exact, found, skipped, unsent)

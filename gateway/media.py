@@ -17,6 +17,8 @@ import numpy as np
 import pdqhash
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from federation.algorithms import Content
+
 # Images above this many pixels are refused rather than decoded (decompression bombs).
 MAX_PIXELS = 64_000_000
 # Frames per second sampled from videos.
@@ -32,6 +34,17 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".w
 _VIDEO_CONTAINERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv",
                                "asf", "mpegts", "mpeg", "ogg"})
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+                            ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".ico", ".pcx", ".tga", ".ppm",
+                            ".pgm", ".pbm"})
+# Leading bytes of image and video formats: (offset, bytes). Enough to tell that a
+# file means to be media even when its name does not say so.
+_IMAGE_SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF87a"), (0, b"GIF89a"),
+                     (0, b"II*\x00"), (0, b"MM\x00*"), (8, b"WEBP"), (4, b"ftypheic"),
+                     (4, b"ftypheix"), (4, b"ftypmif1"), (4, b"ftypavif"), (0, b"\x00\x00\x00\x0cjP  "))
+_VIDEO_SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (8, b"AVI "), (0, b"FLV\x01"),
+                     (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"), (0, b"\x00\x00\x01\xba"), (0, b"OggS"))
+
 DIHEDRAL_NAMES = ("original", "rot90", "rot180", "rot270", "flip-v", "flip-h", "rot90-flip-v", "rot90-flip-h")
 
 
@@ -41,12 +54,18 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class PerceptualHash:
+    """One image's hash and quality; with ``variants``, also its rotations and flips."""
+
     digest: bytes
     quality: int
+    # (name, digest) of the eight rotations/flips when asked for, "original" first.
+    variants: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
 class VideoHash:
+    """A video's frame hashes, and how many frames were looked at to keep them."""
+
     frames: tuple[bytes, ...]  # kept frame hashes, in time order
     sampled: int  # frames hashed before dropping near-duplicates and low quality
     low_quality: int  # sampled frames dropped for quality below the threshold
@@ -95,15 +114,45 @@ def open_image(path: Path) -> Image.Image | None:
         raise MediaError(f"image cannot be decoded: {exc}") from None
 
 
+def claimed_content(path: Path) -> Content | None:
+    """What the file's name or first bytes say it is (image or video), whether or not it decodes.
+
+    A decoder that does not recognise a file says only "not mine": this tells
+    "not media" from "media that does not decode", which the investigator must see.
+    """
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return Content.IMAGE
+    if suffix in VIDEO_SUFFIXES:
+        return Content.VIDEO
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    if any(head.startswith(magic, offset) for offset, magic in _IMAGE_SIGNATURES):
+        return Content.IMAGE
+    if any(head.startswith(magic, offset) for offset, magic in _VIDEO_SIGNATURES):
+        return Content.VIDEO
+    return None
+
+
 def pdq(pixels: np.ndarray) -> PerceptualHash:
+    """Meta's PDQ of RGB pixels: 256 bits and a quality from 0 to 100."""
     bits, quality = pdqhash.compute(np.ascontiguousarray(pixels, dtype=np.uint8))
     return PerceptualHash(_bits_to_bytes(bits), int(quality))
 
 
-def pdq_dihedral(pixels: np.ndarray) -> list[tuple[str, PerceptualHash]]:
-    """The eight rotations and flips, for material that was turned or mirrored."""
+def pdq_dihedral(pixels: np.ndarray) -> PerceptualHash:
+    """Also the eight rotations and flips, for material that was turned or mirrored."""
     vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(pixels, dtype=np.uint8))
-    return [(name, PerceptualHash(_bits_to_bytes(v), int(quality))) for name, v in zip(DIHEDRAL_NAMES, vectors)]
+    variants = tuple((name, _bits_to_bytes(v)) for name, v in zip(DIHEDRAL_NAMES, vectors))
+    return PerceptualHash(variants[0][1], int(quality), variants)
+
+
+def pdq_image(pixels: np.ndarray, dihedral: bool) -> PerceptualHash:
+    """PDQ of a decoded picture, with its rotations and flips when ``dihedral``."""
+    return pdq_dihedral(pixels) if dihedral else pdq(pixels)
 
 
 def _distance(a: bytes, b: bytes) -> int:

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gateway.filehash import FileHashes
+from federation import algorithms
+from federation.algorithms import MatchKind
 from gateway.results import HitInfo, MergedResult, NodeStatus, Subject
 from gateway.textsafe import cell, terminal_safe
 
@@ -173,40 +174,26 @@ def _completeness(result: MergedResult) -> Text:
                          " ", cell(f"no answer from {', '.join(missing)}; absence of a hit there means nothing."))
 
 
-def hashes_json(hashes: FileHashes) -> dict[str, Any]:
-    """What ``icse-gateway hash`` prints for one file (stable, documented)."""
-    entry: dict[str, Any] = {"path": str(hashes.path), **{k: v.hex() for k, v in hashes.exact.items()}}
-    if hashes.pdq is not None:
-        entry["pdq"] = hashes.pdq.digest.hex()
-        entry["pdq_quality"] = hashes.pdq.quality
-        entry["pdq_sent"] = True
-    elif hashes.pdq_unsent is not None:
-        # Computed but too poor to match reliably: shown, as Meta's tools do, never sent.
-        entry["pdq"] = hashes.pdq_unsent.digest.hex()
-        entry["pdq_quality"] = hashes.pdq_unsent.quality
-        entry["pdq_sent"] = False
-    if hashes.dihedral:
-        entry["pdq_dihedral"] = {name: h.digest.hex() for name, h in hashes.dihedral}
-    if hashes.video is not None:
-        entry["vpdq"] = hashes.video.digest.hex()
-        entry["video_frames"] = len(hashes.video.frames)
-        entry["video_frames_sampled"] = hashes.video.sampled
-    entry["skipped"] = [{"algorithm": k.algorithm, "reason": k.reason} for k in hashes.skipped]
-    return entry
-
-
 def print_hashes(entry: dict[str, Any]) -> None:
-    """One file's hashes for people; its path and the reasons are data (escaped)."""
+    """One file of ``icse-gateway hash``: ``entry`` is its :func:`gateway.filehash.hashes_json` and path.
+
+    The path and the reasons are data (escaped); a hash below its quality
+    floor is printed, marked "not sent".
+    """
     print(terminal_safe(entry["path"]))
-    for key, value in entry.items():
-        if key in ("path", "skipped", "pdq_dihedral", "pdq_sent"):
+    for algorithm in algorithms.all_algorithms():
+        name = algorithm.name
+        if entry.get(name) is None:
             continue
-        if key == "vpdq":
-            value = f"{value[:64]}… ({entry['video_frames']} frames)"
-        if key == "pdq" and entry.get("pdq_sent") is False:
-            value = f"{value} (not sent: quality {entry['pdq_quality']})"
-        print(f"  {key}: {terminal_safe(value)}")
-    for name, digest in entry.get("pdq_dihedral", {}).items():
-        print(f"  pdq ({name}): {digest}")
-    for skipped in entry["skipped"]:
+        if algorithm.match_kind is MatchKind.FRAMES:
+            print(f"  {name}: {entry[name][:64]}… ({entry[f'{name}_frames']} frames)")
+            print(f"  {name}_frames_sampled: {entry[f'{name}_frames_sampled']}")
+            continue
+        unsent = " (not sent: quality too low)" if entry.get(f"{name}_sent") is False else ""
+        print(f"  {name}: {entry[name]}{unsent}")
+        if algorithm.perceptual:
+            print(f"  {name}_quality: {entry[f'{name}_quality']}")
+        for variant, digest in entry.get(f"{name}_dihedral", {}).items():
+            print(f"  {name} ({variant}): {digest}")
+    for skipped in entry["not_sent"]:
         print(terminal_safe(f"  not sent: {skipped['algorithm']}: {skipped['reason']}"))

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from federation import tls
+from federation.files import atomic_write_text
 from federation.wire import SERVICE_NAME
 from node.audit import AuditLog
 from node.auth import Authenticator
@@ -37,10 +38,8 @@ GRACE_SECONDS = 5.0
 
 def _write_ready(path: Path, config: NodeConfig, port: int, metrics_port: int | None) -> None:
     """Atomically tells a supervisor (tests, demo) the bound ports."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"node_id": config.node_id, "port": port, "metrics_port": metrics_port,
-                               "pid": os.getpid()}))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"node_id": config.node_id, "port": port, "metrics_port": metrics_port,
+                                        "pid": os.getpid()}))
 
 
 async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 import federation
 from federation.query import QueryItem, query_sha256
 from federation.tokens import QueryClaims
-from federation.wire import SERVICE_NAME, items_from_pb, pb, rpc
+from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, items_from_pb, pb, rpc
 from node import matcher
 from node.audit import AuditEntry, AuditLog
 from node.auth import AuthError, Authenticator
@@ -34,7 +34,6 @@ from node.store import Store
 log = logging.getLogger("icse.node")
 
 _TIERS = {Tier.HIT: pb.RELEASE_TIER_HIT, Tier.STANDARD: pb.RELEASE_TIER_STANDARD}
-REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 

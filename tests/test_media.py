@@ -11,7 +11,10 @@ import pdqhash
 import pytest
 from PIL import Image
 
+from federation import algorithms
+from federation.algorithms import Content
 from gateway import filehash, media
+from gateway.triage import FileRow, report
 from tests import media as draw
 from tests.support import run_gateway
 
@@ -161,4 +164,36 @@ def test_hash_command_prints_json(original: Image.Image, tmp_path: Path) -> None
     (entry,) = json.loads(done.stdout)
     assert entry["path"] == str(path) and len(entry["pdq"]) == 64 and entry["pdq_quality"] >= 50
     assert entry["pdq"] == filehash.hash_file(path).pdq.digest.hex()
-    assert len(entry["sha256"]) == 64 and entry["skipped"] == []
+    assert len(entry["sha256"]) == 64 and entry["not_sent"] == []
+
+
+def test_every_perceptual_kind_has_its_local_hasher() -> None:
+    """The registry says what each kind decodes; the gateway's tables must hash every one of them."""
+    tables = {Content.IMAGE: filehash.IMAGE_HASHERS, Content.VIDEO: filehash.VIDEO_HASHERS}
+    for algorithm in algorithms.perceptual():
+        assert algorithm.name in tables[algorithm.content], algorithm.name
+    assert set(filehash.IMAGE_HASHERS) | set(filehash.VIDEO_HASHERS) == {a.name for a in algorithms.perceptual()}
+
+
+def test_one_rendering_of_a_files_hashes(original: Image.Image, tmp_path: Path) -> None:
+    """The hash command, a triage row and the cache write the same fields, and read back what was hashed."""
+    picture = _saved(original, tmp_path / "o.png")
+    clip = draw.video(tmp_path / "c.mp4", seed=5, seconds=3, fps=5, size=(128, 96))
+    flat = _saved(Image.new("RGB", (64, 64), (90, 90, 90)), tmp_path / "flat.png")
+    done = run_gateway("hash", str(picture), str(clip), str(flat), "--format", "json", "--dihedral")
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    for path, entry in zip((picture, clip, flat), printed):
+        hashes = filehash.hash_file(path, dihedral=True)
+        fields = filehash.hashes_json(hashes)
+        assert entry == {"path": str(path), **fields}
+        assert filehash.hashes_from_json(json.loads(json.dumps(fields)), str(path)) == hashes
+        row = report.file_json(FileRow(str(path), "hashed", hashes=hashes))
+        assert {k: row[k] for k in fields} == fields
+    picture_entry, clip_entry, flat_entry = printed
+    assert len(picture_entry["pdq_dihedral"]) == 8 and picture_entry["vpdq"] is None
+    assert clip_entry["vpdq_frames"] >= 2 and clip_entry["vpdq_frames_sampled"] == 3 and clip_entry["pdq"] is None
+    assert len(clip_entry["vpdq"]) == 64 * clip_entry["vpdq_frames"]
+    # Below the quality floor: shown, marked not sent, and listed with the reason.
+    assert len(flat_entry["pdq"]) == 64 and flat_entry["pdq_sent"] is False and flat_entry["pdq_quality"] < 50
+    assert picture_entry["pdq_sent"] is True and flat_entry["not_sent"][0]["algorithm"] == "pdq"

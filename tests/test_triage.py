@@ -26,6 +26,7 @@ from federation.pki import DevPki
 from gateway import filehash, triage
 from gateway.config import NodeEntry
 from gateway.results import NodeAnswer, NodeStatus
+from gateway.triage import report
 from tests import media as draw
 from tests.support import import_rows, wait_until
 
@@ -520,3 +521,25 @@ async def test_hashing_waits_when_the_nodes_fall_behind(tmp_path: Path) -> None:
     assert result.items_queried == 1800
     in_flight = 2 * run.jobs * triage.CHUNK_FILES * 3  # chunks already with the workers
     assert max(waiting) <= 20 * triage.PENDING_BATCHES + in_flight < 1000
+
+
+async def test_a_file_that_says_image_or_video_but_does_not_decode_says_so(tmp_path: Path) -> None:
+    rng = random.Random(8)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "noise.jpg").write_bytes(rng.randbytes(4000))
+    (tmp_path / "noise.PNG").write_bytes(rng.randbytes(300))
+    (tmp_path / "boxed.bin").write_bytes(b"\x00\x00\x00\x18ftypisom" + rng.randbytes(600))  # an MP4's signature
+    (tmp_path / "noise.bin").write_bytes(rng.randbytes(4000))
+    draw.save_jpeg(draw.drawing(2, (96, 80)), tmp_path / "pic.jpg")
+    run = triage.Triage(str(tmp_path), "BROKEN", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
+    result = await run.run(_NoHits())
+    rows = {Path(r.path).name: report.file_json(r) for r in result.rows}
+    for name, algorithm in (("empty.jpg", "pdq"), ("noise.jpg", "pdq"), ("noise.PNG", "pdq"),
+                            ("boxed.bin", "vpdq")):
+        row = rows[name]
+        assert row["status"] == "hashed" and row["sha256"], name
+        assert [s["algorithm"] for s in row["not_sent"]] == [algorithm], name
+        assert "does not decode" in row["not_sent"][0]["reason"], name
+    assert "empty" in rows["empty.jpg"]["not_sent"][0]["reason"]
+    assert rows["noise.bin"]["not_sent"] == [], "bytes that claim nothing are just bytes"
+    assert rows["pic.jpg"]["pdq"] and rows["pic.jpg"]["not_sent"] == []

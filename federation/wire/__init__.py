@@ -16,6 +16,9 @@ except ImportError as exc:  # pragma: no cover - only on a checkout without `mak
 from federation.query import QueryItem
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Node"].full_name
+# Call metadata carrying the gateway's request id: the node logs it, so one
+# query's lines can be found in every country's log.
+REQUEST_ID_KEY = "x-request-id"
 
 
 def items_to_pb(items: Iterable[QueryItem]) -> pb.MatchRequest:
@@ -31,4 +34,4 @@ def items_from_pb(request: pb.MatchRequest) -> Sequence[QueryItem]:
     return [QueryItem(i.algorithm, bytes(i.digest), i.max_distance) for i in request.items]
 
 
-__all__ = ["pb", "rpc", "SERVICE_NAME", "items_to_pb", "items_from_pb"]
+__all__ = ["pb", "rpc", "REQUEST_ID_KEY", "SERVICE_NAME", "items_to_pb", "items_from_pb"]

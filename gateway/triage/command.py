@@ -1,0 +1,158 @@
+"""``icse-gateway query --dir``: the options of a triage, checked, and the run they ask for.
+
+:mod:`gateway.cli` turns its command line into :class:`TriageOptions`; nothing
+below it sees the argument parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from gateway.triage import report, report_html
+from gateway.triage.cache import HashCache, default_cache_path
+from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH, TriageResult
+from gateway.triage.run import Triage
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+    from gateway.signing import Signer
+
+
+class TriageUsageError(ValueError):
+    """Bad combination of command-line options (reported like other usage errors)."""
+
+
+@dataclass(frozen=True)
+class TriageOptions:
+    """What ``query`` was asked, as far as a directory triage is concerned.
+
+    ``directory`` is None for a query that is not a triage: the other triage
+    options must then be unset, which :meth:`check` says.
+    """
+
+    directory: Path | None
+    jobs: int | None = None
+    batch: int | None = None
+    jsonl: Path | None = None
+    csv: Path | None = None
+    html: Path | None = None
+    cache: Path | None = None
+    no_cache: bool = False
+    dihedral: bool = False
+    max_distance: int = 0
+    timeout: float | None = None
+    deadline: float | None = None
+    officer: str | None = None
+    json_summary: bool = False
+
+    def reports(self) -> dict[str, Path]:
+        """The report files asked for, by format."""
+        named = {"jsonl": self.jsonl, "csv": self.csv, "html": self.html}
+        return {name: path for name, path in named.items() if path is not None}
+
+    def check(self, *, with_digests_or_files: bool = False) -> None:
+        """Raises :class:`TriageUsageError` for options that do not go together."""
+        if self.directory is None:
+            given = [f"--{name}" for name, value in (("jobs", self.jobs), ("batch", self.batch), ("jsonl", self.jsonl),
+                                                     ("csv", self.csv), ("html", self.html), ("cache", self.cache))
+                     if value is not None]
+            if self.no_cache:
+                given.append("--no-cache")
+            if given:
+                raise TriageUsageError(f"{', '.join(given)} only go with --dir")
+            return
+        if with_digests_or_files:
+            raise TriageUsageError("--dir cannot be combined with --hash or --file")
+        if self.jobs is not None and not 1 <= self.jobs <= 256:
+            raise TriageUsageError("--jobs must be between 1 and 256")
+        if self.batch is not None and not 1 <= self.batch <= MAX_BATCH:
+            raise TriageUsageError(f"--batch must be between 1 and {MAX_BATCH} items")
+        if self.no_cache and self.cache is not None:
+            raise TriageUsageError("--cache and --no-cache exclude each other")
+
+
+def _output_paths(options: TriageOptions) -> dict[str, Path]:
+    outputs = options.reports()
+    seen: dict[str, str] = {}
+    for name, path in outputs.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise TriageUsageError(f"--{name} and --{seen[real]} name the same file")
+        seen[real] = name
+        if path.is_dir():
+            raise TriageUsageError(f"--{name} {path}: is a directory")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise TriageUsageError(f"--{name} {path}: directory {parent} does not exist or is not writable")
+    return outputs
+
+
+WRITERS: dict[str, Callable[[TriageResult, Path], None]] = {
+    "jsonl": report.write_jsonl, "csv": report.write_csv, "html": report_html.write_html,
+}
+
+
+def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Callable[[], Signer]) -> int:
+    """Runs the triage ``options`` ask for; called by :mod:`gateway.cli` once the common options are checked."""
+    options.check()
+    if options.directory is None or not options.directory.is_dir():
+        raise TriageUsageError(f"--dir {options.directory}: not a directory")
+    root = os.path.realpath(options.directory)
+    outputs = _output_paths(options)
+    console = Console(stderr=True, highlight=False)
+    cache: HashCache | None = None
+    exclude = {os.path.realpath(p) for p in outputs.values()}
+    if not options.no_cache:
+        cache_path = (options.cache or default_cache_path()).absolute()
+        exclude |= {os.path.realpath(f"{cache_path}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")}
+        try:
+            cache = HashCache(cache_path)
+        except (sqlite3.Error, OSError) as exc:
+            console.print(f"icse-gateway: cache {cache_path} unusable ({exc}): every file is hashed",
+                          style="yellow", markup=False)
+    triage = Triage(root, case, config.nodes, jobs=options.jobs, batch=options.batch or DEFAULT_BATCH, cache=cache,
+                    dihedral=options.dihedral, max_distance=options.max_distance, timeout=options.timeout,
+                    deadline=options.deadline, exclude=frozenset(exclude), progress=sys.stderr.isatty(),
+                    console=console)
+    triage.result.gateway = config.gateway_id
+    who = signer()
+    requester = config.requester
+    triage.result.requester = " / ".join(x for x in (options.officer or requester.officer, requester.org,
+                                                     requester.country) if x)
+    try:
+        result = asyncio.run(_run(triage, config, who))
+    except KeyboardInterrupt:
+        if cache is not None:
+            console.print(f"interrupted: {triage.result.hashed_now} file(s) hashed in this run are kept in "
+                          f"{cache.path}; the same command resumes", markup=False, soft_wrap=True)
+        raise
+    finally:
+        if cache is not None:
+            try:
+                cache.close()
+            except sqlite3.Error:
+                pass
+    for name, path in outputs.items():
+        WRITERS[name](result, path)
+    if options.json_summary:
+        print(json.dumps(report.summary_json(result, outputs), indent=2))
+    else:
+        report.print_summary(result, Console() if sys.stdout.isatty() else Console(width=160), outputs)
+    return result.exit_status()
+
+
+async def _run(triage: Triage, config: GatewayConfig, signer: Signer) -> TriageResult:
+    from gateway.fanout import Federation  # noqa: PLC0415 - only the run talks to nodes
+
+    async with Federation(config, signer) as federation:
+        return await triage.run(federation)

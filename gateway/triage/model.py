@@ -1,0 +1,184 @@
+"""What a directory triage produces: one row per file, a tally per node, the whole result.
+
+Shared by the run that fills it (:mod:`gateway.triage.run`) and the reports
+that show it (:mod:`gateway.triage.report`, :mod:`gateway.triage.report_html`); it imports
+neither, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.filehash import FileHashes
+from gateway.results import HitInfo, NodeAnswer
+
+DEFAULT_BATCH = 2000
+# A node refuses larger requests by default (node ``[limits] max_items``).
+MAX_BATCH = 20_000
+
+HASHED, UNREADABLE, NOT_HASHED = "hashed", "unreadable", "not_hashed"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A regular file to hash: ``path`` as found in the tree, ``real`` the file opened."""
+
+    path: str
+    real: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """A worker's answer for one file: its hashes, or why it could not be read."""
+
+    hashes: FileHashes | None
+    size: int
+    mtime_ns: int
+    reason: str = ""
+    # False when the file changed while it was read: the hashes are not cached.
+    stable: bool = True
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class Match:
+    """One hit for one of a file's hashes: which algorithm and variant found it."""
+
+    algorithm: str
+    variant: str
+    hit: HitInfo
+
+
+@dataclass
+class FileRow:
+    """Everything a report says about one entry of the tree."""
+
+    path: str
+    status: str  # HASHED, UNREADABLE or NOT_HASHED
+    reason: str = ""
+    size: int | None = None
+    mtime_ns: int | None = None
+    hashes: FileHashes | None = None
+    from_cache: bool = False
+    matches: list[Match] = field(default_factory=list)
+    # Nodes that did not answer a batch holding some of this file's hashes.
+    not_answered_by: set[str] = field(default_factory=set)
+    truncated_by: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.matches)
+
+    @property
+    def countries(self) -> list[str]:
+        return sorted({m.hit.country for m in self.matches})
+
+    @property
+    def best_distance(self) -> int | None:
+        return min((m.hit.distance for m in self.matches), default=None)
+
+    def references(self) -> list[dict[str, Any]]:
+        """One entry per (node, reference), nearest first; which hashes matched it."""
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for m in sorted(self.matches, key=lambda m: (m.hit.distance, m.hit.country, m.hit.node_id)):
+            key = (m.hit.node_id, m.hit.reference)
+            entry = found.get(key)
+            if entry is None:
+                found[key] = {
+                    "country": m.hit.country, "node": m.hit.node_id, "reference": m.hit.reference,
+                    "distance": m.hit.distance, "matched_share": m.hit.matched_share,
+                    "matched_by": [m.algorithm], "variant": m.variant,
+                    "category": m.hit.category, "victim_identified": m.hit.victim_identified,
+                    "series": m.hit.series, "date_added": m.hit.date_added, "contact": m.hit.contact,
+                }
+            elif m.algorithm not in entry["matched_by"]:
+                entry["matched_by"].append(m.algorithm)
+        return list(found.values())
+
+
+@dataclass
+class NodeTally:
+    """How one node answered the batches of a run."""
+
+    node_id: str
+    country: str
+    batches: int = 0
+    answered: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    messages: list[str] = field(default_factory=list)
+
+    def record(self, answer: NodeAnswer) -> None:
+        self.batches += 1
+        self.answered += answer.status.answered
+        self.statuses[answer.status.value] += 1
+        if answer.message and answer.message not in self.messages and len(self.messages) < 5:
+            self.messages.append(answer.message)
+
+    @property
+    def complete(self) -> bool:
+        return self.answered == self.batches
+
+
+@dataclass
+class TriageResult:
+    """A whole run: its rows in walk order, the nodes' tallies, and how it was asked."""
+
+    case: str
+    root: str
+    started: dt.datetime
+    finished: dt.datetime | None = None
+    rows: list[FileRow] = field(default_factory=list)
+    nodes: dict[str, NodeTally] = field(default_factory=dict)
+    requester: str = ""
+    gateway: str = ""
+    dihedral: bool = False
+    max_distance: int = 0
+    batch_size: int = DEFAULT_BATCH
+    jobs: int = 1
+    cache_path: str | None = None
+    cache_hits: int = 0
+    hashed_now: int = 0
+    items_queried: int = 0
+    batches: int = 0
+
+    def of_status(self, status: str) -> list[FileRow]:
+        return [r for r in self.rows if r.status == status]
+
+    @property
+    def files(self) -> list[FileRow]:
+        return self.of_status(HASHED)
+
+    @property
+    def known(self) -> list[FileRow]:
+        return [r for r in self.rows if r.known]
+
+    @property
+    def partial(self) -> bool:
+        return any(not tally.complete for tally in self.nodes.values())
+
+    @property
+    def countries(self) -> dict[str, dict[str, int]]:
+        """Per country with hits: how many files it knows and how many references it gave."""
+        out: dict[str, dict[str, int]] = {}
+        for row in self.known:
+            for country in row.countries:
+                out.setdefault(country, {"files": 0, "references": 0})["files"] += 1
+            for ref in row.references():
+                out[ref["country"]]["references"] += 1
+        return dict(sorted(out.items()))
+
+    def exit_status(self) -> int:
+        """0 some hit; 1 no hit and complete (every file read, every node answered every
+        batch); 2 no hit while something was not looked up or not answered, or nothing to do."""
+        if self.known:
+            return 0
+        if self.partial or self.of_status(UNREADABLE) or not self.files:
+            return 2
+        return 1
+

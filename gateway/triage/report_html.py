@@ -1,0 +1,194 @@
+"""The triage's HTML report: one self-contained page, sortable, that loads nothing.
+
+The page's style and script are package data (``gateway/triage/static``), read with
+:mod:`importlib.resources` and inlined; a Content-Security-Policy allows
+exactly them (by hash) and nothing else. Every value on the page is escaped:
+file names come from seized media and are attacker-controlled, as are the
+strings nodes return.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+from collections.abc import Iterable
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from federation.files import atomic_write
+from gateway.triage import report
+from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, TriageResult
+
+
+@cache
+def _asset(name: str) -> str:
+    return (resources.files("gateway.triage") / "static" / name).read_text(encoding="utf-8")
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def _e(value: Any) -> str:
+    """Escaped for HTML text and quoted attributes alike."""
+    return html.escape(report.printable(str(value)), quote=True)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _references_html(refs: list[dict[str, Any]]) -> str:
+    if not refs:
+        return ""
+    items = []
+    for ref in refs:
+        share = f", {ref['matched_share']:.0%} of frames" if ref["matched_share"] is not None else ""
+        details = [f"distance {ref['distance']}{share}", "+".join(ref["matched_by"])]
+        if ref["variant"]:
+            details.append(ref["variant"])
+        if ref["series"]:
+            details.append(f"series {ref['series']}")
+        if ref["category"]:
+            details.append(f"category {ref['category']}")
+        if ref["victim_identified"] is not None:
+            details.append("victim identified" if ref["victim_identified"] else "victim not identified")
+        if ref["contact"]:
+            details.append(f"contact {ref['contact']}")
+        items.append(f"<li><b>{_e(ref['country'])}</b> {_e(ref['reference'])} "
+                     f"<span class=\"muted\">({_e('; '.join(details))})</span></li>")
+    return "<ul class=\"refs\">" + "".join(items) + "</ul>"
+
+
+def _file_row_html(row: FileRow) -> str:
+    entry = report.file_json(row)
+    best = entry["best_distance"]
+    notes = [f"{s['algorithm']} not sent: {s['reason']}" for s in entry["not_sent"]] + entry["notes"]
+    if entry["not_answered_by"]:
+        notes.append(f"no answer from {', '.join(entry['not_answered_by'])}")
+    cells = [
+        f"<td class=\"path\">{_e(entry['path'])}</td>",
+        f"<td class=\"num\" data-sort=\"{entry['size'] or 0}\">{_e(_size(entry['size']))}</td>",
+        f"<td>{_e(' '.join(entry['countries']))}</td>",
+        f"<td class=\"num\" data-sort=\"{'' if best is None else best}\">{'' if best is None else best}</td>",
+        f"<td data-sort=\"{len(entry['references'])}\">{_references_html(entry['references'])}</td>",
+        *(f"<td class=\"{'num' if kind == 'num' else 'digest'}\">{_e('' if entry[key] is None else entry[key])}</td>"
+          for key, _, kind in _HASH_COLUMNS),
+        f"<td>{_e('; '.join(notes))}</td>",
+    ]
+    css = " class=\"known\"" if row.known else ""
+    return f"<tr{css}>{''.join(cells)}</tr>"
+
+
+_HASH_COLUMNS = report.HASH_COLUMNS
+_FILE_HEADERS = (("path", "text"), ("size", "num"), ("countries", "text"), ("best distance", "num"),
+                 ("references", "num"), *((heading, kind) for _, heading, kind in _HASH_COLUMNS), ("notes", "text"))
+
+
+def _table(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> str:
+    head = "".join(f"<th data-type=\"{kind}\" aria-sort=\"none\">{_e(name)}</th>" for name, kind in headers)
+    return (f"<table id=\"{table_id}\" class=\"sortable\"><thead><tr>{head}</tr></thead>"
+            f"<tbody>\n{chr(10).join(rows)}\n</tbody></table>")
+
+
+def html_report(result: TriageResult) -> str:
+    """The whole page for ``result``."""
+    files, known = result.files, result.known
+    unreadable, not_hashed = result.of_status(UNREADABLE), result.of_status(NOT_HASHED)
+    when = report.when(result)
+    countries = result.countries
+    incomplete = [t for t in sorted(result.nodes.values(), key=lambda t: t.node_id) if not t.complete]
+    summary = [
+        ("Case", result.case),
+        ("Directory", result.root),
+        ("When", f"{when['started']} to {when['finished']} (UTC; {when['seconds']} s)"),
+        ("Requested by", f"{result.requester} via gateway {result.gateway}".strip()),
+        ("Files hashed", f"{len(files):,} ({result.cache_hits:,} from the cache, {result.hashed_now:,} hashed now)"),
+        ("Known files", f"{len(known):,}"),
+        ("Countries with hits", ", ".join(f"{c} ({n['files']:,} file(s))" for c, n in countries.items()) or "none"),
+        ("Hashes asked", f"{result.items_queried:,} in {result.batches:,} batch(es) of at most "
+                         f"{result.batch_size:,}; {len(result.nodes)} node(s)"),
+        ("Partial answers", "yes — " + "; ".join(
+            f"{t.node_id} ({t.country}) answered {t.answered} of {t.batches} batch(es)"
+            + (f": {'; '.join(t.messages)}" if t.messages else "") for t in incomplete)
+         if incomplete else "no — every node answered every batch"),
+        ("Unreadable files", f"{len(unreadable):,}"),
+        ("Not hashed", f"{len(not_hashed):,} (links out of the tree, special files)"),
+        ("Perceptual hashes not sent", f"{sum(1 for r in files if r.hashes and r.hashes.skipped):,}"),
+        ("Options", f"max distance {result.max_distance or 'node default'}; "
+                    f"rotations/flips {'yes' if result.dihedral else 'no'}; {result.jobs} hashing process(es)"),
+    ]
+    summary_html = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in summary)
+    if incomplete:
+        banner = (f"<p class=\"warn\"><b>Partial answer.</b> {_e(', '.join(t.country for t in incomplete))} did "
+                  "not answer every batch: the absence of a hit there means nothing for the files in those "
+                  "batches (see their notes).</p>")
+    else:
+        banner = "<p class=\"ok\">Complete answer: every node answered every batch.</p>"
+    if unreadable:
+        banner += (f"<p class=\"warn\"><b>{len(unreadable):,} file(s) could not be read</b> and were not looked "
+                   "up (listed below).</p>")
+    country_rows = [f"<tr><td>{_e(c)}</td><td class=\"num\">{n['files']:,}</td>"
+                    f"<td class=\"num\">{n['references']:,}</td></tr>" for c, n in countries.items()]
+    node_rows = [f"<tr><td>{_e(t.node_id)}</td><td>{_e(t.country)}</td><td class=\"num\" data-sort=\"{t.answered}\">"
+                 f"{t.answered}/{t.batches}</td><td>{_e(', '.join(f'{k} {v}' for k, v in sorted(t.statuses.items())))}"
+                 f"</td><td>{_e('; '.join(t.messages))}</td></tr>"
+                 for t in sorted(result.nodes.values(), key=lambda t: t.node_id)]
+    ordered = report.known_order(known) + sorted((r for r in files if not r.known), key=lambda r: r.path)
+    sections = [
+        f"<h1>ICSE triage report — case {_e(result.case)}</h1>",
+        banner,
+        f"<section id=\"summary\"><h2>Summary</h2><dl class=\"summary\">{summary_html}</dl></section>",
+    ]
+    if countries:
+        sections.append("<section id=\"countries\"><h2>Known, by country</h2>" + _table(
+            "countries-table", (("country", "text"), ("files", "num"), ("references", "num")), country_rows)
+            + "</section>")
+    sections.append("<section id=\"nodes\"><h2>Nodes</h2>" + _table(
+        "nodes-table", (("node", "text"), ("country", "text"), ("batches answered", "num"), ("statuses", "text"),
+                        ("message", "text")), node_rows) + "</section>")
+    sections.append(
+        f"<section id=\"files-section\"><h2>Files ({len(files):,}; known first)</h2>"
+        "<div class=\"controls\"><label><input type=\"checkbox\" id=\"known-only\"> known files only</label>"
+        "<label>path contains <input type=\"search\" id=\"filter\"></label></div>"
+        + _table("files", _FILE_HEADERS, (_file_row_html(r) for r in ordered)) + "</section>")
+    if unreadable:
+        sections.append(f"<section id=\"unreadable\"><h2>Unreadable ({len(unreadable):,})</h2>" + _table(
+            "unreadable-table", (("path", "text"), ("reason", "text")),
+            (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>" for r in unreadable))
+            + "</section>")
+    if not_hashed:
+        sections.append(f"<section id=\"not-hashed\"><h2>Not hashed ({len(not_hashed):,})</h2>" + _table(
+            "not-hashed-table", (("path", "text"), ("reason", "text")),
+            (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>" for r in not_hashed))
+            + "</section>")
+    sections.append("<footer><p class=\"muted\">Generated by icse-gateway. Only digests of these files left this "
+                    "machine; this page loads nothing from anywhere.</p></footer>")
+    style, script = _asset("report.css"), _asset("report.js")
+    policy = (f"default-src 'none'; style-src {_csp_hash(style)}; script-src {_csp_hash(script)}; "
+              "img-src 'none'; base-uri 'none'; form-action 'none'")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\">\n"
+        "<meta name=\"referrer\" content=\"no-referrer\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>ICSE triage — case {_e(result.case)}</title>\n<style>{style}</style></head>\n<body>\n"
+        + "\n".join(sections)
+        + f"\n<script>{script}</script>\n</body></html>\n"
+    )
+
+
+def write_html(result: TriageResult, path: Path) -> None:
+    """The page, written atomically (0600: it names seized files)."""
+    text = html_report(result)
+    atomic_write(path, lambda out: out.write(text))
+

@@ -1,0 +1,391 @@
+"""One triage run: walk, hash in workers and ask the federation, all at once.
+
+The walk runs in a thread, hashing in a process pool, and queries go out as
+the hashes come in: one :class:`MatchingFederation`, batches of at most
+``batch`` items, sent as soon as a batch is full (or after a short wait when
+hashing is slower than querying). Each batch is merged on its own; a node that
+did not answer a batch makes the files in it ``partial``. Hashing waits when
+the nodes fall behind, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from federation.query import QueryItem
+from gateway import filehash
+from gateway.merge import merge
+from gateway.results import NodeAnswer, Subject
+from gateway.triage.cache import HashCache
+from gateway.triage.model import (
+    DEFAULT_BATCH,
+    HASHED,
+    UNREADABLE,
+    FileRow,
+    Hashed,
+    Match,
+    NodeTally,
+    Task,
+    TriageResult,
+)
+from gateway.triage.walk import walk
+from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, stop_pool
+
+if TYPE_CHECKING:
+    from gateway.config import NodeEntry
+
+# Files per task sent to a worker, and bytes: small files go in groups, to
+# keep the per-task overhead low; a large file goes alone.
+CHUNK_FILES = 32
+CHUNK_BYTES = 32 << 20
+# A partly filled batch is sent after this long when the querier is idle.
+FLUSH_AFTER = 2.0
+# Hashing waits when this many batches are waiting for the nodes (bounded memory).
+PENDING_BATCHES = 8
+
+
+class MatchingFederation(Protocol):
+    """What a run needs of the federation: :class:`gateway.fanout.Federation` is one; tests pass others."""
+
+    async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
+                    deadline: float | None = None) -> list[NodeAnswer]: ...
+
+
+class _Progress:
+    """A live line on stderr when it is a terminal; nothing otherwise."""
+
+    def __init__(self, console: Console, enabled: bool):
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+            TextColumn("files hashed · [bold]{task.fields[known]}[/] known ({task.fields[hits]} hits) · "
+                       "{task.fields[items]} hashes asked · last batch {task.fields[answers]} · "
+                       "{task.fields[cached]} from cache"),
+            TimeElapsedColumn(), console=console, disable=not enabled, transient=False,
+        )
+        self._task = self._progress.add_task("walking", total=None, cached=0, items=0, known=0, hits=0,
+                                             answers="-")
+
+    def __enter__(self) -> _Progress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, **fields: Any) -> None:
+        self._progress.update(self._task, **fields)
+
+
+class Triage:
+    """One run over one directory; its counters stay readable after an interruption."""
+
+    def __init__(self, root: str, case: str, nodes: Sequence[NodeEntry], *, jobs: int | None = None,
+                 batch: int = DEFAULT_BATCH, cache: HashCache | None = None, dihedral: bool = False,
+                 max_distance: int = 0, timeout: float | None = None, deadline: float | None = None,
+                 exclude: frozenset[str] = frozenset(), hasher: Hasher | None = None,
+                 progress: bool = False, console: Console | None = None):
+        self.root = root
+        self.case = case
+        self.jobs = jobs or _cpu_count()
+        self.batch = batch
+        self.cache = cache
+        self.dihedral = dihedral
+        self.max_distance = max_distance
+        self.timeout = timeout
+        self.deadline = deadline
+        self.exclude = exclude
+        self.hasher = hasher
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+        self.result = TriageResult(
+            case=case, root=root, started=dt.datetime.now(dt.timezone.utc),
+            nodes={n.node_id: NodeTally(n.node_id, n.country) for n in nodes},
+            dihedral=dihedral, max_distance=max_distance, batch_size=batch, jobs=self.jobs,
+            cache_path=str(cache.path) if cache else None,
+        )
+        self.total = 0
+        self.done = 0
+        self._walked = False
+        self._hashing_over = False
+        self._pending: list[tuple[int, Subject]] = []
+        self._pending_since: float | None = None
+        self._wake = asyncio.Event()
+        self._stop_walk = threading.Event()
+        self._pool: ProcessPoolExecutor | None = None
+        self._solo: ProcessPoolExecutor | None = None
+        self._solo_lock = asyncio.Lock()
+        self._progress: _Progress | None = None
+        self._known = self._hits = 0
+        self._running: set[asyncio.Task] = set()
+        self._closing = False
+        self._querier_task: asyncio.Task | None = None
+        self._drained = asyncio.Event()
+
+    # -- public
+
+    async def run(self, federation: MatchingFederation) -> TriageResult:
+        """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
+        loop = asyncio.get_running_loop()
+        entries: asyncio.Queue[Task | FileRow | None] = asyncio.Queue()
+        self._pool = new_pool(self.jobs)
+        with _Progress(self.console, self.show_progress) as progress:
+            self._progress = progress
+            walker = loop.run_in_executor(None, self._walk_into, entries, loop)
+            querier = self._querier_task = asyncio.create_task(self._querier(federation))
+            finished = False
+            try:
+                await self._dispatch(entries)
+                await walker
+                self._hashing_over = True
+                self._wake.set()
+                progress.update(description="querying")
+                await querier
+                progress.update(description="done")
+                finished = True
+            finally:
+                self._stop_walk.set()
+                self._closing = True
+                unfinished = [t for t in (querier, *self._running) if not t.done()]
+                for task in unfinished:
+                    task.cancel()
+                await asyncio.gather(*unfinished, return_exceptions=True)
+                for pool in (self._pool, self._solo):
+                    if finished and pool is not None:
+                        pool.shutdown(wait=True)
+                    else:
+                        stop_pool(pool)
+                self._cached(lambda cache: cache.commit())
+        self.result.finished = dt.datetime.now(dt.timezone.utc)
+        return self.result
+
+    # -- walking and hashing
+
+    def _walk_into(self, entries: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            for entry in walk(self.root, self.exclude, self._stop_walk):
+                loop.call_soon_threadsafe(entries.put_nowait, entry)
+        finally:
+            loop.call_soon_threadsafe(entries.put_nowait, None)
+
+    async def _dispatch(self, entries: asyncio.Queue) -> None:
+        slots = asyncio.Semaphore(self.jobs * 2)
+        running = self._running
+        chunk: list[tuple[int, Task]] = []
+        size = 0
+
+        def done(work: asyncio.Task[None]) -> None:
+            running.discard(work)
+            slots.release()
+
+        async def submit() -> None:
+            nonlocal chunk, size
+            await slots.acquire()
+            try:
+                await self._room()
+            except BaseException:
+                slots.release()
+                raise
+            work = asyncio.create_task(self._hash(chunk))
+            running.add(work)
+            work.add_done_callback(done)
+            chunk, size = [], 0
+
+        while (entry := await entries.get()) is not None:
+            if isinstance(entry, FileRow):
+                self.result.rows.append(entry)
+                continue
+            index = len(self.result.rows)
+            self.result.rows.append(FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns))
+            self.total += 1
+            self._update(total=self.total)
+            cached = self._lookup(entry)
+            if cached is not None:
+                self.result.cache_hits += 1
+                self._finish(index, entry, Hashed(cached, entry.size, entry.mtime_ns), from_cache=True)
+                continue
+            chunk.append((index, entry))
+            size += entry.size
+            if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES or entries.empty():
+                await submit()
+        self._walked = True
+        self._update(description="hashing")
+        if chunk:
+            await submit()
+        while running:
+            for outcome in await asyncio.gather(*list(running), return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+
+    async def _room(self) -> None:
+        """Waits while the nodes are behind; raises the querier's error if it failed."""
+        while True:
+            querier = self._querier_task
+            if querier is not None and querier.done():
+                querier.result()
+            if len(self._pending) < self.batch * PENDING_BATCHES:
+                return
+            self._drained.clear()
+            await self._drained.wait()
+
+    async def _hash(self, chunk: list[tuple[int, Task]]) -> None:
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        assert pool is not None
+        try:
+            outcomes = await loop.run_in_executor(pool, hash_chunk, [t for _, t in chunk], self.dihedral,
+                                                  self.hasher)
+        except BrokenProcessPool:
+            if self._closing:
+                return
+            # A worker died (a decoder crashed on a hostile file, or the OOM killer):
+            # a fresh pool for the others, and this chunk's files one by one, apart.
+            if self._pool is pool:
+                self._pool = new_pool(self.jobs)
+                stop_pool(pool)
+            for index, task in chunk:
+                self._finish(index, task, await self._hash_alone(task))
+        else:
+            for (index, task), outcome in zip(chunk, outcomes):
+                self._finish(index, task, outcome)
+        self._cached(lambda cache: cache.commit())
+
+    def _lookup(self, task: Task) -> filehash.FileHashes | None:
+        found: list[filehash.FileHashes | None] = [None]
+
+        def get(cache: HashCache) -> None:
+            found[0] = cache.get(task, self.dihedral)
+
+        self._cached(get)
+        return found[0]
+
+    def _cached(self, action: Callable[[HashCache], None]) -> None:
+        """A cache write; on failure (disk full, locked) the run goes on without the cache."""
+        if self.cache is None:
+            return
+        try:
+            action(self.cache)
+        except sqlite3.Error as exc:
+            self.console.print(f"icse-gateway: hash cache {self.cache.path} failed ({exc}): "
+                               "going on without it", style="yellow", markup=False, soft_wrap=True)
+            self.cache = None
+
+    async def _hash_alone(self, task: Task) -> Hashed:
+        loop = asyncio.get_running_loop()
+        async with self._solo_lock:
+            if self._solo is None:
+                self._solo = new_pool(1)
+            try:
+                (outcome,) = await loop.run_in_executor(self._solo, hash_chunk, [task], self.dihedral, self.hasher)
+                return outcome
+            except BrokenProcessPool:
+                stop_pool(self._solo)
+                self._solo = None
+        why = "hashing this file crashed the hashing process: exact digests only, no perceptual hash"
+        return await asyncio.to_thread(exact_only, task, why)
+
+    def _finish(self, index: int, task: Task, outcome: Hashed, from_cache: bool = False) -> None:
+        row = self.result.rows[index]
+        row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
+        row.notes += outcome.notes
+        self.done += 1
+        if outcome.hashes is None:
+            row.status, row.reason = UNREADABLE, outcome.reason
+        else:
+            row.hashes = outcome.hashes
+            row.from_cache = from_cache
+            if not from_cache:
+                self.result.hashed_now += 1
+                if self.cache is not None and outcome.stable:
+                    self._cached(lambda cache: cache.put(task, self.dihedral, outcome))
+            subjects = filehash.subjects(outcome.hashes, self.max_distance)
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending += [(index, s) for s in subjects]
+            if len(self._pending) >= self.batch:
+                self._wake.set()
+        self._update(completed=self.done, cached=self.result.cache_hits)
+
+    # -- querying
+
+    def _batch_ready(self) -> bool:
+        if len(self._pending) >= self.batch or (self._hashing_over and self._pending):
+            return True
+        return bool(self._pending) and time.monotonic() - (self._pending_since or 0) >= FLUSH_AFTER
+
+    async def _querier(self, federation: MatchingFederation) -> None:
+        try:
+            await self._query_batches(federation)
+        finally:
+            self._drained.set()
+
+    async def _query_batches(self, federation: MatchingFederation) -> None:
+        while True:
+            while not self._batch_ready():
+                if self._hashing_over and not self._pending:
+                    return
+                self._wake.clear()
+                wait = None
+                if self._pending:
+                    wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
+            taken = self._pending[: self.batch]
+            del self._pending[: self.batch]
+            self._pending_since = time.monotonic() if self._pending else None
+            self._drained.set()
+            await self._ask(federation, taken)
+
+    async def _ask(self, federation: MatchingFederation, taken: list[tuple[int, Subject]]) -> None:
+        subjects = [s for _, s in taken]
+        answers = await federation.match([s.item for s in subjects], self.case, self.timeout, self.deadline)
+        merged = merge(self.case, subjects, answers)
+        rows = self.result.rows
+        for (index, subject), outcome in zip(taken, merged.items):
+            row = rows[index]
+            if outcome.hits:
+                self._known += not row.matches
+                self._hits += len(outcome.hits)
+                row.matches += [Match(subject.item.algorithm, subject.variant, hit) for hit in outcome.hits]
+            row.truncated_by.update(outcome.truncated_by)
+        missing = [a.node_id for a in answers if not a.status.answered]
+        if missing:
+            for index in {index for index, _ in taken}:
+                rows[index].not_answered_by.update(missing)
+        for answer in answers:
+            tally = self.result.nodes.get(answer.node_id)
+            if tally is None:
+                tally = self.result.nodes[answer.node_id] = NodeTally(answer.node_id, answer.country)
+            tally.record(answer)
+        self.result.batches += 1
+        self.result.items_queried += len(taken)
+        answered = sum(1 for a in answers if a.status.answered)
+        self._update(items=self.result.items_queried, known=self._known, hits=self._hits,
+                     answers=f"{answered}/{len(answers)} nodes answered")
+
+    def _update(self, **fields: Any) -> None:
+        if self._progress is not None:
+            if "description" not in fields and not self._walked and "total" in fields:
+                fields["description"] = "hashing (walking)"
+            self._progress.update(**fields)
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+

@@ -1,0 +1,98 @@
+"""Walking a seized tree: every entry listed once, nothing followed out of it, nothing fatal.
+
+Symbolic links are never followed out of the tree, nor into directories (the
+directories inside the tree are walked anyway, and loops are impossible); a
+link to a regular file inside the tree is hashed as that file. FIFOs, sockets
+and devices are listed and never opened. What cannot be read (permission
+denied, vanished, broken link, link loop, name too long, I/O error) is listed
+with the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Iterator
+
+from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, Task
+
+
+def reason_of(exc: OSError) -> str:
+    """An OS error in words, with its symbolic name: ``Permission denied (EACCES)``."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc)
+    return f"{text} ({name})" if name else text
+
+
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular file is, for the row's reason."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _link(path: str, root: str) -> Task | FileRow:
+    try:
+        target_text = os.readlink(path)
+    except OSError:
+        target_text = "?"
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return FileRow(path, UNREADABLE, f"broken symbolic link to {target_text!r}: the target does not exist")
+        return FileRow(path, UNREADABLE, f"symbolic link to {target_text!r} cannot be followed: {reason_of(exc)}")
+    target = os.path.realpath(path)
+    if not _inside(target, root):
+        return FileRow(path, NOT_HASHED, f"symbolic link to {target_text!r}, outside the directory: not followed")
+    if stat.S_ISDIR(st.st_mode):
+        return FileRow(path, NOT_HASHED, f"symbolic link to directory {target_text!r}: not followed "
+                       "(directories inside the tree are walked on their own)")
+    if not stat.S_ISREG(st.st_mode):
+        return FileRow(path, NOT_HASHED, f"symbolic link to a {kind_of(st.st_mode)}: not read")
+    return Task(path, target, st.st_size, st.st_mtime_ns)
+
+
+def walk(root: str, exclude: frozenset[str] = frozenset(),
+         stop: threading.Event | None = None) -> Iterator[Task | FileRow]:
+    """Every entry under ``root`` (a real, absolute path), depth first, in name order."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            yield FileRow(directory, UNREADABLE, f"directory cannot be listed: {reason_of(exc)}")
+            continue
+        subdirectories = []
+        for entry in entries:
+            if stop is not None and stop.is_set():
+                return
+            path = entry.path
+            if path in exclude:
+                yield FileRow(path, NOT_HASHED, "written by this run (report or cache): not hashed")
+                continue
+            try:
+                if entry.is_symlink():
+                    yield _link(path, root)
+                elif entry.is_dir(follow_symlinks=False):
+                    subdirectories.append(path)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    yield Task(path, path, st.st_size, st.st_mtime_ns)
+                else:
+                    kind = kind_of(entry.stat(follow_symlinks=False).st_mode)
+                    yield FileRow(path, NOT_HASHED, f"{kind}: not read")
+            except OSError as exc:
+                yield FileRow(path, UNREADABLE, reason_of(exc))
+        stack.extend(reversed(subdirectories))
+

@@ -1,0 +1,118 @@
+"""Hashing in worker processes, and what is left when a worker dies.
+
+The pool is started by a fork server: the gateway's own process holds gRPC
+channels and threads, which must not be forked. A worker that crashes on a
+hostile file breaks only that file: the run retries the chunk it was in one
+file at a time in a separate process, and the culprit gets its exact digests
+computed here (:func:`exact_only`), without any decoder.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import signal
+import stat
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from gateway import filehash
+from gateway.triage.model import Hashed, Task
+from gateway.triage.walk import kind_of, reason_of
+
+Hasher = Callable[..., filehash.FileHashes]
+
+
+def _worker_init() -> None:
+    # Ctrl-C is the parent's business: it stops the pool and keeps what is cached.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed:
+    """Hashes one file; whatever a decoder does, the file keeps at least its exact digests."""
+    real = Path(task.real)
+    try:
+        before = os.stat(real, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return Hashed(None, task.size, task.mtime_ns, "vanished before it could be read")
+        return Hashed(None, task.size, task.mtime_ns, reason_of(exc))
+    if not stat.S_ISREG(before.st_mode):
+        return Hashed(None, task.size, task.mtime_ns,
+                      f"no longer a regular file (now a {kind_of(before.st_mode)}): not read")
+    notes: tuple[str, ...] = ()
+    try:
+        hashes = (hasher or filehash.hash_file)(real, dihedral=dihedral)
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder does, the bytes still identify the file
+        reason = f"perceptual hashing failed: {type(exc).__name__}: {exc}"[:300]
+        try:
+            hashes = filehash.exact_only(real, reason)
+        except OSError as read_error:
+            if read_error.errno == errno.ENOENT:
+                return Hashed(None, before.st_size, before.st_mtime_ns, "vanished while it was being read")
+            return Hashed(None, before.st_size, before.st_mtime_ns, reason_of(read_error))
+    try:
+        after = os.stat(real, follow_symlinks=False)
+        stable = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    except OSError:
+        stable = False
+    if not stable:
+        notes = ("changed or vanished while it was being read: its hashes may not match its content now",)
+    return Hashed(hashes, before.st_size, before.st_mtime_ns, stable=stable, notes=notes)
+
+
+def hash_chunk(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = None) -> list[Hashed]:
+    """What a worker runs: a few small files, or one large one."""
+    return [hash_one(task, dihedral, hasher) for task in tasks]
+
+
+def exact_only(task: Task, why: str) -> Hashed:
+    """Exact digests without any decoder: for a file that crashed a worker."""
+    try:
+        hashes = filehash.exact_only(Path(task.real), why)
+    except OSError as exc:
+        return Hashed(None, task.size, task.mtime_ns, reason_of(exc))
+    return Hashed(hashes, task.size, task.mtime_ns, stable=False)
+
+
+def _start_forkserver() -> None:
+    """Starts the fork server with Ctrl-C ignored, so that its workers ignore it from birth.
+
+    A terminal's Ctrl-C reaches the whole process group; a worker must not die
+    of it (the parent stops the pool itself), not even while it is starting.
+    """
+    from multiprocessing import forkserver  # noqa: PLC0415
+
+    forkserver.set_forkserver_preload(["gateway.filehash", "gateway.triage.workers"])
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave the handler alone
+        forkserver.ensure_running()
+        return
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def new_pool(workers: int) -> ProcessPoolExecutor:
+    """Hashing processes forked from the fork server, never from this (threaded) process."""
+    _start_forkserver()
+    context = multiprocessing.get_context("forkserver")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
+
+
+def stop_pool(pool: ProcessPoolExecutor | None) -> None:
+    """Ends a pool now: pending work is dropped, running workers are terminated."""
+    if pool is None:
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # the workers this run started
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(5)
+

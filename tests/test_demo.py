@@ -1,0 +1,39 @@
+"""``make demo``: what a newcomer sees first must be right, with no error on it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from federation import demo
+from federation.pki import DevPki
+from gateway import filehash
+
+
+def test_the_seized_files_are_what_their_names_say(tmp_path: Path) -> None:
+    seized, picture, footage = demo._seized_files(tmp_path, 2026)
+    for path in seized:
+        hashes = filehash.hash_file(path)
+        assert hashes.skipped == (), (path.name, hashes.skipped)
+        kind = hashes.video if path.suffix == ".mp4" else hashes.pdq
+        assert kind is not None, path.name
+    clip = filehash.hash_file(seized[2]).video
+    original = filehash.hash_file(footage).video
+    assert clip is not None and original is not None and len(original.frames) >= 4
+    assert filehash.hash_file(seized[2]).exact != filehash.hash_file(footage).exact, "a re-encoded copy"
+    assert filehash.hash_file(picture).pdq is not None
+
+
+def test_the_demo_finds_the_clip_by_its_frames_and_shows_no_error(pki: DevPki, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "federation.demo", "--pki", str(pki.root), "--federation",
+                           pki.federation, "--nodes", "FR,DE", "--workdir", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "not sent" not in out and "cannot" not in out and "Error" not in out, out
+    lines = out.splitlines()
+    video = next(i for i, line in enumerate(lines) if "vpdq:" in line)  # the clip's row: its second line
+    assert "DE" in lines[video - 1] and "frames" in lines[video - 1], out
+    assert "SERIES-CHARLIE" in out and "SERIES-DELTA" in out
+    assert "4 of 5 file(s)" in out and "Complete answer" in out
