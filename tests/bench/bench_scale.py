@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -358,6 +359,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="where to put the run's directory (default: the system's temp)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (stores, logs)")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, through the finally blocks that stop every child.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     quick = args.quick
     for name, full, small in (("pdq", 10_000_000, 200_000), ("exact", 10_000_000, 200_000),
                               ("during", 2_000_000, 100_000), ("queries", 200, 60),
