@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo test bench load clean
+.PHONY: install stubs certs demo test bench bench-scale load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -37,6 +37,11 @@ bench: install
 	$(PY) tests/bench/bench_exact.py
 	$(PY) tests/bench/bench_import.py
 	$(PY) tests/bench/bench_pdq_index.py --sizes 1000000,10000000
+
+# A node with 10 M PDQ + 10 M SHA-256 hashes, through its command lines (not part of `make test`).
+# Extra flags: make bench-scale BENCH_SCALE_ARGS="--quick" (see tests/bench/bench_scale.py --help).
+bench-scale: install
+	$(PY) tests/bench/bench_scale.py $(BENCH_SCALE_ARGS)
 
 load: install
 	$(PY) tests/bench/load.py
