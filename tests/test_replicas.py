@@ -39,6 +39,7 @@ REPLICAS = ("FR", "FR-b")
 class Replicated:
     local: LocalFederation
     config: Path
+    fr_set: Path  # the file imported on both FR replicas
     known: str  # sha256 hex that FR holds (on both replicas) and DE does not
     reference: str
 
@@ -56,6 +57,13 @@ def _write_set(path: Path, rng: random.Random, first: str | None = None, referen
     return path
 
 
+def _export(node: LocalNode) -> str:
+    done = subprocess.run(node.node_command("export", "--config", str(node.config_path), "--format", "csv"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 @pytest.fixture
 def replicated(pki: DevPki, tmp_path: Path) -> Iterator[Replicated]:
     rng = random.Random(10)
@@ -63,14 +71,19 @@ def replicated(pki: DevPki, tmp_path: Path) -> Iterator[Replicated]:
     local = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR"), NodeSpec("FR", "FR", name="FR-b"),
                                             NodeSpec("DE", "DE")])
     fr_set = _write_set(tmp_path / "fr.csv", rng, known, reference)
-    # The same file imported on every replica gives the same set.
-    for name in REPLICAS:
-        done = local[name].import_file(fr_set)
-        assert done.returncode == 0, done.stdout + done.stderr
+    # As the README tells operators: import on one replica, then that replica's
+    # export on the others (it carries the references the node gave to rows
+    # imported without one).
+    done = local["FR"].import_file(fr_set)
+    assert done.returncode == 0, done.stdout + done.stderr
+    exported = tmp_path / "fr-export.csv"
+    exported.write_text(_export(local["FR"]))
+    done = local["FR-b"].import_file(exported)
+    assert done.returncode == 0, done.stdout + done.stderr
     done = local["DE"].import_file(_write_set(tmp_path / "de.csv", rng))
     assert done.returncode == 0, done.stdout + done.stderr
     with local:
-        yield Replicated(local, local.write_gateway_config(), known, reference)
+        yield Replicated(local, local.write_gateway_config(), fr_set, known, reference)
 
 
 def _served(node: LocalNode, case_prefix: str = "") -> list[dict]:
@@ -95,11 +108,17 @@ def _fr(answers: list[NodeAnswer]) -> NodeAnswer:
     return answer
 
 
-def test_config_lists_one_member_with_both_replica_addresses(replicated: Replicated) -> None:
+def test_replicas_are_one_member_holding_the_same_set(replicated: Replicated) -> None:
     config = gateway_config.load(replicated.config)
     fr = next(n for n in config.nodes if n.node_id == "FR")
     assert fr.addresses == (replicated.node("FR").address, replicated.node("FR-b").address)
     assert [n.node_id for n in config.nodes] == ["FR", "DE"]
+    # The replicas hold the same set; importing a file again changes nothing.
+    first, second = (_export(replicated.node(name)) for name in REPLICAS)
+    assert first == second and replicated.known in first
+    again = replicated.node("FR-b").import_file(replicated.fr_set)
+    assert again.returncode == 0 and "added 0," in again.stdout, again.stdout + again.stderr
+    assert _export(replicated.node("FR-b")) == first
 
 
 def test_replica_killed_after_serving_the_queries_go_on_complete(replicated: Replicated) -> None:
