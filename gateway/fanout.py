@@ -253,14 +253,20 @@ class Federation:
 
     async def _attempts(self, member: _Member, tried: _Tried, first: int, call: _Call, per_node: float,
                         ends: float) -> NodeAnswer:
-        """The (hedged) call; if unavailable, another replica while time allows, or one retry of the only one."""
+        """The (hedged) call; if unavailable, another replica while time allows, or one retry of the only one.
+
+        A replica that timed out is not asked again in this query, but another
+        replica is if the overall deadline leaves time (a hung replica must not
+        cost the member's answer).
+        """
         started = time.monotonic()
         answer, index = await self._hedged(member, tried, first, call, min(per_node, ends - started))
         retried_same = False
-        while answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
+        while (answer.status in (NodeStatus.UNAVAILABLE, NodeStatus.TIMED_OUT)
+               and ends - time.monotonic() > self.RETRY_MIN_BUDGET):
             following = tried.round.next(time.monotonic())
             if following is None:
-                if retried_same or tried.round.asked > 1:
+                if answer.status is NodeStatus.TIMED_OUT or retried_same or tried.round.asked > 1:
                     break
                 following, retried_same = index, True
                 await asyncio.sleep(self.RETRY_BACKOFF)

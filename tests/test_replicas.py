@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -168,6 +169,26 @@ def test_replica_down_from_the_start_answers_complete_and_names_the_replica(repl
     rows = {(r["node"], r["replica"]): r["status"] for r in json.loads(done.stdout)["nodes"]}
     assert rows[("FR", second.address)] == "ok"
     assert rows[("FR", first.address)] == "unavailable"
+
+
+def test_hung_replica_costs_its_timeout_then_another_replica_answers(replicated: Replicated,
+                                                                      tmp_path: Path) -> None:
+    # A replica that accepts connections and never answers (its TLS handshake hangs).
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        hung = f"127.0.0.1:{hole.getsockname()[1]}"
+        serving = replicated.node("FR-b").address
+        config = tmp_path / "hung.toml"
+        config.write_text(replicated.config.read_text().replace(
+            f'"{replicated.node("FR").address}"', f'"{hung}"'))
+        assert hung in config.read_text()
+        code, result = query_json(config, "--case", "HUNG", "--hash", "sha256:" + replicated.known,
+                                  "--timeout", "1", "--deadline", "5")
+    assert code == 0, result
+    fr = next(n for n in result["nodes"] if n["node"] == "FR")
+    assert fr["status"] == "hit" and fr["replica"] == serving, fr
+    assert result["partial"] is False
 
 
 def test_both_replicas_down_the_member_is_unavailable_with_both_reasons(replicated: Replicated) -> None:
