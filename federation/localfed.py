@@ -31,6 +31,14 @@ class NodeSpec:
     limits: dict[str, int] = field(default_factory=dict)
     # Further configuration tables, e.g. {"policy": {...}, "metrics": {...}}.
     tables: dict[str, dict[str, object]] = field(default_factory=dict)
+    # A replica of a member (same node_id, certificate and data) needs its own
+    # directory and name here, e.g. "FR-b"; empty means the node id.
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        """How the federation names this node: its directory and its key in ``LocalFederation``."""
+        return self.name or self.node_id
 
 
 def _toml_value(value: object) -> str:
@@ -54,7 +62,7 @@ def toml_text(tables: dict[str, dict[str, object]]) -> str:
 class LocalNode:
     def __init__(self, spec: NodeSpec, workdir: Path, pki: DevPki, gateways: Sequence[str]):
         self.spec = spec
-        self.dir = workdir / spec.node_id
+        self.dir = workdir / spec.key
         self.config_path = self.dir / "node.toml"
         self.store_path = self.dir / "store.sqlite"
         self.log_path = self.dir / "node.log"
@@ -184,10 +192,15 @@ class LocalFederation:
         self.workdir = workdir.resolve()
         self.pki = pki
         self.gateway_id = gateway_id
-        self.nodes = {s.node_id: LocalNode(s, self.workdir, pki, [gateway_id]) for s in specs}
+        self.nodes: dict[str, LocalNode] = {}
+        for spec in specs:
+            if spec.key in self.nodes:
+                raise ValueError(f"two nodes named {spec.key!r}: give a replica its own NodeSpec.name")
+            self.nodes[spec.key] = LocalNode(spec, self.workdir, pki, [gateway_id])
 
-    def __getitem__(self, node_id: str) -> LocalNode:
-        return self.nodes[node_id]
+    def __getitem__(self, key: str) -> LocalNode:
+        """A node by its name (the node id, or a replica's own name)."""
+        return self.nodes[key]
 
     def start(self, timeout: float = 60.0) -> LocalFederation:
         try:
@@ -230,11 +243,17 @@ class LocalFederation:
             "signing": {"key": str(self.pki.signing_key(gateway_id)), "kid": self.pki.signing_kid(gateway_id)},
             "requester": {"officer": officer, "org": org, "country": country},
         })
+        # Replicas of one member (same node id) are one [[nodes]] table with addresses = [...].
+        members: dict[str, list[LocalNode]] = {}
         for node in nodes if nodes is not None else self.nodes.values():
-            text += "[[nodes]]\n" + "\n".join(
-                f"{k} = {_toml_value(v)}"
-                for k, v in {"id": node.node_id, "country": node.spec.country, "address": node.address}.items()
-            ) + "\n\n"
+            members.setdefault(node.node_id, []).append(node)
+        for node_id, replicas in members.items():
+            entry: dict[str, object] = {"id": node_id, "country": replicas[0].spec.country}
+            if len(replicas) == 1:
+                entry["address"] = replicas[0].address
+            else:
+                entry["addresses"] = [replica.address for replica in replicas]
+            text += "[[nodes]]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in entry.items()) + "\n\n"
         path.write_text(text)
         return path
 

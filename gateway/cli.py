@@ -230,6 +230,7 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
         info = d.description
         rows.append({
             "node": d.node_id,
+            "replica": d.replica,
             "status": "ok" if info else d.failure.value,
             "message": d.message,
             "latency_ms": round(d.latency_ms, 1),
@@ -242,12 +243,12 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
         print(json.dumps({"nodes": rows}, indent=2))
     else:
         table = Table(title="Federation nodes", title_justify="left")
-        for column in ("node", "status", "country", "version", "generation", "hashes", "ms", "message"):
+        for column in ("node", "replica", "status", "country", "version", "generation", "hashes", "ms", "message"):
             table.add_column(column)
         for r in rows:
             counts = ", ".join(f"{a} {n:,}" for a, n in r["counts"].items())
             # What a node says about itself is data: shown literally (textsafe).
-            table.add_row(cell(r["node"]), cell(r["status"]), cell(r["country"] or "-"), cell(r["version"] or "-"),
+            table.add_row(cell(r["node"]), cell(r["replica"]), cell(r["status"]), cell(r["country"] or "-"), cell(r["version"] or "-"),
                           str(r["generation"] if r["generation"] is not None else "-"), cell(counts or "-"),
                           f"{r['latency_ms']:.0f}", cell(r["message"]))
         _console().print(table)

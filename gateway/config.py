@@ -12,11 +12,27 @@ from federation.tls import TlsFiles
 
 @dataclass(frozen=True)
 class NodeEntry:
+    """One member of the federation, reached at one or more addresses.
+
+    Several addresses are replicas of the same member: nodes run with the same
+    identity and the same data, for availability. A query goes to one of them
+    and fails over (or hedges) to another; their answers count once.
+    """
+
     node_id: str
     country: str
+    # The first address listed (the only one for most members).
     address: str
-    # Name the node's certificate must carry; pins which member we reached.
+    # Name the node's certificate must carry; pins which member we reached
+    # (every replica carries the same name).
     tls_name: str
+    # Further replicas' addresses, after ``address``.
+    other_addresses: tuple[str, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every replica's address, in the configured order."""
+        return (self.address, *self.other_addresses)
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,10 @@ def load(path: Path) -> GatewayConfig:
     seen: set[str] = set()
     for node in nodes:
         if node.node_id in seen:
-            raise ConfigError(f"{path}: node id {node.node_id!r} listed twice")
+            raise ConfigError(f"{path}: node id {node.node_id!r} listed twice "
+                              "(replicas of one member go in one [[nodes]] table, as addresses = [...])")
+        # The same address under two members is not refused here: the certificate's
+        # name tells them apart, and the call to the wrong one fails saying so.
         seen.add(node.node_id)
     return GatewayConfig(
         gateway_id=gateway_id,
@@ -94,14 +113,43 @@ def _member_id(table: Table, key: str) -> str:
 
 
 def _node(table: Table, federation: str) -> NodeEntry:
-    table.reject_unknown({"id", "country", "address", "tls_name"})
+    table.reject_unknown({"id", "country", "address", "addresses", "tls_name"})
     node_id = _member_id(table, "id")
-    address = table.get("address", str)
-    if ":" not in address:
-        raise ConfigError(f"{table.where('address')}: expected HOST:PORT, got {address!r}")
+    first, *others = _addresses(table)
     return NodeEntry(
         node_id=node_id,
         country=table.get("country", str, node_id),
-        address=address,
+        address=first,
         tls_name=table.get("tls_name", str, identity.node_tls_name(federation, node_id)),
+        other_addresses=tuple(others),
     )
+
+
+def _addresses(table: Table) -> tuple[str, ...]:
+    """``address = "h:p"`` for one node, or ``addresses = ["h:p", ...]`` for replicas: exactly one of the two."""
+    has_one, has_many = "address" in table.data, "addresses" in table.data
+    if has_one and has_many:
+        raise ConfigError(f"{table.where('addresses')}: give either address (one node) or addresses "
+                          "(replicas of the member), not both")
+    if not has_one and not has_many:
+        raise ConfigError(f"{table.where('address')}: required (or addresses = [...] for replicas)")
+    if has_one:
+        return (_host_port(table, "address", table.get("address", str)),)
+    values = table.get("addresses", list)
+    if not values:
+        raise ConfigError(f"{table.where('addresses')}: empty; list at least one HOST:PORT")
+    addresses: list[str] = []
+    for value in values:
+        if not isinstance(value, str):
+            raise ConfigError(f"{table.where('addresses')}: expected HOST:PORT strings, got {value!r}")
+        address = _host_port(table, "addresses", value)
+        if address in addresses:
+            raise ConfigError(f"{table.where('addresses')}: {address!r} listed twice")
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _host_port(table: Table, key: str, value: str) -> str:
+    if ":" not in value:
+        raise ConfigError(f"{table.where(key)}: expected HOST:PORT, got {value!r}")
+    return value.strip()

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -19,7 +19,7 @@ from federation import tls, tokens
 from federation.query import QueryItem, query_sha256
 from federation.wire import REQUEST_ID_KEY, items_to_pb, pb, rpc
 from gateway.config import GatewayConfig, NodeEntry
-from gateway.health import HealthPolicy, NodeHealth
+from gateway.health import HealthPolicy, NodeHealth, ReplicaRound
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.signing import Signer
 
@@ -53,6 +53,8 @@ class NodeDescription:
     # Why there is no description: the failure's status and message.
     failure: NodeStatus | None = None
     message: str = ""
+    # The address asked (a member with replicas is described once per replica).
+    replica: str = ""
 
 
 def _status_of(error: grpc.aio.AioRpcError) -> NodeStatus:
@@ -90,13 +92,13 @@ def _both_attempts(first: str, retry: str) -> str:
     return f"{said_first}; retry: {said_retry}"
 
 
-def _tls_words(details: str, node: NodeEntry, ca: str) -> str:
+def _tls_words(details: str, node: NodeEntry, address: str, ca: str) -> str:
     """A TLS failure said in words instead of OpenSSL's text (kept in the debug log)."""
     if "CERTIFICATE_VERIFY_FAILED" in details:
-        return (f"TLS: the certificate at {node.address} does not verify against the federation CA ({ca}): "
+        return (f"TLS: the certificate at {address} does not verify against the federation CA ({ca}): "
                 "wrong CA file here, or what answers there is not the federation's node")
     if "Peer name" in details and "is not in peer certificate" in details:
-        return (f"TLS: the certificate at {node.address} does not carry the name {node.tls_name}: "
+        return (f"TLS: the certificate at {address} does not carry the name {node.tls_name}: "
                 "another member, or a wrong tls_name or address in the configuration")
     return details
 
@@ -143,6 +145,31 @@ class _Call:
     request_id: str
 
 
+@dataclass
+class _Replica:
+    """One address of a member: its own channel and its own health and breaker."""
+
+    address: str
+    stub: rpc.NodeStub
+    health: NodeHealth
+
+
+@dataclass
+class _Member:
+    entry: NodeEntry
+    replicas: list[_Replica]
+    # Which replica a query starts with; advanced by every query.
+    turn: int = 0
+
+
+@dataclass
+class _Tried:
+    """One member's calls in one query: every failed call, in order, by replica."""
+
+    round: ReplicaRound
+    failures: list[tuple[int, NodeAnswer]] = field(default_factory=list)
+
+
 class Federation:
     """Long-lived channels to every node; reuse one instance across queries.
 
@@ -151,6 +178,12 @@ class Federation:
     request (with its own token, so replay protection holds) and the loser is
     cancelled; an unavailable node is retried once if the budget allows; a
     node that keeps failing is skipped for a cool-down.
+
+    A member with several replicas (addresses of nodes with one identity) is
+    asked at one of them, in turn; an unavailable replica fails over to
+    another, and a hedge goes to another, within the same budget. Each replica
+    has its own channel and breaker, so a dead one is passed over while another
+    serves. One answer per member is kept, whichever replica gave it.
     """
 
     RETRY_BACKOFF = 0.05
@@ -161,17 +194,19 @@ class Federation:
         self._config = config
         self._signer = signer
         credentials = tls.channel_credentials(config.tls)
-        self._stubs: dict[str, rpc.NodeStub] = {}
         self._channels: list[grpc.aio.Channel] = []
-        self._health = {node.node_id: NodeHealth(health or HealthPolicy()) for node in config.nodes}
+        self._members: dict[str, _Member] = {}
         for node in config.nodes:
-            channel = grpc.aio.secure_channel(
-                node.address,
-                credentials,
-                options=CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", node.tls_name)],
-            )
-            self._channels.append(channel)
-            self._stubs[node.node_id] = rpc.NodeStub(channel)
+            replicas = []
+            for address in node.addresses:
+                channel = grpc.aio.secure_channel(
+                    address,
+                    credentials,
+                    options=CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", node.tls_name)],
+                )
+                self._channels.append(channel)
+                replicas.append(_Replica(address, rpc.NodeStub(channel), NodeHealth(health or HealthPolicy())))
+            self._members[node.node_id] = _Member(node, replicas)
 
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self._channels))
@@ -182,8 +217,10 @@ class Federation:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def health(self, node_id: str) -> NodeHealth:
-        return self._health[node_id]
+    def health(self, node_id: str, address: str | None = None) -> NodeHealth:
+        """A member's health: of the replica at ``address``, or of its first one."""
+        replicas = self._members[node_id].replicas
+        return next(r.health for r in replicas if address in (None, r.address))
 
     async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
                     deadline: float | None = None, request_id: str | None = None) -> list[NodeAnswer]:
@@ -191,89 +228,135 @@ class Federation:
         call = _Call(items_to_pb(items), items, query_sha256(items), case, request_id or uuid.uuid4().hex)
         per_node = timeout or self._config.node_timeout
         ends = time.monotonic() + (deadline or self._config.deadline)
-        return list(await asyncio.gather(*(self._ask(node, call, per_node, ends) for node in self._config.nodes)))
+        return list(await asyncio.gather(*(self._ask(self._members[node.node_id], call, per_node, ends)
+                                           for node in self._config.nodes)))
 
-    async def _ask(self, node: NodeEntry, call: _Call, per_node: float, ends: float) -> NodeAnswer:
-        health = self._health[node.node_id]
-        admission = health.admit()
-        if not admission:
-            answer = NodeAnswer(node.node_id, node.country, NodeStatus.SKIPPED, health.reason())
+    async def _ask(self, member: _Member, call: _Call, per_node: float, ends: float) -> NodeAnswer:
+        node = member.entry
+        tried = _Tried(ReplicaRound([r.health for r in member.replicas], member.turn))
+        member.turn = (member.turn + 1) % len(member.replicas)
+        first = tried.round.next(time.monotonic())
+        if first is None:
+            answer = NodeAnswer(node.node_id, node.country, NodeStatus.SKIPPED, self._failure_words(member, tried))
         else:
-            settled = False
             try:
-                answer = await self._attempts(node, call, per_node, ends, health)
-                if answer.status.answered:
-                    health.succeeded(answer.latency_ms / 1000)
-                    settled = True
-                elif answer.status is not NodeStatus.REFUSED:
-                    health.failed()
-                    settled = True
+                answer = await self._attempts(member, tried, first, call, per_node, ends)
             finally:
-                # Refused, cancelled or broken by an exception: says nothing about the
-                # node, but a trial call must still give its place back.
-                if not settled:
-                    health.inconclusive(admission)
+                # Whatever became of the calls (answers, failures, a cancelled
+                # query): every replica admitted is settled, trial calls included.
+                tried.round.settle(time.monotonic())
         log.info("node answered", extra={"request_id": call.request_id, "node": node.node_id,
-                                         "status": answer.status.value, "ms": round(answer.latency_ms, 1),
-                                         "detail": answer.message})
+                                         "replica": answer.replica, "status": answer.status.value,
+                                         "ms": round(answer.latency_ms, 1), "detail": answer.message})
         return answer
 
-    async def _attempts(self, node: NodeEntry, call: _Call, per_node: float, ends: float,
-                        health: NodeHealth) -> NodeAnswer:
-        """The (hedged) call, and one retry if the node was unavailable and time allows."""
+    async def _attempts(self, member: _Member, tried: _Tried, first: int, call: _Call, per_node: float,
+                        ends: float) -> NodeAnswer:
+        """The (hedged) call; if unavailable, another replica while time allows, or one retry of the only one.
+
+        A replica that timed out is not asked again in this query, but another
+        replica is if the overall deadline leaves time (a hung replica must not
+        cost the member's answer).
+        """
         started = time.monotonic()
-        answer = await self._hedged(node, call, min(per_node, ends - started), health)
-        if answer.status is NodeStatus.UNAVAILABLE and ends - time.monotonic() > self.RETRY_MIN_BUDGET:
-            await asyncio.sleep(self.RETRY_BACKOFF)
-            first = answer
-            answer = await self._call(node, call, min(per_node, ends - time.monotonic()))
-            if not answer.status.answered:
-                # Both outcomes: "died during my call" reads differently from "was already down".
-                answer = replace(answer, message=_both_attempts(first.message, answer.message))
-        # What the investigator waited for this node, hedges and retries included.
+        answer, index = await self._hedged(member, tried, first, call, min(per_node, ends - started))
+        retried_same = False
+        while (answer.status in (NodeStatus.UNAVAILABLE, NodeStatus.TIMED_OUT)
+               and ends - time.monotonic() > self.RETRY_MIN_BUDGET):
+            following = tried.round.next(time.monotonic())
+            if following is None:
+                if answer.status is NodeStatus.TIMED_OUT or retried_same or tried.round.asked > 1:
+                    break
+                following, retried_same = index, True
+                await asyncio.sleep(self.RETRY_BACKOFF)
+            answer, index = await self._call(member, tried, following, call, min(per_node, ends - time.monotonic()))
+        if not answer.status.answered:
+            answer = replace(answer, message=self._failure_words(member, tried))
+        # What the investigator waited for this node, hedges, fail-overs and retries included.
         return replace(answer, latency_ms=(time.monotonic() - started) * 1000)
 
-    async def _hedged(self, node: NodeEntry, call: _Call, timeout: float, health: NodeHealth) -> NodeAnswer:
+    def _failure_words(self, member: _Member, tried: _Tried) -> str:
+        """Why no replica answered: each replica's calls, or why it was passed over."""
+        said: dict[int, list[str]] = {}
+        for index, failure in tried.failures:
+            said.setdefault(index, []).append(failure.message)
+        if len(member.replicas) == 1:
+            messages = said.get(0, [])
+            if not messages:
+                return tried.round.passed_over.get(0, "")
+            # Both outcomes: "died during my call" reads differently from "was already down".
+            return messages[0] if len(messages) == 1 else _both_attempts(messages[-2], messages[-1])
+        parts = []
+        for index, replica in enumerate(member.replicas):
+            messages = said.get(index, [])
+            if len(messages) > 1:
+                words = _both_attempts(messages[0], messages[-1])
+            elif messages:
+                words = _attempt_words(messages[0])
+            else:
+                words = tried.round.passed_over.get(index, "not asked: no time left")
+            parts.append(f"replica {replica.address}: {words}")
+        return "; ".join(parts)
+
+    async def _hedged(self, member: _Member, tried: _Tried, index: int, call: _Call,
+                      timeout: float) -> tuple[NodeAnswer, int]:
+        health = member.replicas[index].health
         delay = health.hedge_delay()
-        primary = asyncio.create_task(self._call(node, call, timeout))
+        primary = asyncio.create_task(self._call(member, tried, index, call, timeout))
         if delay is None or delay >= timeout:
             return await primary
         done, _ = await asyncio.wait({primary}, timeout=delay)
         if done or not health.may_hedge():
             return primary.result() if done else await primary
-        backup = asyncio.create_task(self._call(node, call, timeout - delay))
+        # The hedge goes to another replica when there is one that may be asked.
+        other = tried.round.next(time.monotonic())
+        backup = asyncio.create_task(self._call(member, tried, index if other is None else other, call,
+                                                timeout - delay))
         pending = {primary, backup}
         try:
             while True:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 answers = [task.result() for task in done]
-                good = [a for a in answers if a.status.answered]
+                good = [a for a in answers if a[0].status.answered]
                 if good or not pending:
                     return (good or answers)[0]
         finally:
             for task in pending:
                 task.cancel()
 
-    async def _call(self, node: NodeEntry, call: _Call, timeout: float) -> NodeAnswer:
-        """One RPC with its own token and deadline."""
+    async def _call(self, member: _Member, tried: _Tried, index: int, call: _Call,
+                    timeout: float) -> tuple[NodeAnswer, int]:
+        """One RPC to one replica, with its own token and deadline; its outcome noted for that replica."""
+        answer = await self._rpc(member.entry, member.replicas[index], call, timeout)
+        answered = answer.status.answered
+        tried.round.record(index, None if answer.status is NodeStatus.REFUSED else answered,
+                           answer.latency_ms / 1000)
+        if not answered:
+            tried.failures.append((index, answer))
+        return answer, index
+
+    async def _rpc(self, node: NodeEntry, replica: _Replica, call: _Call, timeout: float) -> NodeAnswer:
         if timeout <= 0:
-            return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent")
+            return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent",
+                              replica=replica.address)
         items = call.items
         token = self._signer.token(node.node_id, "Match", call.query_sha256, call.case)
         started = time.perf_counter()
         try:
-            response = await self._stubs[node.node_id].Match(
+            response = await replica.stub.Match(
                 call.request, timeout=timeout,
                 metadata=tokens.bearer(token) + ((REQUEST_ID_KEY, call.request_id),),
             )
         except grpc.aio.AioRpcError as error:
-            return NodeAnswer(node.node_id, node.country, _status_of(error), self._details(node, error),
-                              (time.perf_counter() - started) * 1000)
+            return NodeAnswer(node.node_id, node.country, _status_of(error),
+                              self._details(node, replica.address, error),
+                              (time.perf_counter() - started) * 1000, replica=replica.address)
         latency = (time.perf_counter() - started) * 1000
         try:
             hits, truncated = _unpack(response, node, len(items))
         except ValueError as exc:
-            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}", latency)
+            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}", latency,
+                              replica=replica.address)
         return NodeAnswer(
             node_id=node.node_id,
             country=node.country,
@@ -281,29 +364,34 @@ class Federation:
             latency_ms=latency,
             hits=hits,
             truncated=truncated,
+            replica=replica.address,
         )
 
-    def _details(self, node: NodeEntry, error: grpc.aio.AioRpcError) -> str:
+    def _details(self, node: NodeEntry, address: str, error: grpc.aio.AioRpcError) -> str:
         details = error.details() or ""
         if error.code() != grpc.StatusCode.UNAVAILABLE:
             return details
-        words = _tls_words(details, node, str(self._config.tls.ca))
+        words = _tls_words(details, node, address, str(self._config.tls.ca))
         if words != details:
-            log.debug("TLS failure", extra={"node": node.node_id, "detail": details})
+            log.debug("TLS failure", extra={"node": node.node_id, "replica": address, "detail": details})
         return words
 
     async def describe(self, timeout: float | None = None) -> list[NodeDescription]:
+        """Every node asked to describe itself: one description per replica of each member."""
         deadline = timeout or self._config.node_timeout
-        return list(await asyncio.gather(*(self._describe_one(n, deadline) for n in self._config.nodes)))
+        return list(await asyncio.gather(*(self._describe_one(member.entry, replica, deadline)
+                                           for member in self._members.values() for replica in member.replicas)))
 
-    async def _describe_one(self, node: NodeEntry, timeout: float) -> NodeDescription:
+    async def _describe_one(self, node: NodeEntry, replica: _Replica, timeout: float) -> NodeDescription:
         token = self._signer.token(node.node_id, "Describe", query_sha256([]), "")
         started = time.perf_counter()
         try:
-            response = await self._stubs[node.node_id].Describe(
+            response = await replica.stub.Describe(
                 pb.DescribeRequest(), timeout=timeout, metadata=tokens.bearer(token)
             )
         except grpc.aio.AioRpcError as error:
             return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000,
-                                   failure=_status_of(error), message=self._details(node, error))
-        return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000, response)
+                                   failure=_status_of(error), message=self._details(node, replica.address, error),
+                                   replica=replica.address)
+        return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000, response,
+                               replica=replica.address)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -116,3 +117,62 @@ class NodeHealth:
         ordered = sorted(self.latencies)
         index = min(len(ordered) - 1, int(self.policy.hedge_percentile * len(ordered)))
         return max(self.policy.hedge_min_delay, ordered[index])
+
+
+@dataclass
+class ReplicaRound:
+    """One query's use of one member's replicas (nodes with the same identity and data).
+
+    Replicas are taken in turn, starting at ``start`` (the gateway rotates it
+    from query to query, so every replica serves and keeps its latency history
+    fresh); one whose breaker is open is passed over while another serves.
+    Each replica is admitted at most once per query — its breaker's trial, if
+    it is one, covers every call of this query to it — and :meth:`settle`
+    settles each admitted replica exactly once, from all its calls together:
+    answered, failed, or (refused, cancelled) inconclusive.
+    """
+
+    healths: Sequence[NodeHealth]
+    start: int = 0
+    admitted: dict[int, Admission] = field(default_factory=dict)
+    # Why a replica was passed over (its breaker is open), by position.
+    passed_over: dict[int, str] = field(default_factory=dict)
+    answered: dict[int, float] = field(default_factory=dict)
+    failed: set[int] = field(default_factory=set)
+
+    def next(self, now: float) -> int | None:
+        """The next replica not yet asked in this query, admitted; None when none is left."""
+        count = len(self.healths)
+        for step in range(count):
+            index = (self.start + step) % count
+            if index in self.admitted or index in self.passed_over:
+                continue
+            admission = self.healths[index].admit(now)
+            if admission:
+                self.admitted[index] = admission
+                return index
+            self.passed_over[index] = self.healths[index].reason(now)
+        return None
+
+    @property
+    def asked(self) -> int:
+        return len(self.admitted)
+
+    def record(self, index: int, answered: bool | None, latency: float = 0.0) -> None:
+        """One call's outcome: True answered, False failed, None says nothing (refused)."""
+        if answered:
+            self.answered[index] = latency
+        elif answered is False:
+            self.failed.add(index)
+
+    def settle(self, now: float) -> None:
+        """Tells every admitted replica's health how this query went for it (once)."""
+        for index, admission in self.admitted.items():
+            health = self.healths[index]
+            if index in self.answered:
+                health.succeeded(self.answered[index])
+            elif index in self.failed:
+                health.failed(now)
+            else:
+                health.inconclusive(admission)
+        self.admitted.clear()

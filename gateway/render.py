@@ -71,6 +71,7 @@ def to_json(result: MergedResult) -> dict[str, Any]:
                 "status": n.status.value,
                 "message": n.message,
                 "latency_ms": round(n.latency_ms, 1),
+                "replica": n.replica,
             }
             for n in result.nodes
         ],

@@ -47,6 +47,8 @@ class NodeAnswer:
     # Aligned with the query's items when the node answered; empty otherwise.
     hits: tuple[tuple[HitInfo, ...], ...] = ()
     truncated: tuple[bool, ...] = ()
+    # Which of the member's addresses gave this answer (its replicas share one identity).
+    replica: str = ""
 
 
 @dataclass(frozen=True)
