@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 import aiosqlite
 
+from node.private_files import make_private
+
 DEFAULT_RETENTION_DAYS = 730
 GENESIS = "0" * 64  # prev_hash of the very first record
 
@@ -103,6 +105,7 @@ def chain_hash(prev_hash: str, entry_json: str) -> str:
 
 async def connect(path: Path) -> aiosqlite.Connection:
     """A connection like the store's own, for tools that only need the log."""
+    make_private(path)
     db = await aiosqlite.connect(path, isolation_level=None)
     await db.execute("PRAGMA journal_mode=WAL")
     await db.execute("PRAGMA synchronous=FULL")

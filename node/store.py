@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import aiosqlite
 
+from node.private_files import make_private
 from node.records import HashRecord, StoredRecord
 
 SCHEMA = """
@@ -101,6 +102,7 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)  # 0600 for the database, and so for its -wal and -shm
         db = await aiosqlite.connect(path, isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
