@@ -145,8 +145,12 @@ def _progress() -> Progress:
 
 def _check_files(files: list[Path]) -> None:
     for path in files:
-        if not path.is_file():
+        if path.is_dir():
+            raise OSError(f"{path}: is a directory; name the hash files in it")
+        if not path.exists():
             raise OSError(f"{path}: no such file")
+        if not path.is_file():
+            raise OSError(f"{path}: not a regular file")
 
 
 async def _import(config: node_config.NodeConfig, files: list[Path], format_name: str, strict: bool) -> int:
