@@ -19,7 +19,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -207,9 +207,11 @@ class AuditLog:
     async def write_jsonl(self, out: TextIO, since: str | None = None) -> int:
         """Writes export() as JSON lines to ``out`` for an auditor; returns the count."""
         count = 0
-        async for record in self.export(since):
-            out.write(canonical_json(record) + "\n")
-            count += 1
+        # aclosing: a failed write (a closed pipe) ends the query before the connection closes.
+        async with aclosing(self.export(since)) as records:
+            async for record in records:
+                out.write(canonical_json(record) + "\n")
+                count += 1
         return count
 
     async def prune(self, older_than: dt.datetime) -> int:

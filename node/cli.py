@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ from node import formats, vics
 from node.importer import ImportAborted, ImportReport, import_file, retract_files
 from node.records import Rejection
 from node.store import Store
+from node.unix import stdout_closed
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -129,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_description(asyncio.run(describe(config)), args.format))
             return 0
         return asyncio.run(_stats(config, args.format))
+    except BrokenPipeError:
+        return stdout_closed()
     except (ConfigError, ImportAborted, OSError, ValueError) as exc:
         err.print(f"icse-node: {exc}", style="red", markup=False, highlight=False)
         return 2
@@ -263,8 +267,10 @@ async def _write_export(store: Store, format_name: str, handle, config: node_con
         writer = vics.VicsWriter(handle, case_number=f"icse-node {config.node_id} export")
     else:
         writer = {"csv": formats.CsvWriter, "lines": formats.LinesWriter}[format_name](handle)
-    async for batch in store.iter_rows(by_reference=format_name == "vics"):
-        writer.write(batch)
+    # aclosing: a failed write (a closed pipe) ends the query before the store closes.
+    async with contextlib.aclosing(store.iter_rows(by_reference=format_name == "vics")) as batches:
+        async for batch in batches:
+            writer.write(batch)
     writer.close()
     return writer.count
 
