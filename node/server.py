@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -33,6 +34,27 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 GRACE_SECONDS = 5.0
+
+
+def bind_failure(address: str) -> str:
+    """Why ``address`` ("host:port", "[v6]:port") cannot be listened on, in words,
+    found by binding a plain socket there the way gRPC does (SO_REUSEADDR);
+    called only after gRPC failed to bind, which reports no reason."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or None
+    try:
+        candidates = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, ValueError) as exc:
+        return f"not a listening address ({exc})"
+    reasons = []
+    for family, kind, proto, _, where in candidates:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                reasons.append((exc.strerror or str(exc)).lower())
+    return reasons[0] if reasons else "gRPC could not bind it (set GRPC_VERBOSITY=debug for its reason)"
 
 
 def _write_ready(path: Path, config: NodeConfig, port: int, metrics_port: int | None) -> None:
@@ -63,9 +85,12 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        port = server.add_secure_port(config.listen, tls.server_credentials(config.tls))
+        try:
+            port = server.add_secure_port(config.listen, tls.server_credentials(config.tls))
+        except RuntimeError:  # grpc says only "Failed to bind"; the reason is found by trying
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+            raise OSError(f"cannot listen on {config.listen}: {bind_failure(config.listen)}")
         await server.start()
         for name in ("", SERVICE_NAME):
             await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
