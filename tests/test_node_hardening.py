@@ -4,6 +4,7 @@ line as a Unix tool, refusals in words, and a log that stays JSON."""
 from __future__ import annotations
 
 import json
+import socket
 import stat
 import subprocess
 import sys
@@ -12,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from federation.localfed import environment
+from federation.localfed import LocalFederation, NodeSpec, environment
+from federation.pki import DevPki
+from node.audit import AuditEntry, AuditLog
+from node.store import Store
+from node.unix import EXIT_BROKEN_PIPE
 
 MD5 = "ab" * 16
 
@@ -118,3 +123,55 @@ def test_import_of_a_directory_says_it_is_a_directory(tmp_path: Path) -> None:
     done = _node_cli("import", "--config", str(_config(tmp_path)), str(folder))
     assert done.returncode == 2
     assert f"{folder}: is a directory" in done.stderr and "no such file" not in done.stderr
+
+
+# -- the command line as a Unix tool -----------------------------------------------------------------
+
+async def _store_with_records(tmp_path: Path, hashes: int, records: int) -> Path:
+    config = _config(tmp_path)
+    async with await Store.open(tmp_path / "store.sqlite") as store:
+        await store.add_rows([[("md5", n.to_bytes(16, "big"), f"R-{n}", "", None, "", "")
+                               for n in range(hashes)]])
+        audit = await AuditLog.open(store.connection)
+        for _ in range(records):
+            await audit.append(AuditEntry("", "eu-1", "officer-1", "Police", "FR", "CASE-1", "Match", 1,
+                                          ("md5",), 0, (), "OK", "", "token", "ipv4:127.0.0.1:1"))
+    return config
+
+
+def _read_one_line_then_close(*args: str) -> tuple[str, int, str]:
+    """Runs ``icse-node ARGS | head -n 1``: reads one line, closes the pipe, waits."""
+    process = subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=environment())
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline().decode()
+    process.stdout.close()
+    errors = process.stderr.read().decode()
+    return first, process.wait(timeout=60), errors
+
+
+@pytest.mark.parametrize("command", [("audit", "export"), ("export",)])
+async def test_output_cut_by_a_closed_pipe_ends_quietly(tmp_path: Path, command: tuple[str, ...]) -> None:
+    # Several times a pipe's buffer (64 KiB): 3,000 rows of ~60 bytes, 500 records of ~450 bytes,
+    # so the command is still writing when the pipe closes.
+    config = await _store_with_records(tmp_path, 3000, 500)
+    first, code, errors = _read_one_line_then_close(*command, "--config", str(config))
+    assert first.strip(), (code, errors)
+    assert errors == ""
+    assert code == EXIT_BROKEN_PIPE
+    # The store was closed properly: the chain still verifies.
+    assert _node_cli("audit", "verify", "--config", str(config)).returncode == 0
+
+
+def test_serve_on_a_port_in_use_says_so_and_exits_2(pki: DevPki, tmp_path: Path) -> None:
+    local = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR")])
+    node = local["FR"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        node.write_config(address)
+        done = _node_cli("serve", "--config", str(node.config_path))
+    assert done.returncode == 2
+    assert f"cannot listen on {address}: address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
