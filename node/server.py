@@ -22,7 +22,7 @@ from node.config import NodeConfig
 from node.live_index import LiveIndexes
 from node.metrics import NodeMetrics
 from node.policy import Admission
-from node.service import NodeService, handlers
+from node.service import MetadataLimits, NodeService, handlers
 from node.store import Store
 
 log = logging.getLogger("icse.node")
@@ -30,7 +30,10 @@ log = logging.getLogger("icse.node")
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.max_metadata_size", 16 * 1024),
+    # Generous, so that an excess of metadata reaches service.MetadataLimits and is refused in words;
+    # beyond this gRPC refuses it itself (RESOURCE_EXHAUSTED, its message possibly empty).
+    ("grpc.max_metadata_size", 128 * 1024),
+    ("grpc.absolute_max_metadata_size", 128 * 1024),
     ("grpc.so_reuseport", 0),
 ]
 GRACE_SECONDS = 5.0
@@ -73,11 +76,12 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         loaded = await indexes.current()
         auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
         audit = await AuditLog.open(store.connection)
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent)
         metrics = NodeMetrics()
         metrics.serving(loaded.generation, loaded.counts())
         metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
         service = NodeService(config, store, indexes, auth, Admission(config.policy), audit, metrics)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent,
+                                 interceptors=(MetadataLimits(service),))
         server.add_generic_rpc_handlers((handlers(service),))
         checks = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
