@@ -3,23 +3,35 @@ line as a Unix tool, refusals in words, and a log that stays JSON."""
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import socket
 import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import jwt
 import pytest
 
-from federation.localfed import LocalFederation, NodeSpec, environment
+from federation import tokens
+from federation.localfed import LocalFederation, LocalNode, NodeSpec, environment
 from federation.pki import DevPki
+from federation.query import QueryItem
+from federation.wire import items_to_pb, rpc
 from node.audit import AuditEntry, AuditLog
 from node.store import Store
 from node.unix import EXIT_BROKEN_PIPE
+from tests.support import claims_for, gateway_client, signing_key
 
 MD5 = "ab" * 16
+NODE = "FR"
+KNOWN = bytes.fromhex("5a" * 32)
+HONEST = [QueryItem("sha256", KNOWN)]
 
 
 def _node_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -175,3 +187,95 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2(pki: DevPki, tmp_path: Path)
     assert done.returncode == 2
     assert f"cannot listen on {address}: address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- refusals in words, from a real node over mutual TLS ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def node(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    local = LocalFederation(tmp_path_factory.mktemp("hardening"), pki, [NodeSpec(NODE, NODE)])
+    known = local.workdir / "known.txt"
+    known.write_text(f"sha256:{KNOWN.hex()}\n")
+    assert local[NODE].import_file(known).returncode == 0
+    with local:
+        yield local[NODE]
+
+
+def _audit(node: LocalNode) -> list[dict]:
+    done = _node_cli("audit", "export", "--config", str(node.config_path))
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+async def _refusal(node: LocalNode, token: str | None = None,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> grpc.aio.AioRpcError:
+    client = gateway_client(node.pki, node.address, NODE)
+    async with client.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await rpc.NodeStub(channel).Match(items_to_pb(HONEST), timeout=10,
+                                              metadata=(tokens.bearer(token) if token else ()) + metadata)
+    return caught.value
+
+
+def _token(node: LocalNode, headers: dict[str, str] | None, **changes: object) -> str:
+    key = signing_key(node.pki)
+    claims = claims_for(node.pki, NODE, HONEST).to_jwt_claims() | changes
+    return jwt.encode(claims, key.private_key, algorithm=key.algorithm,
+                      headers={"kid": key.kid} if headers is None else headers)
+
+
+async def test_honest_call_is_answered(node: LocalNode) -> None:
+    """Control for the refusals below: the same client and signer get an answer."""
+    response = await gateway_client(node.pki, node.address, NODE).match(HONEST, _token(node, None))
+    assert len(response.results) == 1
+
+
+@pytest.mark.parametrize(("cnf", "message"), [
+    ("not-an-object", "token claim 'cnf' must be an object holding the client certificate's 'x5t#S256' thumbprint"),
+    ({"x5t#S256": 12}, "token claim 'cnf' must be an object holding the client certificate's 'x5t#S256' thumbprint"),
+    ({}, "token claim 'cnf' must be an object holding the client certificate's 'x5t#S256' thumbprint"),
+])
+async def test_malformed_cnf_claim_is_refused_in_words(node: LocalNode, cnf: object, message: str) -> None:
+    error = await _refusal(node, _token(node, None, cnf=cnf))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == message
+
+
+async def test_claim_of_the_wrong_type_is_named(node: LocalNode) -> None:
+    error = await _refusal(node, _token(node, None, org=["Police"]))
+    assert error.details() == "token claim 'org' must be a string, got a JSON array"
+
+
+def _with_header(token: str, header: dict[str, object]) -> str:
+    """The token with its header replaced (its signature no longer matters: the header is read first)."""
+    encoded = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
+    return ".".join([encoded, *token.split(".")[1:]])
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ({"alg": "EdDSA", "typ": "JWT"}, "token header names no signing key ('kid' is missing)"),
+    ({"alg": "EdDSA", "kid": 7}, "malformed token: Key ID header parameter must be a string"),
+])
+async def test_missing_or_odd_key_id_is_refused_in_words(node: LocalNode, header: dict, message: str) -> None:
+    error = await _refusal(node, _with_header(_token(node, None), header))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == message
+    assert any(r["status"] == "UNAUTHENTICATED" and r["detail"] == message for r in _audit(node))
+
+
+async def test_a_thousand_junk_headers_are_refused_in_words(node: LocalNode) -> None:
+    junk = tuple((f"x-junk-{n}", "junk-value") for n in range(1000))
+    error = await _refusal(node, _token(node, None), junk)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.fullmatch(r"request carries 1,00\d metadata entries \(headers\); this node accepts at most 64",
+                        error.details()), error.details()
+    record = _audit(node)[-1]
+    assert (record["status"], record["gateway"]) == ("RESOURCE_EXHAUSTED", "eu-1")
+    assert "metadata entries" in record["detail"]
+
+
+async def test_oversized_header_is_refused_in_words(node: LocalNode) -> None:
+    error = await _refusal(node, _token(node, None), (("x-padding", "a" * 50_000),))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.fullmatch(r"request metadata \(headers\) is 5\d,\d{3} bytes; this node accepts at most 16,384",
+                        error.details()), error.details()
