@@ -21,7 +21,7 @@ from federation.config import ConfigError
 from node import config as node_config
 from node.audit_cli import add_audit_parser, run_audit
 from node.describe import describe, render as render_description
-from node import server
+from node import server, stderr_relay
 from node import formats, vics
 from node.importer import ImportAborted, ImportReport, import_file, retract_files
 from node.records import Rejection
@@ -115,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_audit(args)
     try:
         if args.command == "serve":
+            stderr_relay.start(args.log_level, args.log_format)  # gRPC's own log lines in the same format
             logs.configure(args.log_level, args.log_format)
             asyncio.run(server.serve(node_config.load(args.config), args.ready_file))
             return 0
