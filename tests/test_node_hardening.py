@@ -3,7 +3,9 @@ line as a Unix tool, refusals in words, and a log that stays JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime as dt
 import json
 import re
 import socket
@@ -11,22 +13,26 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from federation import tokens
 from federation.localfed import LocalFederation, LocalNode, NodeSpec, environment
-from federation.pki import DevPki
+from federation.pki import DevPki, Leaf, cert_pem, gateway_leaf, issue, key_pem
 from federation.query import QueryItem
+from federation.tls import TlsFiles, channel_credentials
 from federation.wire import items_to_pb, rpc
 from node.audit import AuditEntry, AuditLog
 from node.store import Store
 from node.unix import EXIT_BROKEN_PIPE
-from tests.support import claims_for, gateway_client, signing_key
+from tests.support import Client, claims_for, gateway_client, signing_key
 
 MD5 = "ab" * 16
 NODE = "FR"
@@ -279,3 +285,66 @@ async def test_oversized_header_is_refused_in_words(node: LocalNode) -> None:
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert re.fullmatch(r"request metadata \(headers\) is 5\d,\d{3} bytes; this node accepts at most 16,384",
                         error.details()), error.details()
+
+
+# -- the node's log stays JSON, with gRPC's TLS refusals in it -----------------------------------------
+
+def _client_files(pki: DevPki, tmp_path: Path, case: str) -> TlsFiles | None:
+    if case == "no client certificate":
+        return None
+    if case == "a node's certificate (no client-auth usage)":
+        return TlsFiles(pki.ca_cert, pki.node_cert("DE"), pki.node_key("DE"))
+    now = dt.datetime.now(dt.timezone.utc)
+    base = gateway_leaf(pki.federation, "eu-1")
+    leaf = Leaf(base.common_name, base.uris, client=True, not_before=now - dt.timedelta(days=30),
+                not_after=now - dt.timedelta(days=1))
+    key, cert = issue(load_pem_private_key(pki.ca_key.read_bytes(), password=None),
+                      x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()), leaf)
+    (tmp_path / "expired.pem").write_bytes(cert_pem(cert))
+    (tmp_path / "expired.key").write_bytes(key_pem(key))
+    return TlsFiles(pki.ca_cert, tmp_path / "expired.pem", tmp_path / "expired.key")
+
+
+def _log_records(node: LocalNode) -> list[dict]:
+    """Every line of the node's log, each of which must be a JSON object."""
+    return [json.loads(line) for line in node.log_path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("no client certificate", "the client presented no certificate"),
+    ("a node's certificate (no client-auth usage)",
+     "the client's certificate does not verify: unsupported certificate purpose "
+     "(no TLS client-auth usage: not a gateway certificate)"),
+    ("an expired certificate", "the client's certificate does not verify: certificate has expired"),
+])
+async def test_tls_refusal_is_logged_as_a_json_line_with_its_reason(node: LocalNode, tmp_path: Path,
+                                                                    case: str, reason: str) -> None:
+    files = _client_files(node.pki, tmp_path, case)
+    credentials = (channel_credentials(files) if files else
+                   grpc.ssl_channel_credentials(node.pki.ca_cert.read_bytes()))
+    before = sum(1 for r in _log_records(node) if r.get("reason") == reason)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await Client(node.address, NODE, node.pki.federation, credentials).match(HONEST, _token(node, None))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    deadline = time.monotonic() + 30
+    while True:  # the relay writes the line a moment after the client saw the refusal
+        refused = [r for r in _log_records(node) if r.get("reason") == reason]
+        if len(refused) > before or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert len(refused) == before + 1, node.log_tail()
+    assert (refused[-1]["message"], refused[-1]["level"], refused[-1]["logger"]) == (
+        "TLS handshake refused", "WARNING", "icse.node.tls")
+
+
+def test_serve_failing_to_bind_writes_no_plain_grpc_lines(pki: DevPki, tmp_path: Path) -> None:
+    local = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR")])
+    node = local["FR"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        node.write_config(f"127.0.0.1:{taken.getsockname()[1]}")
+        done = _node_cli("serve", "--config", str(node.config_path))
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("icse-node: cannot listen on")]
+    records = [json.loads(line) for line in lines]
+    assert any(r["logger"] == "icse.node.grpc" and "Address already in use" in r["message"] for r in records)
