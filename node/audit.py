@@ -18,7 +18,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +195,7 @@ class AuditLog:
                     checked, expected_seq, expected_prev = checked + 1, row[0] + 1, row[4]
         return VerifyResult(True, checked, None, "")
 
-    async def export(self, since: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def export(self, since: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Each record as one flat dict (seq, time, hash, prev_hash and the entry's fields)."""
         cutoff = utc_iso(dt.datetime.fromisoformat(since)) if since else ""
         async with self._db.execute(

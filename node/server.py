@@ -44,9 +44,8 @@ def bind_failure(address: str) -> str:
     found by binding a plain socket there the way gRPC does (SO_REUSEADDR);
     called only after gRPC failed to bind, which reports no reason."""
     host, _, port = address.rpartition(":")
-    host = host.strip("[]") or None
     try:
-        candidates = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        candidates = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, ValueError) as exc:
         return f"not a listening address ({exc})"
     reasons = []

@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -255,7 +255,10 @@ class MetadataLimits(grpc.aio.ServerInterceptor):
     def __init__(self, service: NodeService):
         self._service = service
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):  # type: ignore[no-untyped-def]
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         reason = metadata_excess(details.invocation_metadata)
         if handler is None or not reason:

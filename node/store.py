@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import operator
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -252,7 +252,8 @@ class Store:
         missing = tuple(r for r in json.loads(wanted) if r not in found)
         return ReferenceRemoval(removed=removed, references_found=len(found), references_missing=missing)
 
-    async def iter_rows(self, *, by_reference: bool = False, chunk: int = 5000) -> AsyncIterator[list[Row]]:
+    async def iter_rows(self, *, by_reference: bool = False, chunk: int = 5000
+                        ) -> AsyncGenerator[list[Row], None]:
         """Every row, in chunks, streamed from one consistent snapshot (one SELECT).
 
         In insertion order, or grouped by reference and metadata (for writers that

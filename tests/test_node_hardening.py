@@ -42,7 +42,7 @@ HONEST = [QueryItem("sha256", KNOWN)]
 
 def _node_cli(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=environment(), **kwargs)  # type: ignore[call-overload]
+                          timeout=120, env=environment(), check=False, **kwargs)  # type: ignore[call-overload]
 
 
 def _config(directory: Path, store: str = "store.sqlite") -> Path:
@@ -81,7 +81,7 @@ _OPEN_AND_WRITE = textwrap.dedent("""
 def test_store_wal_and_shm_are_created_owner_only_whatever_the_umask(tmp_path: Path, umask: str) -> None:
     path = tmp_path / "store.sqlite"
     done = subprocess.run([sys.executable, "-c", _OPEN_AND_WRITE, str(path), umask],
-                          capture_output=True, text=True, timeout=60, env=environment())
+                          capture_output=True, text=True, timeout=60, env=environment(), check=False)
     assert done.returncode == 0, done.stderr
     modes = json.loads(done.stdout)
     assert set(modes) == {"store.sqlite", "store.sqlite-wal", "store.sqlite-shm"}
@@ -313,8 +313,8 @@ def _log_records(node: LocalNode) -> list[dict]:
 @pytest.mark.parametrize(("case", "reason"), [
     ("no client certificate", "the client presented no certificate"),
     ("a node's certificate (no client-auth usage)",
-     "the client's certificate does not verify: unsupported certificate purpose "
-     "(no TLS client-auth usage: not a gateway certificate)"),
+     ("the client's certificate does not verify: unsupported certificate purpose "
+      "(no TLS client-auth usage: not a gateway certificate)")),
     ("an expired certificate", "the client's certificate does not verify: certificate has expired"),
 ])
 async def test_tls_refusal_is_logged_as_a_json_line_with_its_reason(node: LocalNode, tmp_path: Path,
