@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -268,11 +268,16 @@ class MetadataLimits(grpc.aio.ServerInterceptor):
         async def refuse(_request: object, context: grpc.aio.ServicerContext) -> None:
             await service.refuse_early(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
 
+        async def refuse_stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            await refuse(request, context)
+            yield  # pragma: no cover - abort raised; this makes it a response stream
+
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}
-        return make[handler.request_streaming, handler.response_streaming](refuse)
+        behaviour = refuse_stream if handler.response_streaming else refuse
+        return make[handler.request_streaming, handler.response_streaming](behaviour)
 
 
 def _lenient(parse):

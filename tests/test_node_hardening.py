@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,8 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from federation import tokens
 from federation.localfed import LocalFederation, LocalNode, NodeSpec, environment
@@ -278,6 +280,28 @@ async def test_a_thousand_junk_headers_are_refused_in_words(node: LocalNode) -> 
     record = _audit(node)[-1]
     assert (record["status"], record["gateway"]) == ("RESOURCE_EXHAUSTED", "eu-1")
     assert "metadata entries" in record["detail"]
+
+
+async def test_junk_headers_on_streaming_methods_are_refused_in_words(node: LocalNode) -> None:
+    """Health's Watch (a response stream) and reflection (streams both ways) go through the same check."""
+    junk = tuple((f"x-junk-{n}", "junk-value") for n in range(100))
+
+    async def no_requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        # None sent: a request written while the node refuses may end the client's call as INTERNAL.
+        return
+        yield
+
+    async with gateway_client(node.pki, node.address, NODE).channel() as channel:
+        calls = (health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), metadata=junk, timeout=10),
+                 reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                     no_requests(), metadata=junk, timeout=10))
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in call:
+                    pass
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert caught.value.details() == ("request carries 101 metadata entries (headers); "
+                                              "this node accepts at most 64")
 
 
 async def test_oversized_header_is_refused_in_words(node: LocalNode) -> None:
