@@ -19,14 +19,15 @@ _COMPANIONS = ("", "-wal", "-shm", "-journal")
 def make_private(path: Path) -> None:
     """Creates ``path`` empty with mode 0600 if missing (SQLite takes an empty
     file as a new database) and removes group and other access from it and its
-    existing companion files."""
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    existing companion files (those this user owns: only the owner may chmod)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.close(descriptor)
     for suffix in _COMPANIONS:
         companion = Path(f"{path}{suffix}")
         try:
-            mode = stat.S_IMODE(companion.stat().st_mode)
+            status = companion.stat()
         except FileNotFoundError:
             continue
-        if mode & 0o077:
+        mode = stat.S_IMODE(status.st_mode)
+        if mode & 0o077 and status.st_uid == os.geteuid():
             os.chmod(companion, mode & 0o700)
