@@ -1,11 +1,13 @@
-"""Silences gRPC's own C-core logging in the command-line tools, unless asked for.
+"""Silences gRPC's own C-core logging in the gateway's command line, unless asked for.
 
 gRPC writes lines such as ``I1129 … ssl_transport_security.cc:1884] Handshake
 failed …`` straight to stderr, between the tools' own messages and in a form
 meant for gRPC's developers; what went wrong is already said by the tools in
 words. gRPC reads ``GRPC_VERBOSITY`` once, when it is first imported, so this
 module acts on import and must be imported before anything that imports grpc
-(the first import of each CLI module).
+(the first import of the gateway's CLI module). A serving node keeps those
+lines: they are the only record of a refused TLS handshake, and
+``node/stderr_relay.py`` turns them into the node's own log lines.
 
 Asked for means: the user set ``GRPC_VERBOSITY`` or ``GRPC_TRACE`` themselves,
 or runs the tool with ``--log-level DEBUG``. Once grpc is loaded (a program that

@@ -68,20 +68,50 @@ class QueryClaims:
 
     @classmethod
     def from_jwt_claims(cls, claims: dict[str, Any]) -> QueryClaims:
+        """The claims of a decoded token; ``TokenError`` naming the first claim
+        that is missing or of the wrong type (a signed token is still input)."""
+        cnf = claims.get("cnf")
+        if not isinstance(cnf, dict) or not isinstance(cnf.get("x5t#S256"), str):
+            raise TokenError("token claim 'cnf' must be an object holding the client certificate's "
+                             "'x5t#S256' thumbprint")
+        audience = claims.get("aud")
+        if isinstance(audience, list) and len(audience) == 1:
+            audience = audience[0]
         return cls(
-            issuer=str(claims["iss"]),
-            subject=str(claims["sub"]),
-            org=str(claims["org"]),
-            country=str(claims["country"]),
-            audience=str(claims["aud"]),
-            rpc=str(claims["rpc"]),
-            query_sha256=str(claims["qh"]),
-            case=str(claims.get("case", "")),
-            cert_thumbprint=str(claims["cnf"]["x5t#S256"]),
-            issued_at=int(claims["iat"]),
-            expires_at=int(claims["exp"]),
-            token_id=str(claims["jti"]),
+            issuer=_text_claim(claims, "iss"),
+            subject=_text_claim(claims, "sub"),
+            org=_text_claim(claims, "org"),
+            country=_text_claim(claims, "country"),
+            audience=_text_claim({"aud": audience}, "aud"),
+            rpc=_text_claim(claims, "rpc"),
+            query_sha256=_text_claim(claims, "qh"),
+            case=_text_claim(claims, "case") if "case" in claims else "",
+            cert_thumbprint=cnf["x5t#S256"],
+            issued_at=_time_claim(claims, "iat"),
+            expires_at=_time_claim(claims, "exp"),
+            token_id=_text_claim(claims, "jti"),
         )
+
+
+def _text_claim(claims: dict[str, Any], name: str) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str):
+        got = f"a JSON {_json_type(value)}" if name in claims else "nothing"
+        raise TokenError(f"token claim {name!r} must be a string, got {got}")
+    return value
+
+
+def _time_claim(claims: dict[str, Any], name: str) -> int:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TokenError(f"token claim {name!r} must be a number of seconds since 1970, "
+                         f"got a JSON {_json_type(value)}")
+    return int(value)
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def new_claims(
@@ -180,9 +210,11 @@ class KeySet:
         if alg not in ALLOWED_ALGORITHMS:
             raise TokenError(f"token algorithm {str(alg)[:20]!r} is not allowed")
         kid = header.get("kid")
-        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if kid is None:
+            raise TokenError("token header names no signing key ('kid' is missing)")
+        key = self._keys.get(kid)  # a string: jwt refused any other type as malformed
         if key is None:
-            raise TokenError(f"token signed with unknown key id {str(kid)[:64]!r}")
+            raise TokenError(f"token signed with unknown key id {kid[:64]!r}")
         if key.algorithm_name != alg:
             raise TokenError(f"token algorithm {alg} does not match key {kid!r}")
         try:
@@ -211,10 +243,7 @@ class KeySet:
             raise TokenError("token issued in the future")
         if claims["exp"] - claims["iat"] > MAX_LIFETIME_SECONDS:
             raise TokenError(f"token lifetime exceeds {MAX_LIFETIME_SECONDS} s")
-        try:
-            return QueryClaims.from_jwt_claims(claims)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise TokenError(f"token claims malformed: {exc!r}") from None
+        return QueryClaims.from_jwt_claims(claims)
 
 
 def public_jwk(key: SigningKey) -> dict[str, Any]:

@@ -18,13 +18,15 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiosqlite
+
+from node.private_files import make_private
 
 DEFAULT_RETENTION_DAYS = 730
 GENESIS = "0" * 64  # prev_hash of the very first record
@@ -103,6 +105,7 @@ def chain_hash(prev_hash: str, entry_json: str) -> str:
 
 async def connect(path: Path) -> aiosqlite.Connection:
     """A connection like the store's own, for tools that only need the log."""
+    make_private(path)
     db = await aiosqlite.connect(path, isolation_level=None)
     await db.execute("PRAGMA journal_mode=WAL")
     await db.execute("PRAGMA synchronous=FULL")
@@ -192,7 +195,7 @@ class AuditLog:
                     checked, expected_seq, expected_prev = checked + 1, row[0] + 1, row[4]
         return VerifyResult(True, checked, None, "")
 
-    async def export(self, since: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def export(self, since: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Each record as one flat dict (seq, time, hash, prev_hash and the entry's fields)."""
         cutoff = utc_iso(dt.datetime.fromisoformat(since)) if since else ""
         async with self._db.execute(
@@ -204,9 +207,11 @@ class AuditLog:
     async def write_jsonl(self, out: TextIO, since: str | None = None) -> int:
         """Writes export() as JSON lines to ``out`` for an auditor; returns the count."""
         count = 0
-        async for record in self.export(since):
-            out.write(canonical_json(record) + "\n")
-            count += 1
+        # aclosing: a failed write (a closed pipe) ends the query before the connection closes.
+        async with aclosing(self.export(since)) as records:
+            async for record in records:
+                out.write(canonical_json(record) + "\n")
+                count += 1
         return count
 
     async def prune(self, older_than: dt.datetime) -> int:

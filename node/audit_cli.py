@@ -3,7 +3,7 @@
 Kept apart from ``node.cli`` so it can be wired in with two calls:
 ``add_audit_parser(subparsers)`` and, for ``args.command == "audit"``,
 ``run_audit(args)``. Exit status: 0 ok, 1 the chain is broken, 2 usage or
-configuration error.
+configuration error, 141 output cut short by a closed pipe (``| head``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from federation.config import ConfigError
 from node import config as node_config
 from node.audit import DEFAULT_RETENTION_DAYS, AuditError, AuditLog, connect, utc_iso
+from node.unix import stdout_closed
 
 
 def _when(text: str) -> dt.datetime:
@@ -90,6 +91,8 @@ def run_audit(args: argparse.Namespace) -> int:
         if not config.store.is_file():
             raise ConfigError(f"{config.store}: no store here (has the node imported or served yet?)")
         return asyncio.run(_run(args, config))
+    except BrokenPipeError:
+        return stdout_closed()
     except (ConfigError, OSError, ValueError) as exc:
         print(f"icse-node audit: {exc}", file=sys.stderr)
         return 2

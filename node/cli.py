@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -15,17 +16,17 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
 from federation import logs
 from federation.config import ConfigError
 from node import config as node_config
 from node.audit_cli import add_audit_parser, run_audit
 from node.describe import describe, render as render_description
-from node import lifeline, server
+from node import lifeline, server, stderr_relay
 from node import formats, vics
 from node.importer import ImportAborted, ImportReport, import_file, retract_files
 from node.records import Rejection
 from node.store import Store
+from node.unix import stdout_closed
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -119,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _tie_to_supervisor(args.parent_pid, args.stop_on_stdin_eof)
+            stderr_relay.start(args.log_level, args.log_format)  # gRPC's own log lines in the same format
             logs.configure(args.log_level, args.log_format)
             asyncio.run(server.serve(node_config.load(args.config), args.ready_file))
             return 0
@@ -135,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_description(asyncio.run(describe(config)), args.format))
             return 0
         return asyncio.run(_stats(config, args.format))
+    except BrokenPipeError:
+        return stdout_closed()
     except (ConfigError, ImportAborted, OSError, ValueError, lifeline.ParentGone) as exc:
         err.print(f"icse-node: {exc}", style="red", markup=False, highlight=False)
         return 2
@@ -159,8 +163,12 @@ def _progress() -> Progress:
 
 def _check_files(files: list[Path]) -> None:
     for path in files:
-        if not path.is_file():
+        if path.is_dir():
+            raise OSError(f"{path}: is a directory; name the hash files in it")
+        if not path.exists():
             raise OSError(f"{path}: no such file")
+        if not path.is_file():
+            raise OSError(f"{path}: not a regular file")
 
 
 async def _import(config: node_config.NodeConfig, files: list[Path], format_name: str, strict: bool) -> int:
@@ -273,8 +281,10 @@ async def _write_export(store: Store, format_name: str, handle, config: node_con
         writer = vics.VicsWriter(handle, case_number=f"icse-node {config.node_id} export")
     else:
         writer = {"csv": formats.CsvWriter, "lines": formats.LinesWriter}[format_name](handle)
-    async for batch in store.iter_rows(by_reference=format_name == "vics"):
-        writer.write(batch)
+    # aclosing: a failed write (a closed pipe) ends the query before the store closes.
+    async with contextlib.aclosing(store.iter_rows(by_reference=format_name == "vics")) as batches:
+        async for batch in batches:
+            writer.write(batch)
     writer.close()
     return writer.count
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,7 @@ from node.config import NodeConfig
 from node.live_index import LiveIndexes
 from node.metrics import NodeMetrics
 from node.policy import Admission
-from node.service import NodeService, handlers
+from node.service import MetadataLimits, NodeService, handlers
 from node.store import Store
 
 log = logging.getLogger("icse.node")
@@ -30,10 +31,33 @@ log = logging.getLogger("icse.node")
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    ("grpc.max_metadata_size", 16 * 1024),
+    # Generous, so that an excess of metadata reaches service.MetadataLimits and is refused in words;
+    # beyond this gRPC refuses it itself (RESOURCE_EXHAUSTED, its message possibly empty).
+    ("grpc.max_metadata_size", 128 * 1024),
+    ("grpc.absolute_max_metadata_size", 128 * 1024),
     ("grpc.so_reuseport", 0),
 ]
 GRACE_SECONDS = 5.0
+
+
+def bind_failure(address: str) -> str:
+    """Why ``address`` ("host:port", "[v6]:port") cannot be listened on, in words,
+    found by binding a plain socket there the way gRPC does (SO_REUSEADDR);
+    called only after gRPC failed to bind, which reports no reason."""
+    host, _, port = address.rpartition(":")
+    try:
+        candidates = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, ValueError) as exc:
+        return f"not a listening address ({exc})"
+    reasons = []
+    for family, kind, proto, _, where in candidates:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as exc:
+                reasons.append((exc.strerror or str(exc)).lower())
+    return reasons[0] if reasons else "gRPC could not bind it (set GRPC_VERBOSITY=debug for its reason)"
 
 
 def _write_ready(path: Path, config: NodeConfig, port: int, metrics_port: int | None) -> None:
@@ -50,11 +74,12 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         loaded = await indexes.current()
         auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
         audit = await AuditLog.open(store.connection)
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent)
         metrics = NodeMetrics()
         metrics.serving(loaded.generation, loaded.counts())
         metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
         service = NodeService(config, store, indexes, auth, Admission(config.policy), audit, metrics)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent,
+                                 interceptors=(MetadataLimits(service),))
         server.add_generic_rpc_handlers((handlers(service),))
         checks = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
@@ -62,9 +87,12 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        port = server.add_secure_port(config.listen, tls.server_credentials(config.tls))
+        try:
+            port = server.add_secure_port(config.listen, tls.server_credentials(config.tls))
+        except RuntimeError:  # grpc says only "Failed to bind"; the reason is found by trying
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+            raise OSError(f"cannot listen on {config.listen}: {bind_failure(config.listen)}")
         await server.start()
         for name in ("", SERVICE_NAME):
             await checks.set(name, health_pb2.HealthCheckResponse.SERVING)

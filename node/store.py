@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import json
 import operator
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import aiosqlite
 
+from node.private_files import make_private
 from node.records import HashRecord, StoredRecord
 
 SCHEMA = """
@@ -101,6 +102,7 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)  # 0600 for the database, and so for its -wal and -shm
         db = await aiosqlite.connect(path, isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
@@ -250,7 +252,8 @@ class Store:
         missing = tuple(r for r in json.loads(wanted) if r not in found)
         return ReferenceRemoval(removed=removed, references_found=len(found), references_missing=missing)
 
-    async def iter_rows(self, *, by_reference: bool = False, chunk: int = 5000) -> AsyncIterator[list[Row]]:
+    async def iter_rows(self, *, by_reference: bool = False, chunk: int = 5000
+                        ) -> AsyncGenerator[list[Row], None]:
         """Every row, in chunks, streamed from one consistent snapshot (one SELECT).
 
         In insertion order, or grouped by reference and metadata (for writers that

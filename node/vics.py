@@ -18,6 +18,12 @@ that could say where a file lived (``RelativeFilePath``, ``MediaFiles``, EXIF):
 the reference is ``<country>-VICS-<MediaID>``, or generated when there is none.
 A rejection's position is the media item's index in the file (1-based).
 
+Numbers are parsed exactly (``use_float=False``: integers of any size, other
+numbers as ``Decimal``): ijson's C backend stops a whole file with "integer
+overflow" on an integer of 2^64 or more when asked for floats, and such values
+turn up in fields we ignore (``SourceFileID``). Parsing exactly costs no
+measurable import speed.
+
 Malformed JSON stops the file with ``VicsError`` naming the byte offset, line
 and column; the importer then rolls the whole file back.
 """
@@ -28,7 +34,9 @@ import datetime as dt
 import io
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -57,20 +65,48 @@ class VicsError(ValueError):
     """The file cannot be read as VICS JSON; the message says where and why."""
 
 
+_DIGITS = b"0123456789"
+_AS_DIGIT_MARKS = bytes(ord("0") if chr(i).isdigit() and i < 128 else ord(".") for i in range(256))
+
+
+def _max_digits() -> int:
+    """Longest digit run ijson may see: Python refuses to convert longer integers
+    (``sys.get_int_max_str_digits``), and ijson's C backend crashes the process
+    on that refusal instead of raising it."""
+    return sys.get_int_max_str_digits() or 1 << 62
+
+
 class _Reader:
-    """Reads a file for ijson, remembering the offsets of the last chunk read."""
+    """Reads a file for ijson, remembering the offsets of the last chunk read.
+
+    Refuses a run of digits longer than ``_max_digits()`` (across chunk
+    boundaries too) before ijson sees it: see ``_max_digits``.
+    """
 
     def __init__(self, handle: BinaryIO, start: int, advance: Callable[[int], None] | None):
         self._handle = handle
         self._advance = advance
         self.chunk_start = self.position = start
+        self._run = 0  # digits at the end of what was read so far
+        self._limit = _max_digits()
+        self._long = b"0" * (self._limit + 1)  # in a chunk with digits marked '0', the rest '.'
 
     def read(self, size: int = -1) -> bytes:
         data = self._handle.read(size)
         self.chunk_start, self.position = self.position, self.position + len(data)
+        self._check_digits(data)
         if data and self._advance is not None:
             self._advance(len(data))
         return data
+
+    def _check_digits(self, data: bytes) -> None:
+        leading = len(data) - len(data.lstrip(_DIGITS))
+        found = data.translate(_AS_DIGIT_MARKS).find(self._long)  # 10x faster than a regular expression
+        if self._run + leading > self._limit or found >= 0:
+            at = self.chunk_start - self._run if self._run + leading > self._limit else self.chunk_start + found
+            raise VicsError(f"a number of more than {self._limit:,} digits at byte offset {at:,}: "
+                            f"not read; nothing from this file was imported")
+        self._run = self._run + len(data) if leading == len(data) else len(data) - len(data.rstrip(_DIGITS))
 
 
 class VicsReader:
@@ -104,7 +140,7 @@ class VicsReader:
         self._handle.seek(start)
         reader = _Reader(self._handle, start, self._advance)
         try:
-            for item in ijson.items(reader, prefix, use_float=True):
+            for item in ijson.items(reader, prefix, use_float=False):
                 self.items += 1
                 yield from media_rows(item, self.items, self.country)
         except ijson.JSONError as exc:
@@ -185,20 +221,30 @@ def locate_error(path: Path, chunk_start: int, chunk_end: int) -> str:
     return f"bytes {chunk_start:,}..{chunk_end:,}"
 
 
+def _whole(value: Any) -> Any:
+    """A JSON number written with a fraction or exponent but whole (``2.0``) as an int;
+    anything else unchanged. Bounded, so ``1e999999`` is never expanded."""
+    if (isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value()
+            and value.adjusted() < 64):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _text(name: str, value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+    value = _whole(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
         raise ValueError(f"{name} must be text or a number, got {type(value).__name__}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
     return formats.short_text(name, str(value))
 
 
 def _flag(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)) and value in (0, 1):
+    if isinstance(value, (int, float, Decimal)) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
         try:
@@ -226,9 +272,7 @@ def _reference(fields: dict[str, Any], country: str) -> str:
     own = fields.get(REFERENCE_FIELD.lower())
     if isinstance(own, str) and own.strip():
         return formats.short_text("reference", own)
-    media_id = fields.get("mediaid")
-    if isinstance(media_id, float) and media_id.is_integer():
-        media_id = int(media_id)
+    media_id = _whole(fields.get("mediaid"))
     if isinstance(media_id, int) and not isinstance(media_id, bool):
         return f"{country}-VICS-{media_id}"
     if isinstance(media_id, str) and _MEDIA_ID.fullmatch(media_id.strip()):
@@ -325,8 +369,9 @@ class VicsWriter:
 def read_media(text: str, country: str = "XX") -> list[ParsedRow]:
     """Every row of a VICS document held in a string (for tests and small inputs)."""
     data = text.encode()
-    prefix = _sniff(ijson.parse(io.BytesIO(data)))
+    prefix = _sniff(ijson.parse(_Reader(io.BytesIO(data), 0, None)))
     rows: list[ParsedRow] = []
-    for number, item in enumerate(ijson.items(io.BytesIO(data), prefix, use_float=True), start=1):
+    for number, item in enumerate(ijson.items(_Reader(io.BytesIO(data), 0, None), prefix, use_float=False),
+                                  start=1):
         rows.extend(media_rows(item, number, country))
     return rows

@@ -1,0 +1,33 @@
+"""The node's SQLite files readable by their owner only, whatever the umask.
+
+The store holds the member's hash set and the audit log of every query: it must
+not be world-readable because the operator's umask is the common 022. SQLite
+creates its ``-wal`` and ``-shm`` files with the mode of the database file, so
+creating the database 0600 before SQLite opens it is enough for new stores;
+files left with a wider mode (by an older version, or a copy) are narrowed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def make_private(path: Path) -> None:
+    """Creates ``path`` empty with mode 0600 if missing (SQLite takes an empty
+    file as a new database) and removes group and other access from it and its
+    existing companion files (those this user owns: only the owner may chmod)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(descriptor)
+    for suffix in _COMPANIONS:
+        companion = Path(f"{path}{suffix}")
+        try:
+            status = companion.stat()
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(status.st_mode)
+        if mode & 0o077 and status.st_uid == os.geteuid():
+            os.chmod(companion, mode & 0o700)
