@@ -15,11 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
+
+# isort: split
 from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
-from gateway import config as gateway_config
-from gateway import filehash, render, selfcheck
+from gateway import config as gateway_config, filehash, render, selfcheck
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from cryptography import x509
 
 from federation import tokens
 from federation.localfed import LocalFederation, LocalNode, NodeSpec, toml_text
@@ -115,7 +115,7 @@ def _client_with(target: Target, files: TlsFiles) -> Client:
 @pytest.mark.parametrize("validity", ["expired", "not yet valid"])
 async def test_client_certificate_outside_its_validity_fails_the_handshake(target: Target, tmp_path: Path,
                                                                            validity: str) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     window = ((now - dt.timedelta(days=30), now - dt.timedelta(days=1)) if validity == "expired"
               else (now + dt.timedelta(days=1), now + dt.timedelta(days=30)))
     base = gateway_leaf(target.pki.federation, "eu-1")

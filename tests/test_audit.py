@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from node.audit import (
-    DEFAULT_RETENTION_DAYS, GENESIS, AuditEntry, AuditError, AuditLog, chain_hash, connect,
-)
+from node.audit import DEFAULT_RETENTION_DAYS, GENESIS, AuditEntry, AuditError, AuditLog, chain_hash, connect
 from node.audit_cli import add_audit_parser, run_audit
 from node.store import Store
 from tests.support import wait_until_async
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 FIELDS = {"time", "gateway", "officer", "org", "country", "case", "rpc", "items", "algorithms", "hits",
           "references", "status", "detail", "token_id", "peer"}
 

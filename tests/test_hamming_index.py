@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from federation.algorithms import PDQ, SHA1
-from node.hamming_index import (SCAN_BELOW, MultiIndexHammingIndex, ScanHammingIndex,
-                                build_hamming_index)
+from node.hamming_index import SCAN_BELOW, MultiIndexHammingIndex, ScanHammingIndex, build_hamming_index
 
 KINDS = [ScanHammingIndex, MultiIndexHammingIndex]
 

@@ -59,7 +59,7 @@ def test_every_image_mode_hashes(original: Image.Image, tmp_path: Path, mode: st
     if mode == "PA":
         image = original.convert("P").convert("PA")
     elif mode == "I;16":
-        image = Image.fromarray((np.asarray(original.convert("L")).astype("<u2") * 256))
+        image = Image.fromarray(np.asarray(original.convert("L")).astype("<u2") * 256)
     else:
         image = original.convert(mode)
     path = tmp_path / ("x.tiff" if mode in ("I;16", "I", "F", "CMYK", "PA", "LA") else "x.png")

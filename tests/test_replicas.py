@@ -31,7 +31,7 @@ from gateway.health import HealthPolicy
 from gateway.merge import merge
 from gateway.results import NodeAnswer, NodeStatus, Subject
 from gateway.signing import signer_for
-from tests.support import query_json, run_gateway, wait_until, wait_until_async
+from tests.support import query_json, run_gateway, wait_until_async
 
 REPLICAS = ("FR", "FR-b")
 

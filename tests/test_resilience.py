@@ -20,10 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from federation import tokens
-from federation.wire import items_to_pb, rpc
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 from federation.query import QueryItem
+from federation.wire import items_to_pb, rpc
 from gateway import config as gateway_config
 from gateway.fanout import Federation
 from gateway.results import NodeStatus

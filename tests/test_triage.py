@@ -426,7 +426,7 @@ class _NoHits:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+    async def match(self, items, case, timeout=None, deadline=None):
         self.batches.append(len(items))
         return [NodeAnswer("FR", "FR", NodeStatus.NO_HIT, hits=((),) * len(items), truncated=(False,) * len(items))]
 
@@ -493,7 +493,7 @@ async def test_queries_start_while_files_are_still_being_hashed(tmp_path: Path) 
     seen: list[int] = []
 
     class Watching(_NoHits):
-        async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+        async def match(self, items, case, timeout=None, deadline=None):
             seen.append(run.done)
             return await super().match(items, case, timeout, deadline)
 
@@ -512,7 +512,7 @@ async def test_hashing_waits_when_the_nodes_fall_behind(tmp_path: Path) -> None:
     waiting: list[int] = []
 
     class Slow(_NoHits):
-        async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+        async def match(self, items, case, timeout=None, deadline=None):
             waiting.append(len(run._pending))
             await asyncio.sleep(ANSWER_DELAY)
             return await super().match(items, case, timeout, deadline)

@@ -110,7 +110,7 @@ class Triage:
         self.console = console or Console(stderr=True)
         self.show_progress = progress
         self.result = TriageResult(
-            case=case, root=root, started=dt.datetime.now(dt.timezone.utc),
+            case=case, root=root, started=dt.datetime.now(dt.UTC),
             nodes={n.node_id: NodeTally(n.node_id, n.country) for n in nodes},
             dihedral=dihedral, max_distance=max_distance, batch_size=batch, jobs=self.jobs,
             cache_path=str(cache.path) if cache else None,
@@ -167,7 +167,7 @@ class Triage:
                     else:
                         stop_pool(pool)
                 self._cached(lambda cache: cache.commit())
-        self.result.finished = dt.datetime.now(dt.timezone.utc)
+        self.result.finished = dt.datetime.now(dt.UTC)
         return self.result
 
     # -- walking and hashing

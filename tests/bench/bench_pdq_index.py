@@ -35,8 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from federation.algorithms import PDQ  # noqa: E402
-from node.hamming_index import build_hamming_index  # noqa: E402
+from federation.algorithms import PDQ
+from node.hamming_index import build_hamming_index
 
 DISTANCE = 31
 

@@ -46,8 +46,8 @@ sys.path.append(str(HERE.parents[1]))  # after PYTHONPATH, so another checkout c
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import numpy as np  # noqa: E402
-
 import scale_support as s  # noqa: E402
+
 from federation.localfed import LocalFederation, NodeSpec  # noqa: E402
 from federation.pki import DevPki  # noqa: E402
 from federation.query import QueryItem  # noqa: E402
@@ -59,6 +59,7 @@ from gateway.signing import signer_for  # noqa: E402
 
 _path = list(sys.path)
 import bench_pdq_index as pdq_bench  # noqa: E402  (it puts its own checkout first on sys.path)
+
 sys.path[:] = _path
 
 PARTS = ("import", "restart", "latency", "exact", "pdq")

@@ -26,8 +26,8 @@ from federation.pki import DevPki
 from federation.tls import TlsFiles, channel_credentials, server_credentials
 from tests.net import netns
 from tests.net.faultproxy import FaultProxy
-from tests.support import wait_until
 from tests.net.netns import netns_hosts, wait_tcp  # noqa: F401  (fixture)
+from tests.support import wait_until
 
 PORT = 7000  # inside a fresh namespace, nothing else listens
 
@@ -220,14 +220,13 @@ def test_tbf_limit_slows_transfers_both_ways(netns_hosts) -> None:  # noqa: F811
 
 def test_close_stops_processes_even_on_failure() -> None:
     netns.require_root()
-    with pytest.raises(RuntimeError, match="boom"):
-        with netns.host("it") as h:
-            ns, veth = h.ns, h.root_veth
-            leader = h.popen(["sh", "-c", "sleep 30 & sleep 30"])
-            wait_until(lambda: len(netns._ns_pids(ns)) >= 2, 5, "two processes in the namespace")
-            inside = netns._ns_pids(ns)
-            assert len(inside) >= 2
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), netns.host("it") as h:
+        ns, veth = h.ns, h.root_veth
+        leader = h.popen(["sh", "-c", "sleep 30 & sleep 30"])
+        wait_until(lambda: len(netns._ns_pids(ns)) >= 2, 5, "two processes in the namespace")
+        inside = netns._ns_pids(ns)
+        assert len(inside) >= 2
+        raise RuntimeError("boom")
     assert leader.poll() is not None
     assert all(_gone(pid) for pid in inside), inside
     assert ns not in netns._ns_names()
