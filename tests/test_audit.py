@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import io
+import itertools
 import json
 import sqlite3
 import sys
@@ -68,7 +69,7 @@ async def test_appends_chain_from_genesis_and_verify(log: AuditLog, tmp_path: Pa
     assert [await log.append(entry(n)) for n in range(5)] == [1, 2, 3, 4, 5]
     rows = sql(tmp_path / "node.sqlite", "SELECT seq, time, entry, prev_hash, hash FROM audit ORDER BY seq")
     prev = GENESIS
-    for seq, time, text, prev_hash, digest in rows:
+    for _seq, time, text, prev_hash, digest in rows:
         assert prev_hash == prev and digest == chain_hash(prev, text)
         assert json.loads(text)["time"] == time and time.endswith("+00:00")
         assert text.isascii() and ", " not in text and text == json.dumps(json.loads(text), sort_keys=True,
@@ -122,7 +123,7 @@ async def test_a_one_byte_edit_anywhere_names_that_record(log: AuditLog, tmp_pat
         while not text[at].isalnum():  # into the value, past quotes and brackets
             at += 1
         edited = flip(text, at)
-        assert len(edited) == len(text) and sum(a != b for a, b in zip(text, edited)) == 1
+        assert len(edited) == len(text) and sum(a != b for a, b in zip(text, edited, strict=True)) == 1
         sql(db, "UPDATE audit SET entry = ? WHERE seq = ?", edited, seq)
     result = await log.verify()
     assert not result.ok and result.first_bad_seq == seq and result.checked == seq - 1, result
@@ -280,7 +281,7 @@ async def test_two_processes_appending_interleave_without_breaking_the_chain(log
     assert result.ok and result.checked == 200
     gateways = [r["gateway"] async for r in log.export()]
     assert sorted(gateways) == ["proc-A"] * 100 + ["proc-B"] * 100
-    switches = sum(a != b for a, b in zip(gateways, gateways[1:]))
+    switches = sum(a != b for a, b in itertools.pairwise(gateways))
     assert switches > 2, "the two processes' appends should interleave"
 
 

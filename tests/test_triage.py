@@ -182,7 +182,7 @@ def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sce
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def _triage(scene: Scene, tag: str, *extra: str, config: Path | None = None) -> tuple[int, dict, Path]:

@@ -140,7 +140,8 @@ async def _fill(node: LocalNode, digests: list[bytes]) -> None:
         await store.add(batches)
 
 
-def _make_federation(workdir: Path, pki: DevPki, count: int, stored: int, seed: int) -> tuple[LocalFederation, list[bytes]]:
+def _make_federation(workdir: Path, pki: DevPki, count: int, stored: int,
+                     seed: int) -> tuple[LocalFederation, list[bytes]]:
     """Node configs and filled stores (not started). Returns the first node's digests."""
     local = LocalFederation(workdir, pki, [NodeSpec(i, c, f"desk@{i.lower()}.example") for i, c in _node_ids(count)])
     first: list[bytes] = []
