@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo test bench bench-scale load clean
+.PHONY: install stubs certs demo lint test bench bench-scale load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -29,6 +29,11 @@ certs: install
 
 demo: certs
 	$(PY) -m federation.demo --pki certs/dev --federation $(FEDERATION) --nodes $(DEMO_NODES)
+
+# Lint (ruff) and type check (mypy); both configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: install
 	$(PY) -m pytest -q

@@ -163,7 +163,7 @@ def _hash_sets(countries: Sequence[str], seized: Sequence[Path], pdq: str, vpdq:
 def _run(command: list[str], title: str) -> int:
     print(f"\n$ {title}", flush=True)
     env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "160")}
-    return subprocess.run(command, env=env, timeout=120).returncode
+    return subprocess.run(command, env=env, timeout=120, check=False).returncode
 
 
 def main(argv: Sequence[str] | None = None) -> int:

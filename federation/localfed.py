@@ -119,7 +119,7 @@ class LocalNode:
             self.write_config()
         return subprocess.run(
             self.node_command("import", "--config", str(self.config_path), str(path), *extra),
-            capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600, check=False,
         )
 
     def serve_command(self) -> list[str]:

@@ -10,20 +10,22 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from rich.console import Console
 from rich.table import Table
 
 from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
+
+# isort: split
 from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
-from gateway import config as gateway_config
-from gateway import filehash, render, selfcheck
+from gateway import config as gateway_config, filehash, render, selfcheck
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics
-from gateway.results import Skipped, Subject
+from gateway.results import NodeStatus, Skipped, Subject
 from gateway.signing import Signer, signer_for
 from gateway.textsafe import cell
 from gateway.triage import DEFAULT_BATCH, MAX_BATCH
@@ -222,16 +224,30 @@ async def _query(config: gateway_config.GatewayConfig, args: argparse.Namespace,
     return result.exit_status()
 
 
+class _NodeRow(TypedDict):
+    """One row of ``icse-gateway nodes``: what a node (replica) says about itself."""
+
+    node: str
+    replica: str
+    status: str
+    message: str
+    latency_ms: float
+    country: str | None
+    version: str | None
+    generation: int | None
+    counts: dict[str, int]
+
+
 async def _nodes(config, format_name: str, timeout: float | None) -> int:
     async with Federation(config, _signer(config, officer=config.requester.officer or "operator")) as federation:
         described = await federation.describe(timeout)
-    rows = []
+    rows: list[_NodeRow] = []
     for d in described:
         info = d.description
         rows.append({
             "node": d.node_id,
             "replica": d.replica,
-            "status": "ok" if info else d.failure.value,
+            "status": "ok" if info else (d.failure or NodeStatus.ERROR).value,
             "message": d.message,
             "latency_ms": round(d.latency_ms, 1),
             "country": info.country if info else None,
@@ -248,9 +264,9 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
         for r in rows:
             counts = ", ".join(f"{a} {n:,}" for a, n in r["counts"].items())
             # What a node says about itself is data: shown literally (textsafe).
-            table.add_row(cell(r["node"]), cell(r["replica"]), cell(r["status"]), cell(r["country"] or "-"), cell(r["version"] or "-"),
-                          str(r["generation"] if r["generation"] is not None else "-"), cell(counts or "-"),
-                          f"{r['latency_ms']:.0f}", cell(r["message"]))
+            table.add_row(cell(r["node"]), cell(r["replica"]), cell(r["status"]), cell(r["country"] or "-"),
+                          cell(r["version"] or "-"), str(r["generation"] if r["generation"] is not None else "-"),
+                          cell(counts or "-"), f"{r['latency_ms']:.0f}", cell(r["message"]))
         _console().print(table)
     return EXIT_HIT if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
 

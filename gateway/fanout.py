@@ -202,7 +202,7 @@ class Federation:
                 channel = grpc.aio.secure_channel(
                     address,
                     credentials,
-                    options=CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", node.tls_name)],
+                    options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", node.tls_name)],
                 )
                 self._channels.append(channel)
                 replicas.append(_Replica(address, rpc.NodeStub(channel), NodeHealth(health or HealthPolicy())))
@@ -345,7 +345,7 @@ class Federation:
         try:
             response = await replica.stub.Match(
                 call.request, timeout=timeout,
-                metadata=tokens.bearer(token) + ((REQUEST_ID_KEY, call.request_id),),
+                metadata=(*tokens.bearer(token), (REQUEST_ID_KEY, call.request_id)),
             )
         except grpc.aio.AioRpcError as error:
             return NodeAnswer(node.node_id, node.country, _status_of(error),

@@ -146,7 +146,7 @@ def pdq(pixels: np.ndarray) -> PerceptualHash:
 def pdq_dihedral(pixels: np.ndarray) -> PerceptualHash:
     """Also the eight rotations and flips, for material that was turned or mirrored."""
     vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(pixels, dtype=np.uint8))
-    variants = tuple((name, _bits_to_bytes(v)) for name, v in zip(DIHEDRAL_NAMES, vectors))
+    variants = tuple((name, _bits_to_bytes(v)) for name, v in zip(DIHEDRAL_NAMES, vectors, strict=True))
     return PerceptualHash(variants[0][1], int(quality), variants)
 
 

@@ -97,7 +97,7 @@ def _verifier_reason(error: verification.VerificationError) -> str:
 
 def check_client(files: TlsFiles, who: ClientIdentity, now: dt.datetime | None = None) -> None:
     """Raises CertificateProblem naming what the nodes would refuse; returns if all is well."""
-    current = now or dt.datetime.now(dt.timezone.utc)
+    current = now or dt.datetime.now(dt.UTC)
     cert_path, key_path, ca_path = str(files.cert), str(files.key), str(files.ca)
     chain = _load_certs(cert_path, files.cert.read_bytes(), "client certificate")
     anchors = _load_certs(ca_path, files.ca.read_bytes(), "CA file")

@@ -19,7 +19,7 @@ COUNTRIES = ("FR", "DE", "NL", "ES", "IT")
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     # eu-2 is a real member of the PKI that the nodes do not trust as a gateway.
-    return DevPki(tmp_path_factory.mktemp("pki"), "test.icse.test", list(COUNTRIES) + ["PL"],
+    return DevPki(tmp_path_factory.mktemp("pki"), "test.icse.test", [*COUNTRIES, "PL"],
                   ["eu-1", "eu-2"]).create()
 
 
@@ -36,7 +36,8 @@ def _write_sets(directory: Path, rng: random.Random) -> tuple[Dataset, dict[str,
     data = Dataset(shared_sha256=rng.randbytes(32).hex(), es_md5=rng.randbytes(16).hex())
     paths = {}
     for country in COUNTRIES:
-        rows = [["sha256", data.shared_sha256, f"{country}-SHARED", "1", "true", "S-ALPHA"]] if country in ("FR", "DE", "NL") else []
+        shared = country in ("FR", "DE", "NL")
+        rows = [["sha256", data.shared_sha256, f"{country}-SHARED", "1", "true", "S-ALPHA"]] if shared else []
         if country == "ES":
             rows.append(["md5", data.es_md5, "ES-REF-42", "2", "false", "S-BRAVO"])
         own = []

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import io
+import itertools
 import json
 import sqlite3
 import sys
@@ -15,15 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from node.audit import (
-    DEFAULT_RETENTION_DAYS, GENESIS, AuditEntry, AuditError, AuditLog, chain_hash, connect,
-)
+from node.audit import DEFAULT_RETENTION_DAYS, GENESIS, AuditEntry, AuditError, AuditLog, chain_hash, connect
 from node.audit_cli import add_audit_parser, run_audit
 from node.store import Store
 from tests.support import wait_until_async
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 FIELDS = {"time", "gateway", "officer", "org", "country", "case", "rpc", "items", "algorithms", "hits",
           "references", "status", "detail", "token_id", "peer"}
 
@@ -70,7 +69,7 @@ async def test_appends_chain_from_genesis_and_verify(log: AuditLog, tmp_path: Pa
     assert [await log.append(entry(n)) for n in range(5)] == [1, 2, 3, 4, 5]
     rows = sql(tmp_path / "node.sqlite", "SELECT seq, time, entry, prev_hash, hash FROM audit ORDER BY seq")
     prev = GENESIS
-    for seq, time, text, prev_hash, digest in rows:
+    for _seq, time, text, prev_hash, digest in rows:
         assert prev_hash == prev and digest == chain_hash(prev, text)
         assert json.loads(text)["time"] == time and time.endswith("+00:00")
         assert text.isascii() and ", " not in text and text == json.dumps(json.loads(text), sort_keys=True,
@@ -124,7 +123,7 @@ async def test_a_one_byte_edit_anywhere_names_that_record(log: AuditLog, tmp_pat
         while not text[at].isalnum():  # into the value, past quotes and brackets
             at += 1
         edited = flip(text, at)
-        assert len(edited) == len(text) and sum(a != b for a, b in zip(text, edited)) == 1
+        assert len(edited) == len(text) and sum(a != b for a, b in zip(text, edited, strict=True)) == 1
         sql(db, "UPDATE audit SET entry = ? WHERE seq = ?", edited, seq)
     result = await log.verify()
     assert not result.ok and result.first_bad_seq == seq and result.checked == seq - 1, result
@@ -282,7 +281,7 @@ async def test_two_processes_appending_interleave_without_breaking_the_chain(log
     assert result.ok and result.checked == 200
     gateways = [r["gateway"] async for r in log.export()]
     assert sorted(gateways) == ["proc-A"] * 100 + ["proc-B"] * 100
-    switches = sum(a != b for a, b in zip(gateways, gateways[1:]))
+    switches = sum(a != b for a, b in itertools.pairwise(gateways))
     assert switches > 2, "the two processes' appends should interleave"
 
 

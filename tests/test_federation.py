@@ -11,7 +11,8 @@ from tests.support import query_json, run_gateway
 
 
 def test_shared_digest_hits_in_every_country_that_holds_it(federation: RunningFederation) -> None:
-    code, result = query_json(federation.config, "--case", "CASE-7", "--hash", f"sha256:{federation.data.shared_sha256}")
+    shared = f"sha256:{federation.data.shared_sha256}"
+    code, result = query_json(federation.config, "--case", "CASE-7", "--hash", shared)
     assert code == 0
     assert result["schema"] == "icse.query-result/1"
     assert result["partial"] is False

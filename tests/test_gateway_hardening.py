@@ -196,7 +196,7 @@ def make_cert(pki: DevPki, tmp_path: Path) -> Callable[..., _Made]:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _problem(made: _Made) -> str:

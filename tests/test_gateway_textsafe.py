@@ -35,7 +35,7 @@ WIDE = {**os.environ, "COLUMNS": "1000"}
 
 def _gateway(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          timeout=60, cwd=cwd, env=env or WIDE)
+                          timeout=60, cwd=cwd, env=env or WIDE, check=False)
 
 
 def _query(config: Path, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
@@ -47,7 +47,7 @@ def _query(config: Path, *args: str, cwd: Path | None = None, env: dict[str, str
 
 @pytest.mark.parametrize("raw, shown", [
     ("NL-[bold]0001", "NL-[bold]0001"),
-    ("Opération Nightjar – 東京", "Opération Nightjar – 東京"),
+    ("Opération Nightjar \u2013 東京", "Opération Nightjar \u2013 東京"),  # printable: shown as is
     ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
     ("done\rOVERWRITTEN", "done\\x0dOVERWRITTEN"),
     ("a\x9bb\x7fc", "a\\x9bb\\x7fc"),

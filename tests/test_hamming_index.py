@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from federation.algorithms import PDQ, SHA1
-from node.hamming_index import (SCAN_BELOW, MultiIndexHammingIndex, ScanHammingIndex,
-                                build_hamming_index)
+from node.hamming_index import SCAN_BELOW, MultiIndexHammingIndex, ScanHammingIndex, build_hamming_index
 
 KINDS = [ScanHammingIndex, MultiIndexHammingIndex]
 
@@ -33,8 +32,8 @@ def _as_bytes(rows: np.ndarray) -> list[bytes]:
 def _brute_force(stored: np.ndarray, ids: np.ndarray, queries: np.ndarray,
                  limits: list[int]) -> list[list[tuple[int, int]]]:
     distances = np.bitwise_count(queries[:, None, :] ^ stored[None, :, :]).sum(axis=2, dtype=np.int64)
-    return [sorted((int(d), int(i)) for d, i in zip(row[row <= limit], ids[row <= limit]))
-            for row, limit in zip(distances, limits)]
+    return [sorted((int(d), int(i)) for d, i in zip(row[row <= limit], ids[row <= limit], strict=True))
+            for row, limit in zip(distances, limits, strict=True)]
 
 
 def _pairs(results) -> list[list[tuple[int, int]]]:
@@ -56,7 +55,7 @@ def test_planted_near_duplicates_are_found_at_their_exact_distance(kind, corpus)
     planted = [(row, distance) for distance in (0, 1, 15, 31) for row in rng.choice(len(stored), 5)]
     queries = np.array([_flip(stored[row], distance, rng) for row, distance in planted])
     results = index.search(_as_bytes(queries), [31] * len(queries))
-    for (row, distance), candidates in zip(planted, results):
+    for (row, distance), candidates in zip(planted, results, strict=True):
         assert [(c.record_id, c.distance) for c in candidates] == [(int(ids[row]), distance)]
 
 
@@ -102,7 +101,7 @@ def test_matches_brute_force(kind, limit, corpus) -> None:
     rng = np.random.default_rng(limit)
     # 40 within the limit, 20 just beyond it.
     distances = np.concatenate([rng.integers(0, limit + 1, 40), rng.integers(limit + 1, limit + 9, 20)])
-    near = [_flip(stored[row], int(d), rng) for row, d in zip(rng.choice(len(stored), 60), distances)]
+    near = [_flip(stored[row], int(d), rng) for row, d in zip(rng.choice(len(stored), 60), distances, strict=True)]
     queries = np.concatenate([np.array(near), _random(rng, 20)])
     index = kind(PDQ, ids, stored)
     expected = _brute_force(stored, ids, queries, [limit] * len(queries))

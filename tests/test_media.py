@@ -29,7 +29,7 @@ def original() -> Image.Image:
 
 
 def test_pdq_equals_the_reference_package_on_the_same_pixels(original: Image.Image, tmp_path: Path) -> None:
-    for name, save in {"a.png": lambda p: original.save(p), "b.jpg": lambda p: draw.save_jpeg(original, p)}.items():
+    for name, save in {"a.png": original.save, "b.jpg": lambda p: draw.save_jpeg(original, p)}.items():
         path = tmp_path / name
         save(path)
         with Image.open(path) as decoded:
@@ -59,7 +59,7 @@ def test_every_image_mode_hashes(original: Image.Image, tmp_path: Path, mode: st
     if mode == "PA":
         image = original.convert("P").convert("PA")
     elif mode == "I;16":
-        image = Image.fromarray((np.asarray(original.convert("L")).astype("<u2") * 256))
+        image = Image.fromarray(np.asarray(original.convert("L")).astype("<u2") * 256)
     else:
         image = original.convert(mode)
     path = tmp_path / ("x.tiff" if mode in ("I;16", "I", "F", "CMYK", "PA", "LA") else "x.png")
@@ -183,7 +183,7 @@ def test_one_rendering_of_a_files_hashes(original: Image.Image, tmp_path: Path) 
     done = run_gateway("hash", str(picture), str(clip), str(flat), "--format", "json", "--dihedral")
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
-    for path, entry in zip((picture, clip, flat), printed):
+    for path, entry in zip((picture, clip, flat), printed, strict=True):
         hashes = filehash.hash_file(path, dihedral=True)
         fields = filehash.hashes_json(hashes)
         assert entry == {"path": str(path), **fields}

@@ -94,7 +94,7 @@ def netfed(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ne
     local = LocalFederation(workdir, pki, [NodeSpec(c, c, f"desk@police.example.{c.lower()}") for c in COUNTRIES])
     with netns.hosts(*(c.lower() for c in COUNTRIES)) as made, contextlib.ExitStack() as stack:
         stack.callback(local.stop)  # nodes first, then their namespaces (hosts' exit)
-        hosts = dict(zip(COUNTRIES, made))
+        hosts = dict(zip(COUNTRIES, made, strict=True))
         for country, h in hosts.items():
             node = local[country]
             node.host = h.address

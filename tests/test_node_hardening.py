@@ -318,7 +318,7 @@ def _client_files(pki: DevPki, tmp_path: Path, case: str) -> TlsFiles | None:
         return None
     if case == "a node's certificate (no client-auth usage)":
         return TlsFiles(pki.ca_cert, pki.node_cert("DE"), pki.node_key("DE"))
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     base = gateway_leaf(pki.federation, "eu-1")
     leaf = Leaf(base.common_name, base.uris, client=True, not_before=now - dt.timedelta(days=30),
                 not_after=now - dt.timedelta(days=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,11 +113,9 @@ def test_example_configurations_validate(tmp_path: Path, pki: DevPki) -> None:
 
 
 def test_node_describe_reads_its_own_files(observed: LocalFederation) -> None:
-    import subprocess
-
     node = observed["NL"]
     done = subprocess.run(node.node_command("describe", "--config", str(node.config_path), "--format", "json"),
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     description = json.loads(done.stdout)
     assert (description["node_id"], description["country"]) == ("NL", "NL")

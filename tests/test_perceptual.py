@@ -47,7 +47,8 @@ def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sce
     # too, but caps the distance it will search at 8.
     import_rows(local, "FR", [{"pdq": stored.pdq.digest.hex(), "md5": stored.exact["md5"].hex(),
                            "reference": "FR-IMG-1", "category": "1", "series": "S-PDQ"}], tmp)
-    import_rows(local, "DE", [{"pdq": also.pdq.digest.hex(), "reference": "DE-IMG-7", "victim_identified": "true"}], tmp)
+    import_rows(local, "DE", [{"pdq": also.pdq.digest.hex(), "reference": "DE-IMG-7", "victim_identified": "true"}],
+                tmp)
     import_rows(local, "NL", [{"vpdq": video.digest.hex(), "reference": "NL-VID-3", "series": "S-VID"}], tmp)
     import_rows(local, "IT", [{"pdq": stored.pdq.digest.hex(), "reference": "IT-IMG-2"}], tmp)
     with local:

@@ -6,6 +6,10 @@ and the node goes on answering honest queries.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import socket
 import ssl
 import time
@@ -70,10 +74,10 @@ def _raw_tls_refused(port: int, ca: Path, server_name: str, cert: TlsFiles | Non
     if cert is not None:
         context.load_cert_chain(str(cert.cert), str(cert.key))
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-            with context.wrap_socket(raw, server_hostname=server_name) as conn:
-                conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-                return conn.recv(1024) == b""
+        with (socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+              context.wrap_socket(raw, server_hostname=server_name) as conn):
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            return conn.recv(1024) == b""
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
         return True
 
@@ -139,7 +143,8 @@ async def test_bad_tokens_are_refused(federation, client, honest, case: str, cod
             key = signing_key(federation.local.pki)
             token = jwt.encode(claims, key.private_key, algorithm="EdDSA", headers={"kid": key.kid})
         case "unknown key":
-            token = tokens.SigningKey("rogue-1", ed25519.Ed25519PrivateKey.generate()).sign(claims_for(federation.local.pki, NODE, honest))
+            rogue = tokens.SigningKey("rogue-1", ed25519.Ed25519PrivateKey.generate())
+            token = rogue.sign(claims_for(federation.local.pki, NODE, honest))
         case "alg none":
             token = jwt.encode(claims_for(federation.local.pki, NODE, honest).to_jwt_claims(), None, algorithm="none",
                                headers={"kid": signing_key(federation.local.pki).kid})
@@ -163,11 +168,6 @@ async def test_bad_tokens_are_refused(federation, client, honest, case: str, cod
 
 def _forge_hs256(claims: dict, secret: bytes, kid: str) -> str:
     """The classic confusion attack: HMAC-sign with the verifier's public key."""
-    import base64
-    import hashlib
-    import hmac
-    import json
-
     def b64(data: bytes) -> bytes:
         return base64.urlsafe_b64encode(data).rstrip(b"=")
 

@@ -182,7 +182,7 @@ def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sce
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def _triage(scene: Scene, tag: str, *extra: str, config: Path | None = None) -> tuple[int, dict, Path]:
@@ -426,7 +426,7 @@ class _NoHits:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+    async def match(self, items, case, timeout=None, deadline=None):
         self.batches.append(len(items))
         return [NodeAnswer("FR", "FR", NodeStatus.NO_HIT, hits=((),) * len(items), truncated=(False,) * len(items))]
 
@@ -493,7 +493,7 @@ async def test_queries_start_while_files_are_still_being_hashed(tmp_path: Path) 
     seen: list[int] = []
 
     class Watching(_NoHits):
-        async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+        async def match(self, items, case, timeout=None, deadline=None):
             seen.append(run.done)
             return await super().match(items, case, timeout, deadline)
 
@@ -512,7 +512,7 @@ async def test_hashing_waits_when_the_nodes_fall_behind(tmp_path: Path) -> None:
     waiting: list[int] = []
 
     class Slow(_NoHits):
-        async def match(self, items, case, timeout=None, deadline=None):  # noqa: ANN001, ANN201
+        async def match(self, items, case, timeout=None, deadline=None):
             waiting.append(len(run._pending))
             await asyncio.sleep(ANSWER_DELAY)
             return await super().match(items, case, timeout, deadline)

@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 try:
-    from federation.wire.icse.v1 import node_pb2 as pb
-    from federation.wire.icse.v1 import node_pb2_grpc as rpc
+    from federation.wire.icse.v1 import node_pb2 as pb, node_pb2_grpc as rpc
 except ImportError as exc:  # pragma: no cover - only on a checkout without `make stubs`
     raise ImportError("gRPC stubs are missing: run `make stubs` (or `make install`)") from exc
 
@@ -34,4 +33,4 @@ def items_from_pb(request: pb.MatchRequest) -> Sequence[QueryItem]:
     return [QueryItem(i.algorithm, bytes(i.digest), i.max_distance) for i in request.items]
 
 
-__all__ = ["pb", "rpc", "REQUEST_ID_KEY", "SERVICE_NAME", "items_to_pb", "items_from_pb"]
+__all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "items_from_pb", "items_to_pb", "pb", "rpc"]

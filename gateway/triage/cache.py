@@ -80,7 +80,7 @@ class HashCache:
             "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
             (self.key(task), self.variant(dihedral), hashed.size, hashed.mtime_ns,
              json.dumps(filehash.hashes_json(hashed.hashes), separators=(",", ":")),
-             dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")))
+             dt.datetime.now(dt.UTC).isoformat(timespec="seconds")))
 
     def commit(self) -> None:
         """Makes what was put so far durable (a Ctrl-C after this keeps it)."""

@@ -7,6 +7,7 @@ below it sees the argument parser.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -138,10 +139,8 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
         raise
     finally:
         if cache is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 cache.close()
-            except sqlite3.Error:
-                pass
     for name, path in outputs.items():
         WRITERS[name](result, path)
     if options.json_summary:

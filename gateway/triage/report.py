@@ -193,8 +193,10 @@ def summary_json(result: TriageResult, outputs: dict[str, Path] | None = None) -
         "countries": result.countries,
         "known_files": [{"path": printable(r.path), "countries": r.countries, "best_distance": r.best_distance,
                          "references": r.references()} for r in known_order(known)],
-        "unreadable": [{"path": printable(r.path), "reason": printable(r.reason)} for r in result.of_status(UNREADABLE)],
-        "not_hashed": [{"path": printable(r.path), "reason": printable(r.reason)} for r in result.of_status(NOT_HASHED)],
+        "unreadable": [{"path": printable(r.path), "reason": printable(r.reason)}
+                       for r in result.of_status(UNREADABLE)],
+        "not_hashed": [{"path": printable(r.path), "reason": printable(r.reason)}
+                       for r in result.of_status(NOT_HASHED)],
         "nodes": _nodes_json(result),
         "cache": result.cache_path,
         "outputs": {name: str(path) for name, path in (outputs or {}).items()},
@@ -225,8 +227,8 @@ def print_summary(result: TriageResult, console: Console, outputs: dict[str, Pat
         for country, counts in countries.items():
             table.add_row(terminal(country), f"{counts['files']:,}", f"{counts['references']:,}")
         console.print(table)
-        listing = Table(title=f"Known files{' (nearest first, first ' + str(STDOUT_KNOWN) + ')' if len(known) > STDOUT_KNOWN else ''}",
-                        title_justify="left")
+        shown = f" (nearest first, first {STDOUT_KNOWN})" if len(known) > STDOUT_KNOWN else ""
+        listing = Table(title=f"Known files{shown}", title_justify="left")
         for column in ("file", "countries", "distance", "references"):
             listing.add_column(column)
         for row in known_order(known)[:STDOUT_KNOWN]:

@@ -11,6 +11,7 @@ the nodes fall behind, so memory stays bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import sqlite3
@@ -110,7 +111,7 @@ class Triage:
         self.console = console or Console(stderr=True)
         self.show_progress = progress
         self.result = TriageResult(
-            case=case, root=root, started=dt.datetime.now(dt.timezone.utc),
+            case=case, root=root, started=dt.datetime.now(dt.UTC),
             nodes={n.node_id: NodeTally(n.node_id, n.country) for n in nodes},
             dihedral=dihedral, max_distance=max_distance, batch_size=batch, jobs=self.jobs,
             cache_path=str(cache.path) if cache else None,
@@ -167,7 +168,7 @@ class Triage:
                     else:
                         stop_pool(pool)
                 self._cached(lambda cache: cache.commit())
-        self.result.finished = dt.datetime.now(dt.timezone.utc)
+        self.result.finished = dt.datetime.now(dt.UTC)
         return self.result
 
     # -- walking and hashing
@@ -257,7 +258,7 @@ class Triage:
             for index, task in chunk:
                 self._finish(index, task, await self._hash_alone(task))
         else:
-            for (index, task), outcome in zip(chunk, outcomes):
+            for (index, task), outcome in zip(chunk, outcomes, strict=True):
                 self._finish(index, task, outcome)
         self._cached(lambda cache: cache.commit())
 
@@ -339,10 +340,8 @@ class Triage:
                 wait = None
                 if self._pending:
                     wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
-                except TimeoutError:
-                    pass
             taken = self._pending[: self.batch]
             del self._pending[: self.batch]
             self._pending_since = time.monotonic() if self._pending else None
@@ -354,7 +353,7 @@ class Triage:
         answers = await federation.match([s.item for s in subjects], self.case, self.timeout, self.deadline)
         merged = merge(self.case, subjects, answers)
         rows = self.result.rows
-        for (index, subject), outcome in zip(taken, merged.items):
+        for (index, subject), outcome in zip(taken, merged.items, strict=True):
             row = rows[index]
             if outcome.hits:
                 self._known += not row.matches

@@ -23,16 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from federation.localfed import LocalFederation, NodeSpec  # noqa: E402
-from federation.pki import DevPki  # noqa: E402
-from federation.query import QueryItem  # noqa: E402
-from gateway import config as gateway_config  # noqa: E402
-from gateway.fanout import Federation  # noqa: E402
-from gateway.signing import signer_for  # noqa: E402
-from node import matcher  # noqa: E402
-from node.live_index import LiveIndexes  # noqa: E402
-from node.records import HashRecord  # noqa: E402
-from node.store import Store  # noqa: E402
+from federation.localfed import LocalFederation, NodeSpec
+from federation.pki import DevPki
+from federation.query import QueryItem
+from gateway import config as gateway_config
+from gateway.fanout import Federation
+from gateway.signing import signer_for
+from node import matcher
+from node.live_index import LiveIndexes
+from node.records import HashRecord
+from node.store import Store
 
 
 def _digests(count: int, seed: int) -> list[bytes]:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from node import cli  # noqa: E402
-from node.store import SCHEMA  # noqa: E402
+from node import cli
+from node.store import SCHEMA
 
 _ALGORITHMS = (("md5", 16), ("sha1", 20), ("sha256", 32))
 

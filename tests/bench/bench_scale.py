@@ -46,8 +46,8 @@ sys.path.append(str(HERE.parents[1]))  # after PYTHONPATH, so another checkout c
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import numpy as np  # noqa: E402
-
 import scale_support as s  # noqa: E402
+
 from federation.localfed import LocalFederation, NodeSpec  # noqa: E402
 from federation.pki import DevPki  # noqa: E402
 from federation.query import QueryItem  # noqa: E402
@@ -59,6 +59,7 @@ from gateway.signing import signer_for  # noqa: E402
 
 _path = list(sys.path)
 import bench_pdq_index as pdq_bench  # noqa: E402  (it puts its own checkout first on sys.path)
+
 sys.path[:] = _path
 
 PARTS = ("import", "restart", "latency", "exact", "pdq")
@@ -127,7 +128,8 @@ class Bench:
         pdq = [QueryItem("pdq", q.tobytes(), DISTANCE) for q in self.work.queries[:200]]
         rng = random.Random(7)
         known = [self.sha[i].tobytes() for i in rng.sample(range(len(self.sha)), min(100, len(self.sha)))]
-        exact = [QueryItem("sha256", d) for pair in zip(known, (rng.randbytes(32) for _ in known)) for d in pair]
+        unknown = [rng.randbytes(32) for _ in known]
+        exact = [QueryItem("sha256", d) for pair in zip(known, unknown, strict=True) for d in pair]
         return pdq, exact
 
     async def serve_parts(self) -> None:
@@ -179,7 +181,7 @@ class Bench:
         new = s.random_digests(1, s.FRESH_SEED + 2)
         s.write_csv(one, [s.Source("sha256", new, "ONE")])
         s.check_added(s.run_import(self.node.config_path, one, self.workdir / "import-one.log"), 1)
-        probe = [QueryItem("sha256", new[0].tobytes())] + exact
+        probe = [QueryItem("sha256", new[0].tobytes()), *exact]
         found["after_one_row_5s"] = await window(fed, pdq, probe, self.args.pace, seconds=5.0, probe=True)
         return found
 
@@ -231,7 +233,7 @@ class Bench:
                                           np.array(ids, dtype=np.int64), np.array(dists, dtype=np.int64))
         figures = {"node": {"queries": count, "per_s": count / elapsed, "recall": found / planted}}
         try:
-            import faiss  # noqa: F401
+            import faiss  # noqa: F401, PLC0415  (optional: the faiss reference is skipped without it)
         except ImportError:
             print("faiss is not installed (pip install -e '.[dev]'): no faiss reference", flush=True)
             return figures

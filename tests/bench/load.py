@@ -44,14 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # gRPC's INFO lines ("skipping fork() handlers") when node processes are started from here.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from federation.localfed import LocalFederation, LocalNode, NodeSpec  # noqa: E402
-from federation.pki import DevPki  # noqa: E402
-from federation.query import QueryItem  # noqa: E402
-from gateway import config as gateway_config  # noqa: E402
-from gateway.fanout import Federation  # noqa: E402
-from gateway.signing import signer_for  # noqa: E402
-from node.records import HashRecord  # noqa: E402
-from node.store import Store  # noqa: E402
+from federation.localfed import LocalFederation, LocalNode, NodeSpec
+from federation.pki import DevPki
+from federation.query import QueryItem
+from gateway import config as gateway_config
+from gateway.fanout import Federation
+from gateway.signing import signer_for
+from node.records import HashRecord
+from node.store import Store
 
 FEDERATION = "load.icse.test"
 KNOWN_SHARE = 0.01
@@ -140,7 +140,8 @@ async def _fill(node: LocalNode, digests: list[bytes]) -> None:
         await store.add(batches)
 
 
-def _make_federation(workdir: Path, pki: DevPki, count: int, stored: int, seed: int) -> tuple[LocalFederation, list[bytes]]:
+def _make_federation(workdir: Path, pki: DevPki, count: int, stored: int,
+                     seed: int) -> tuple[LocalFederation, list[bytes]]:
     """Node configs and filled stores (not started). Returns the first node's digests."""
     local = LocalFederation(workdir, pki, [NodeSpec(i, c, f"desk@{i.lower()}.example") for i, c in _node_ids(count)])
     first: list[bytes] = []

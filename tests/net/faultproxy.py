@@ -312,7 +312,7 @@ class FaultProxy:
             try:
                 ureader, uwriter = await asyncio.wait_for(
                     asyncio.open_connection(*self.target, limit=self._chunk_size * 2), self._connect_timeout)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 self.stats.upstream_failures += 1
                 _rst(cwriter)
                 return

@@ -35,6 +35,7 @@ import atexit
 import contextlib
 import ctypes
 import ipaddress
+import itertools
 import json
 import os
 import random
@@ -83,7 +84,7 @@ class NetnsError(RuntimeError):
 def _run(argv: Sequence[str], *, check: bool = True, timeout: float = CMD_TIMEOUT,
          input: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
-        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input)
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False)
     except subprocess.TimeoutExpired as exc:
         raise NetnsError(f"timed out after {timeout}s: {' '.join(argv)}") from exc
     if check and done.returncode != 0:
@@ -201,21 +202,20 @@ def cleanup_stale() -> list[str]:
 
 
 _setup_lock = threading.Lock()
-_setup_done = False
+_setup_done = threading.Event()
 
 
 def _process_setup() -> None:
     """Once per process: clean stale leftovers and install the 10.231/16 no-leak guard route."""
-    global _setup_done
     with _setup_lock:
-        if _setup_done:
+        if _setup_done.is_set():
             return
         reason = root_available()
         if reason is not None:
             raise NetnsUnavailable(reason)
         cleanup_stale()
         ensure_guard_route()
-        _setup_done = True
+        _setup_done.set()
 
 
 def ensure_guard_route() -> None:
@@ -233,14 +233,12 @@ def ensure_guard_route() -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 _registry: set[Host] = set()
 _registry_lock = threading.Lock()
-_seq = 0
+_seq = itertools.count(1)
 
 
 def _next_seq() -> int:
-    global _seq
     with _registry_lock:
-        _seq += 1
-        return _seq
+        return next(_seq)
 
 
 def _slot_addresses(slot: int) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address, ipaddress.IPv4Address]:
@@ -378,7 +376,7 @@ class Host:
                 finally:
                     os.close(fd)
                 result["value"] = fn()
-            except BaseException as exc:  # re-raised in the caller
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
                 result["error"] = exc
 
         thread = threading.Thread(target=target, name=f"setns-{self.ns}", daemon=True)

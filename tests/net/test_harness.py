@@ -6,6 +6,7 @@ All traffic stays on loopback or on the private 10.231.0.0/16 veths these tests 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import socketserver
@@ -26,8 +27,8 @@ from federation.pki import DevPki
 from federation.tls import TlsFiles, channel_credentials, server_credentials
 from tests.net import netns
 from tests.net.faultproxy import FaultProxy
-from tests.support import wait_until
 from tests.net.netns import netns_hosts, wait_tcp  # noqa: F401  (fixture)
+from tests.support import wait_until
 
 PORT = 7000  # inside a fresh namespace, nothing else listens
 
@@ -152,7 +153,7 @@ def test_hosts_are_unique_and_closed_cleanly(netns_hosts) -> None:  # noqa: F811
     a.close()
     a.close()  # idempotent
     assert a.closed and ns not in netns._ns_names()
-    assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
+    assert subprocess.run(["ip", "link", "show", veth], capture_output=True, check=False).returncode != 0
 
 
 def test_reachable_then_partitioned_then_restored(netns_hosts) -> None:  # noqa: F811
@@ -164,10 +165,10 @@ def test_reachable_then_partitioned_then_restored(netns_hosts) -> None:  # noqa:
     live = socket.create_connection((h.address, PORT), timeout=5)
     live.sendall(b"E")
     h.link_down()
-    start = time.monotonic()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as refused:
         socket.create_connection((h.address, PORT), timeout=2).close()
-    assert time.monotonic() - start < 3.0
+    # Refused by the guard route at once (a dropped link), not a connect that timed out.
+    assert refused.value.errno == errno.EHOSTUNREACH, refused.value
     live.sendall(b"during-partition")
     live.settimeout(0.5)
     with pytest.raises(TimeoutError):
@@ -188,10 +189,9 @@ def test_blackhole_makes_connects_time_out(netns_hosts) -> None:  # noqa: F811
     h = netns_hosts("nl")
     _start_ns_server(h)
     h.blackhole()
-    start = time.monotonic()
+    # A timeout, not a refusal: the packets vanish silently.
     with pytest.raises(TimeoutError):
         socket.create_connection((h.address, PORT), timeout=1.0).close()
-    assert time.monotonic() - start < 2.0
     h.unblackhole()
     wait_tcp(h.address, PORT, timeout=5)
     assert _echo_once(h.address, PORT, b"ok") == b"ok"
@@ -220,18 +220,17 @@ def test_tbf_limit_slows_transfers_both_ways(netns_hosts) -> None:  # noqa: F811
 
 def test_close_stops_processes_even_on_failure() -> None:
     netns.require_root()
-    with pytest.raises(RuntimeError, match="boom"):
-        with netns.host("it") as h:
-            ns, veth = h.ns, h.root_veth
-            leader = h.popen(["sh", "-c", "sleep 30 & sleep 30"])
-            wait_until(lambda: len(netns._ns_pids(ns)) >= 2, 5, "two processes in the namespace")
-            inside = netns._ns_pids(ns)
-            assert len(inside) >= 2
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), netns.host("it") as h:
+        ns, veth = h.ns, h.root_veth
+        leader = h.popen(["sh", "-c", "sleep 30 & sleep 30"])
+        wait_until(lambda: len(netns._ns_pids(ns)) >= 2, 5, "two processes in the namespace")
+        inside = netns._ns_pids(ns)
+        assert len(inside) >= 2
+        raise RuntimeError("boom")
     assert leader.poll() is not None
     assert all(_gone(pid) for pid in inside), inside
     assert ns not in netns._ns_names()
-    assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
+    assert subprocess.run(["ip", "link", "show", veth], capture_output=True, check=False).returncode != 0
 
 
 def test_stale_namespaces_and_veths_are_cleaned() -> None:
@@ -250,10 +249,10 @@ def test_stale_namespaces_and_veths_are_cleaned() -> None:
         removed = netns.cleanup_stale()
         assert ns in removed and veth in removed
         assert ns not in netns._ns_names()
-        assert subprocess.run(["ip", "link", "show", veth], capture_output=True).returncode != 0
+        assert subprocess.run(["ip", "link", "show", veth], capture_output=True, check=False).returncode != 0
     finally:
-        subprocess.run(["ip", "link", "del", veth], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
 def test_in_process_socket_inside_namespace(netns_hosts) -> None:  # noqa: F811
@@ -354,9 +353,12 @@ def test_proxy_delay_adds_latency_and_clear_removes_it(proxy: FaultProxy) -> Non
         base = statistics.median(_rtt(c) for _ in range(5))
         proxy.delay(0.1)  # applied to the existing connection
         delayed = statistics.median(_rtt(c) for _ in range(3))
-        assert delayed >= 0.18 and delayed > 5 * base, (delayed, base)
+        assert delayed >= 0.18, (delayed, base)  # a lower bound: a delay never ends early
+        # A delay far beyond the read timeout: an echo that comes back at all was not delayed.
+        proxy.delay(600)
         proxy.clear()
-        assert statistics.median(_rtt(c) for _ in range(3)) < delayed / 3
+        c.settimeout(30)
+        _rtt(c)
 
 
 def test_proxy_delay_preserves_order(proxy: FaultProxy) -> None:
@@ -375,21 +377,19 @@ def test_proxy_drop_holds_chunks_and_keeps_order(proxy: FaultProxy) -> None:
         with _connect(proxy, timeout=10) as c2:
             assert _echo_bulk(c2, data) == data
         proxy.drop(0.0)
-        assert _rtt(c) < 0.2
+        _rtt(c)  # the connection goes on, in order
 
 
 def test_proxy_clear_releases_held_chunks(proxy: FaultProxy) -> None:
     with _connect(proxy) as c:
-        proxy.drop(1.0, stall=(5.0, 5.0))
-        start = time.monotonic()
+        proxy.drop(1.0, stall=(600.0, 600.0))  # held far beyond the read timeout below
         c.sendall(b"held")
         c.settimeout(0.3)
         with pytest.raises(TimeoutError):
             c.recv(10)
         proxy.clear()
-        c.settimeout(3)
-        assert c.recv(10) == b"held"
-        assert time.monotonic() - start < 2.0
+        c.settimeout(30)
+        assert c.recv(10) == b"held"  # only clear() can have released it
 
 
 def test_proxy_stall_times_out_reads_then_clear_resumes(proxy: FaultProxy) -> None:
