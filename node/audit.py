@@ -73,6 +73,8 @@ class AuditEntry:
     detail: str  # refusal message, may be empty
     token_id: str
     peer: str
+    # ``kid`` of the key that signed the token (empty when none verified).
+    key_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     export = command("export", "write the records as JSON lines for an auditor",
                      "Write one JSON object per record (seq, time, hash, prev_hash and the entry's "
                      "fields: gateway, officer, org, country, case, rpc, items, algorithms, hits, "
-                     "references, status, detail, token_id, peer).")
+                     "references, status, detail, token_id, peer, key_id).")
     export.add_argument("--since", type=_when, metavar="ISO",
                         help="only records at or after this time (UTC unless a zone is given)")
     export.add_argument("--out", type=Path, metavar="FILE", help="write here instead of standard output")
