@@ -82,7 +82,7 @@ class Authenticator:
         self._federation = federation
         self._keys = ReloadingKeySet(keys)
         self._gateways = frozenset(gateways)
-        self._replay = replay or ReplayGuard()
+        self._replay = replay if replay is not None else ReplayGuard()  # an empty guard is falsy (len 0)
 
     def authorize(
         self,
