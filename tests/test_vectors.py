@@ -152,3 +152,11 @@ def test_request_vector(case: dict[str, Any]) -> None:
     expected = case["expected"]
     assert verdict[0] == expected["status"]
     assert verdict[1].startswith(expected["message"]), verdict[1]
+
+
+def test_protocol_md_states_the_values_the_code_computes() -> None:
+    """The specification's literal values are the code's: the Describe digest, the domain tag, the version."""
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    assert query.EMPTY_QUERY_SHA256 in text
+    assert query.DOMAIN_TAG == b"icse.v1.match\x00" and '"icse.v1.match" 0x00' in text
+    assert f"version **{vectors.protocol.VERSION}**" in text
