@@ -155,3 +155,25 @@ def test_a_key_set_that_does_not_load_keeps_the_previous_keys(tmp_path: Path) ->
     path.write_text(json.dumps({"keys": [_jwk("k1", "eu-1"), _jwk("k2", "eu-1")]}))
     assert keys.get().kids() == ("k1", "k2")
     assert keys.get().owner("k2") == "eu-1"
+
+
+# --------------------------------------------------------------------------- protocol versions
+
+
+@pytest.mark.parametrize(("stated", "usable"), [
+    ("1.0", True), ("1.7", True), ("1.10", True), ("2.0", False), ("0.9", False),
+    ("", False), ("1", False), ("01.0", False), ("1.0.0", False), ("v1.0", False), (" 1.0", False),
+])
+def test_which_stated_versions_a_gateway_uses(stated: str, usable: bool) -> None:
+    if usable:
+        assert protocol.check_compatible(stated, "node FR")[0] == protocol.MAJOR
+    else:
+        with pytest.raises(protocol.IncompatibleProtocol, match="node FR"):
+            protocol.check_compatible(stated, "node FR")
+
+
+def test_an_incompatible_node_is_named_with_both_versions() -> None:
+    with pytest.raises(protocol.IncompatibleProtocol) as caught:
+        protocol.check_compatible("2.3", "node FR")
+    assert str(caught.value) == ("node FR speaks ICSE protocol 2.3, this software speaks 1.0: "
+                                 "major versions 2 and 1 are incompatible, its answers are not used")
