@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo lint test bench bench-scale load clean
+.PHONY: install stubs certs demo lint test vectors bench bench-scale load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -37,6 +37,10 @@ lint: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The protocol's test vectors (tests/test_vectors.py checks they are what this writes).
+vectors: install
+	$(PY) -m federation.vectors --out protos/testvectors
 
 bench: install
 	$(PY) tests/bench/bench_exact.py

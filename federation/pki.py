@@ -195,7 +195,7 @@ class DevPki:
                              self.gateway_cert(gateway_id), self.gateway_key(gateway_id))
             signing = ed25519.Ed25519PrivateKey.generate()
             write_private(self.signing_key(gateway_id), key_pem(signing))
-            jwks.append(tokens.public_jwk(tokens.SigningKey(self.signing_kid(gateway_id), signing)))
+            jwks.append(tokens.public_jwk(tokens.SigningKey(self.signing_kid(gateway_id), signing), gateway_id))
         self.jwks.write_text(json.dumps({"keys": jwks}, indent=2) + "\n")
         return self
 

@@ -1,16 +1,36 @@
-"""Query items and their canonical digest.
+"""Query items and their canonical digest (``qh``, PROTOCOL.md "The query digest").
 
 The digest binds a signed token to exactly the items it was issued for. It is
 computed from the items' values, never from protobuf bytes (whose encoding is
 not canonical), so gateway and node arrive at the same value independently.
+
+The encoding is length-prefixed binary, not JSON: every language reproduces it
+byte for byte without a JSON library's escaping rules (Python's ``json.dumps``
+escapes non-ASCII, JavaScript's ``JSON.stringify`` does not). It is, in order::
+
+    "icse.v1.match" 0x00                      domain tag; "v1" is the protocol's major version
+    u32be(number of items)
+    per item, in request order:
+        u32be(len(algorithm_utf8)) algorithm_utf8   the name exactly as sent, no normalisation
+        u32be(len(digest)) digest                   the raw digest bytes
+        u32be(max_distance)
+
+and ``qh`` is the lowercase hex SHA-256 of those bytes. Describe carries no
+items: its ``qh`` is the digest of zero items.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import struct
 from collections.abc import Sequence
 from typing import NamedTuple
+
+from federation import protocol
+
+DOMAIN_TAG = f"icse.v{protocol.MAJOR}.match".encode("ascii") + b"\x00"
+_U32 = struct.Struct(">I")
+U32_MAX = 0xFFFF_FFFF
 
 
 class QueryItem(NamedTuple):
@@ -27,11 +47,26 @@ class QueryItem(NamedTuple):
         return f"{self.algorithm}:{self.digest.hex()}"
 
 
+def canonical_bytes(items: Sequence[QueryItem]) -> bytes:
+    """The exact bytes ``qh`` hashes (see the module docstring).
+
+    ``ValueError`` for what the encoding cannot hold (a length or distance of
+    2^32 or more; protobuf's own limits keep real requests far below).
+    """
+    pack = _U32.pack
+    parts = [DOMAIN_TAG, pack(len(items))]
+    for item in items:
+        name = item.algorithm.encode("utf-8")
+        if len(name) > U32_MAX or len(item.digest) > U32_MAX or not 0 <= item.max_distance <= U32_MAX:
+            raise ValueError("query item does not fit the query digest's encoding")
+        parts += [pack(len(name)), name, pack(len(item.digest)), bytes(item.digest), pack(item.max_distance)]
+    return b"".join(parts)
+
+
 def query_sha256(items: Sequence[QueryItem]) -> str:
-    """Hex SHA-256 over an unambiguous JSON rendering of the items, in order."""
-    canonical = json.dumps(
-        [[item.algorithm, item.digest.hex(), item.max_distance] for item in items],
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
-    return hashlib.sha256(b"icse.v1.match\n" + canonical.encode("ascii")).hexdigest()
+    """``qh``: lowercase hex SHA-256 of ``canonical_bytes(items)``."""
+    return hashlib.sha256(canonical_bytes(items)).hexdigest()
+
+
+# Describe's ``qh``: the digest of no items.
+EMPTY_QUERY_SHA256 = query_sha256(())

@@ -6,6 +6,11 @@ carries the canonical digest of the query's items, so it is worthless for any
 other node, method or query. Only asymmetric algorithms are accepted; the
 verifier uses the algorithm of the key found by ``kid``, never the one the
 token header asks for.
+
+Every key in the trusted key set names the one gateway it belongs to (the JWK
+member ``icse_gateway``, PROTOCOL.md "Trusted key set"); a node accepts a token
+only when the key that signed it belongs to the gateway named in ``iss``
+(RFC 8725 §3.8), so one gateway's key cannot speak for another.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,14 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from federation import identity
+
 ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256"})
 MAX_LIFETIME_SECONDS = 60
 CLOCK_SKEW_SECONDS = 5
 METADATA_KEY = "authorization"
+# JWK member naming the gateway a trusted key belongs to.
+KEY_OWNER_MEMBER = "icse_gateway"
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "org", "country", "rpc", "qh", "cnf")
 
 
@@ -48,6 +57,11 @@ class QueryClaims:
     issued_at: int
     expires_at: int
     token_id: str
+    # Not claims: what ``KeySet.verify`` learnt about the key that signed the
+    # token (its ``kid`` and the gateway the key set says owns it), for the
+    # ownership check and the audit record. Empty before verification.
+    key_id: str = field(default="", compare=False)
+    key_owner: str = field(default="", compare=False)
 
     def to_jwt_claims(self) -> dict[str, Any]:
         return {
@@ -175,23 +189,38 @@ class SigningKey:
 
 
 class KeySet:
-    """The gateway public keys a node trusts, by ``kid`` (a JWKS document)."""
+    """The gateway public keys a node trusts, by ``kid`` (a JWKS document),
+    each with the id of the gateway that owns it."""
 
-    def __init__(self, keys: dict[str, jwt.PyJWK]):
+    def __init__(self, keys: dict[str, jwt.PyJWK], owners: dict[str, str] | None = None):
         self._keys = keys
+        self._owners = owners or {}
 
     @classmethod
     def from_jwks(cls, document: dict[str, Any]) -> KeySet:
+        """``ValueError`` naming the first entry that is not a usable, owned, unique key."""
+        entries = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError("key set must be a JSON object with a 'keys' array (RFC 7517 JWKS)")
         keys: dict[str, jwt.PyJWK] = {}
-        for entry in document.get("keys", []):
-            kid = entry.get("kid")
-            if not kid:
-                raise ValueError("every key in the key set needs a 'kid'")
+        owners: dict[str, str] = {}
+        for position, entry in enumerate(entries):
+            kid = entry.get("kid") if isinstance(entry, dict) else None
+            if not isinstance(kid, str) or not kid:
+                raise ValueError(f"key {position} of the key set needs a 'kid' (a non-empty string)")
+            if kid in keys:
+                raise ValueError(f"key id {kid!r} appears more than once in the key set")
             jwk = jwt.PyJWK(entry)
             if jwk.algorithm_name not in ALLOWED_ALGORITHMS:
                 raise ValueError(f"key {kid!r}: algorithm {jwk.algorithm_name} is not allowed")
+            owner = entry.get(KEY_OWNER_MEMBER)
+            if not isinstance(owner, str):
+                raise ValueError(f"key {kid!r} names no gateway: every key needs "
+                                 f"'{KEY_OWNER_MEMBER}': \"<gateway id>\"")
+            identity.check_member_id(owner, f"key {kid!r}: gateway id")
             keys[kid] = jwk
-        return cls(keys)
+            owners[kid] = owner
+        return cls(keys, owners)
 
     @classmethod
     def load(cls, path: Path) -> KeySet:
@@ -200,8 +229,16 @@ class KeySet:
     def kids(self) -> tuple[str, ...]:
         return tuple(self._keys)
 
+    def owner(self, kid: str) -> str:
+        """The gateway id that owns key ``kid`` ('' for an unknown key)."""
+        return self._owners.get(kid, "")
+
     def verify(self, token: str, audience: str, now: float | None = None) -> QueryClaims:
-        """Checks signature, algorithm, audience, times and required claims."""
+        """Checks signature, algorithm, audience, times and required claims.
+
+        The claims returned carry the signing key's ``kid`` and owner; whether
+        that owner is the issuer is the caller's check (a refusal of its own).
+        """
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -243,14 +280,16 @@ class KeySet:
             raise TokenError("token issued in the future")
         if claims["exp"] - claims["iat"] > MAX_LIFETIME_SECONDS:
             raise TokenError(f"token lifetime exceeds {MAX_LIFETIME_SECONDS} s")
-        return QueryClaims.from_jwt_claims(claims)
+        return replace(QueryClaims.from_jwt_claims(claims), key_id=kid, key_owner=self.owner(kid))
 
 
-def public_jwk(key: SigningKey) -> dict[str, Any]:
-    """The JWKS entry nodes need to verify tokens signed with ``key``."""
+def public_jwk(key: SigningKey, gateway: str) -> dict[str, Any]:
+    """The JWKS entry nodes need to verify tokens signed with ``key``, which
+    belongs to gateway ``gateway``."""
     algorithm = jwt.get_algorithm_by_name(key.algorithm)
     entry = json.loads(algorithm.to_jwk(key.private_key.public_key()))
-    entry.update({"kid": key.kid, "alg": key.algorithm, "use": "sig"})
+    entry.update({"kid": key.kid, "alg": key.algorithm, "use": "sig",
+                  KEY_OWNER_MEMBER: identity.check_member_id(gateway, "gateway id")})
     return entry
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 
-from federation import tls, tokens
-from federation.query import QueryItem, query_sha256
+from federation import protocol, tls, tokens
+from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
 from federation.wire import REQUEST_ID_KEY, items_to_pb, pb, rpc
 from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth, ReplicaRound
@@ -353,6 +353,12 @@ class Federation:
                               (time.perf_counter() - started) * 1000, replica=replica.address)
         latency = (time.perf_counter() - started) * 1000
         try:
+            protocol.check_compatible(response.protocol_version, f"node {node.node_id}")
+        except protocol.IncompatibleProtocol as exc:
+            # Its answer may mean something else under another major version: not used.
+            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, str(exc), latency,
+                              replica=replica.address)
+        try:
             hits, truncated = _unpack(response, node, len(items))
         except ValueError as exc:
             return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}", latency,
@@ -383,7 +389,7 @@ class Federation:
                                            for member in self._members.values() for replica in member.replicas)))
 
     async def _describe_one(self, node: NodeEntry, replica: _Replica, timeout: float) -> NodeDescription:
-        token = self._signer.token(node.node_id, "Describe", query_sha256([]), "")
+        token = self._signer.token(node.node_id, "Describe", EMPTY_QUERY_SHA256, "")
         started = time.perf_counter()
         try:
             response = await replica.stub.Describe(
@@ -393,5 +399,10 @@ class Federation:
             return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000,
                                    failure=_status_of(error), message=self._details(node, replica.address, error),
                                    replica=replica.address)
-        return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000, response,
-                               replica=replica.address)
+        latency = (time.perf_counter() - started) * 1000
+        try:
+            protocol.check_compatible(response.protocol_version, f"node {node.node_id}")
+        except protocol.IncompatibleProtocol as exc:
+            return NodeDescription(node.node_id, latency, failure=NodeStatus.ERROR, message=str(exc),
+                                   replica=replica.address)
+        return NodeDescription(node.node_id, latency, response, replica=replica.address)

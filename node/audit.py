@@ -73,6 +73,8 @@ class AuditEntry:
     detail: str  # refusal message, may be empty
     token_id: str
     peer: str
+    # ``kid`` of the key that signed the token (empty when none verified).
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def utc_iso(when: dt.datetime) -> str:
     """One fixed-width UTC form, so times compare correctly as text in SQL."""
     if when.tzinfo is None:
         raise ValueError(f"audit times must carry a time zone, got naive {when.isoformat()}")
-    return when.astimezone(dt.timezone.utc).isoformat(timespec="microseconds")
+    return when.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
 def canonical_json(value: Any) -> str:
@@ -158,7 +160,7 @@ class AuditLog:
         still leaves its record, since the query was already answered or refused.
         """
         if not entry.time:
-            entry = dataclasses.replace(entry, time=utc_iso(dt.datetime.now(dt.timezone.utc)))
+            entry = dataclasses.replace(entry, time=utc_iso(dt.datetime.now(dt.UTC)))
         else:
             entry = dataclasses.replace(entry, time=utc_iso(dt.datetime.fromisoformat(entry.time)))
         return await asyncio.shield(self._append(entry))
@@ -244,7 +246,7 @@ class AuditLog:
                 await self._db.execute("DELETE FROM audit WHERE seq < ?", (expected_seq,))
                 await self._db.execute(
                     "INSERT OR REPLACE INTO audit_anchor (id, seq, hash, pruned_at) VALUES (1, ?, ?, ?)",
-                    (expected_seq - 1, expected_prev, utc_iso(dt.datetime.now(dt.timezone.utc))),
+                    (expected_seq - 1, expected_prev, utc_iso(dt.datetime.now(dt.UTC))),
                 )
         return deleted
 

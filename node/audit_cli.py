@@ -27,7 +27,7 @@ def _when(text: str) -> dt.datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an ISO 8601 date or time such as 2024-05-01 "
                                          f"or 2024-05-01T12:00:00Z, got {text!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _days(text: str) -> int:
@@ -64,7 +64,7 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     export = command("export", "write the records as JSON lines for an auditor",
                      "Write one JSON object per record (seq, time, hash, prev_hash and the entry's "
                      "fields: gateway, officer, org, country, case, rpc, items, algorithms, hits, "
-                     "references, status, detail, token_id, peer).")
+                     "references, status, detail, token_id, peer, key_id).")
     export.add_argument("--since", type=_when, metavar="ISO",
                         help="only records at or after this time (UTC unless a zone is given)")
     export.add_argument("--out", type=Path, metavar="FILE", help="write here instead of standard output")
@@ -121,7 +121,7 @@ async def _run(args: argparse.Namespace, config: node_config.NodeConfig) -> int:
                     count = await log.write_jsonl(out, since)
             print(f"{name}: exported {count} records", file=sys.stderr)
         elif args.audit_command == "prune":
-            before = args.before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=args.retention_days)
+            before = args.before or dt.datetime.now(dt.UTC) - dt.timedelta(days=args.retention_days)
             try:
                 deleted = await log.prune(before)
             except AuditError as exc:
@@ -130,7 +130,7 @@ async def _run(args: argparse.Namespace, config: node_config.NodeConfig) -> int:
             print(f"{name}: pruned {deleted} records older than {utc_iso(before)}")
         else:
             head = await log.head()
-            now = utc_iso(dt.datetime.now(dt.timezone.utc))
+            now = utc_iso(dt.datetime.now(dt.UTC))
             print(f"node={config.node_id} at={now} seq={head[0]} hash={head[1]}" if head else f"{name} is empty")
         return 0
     finally:

@@ -2,21 +2,27 @@
 
 A call is accepted when the TLS peer is a gateway of the federation (its
 certificate's URI names it), and its bearer token verifies against the trusted
-key set, is addressed to this node, was issued by that same gateway for that
-very certificate (``cnf`` thumbprint), names the RPC being called, carries the
+key set with a key that belongs to that same gateway (the key set names each
+key's owner), is addressed to this node, was issued by that same gateway for
+that very certificate (``cnf`` thumbprint), names the RPC being called, carries the
 digest of exactly this request's items, and has not been used before.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from federation import identity, tls, tokens
 from federation.tokens import QueryClaims
 from node.replay import ReplayError, ReplayGuard
+
+log = logging.getLogger("icse.node")
 
 
 class AuthError(Exception):
@@ -35,20 +41,37 @@ class AuthError(Exception):
 
 
 class ReloadingKeySet:
-    """The trusted key set, re-read when its file changes (key rotation)."""
+    """The trusted key set, re-read when its file changes (key rotation).
+
+    At start a key set that does not load stops the node (the error names the
+    entry). Later, a file that does not load (half-written, a key naming no
+    gateway) keeps the last good key set in force and is logged: a slip during
+    rotation must not turn every call into an internal error.
+    """
 
     def __init__(self, path: Path):
         self._path = path
         self._stamp: tuple[int, int] | None = None
         self._keys = tokens.KeySet({})
-        self.get()
+        stat = os.stat(self._path)
+        self._keys = tokens.KeySet.load(self._path)
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
 
     def get(self) -> tokens.KeySet:
-        stat = os.stat(self._path)
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        try:
+            stat = os.stat(self._path)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = (-1, -1)
         if stamp != self._stamp:
-            self._keys = tokens.KeySet.load(self._path)
             self._stamp = stamp
+            try:
+                self._keys = tokens.KeySet.load(self._path)
+            except (OSError, ValueError, jwt.PyJWTError) as exc:
+                log.error("trusted key set not reloaded; the previous keys stay in force",
+                          extra={"path": str(self._path), "reason": str(exc)})
+            else:
+                log.info("trusted key set reloaded", extra={"path": str(self._path), "kids": list(self._keys.kids())})
         return self._keys
 
 
@@ -59,7 +82,7 @@ class Authenticator:
         self._federation = federation
         self._keys = ReloadingKeySet(keys)
         self._gateways = frozenset(gateways)
-        self._replay = replay or ReplayGuard()
+        self._replay = replay if replay is not None else ReplayGuard()  # an empty guard is falsy (len 0)
 
     def authorize(
         self,
@@ -86,6 +109,9 @@ class Authenticator:
             raise AuthError(f"gateway {claims.issuer!r} is not trusted by this node", denied=True)
         if claims.issuer != gateway:
             raise AuthError(f"token issued by {claims.issuer!r} but presented by {gateway!r}", denied=True)
+        if claims.key_owner != claims.issuer:
+            raise AuthError(f"token signed with key {claims.key_id!r}, which belongs to gateway "
+                            f"{claims.key_owner!r}, not to its issuer {claims.issuer!r}", denied=True)
         if claims.cert_thumbprint != tls.peer_thumbprint(auth_context):
             raise AuthError("token is bound to another client certificate (cnf x5t#S256)", denied=True)
         if claims.rpc != rpc:

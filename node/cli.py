@@ -18,11 +18,9 @@ from rich.table import Table
 
 from federation import logs
 from federation.config import ConfigError
-from node import config as node_config
+from node import config as node_config, formats, lifeline, server, stderr_relay, vics
 from node.audit_cli import add_audit_parser, run_audit
 from node.describe import describe, render as render_description
-from node import lifeline, server, stderr_relay
-from node import formats, vics
 from node.importer import ImportAborted, ImportReport, import_file, retract_files
 from node.records import Rejection
 from node.store import Store

@@ -269,7 +269,7 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
 def _is_header(row: list[str]) -> bool:
     first = _CSV_ALIASES.get(row[0].strip().lower(), row[0].strip().lower())
     names = {c.strip().lower() for c in row}
-    return first == "algorithm" or bool(names & set(algorithms.names())) and not _looks_hex(row)
+    return first == "algorithm" or (bool(names & set(algorithms.names())) and not _looks_hex(row))
 
 
 def _looks_hex(row: list[str]) -> bool:

@@ -72,7 +72,7 @@ class Admission:
         tokens = min(float(rate), tokens + (current - last) * rate / 60.0)
         if tokens < 1.0:
             raise PolicyRefusal(f"rate limit: at most {rate} requests per minute per officer", exhausted=True)
-        today = dt.datetime.fromtimestamp(current, dt.timezone.utc).date()
+        today = dt.datetime.fromtimestamp(current, dt.UTC).date()
         day, used = self._daily.get(who, (today, 0))
         if day != today:
             used = 0

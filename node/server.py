@@ -12,11 +12,11 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from federation import tls
 from federation.files import atomic_write_text
 from federation.wire import SERVICE_NAME
+from node import reflection
 from node.audit import AuditLog
 from node.auth import Authenticator
 from node.config import NodeConfig
@@ -83,10 +83,7 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         server.add_generic_rpc_handlers((handlers(service),))
         checks = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         try:
             port = server.add_secure_port(config.listen, tls.server_credentials(config.tls))
         except RuntimeError:  # grpc says only "Failed to bind"; the reason is found by trying

@@ -18,12 +18,13 @@ import grpc
 from google.protobuf.message import DecodeError
 
 import federation
+from federation import protocol
 from federation.query import QueryItem, query_sha256
 from federation.tokens import QueryClaims
 from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, items_from_pb, pb, rpc
 from node import matcher
 from node.audit import AuditEntry, AuditLog
-from node.auth import AuthError, Authenticator
+from node.auth import Authenticator, AuthError
 from node.config import NodeConfig
 from node.live_index import LiveIndexes
 from node.metrics import NodeMetrics
@@ -81,6 +82,7 @@ def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None
         detail=detail,
         token_id=claims.token_id if claims else "",
         peer=peer,
+        key_id=claims.key_id if claims else "",
     )
 
 
@@ -161,7 +163,7 @@ class NodeService(rpc.NodeServicer):
                 results.append(pb.ItemResult(item=position, hits=hits, truncated=matches.truncated))
                 references += [hit.reference for hit in hits]
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
-                                    tier=_TIERS[tier], results=results)
+                                    tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION)
         return response, claims, references
 
     def _hit(self, stored: StoredRecord, distance: int, share: float | None, tier: Tier) -> pb.Hit:
@@ -224,6 +226,7 @@ class NodeService(rpc.NodeServicer):
             max_items_per_request=self._config.limits.max_items,
             max_distance=self._config.limits.max_distance,
             contact=self._config.contact,
+            protocol_version=protocol.VERSION,
         )
 
 

@@ -261,7 +261,7 @@ def _date(value: Any) -> str:
         raise ValueError(f"DateUpdated must be a date, got {type(value).__name__}")
     legacy = _ODATA_DATE.fullmatch(value.strip())
     if legacy:
-        return dt.datetime.fromtimestamp(int(legacy.group(1)) / 1000, dt.timezone.utc).date().isoformat()
+        return dt.datetime.fromtimestamp(int(legacy.group(1)) / 1000, dt.UTC).date().isoformat()
     try:
         return formats.parse_date(value)
     except ValueError:

@@ -237,12 +237,12 @@ async def test_signing_keys_rotate_without_restart(target: Target) -> None:
         assert "unknown key id 'eu-1-2'" in error.details()
         # The operator publishes the new key next to the old one ...
         document = json.loads(original)
-        document["keys"].append(tokens.public_jwk(new_key))
+        document["keys"].append(tokens.public_jwk(new_key, "eu-1"))
         target.jwks.write_text(json.dumps(document))
         await target.client().match(HONEST, new_token())
         await target.client().match(HONEST, target.sign(HONEST))
         # ... then withdraws the old one.
-        target.jwks.write_text(json.dumps({"keys": [tokens.public_jwk(new_key)]}))
+        target.jwks.write_text(json.dumps({"keys": [tokens.public_jwk(new_key, "eu-1")]}))
         error = await refused(target.client(), HONEST, target.sign(HONEST))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "unknown key id 'eu-1-1'" in error.details()
     finally:

@@ -82,7 +82,7 @@ def test_parse_csv_refuses_header_without_digest() -> None:
 @pytest.mark.parametrize("private", [ed25519.Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())])
 def test_token_round_trip_with_each_allowed_algorithm(private) -> None:
     key = tokens.SigningKey("k1", private)
-    keyset = tokens.KeySet.from_jwks({"keys": [tokens.public_jwk(key)]})
+    keyset = tokens.KeySet.from_jwks({"keys": [tokens.public_jwk(key, "gw")]})
     claims = tokens.new_claims(issuer="gw", subject="o", org="a", country="FR", audience="DE",
                                rpc="Match", query_sha256="q", case="C-1", cert_thumbprint="t")
     assert keyset.verify(key.sign(claims), audience="DE") == claims
@@ -96,7 +96,7 @@ def test_token_claims_cannot_outlive_sixty_seconds() -> None:
 
 def test_token_missing_required_claim_is_refused() -> None:
     key = tokens.SigningKey("k1", ed25519.Ed25519PrivateKey.generate())
-    keyset = tokens.KeySet.from_jwks({"keys": [tokens.public_jwk(key)]})
+    keyset = tokens.KeySet.from_jwks({"keys": [tokens.public_jwk(key, "gw")]})
     now = int(time.time())
     token = jwt.encode({"iss": "gw", "aud": "DE", "iat": now, "exp": now + 10}, key.private_key,
                        algorithm="EdDSA", headers={"kid": "k1"})

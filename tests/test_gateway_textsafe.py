@@ -121,11 +121,11 @@ HOSTILE_VERSION = "\x1b]0;pwned\x07 1.0 [/]"
 
 class _Hostile(rpc.NodeServicer):
     def Match(self, request: pb.MatchRequest, context: grpc.ServicerContext) -> pb.MatchResponse:
-        return pb.MatchResponse(node_id="PL", country="PL",
+        return pb.MatchResponse(node_id="PL", country="PL", protocol_version="1.0",
                                 results=[pb.ItemResult(item=0, hits=[HOSTILE_HIT])])
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
-        return pb.DescribeResponse(node_id="PL", country="P\u202eL", software_version=HOSTILE_VERSION,
+        return pb.DescribeResponse(node_id="PL", country="P\u202eL", software_version=HOSTILE_VERSION, protocol_version="1.0",
                                    counts=[pb.AlgorithmCount(algorithm="[bold]md5", count=1)])
 
 

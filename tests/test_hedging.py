@@ -84,7 +84,7 @@ class FlakyNode(rpc.NodeServicer):
             call.cancelled = True
             raise
         call.finished = True
-        return pb.MatchResponse(node_id=NODE, country=NODE)
+        return pb.MatchResponse(node_id=NODE, country=NODE, protocol_version="1.0")
 
     def for_query(self, items: list[QueryItem]) -> list[Call]:
         digest = query_sha256(items)

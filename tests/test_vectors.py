@@ -1,0 +1,162 @@
+"""The test vectors in protos/testvectors: regenerated identically, and each one
+judged by the code the node and gateway run, at the vector's fixed time.
+
+The query digest is also recomputed here by an independent few lines written
+from PROTOCOL.md alone, as another language's implementer would.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt.api_jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from federation import query, tls, vectors
+from federation.query import QueryItem
+from node import matcher
+from node.auth import Authenticator, AuthError
+from node.replay import ReplayGuard
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "protos" / "testvectors"
+
+
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((VECTORS / name).read_text(encoding="utf-8"))
+
+
+def test_vector_files_are_what_the_generator_writes() -> None:
+    """``python -m federation.vectors --out protos/testvectors`` run again changes nothing."""
+    generated = vectors.documents()
+    assert sorted(p.name for p in VECTORS.glob("*.json")) == sorted(generated)
+    for name, document in generated.items():
+        assert (VECTORS / name).read_text(encoding="utf-8") == vectors.render(document), (
+            f"{name} is stale: run python -m federation.vectors --out protos/testvectors")
+
+
+def _spec_encoding(items: list[QueryItem]) -> bytes:
+    """PROTOCOL.md's encoding, written from the text alone."""
+    out = b"icse.v1.match\x00" + struct.pack(">I", len(items))
+    for item in items:
+        name = item.algorithm.encode("utf-8")
+        out += struct.pack(">I", len(name)) + name + struct.pack(">I", len(item.digest)) + item.digest
+        out += struct.pack(">I", item.max_distance)
+    return out
+
+
+@pytest.mark.parametrize("case", _load("query_digest.json")["cases"], ids=lambda c: c["name"])
+def test_query_digest_vector(case: dict[str, Any]) -> None:
+    items = vectors.items_from_json(case["items"])
+    encoded = query.canonical_bytes(items)
+    assert encoded == _spec_encoding(items)
+    assert len(encoded) == case["encoding_length"]
+    if "encoding_hex" in case:
+        assert encoded.hex() == case["encoding_hex"]
+    assert query.query_sha256(items) == hashlib.sha256(encoded).hexdigest() == case["qh"]
+
+
+def test_query_digests_differ_where_a_json_rendering_would_not() -> None:
+    cases = {c["name"]: c["qh"] for c in _load("query_digest.json")["cases"]}
+    assert len(set(cases.values())) == len(cases)
+    assert cases["describe"] == query.EMPTY_QUERY_SHA256
+
+
+@pytest.mark.parametrize("case", _load("thumbprints.json")["cases"], ids=lambda c: c["name"])
+def test_thumbprint_vector(case: dict[str, Any]) -> None:
+    pem = case["certificate_pem"].encode("ascii")
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    assert hashlib.sha256(der).hexdigest() == case["der_sha256_hex"]
+    assert base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode() == case["x5t#S256"]
+    assert tls.thumbprint(pem) == case["x5t#S256"]
+
+
+class _FrozenDatetime(dt.datetime):
+    at: float = 0.0
+
+    @classmethod
+    def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+        return dt.datetime.fromtimestamp(cls.at, tz)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch):
+    """Sets the time every token check reads (ours and PyJWT's) to a vector's ``now``."""
+    def set_to(moment: float) -> None:
+        _FrozenDatetime.at = moment
+        monkeypatch.setattr(time, "time", lambda: moment)
+        monkeypatch.setattr(jwt.api_jwt, "datetime", _FrozenDatetime)
+    return set_to
+
+
+def _judge(case: dict[str, Any], tmp_path: Path, authenticator: Authenticator | None = None) -> tuple[str, str]:
+    """The node's verdict, through node.auth, as gRPC status name and message."""
+    context = case["context"]
+    certificates = {c["name"]: c["certificate_pem"].encode() for c in _load("thumbprints.json")["cases"]}
+    federation = _load("thumbprints.json")["federation"]
+    if authenticator is None:
+        keys = tmp_path / "keys.jwks.json"
+        keys.write_text(json.dumps(_load("tokens.json")["jwks"]))
+        authenticator = Authenticator(context["node_id"], federation, keys, context["trusted_gateways"],
+                                      ReplayGuard(started=context["node_started"]))
+    pem = certificates[context["certificate"]]
+    sans = [n.value.encode() for n in x509.load_pem_x509_certificate(pem).extensions
+            .get_extension_for_class(x509.SubjectAlternativeName).value]
+    auth_context = {"x509_pem_cert": [pem], "x509_subject_alternative_name": sans}
+    items = vectors.items_from_json(context["items"])
+    assert query.query_sha256(items) == context["qh"]
+    try:
+        authenticator.authorize((("authorization", f"Bearer {case['token']}"),), auth_context, context["rpc"],
+                                context["qh"])
+    except AuthError as exc:
+        code = grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
+        return code.name, str(exc)
+    return "OK", ""
+
+
+@pytest.mark.parametrize("case", _load("tokens.json")["cases"], ids=lambda c: c["name"])
+def test_token_vector(case: dict[str, Any], clock, tmp_path: Path) -> None:
+    clock(case["context"]["now"])
+    assert _judge(case, tmp_path) == (case["expected"]["status"], case["expected"]["message"])
+
+
+def test_accepted_token_vector_is_refused_when_replayed(clock, tmp_path: Path) -> None:
+    case = next(c for c in _load("tokens.json")["cases"] if c["name"] == "accepted")
+    clock(case["context"]["now"])
+    keys = tmp_path / "keys.jwks.json"
+    keys.write_text(json.dumps(_load("tokens.json")["jwks"]))
+    node = Authenticator("FR", _load("thumbprints.json")["federation"], keys, ["eu-1"],
+                         ReplayGuard(started=case["context"]["node_started"]))
+    assert _judge(case, tmp_path, node) == ("OK", "")
+    assert _judge(case, tmp_path, node) == ("UNAUTHENTICATED", "token has already been used (replayed jti)")
+
+
+@pytest.mark.parametrize("case", _load("requests.json")["cases"], ids=lambda c: c["name"])
+def test_request_vector(case: dict[str, Any]) -> None:
+    items = vectors.items_from_json(case["items"])
+    try:
+        matcher.validate(items, matcher.Limits())
+        verdict = ("OK", "")
+    except matcher.InvalidRequest as exc:
+        verdict = ("INVALID_ARGUMENT", str(exc))
+    expected = case["expected"]
+    assert verdict[0] == expected["status"]
+    assert verdict[1].startswith(expected["message"]), verdict[1]
+
+
+def test_protocol_md_states_the_values_the_code_computes() -> None:
+    """The specification's literal values are the code's: the Describe digest, the domain tag, the version."""
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    assert query.EMPTY_QUERY_SHA256 in text
+    assert query.DOMAIN_TAG == b"icse.v1.match\x00" and '"icse.v1.match" 0x00' in text
+    assert f"version **{vectors.protocol.VERSION}**" in text
