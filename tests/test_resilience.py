@@ -31,8 +31,13 @@ from tests.support import claims_for, gateway_client, query_json, signing_key
 
 
 def _count(store: Path) -> int:
+    """Rows in the store's published segments (the catalog's count; nothing is retracted here)."""
     with sqlite3.connect(store) as db:
-        return db.execute("SELECT COUNT(*) FROM hashes").fetchone()[0]
+        return db.execute("SELECT COALESCE(SUM(rows), 0) FROM segments WHERE state = 'published'").fetchone()[0]
+
+
+def _segment_dirs(store: Path) -> list[Path]:
+    return sorted(store.with_name(store.name + ".segments").glob("seg-*"))
 
 
 def _hash_file(path: Path, rows: int, seed: int) -> Path:
@@ -59,18 +64,25 @@ def test_import_killed_midway_leaves_the_store_as_before(single: LocalFederation
     big = _hash_file(tmp_path / "big.txt", 400_000, 2)
     process = subprocess.Popen(node.node_command("import", "--config", str(node.config_path), str(big)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wal = node.store_path.with_name(node.store_path.name + "-wal")
+    (published,) = _segment_dirs(node.store_path)
+
+    def rows_written() -> int:
+        files = [d / "rows.sqlite" for d in _segment_dirs(node.store_path) if d != published]
+        return sum(f.stat().st_size for f in files if f.exists())
+
     end = time.monotonic() + 60
-    # Kill it once the transaction is visibly under way (its WAL is growing).
-    while time.monotonic() < end and process.poll() is None and (not wal.exists() or wal.stat().st_size < 4 << 20):
+    # Kill it once its new segment is visibly being written.
+    while time.monotonic() < end and process.poll() is None and rows_written() < 4 << 20:
         time.sleep(0.01)
     assert process.poll() is None, "the import finished before it could be killed; make the file bigger"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert _count(node.store_path) == 1000
+    assert len(_segment_dirs(node.store_path)) == 2, "the killed import's unpublished segment is left"
     done = node.import_file(big)
     assert done.returncode == 0 and "added 400000" in done.stdout
     assert _count(node.store_path) == 401_000
+    assert len(_segment_dirs(node.store_path)) == 2, "the next import removed the dead one's segment"
 
 
 def test_node_killed_during_queries_restarts_with_everything(single: LocalFederation, tmp_path: Path) -> None:
