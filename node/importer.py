@@ -1,5 +1,5 @@
-"""Imports a hash-set file into the store (and retracts one from it): streamed, one
-transaction, reported."""
+"""Imports a hash-set file into the store (and retracts one from it): streamed into
+one new segment published all at once (node.store), reported."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from node import formats, vics
 from node.formats import Unsupported
-from node.records import Rejection
+from node.records import ImportAborted, Rejection
 from node.store import ImportCounts, RemoveCounts, Store
 
 # Rows per insert batch. Large batches sort better (inserted in digest order) and
@@ -25,10 +25,6 @@ KEPT_REJECTIONS = 10_000
 _READ_CHUNK = 1 << 20
 
 Advance = Callable[[int], None]
-
-
-class ImportAborted(Exception):
-    """A strict import met a bad row, or the file itself is unreadable; nothing was written."""
 
 
 @dataclass
@@ -127,7 +123,7 @@ async def import_file(
     strict: bool = False,
     advance: Advance | None = None,
 ) -> ImportReport:
-    """Adds the file's valid rows in one transaction; bad rows are reported.
+    """Adds the file's valid rows as one segment, published at once; bad rows are reported.
 
     With ``strict``, any bad row aborts the whole import and nothing is written;
     so does a file that cannot be read to its end (malformed JSON, not UTF-8).

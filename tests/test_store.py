@@ -20,6 +20,7 @@ from node.importer import ImportAborted, import_file
 from node.index import Candidate, ExactIndex
 from node.live_index import LiveIndexes
 from node.records import HashRecord
+from node.segment_set import record_id
 from node.store import Store
 
 
@@ -54,7 +55,8 @@ async def test_store_is_wal_and_references_are_opaque(tmp_path: Path) -> None:
     source.write_text("md5:" + "ab" * 16 + "\n")
     async with await Store.open(path) as store:
         await import_file(store, source, country="DE")
-        (stored,) = (await store.records([1])).values()
+        (live,) = (await store.snapshot()).segments
+        (stored,) = (await store.records([record_id(live.segment_id, 1)])).values()
     assert stored.record.reference.startswith("DE-") and "ab" * 4 not in stored.record.reference.lower()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -87,7 +89,9 @@ async def test_live_indexes_follow_imports_by_another_connection(tmp_path: Path)
         current = await live.current()
         assert current.counts() == {"md5": 1} and current.generation == 1
         valid = matcher.validate([QueryItem("md5", b"\x05" * 16)], matcher.Limits())
-        assert matcher.match(valid, current.indexes, matcher.Limits())[0].candidates == [Candidate(1)]
+        (segment,) = current.segments
+        found = matcher.match(valid, current.indexes, matcher.Limits())[0].candidates
+        assert found == [Candidate(record_id(segment.segment_id, 1))]
 
 
 def test_matcher_caps_hits_per_item() -> None:
