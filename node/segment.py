@@ -130,22 +130,28 @@ class SegmentWriter:
         self._keys: dict[str, list[np.ndarray]] = {}
         self._ids: dict[str, list[np.ndarray]] = {}
         self._videos: dict[str, list[bytes]] = {}
-        self._today = dt.date.today().isoformat()
+        # An empty date_added is the day of the import (an ISO date: safe as SQL text).
+        today = dt.date.today().isoformat()
+        self._insert = f"INSERT INTO rows ({_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, IIF(?7 = '', '{today}', ?7))"
 
     @property
     def rows(self) -> int:
         return self._next - 1
 
     def add(self, algorithm: Algorithm, rows: Sequence[Row], keys: np.ndarray) -> None:
-        """Appends rows of one algorithm (with their keys, ``segment_index.keys_of``)."""
+        """Appends rows of one algorithm (with their keys, ``segment_index.keys_of``).
+
+        The rows go to SQLite as they are (no tuple rebuilt per row): the table is
+        new and nothing is deleted before ``finish``, so SQLite numbers them
+        first, first + 1, ... (rowid = largest + 1), checked once per call."""
         if not len(rows):
             return
         first = self._next
         self._next += len(rows)
-        today = self._today
-        self._db.executemany(
-            f"INSERT INTO rows (id, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(first + n, *row[:6], row[6] or today) for n, row in enumerate(rows)])
+        self._db.executemany(self._insert, rows)
+        last = self._db.execute("SELECT max(id) FROM rows").fetchone()[0]
+        if last != self._next - 1:  # pragma: no cover - SQLite's documented rowid choice
+            raise RuntimeError(f"segment {self.segment_id}: rows numbered up to {last}, expected {self._next - 1}")
         self._keys.setdefault(algorithm.name, []).append(keys)
         self._ids.setdefault(algorithm.name, []).append(np.arange(first, self._next, dtype=np.uint32))
         if algorithm.max_frames > 1:

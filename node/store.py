@@ -29,11 +29,14 @@ from node import segment_index
 from node.catalog import Catalog, SegmentEntry
 from node.private_files import make_private_directory, open_private_append
 from node.records import HashRecord, StoredRecord
-from node.segment import SegmentWriter, Written, directory_of, lock_is_free, remove, segments_root
-from node.segment_set import SegmentLoader, SegmentSet
+from node.segment import MappedSegment, SegmentWriter, Written, directory_of, lock_is_free, remove, segments_root
+from node.segment_set import LiveSegment, SegmentLoader, SegmentSet
 
 Row = tuple  # (algorithm, digest, reference, category, victim_identified, series, date_added)
 T = TypeVar("T")
+# Rows per segment an import writes: a larger file becomes several segments (published
+# together), so an import's memory is bounded (keys and index build of one segment).
+SEGMENT_ROWS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -142,15 +145,22 @@ class Store:
 
         return await self.add_rows(rows())
 
-    async def add_rows(self, batches: AsyncIterator[list[Row]] | Iterable[list[Row]]) -> ImportCounts:
-        """Adds the rows (tuples in ``HashRecord`` field order) as one new segment.
+    async def add_rows(self, batches: AsyncIterator[list[Row]] | Iterable[list[Row]], *,
+                       segment_rows: int = SEGMENT_ROWS) -> ImportCounts:
+        """Adds the rows (tuples in ``HashRecord`` field order) as new segments of at
+        most about ``segment_rows`` rows each, all published in one transaction.
 
-        Each batch is deduplicated and written on a worker thread while the
-        next one is parsed. An empty ``date_added`` is today.
+        Each batch is deduplicated (against live segments and the ones this import
+        finished) and written on a worker thread while the next one is parsed. A
+        segment is finished (its index built, its keys dropped from memory) once it
+        holds ``segment_rows`` rows, so memory stays bounded whatever the file's size.
+        An empty ``date_added`` is today.
         """
         async with self.writing():
             await self.clean(writing=True)
             live = await self.snapshot()
+            finished: list[tuple[SegmentWriter, Written]] = []
+            opened: list[MappedSegment] = []  # finished here, mapped for deduplication
             writer = await self.new_segment()
             offered = 0
             pending: asyncio.Future[None] | None = None
@@ -159,26 +169,47 @@ class Store:
                     offered += len(batch)
                     if pending is not None:
                         await pending
+                        pending = None
+                    if writer.rows >= segment_rows:
+                        done = await asyncio.to_thread(writer.finish)
+                        finished.append((writer, done))
+                        if done.rows:
+                            opened.append(await asyncio.to_thread(
+                                MappedSegment.open, self.root, done.segment_id, done.counts, done.files))
+                            live = SegmentSet(live.generation, (*live.segments, LiveSegment(opened[-1], {})))
+                        writer = await self.new_segment()
                     pending = asyncio.ensure_future(asyncio.to_thread(_write_new, writer, live, batch))
                     await asyncio.sleep(0)  # hands the batch to the worker before parsing on
                 if pending is not None:
                     await pending
                     pending = None
-                written = await asyncio.to_thread(writer.finish)
-                if written.rows:
-                    await self.publish([written])
+                finished.append((writer, await asyncio.to_thread(writer.finish)))
+                written = [done for _, done in finished if done.rows]
+                if written:
+                    await self.publish(written)
             except BaseException:
                 if pending is not None:
                     with contextlib.suppress(BaseException):
                         await pending
-                writer.abandon()
-                await self.catalog.forget([writer.segment_id])
+                writers = [w for w, _ in finished]
+                writers += [writer] if writer not in writers else []
+                for each in writers:
+                    each.abandon()
+                await self.catalog.forget([w.segment_id for w in writers])
                 raise
-            if not written.rows:
-                writer.abandon()
-                await self.catalog.forget([writer.segment_id])
-            writer.close()
-        return ImportCounts(added=written.rows, already_present=offered - written.rows)
+            finally:
+                for mapped in opened:
+                    mapped.close()
+            empty = [w for w, done in finished if not done.rows]
+            for each, _ in finished:
+                if each in empty:
+                    each.abandon()
+                else:
+                    each.close()
+            if empty:
+                await self.catalog.forget([w.segment_id for w in empty])
+        added = sum(done.rows for done in written)
+        return ImportCounts(added=added, already_present=offered - added)
 
     async def remove(self, batches: AsyncIterator[list[tuple[str, bytes]]] | Iterable[list[tuple[str, bytes]]]
                      ) -> RemoveCounts:

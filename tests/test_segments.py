@@ -187,3 +187,21 @@ async def test_merge_killed_leaves_the_store_answering_the_same(tmp_path: Path) 
         assert hits(await store.snapshot(), [r for part in sets for r in part]) == before
         assert (await merge(store)).rows == 599
         assert hits(await store.snapshot(), [r for part in sets for r in part]) == before
+
+
+async def test_a_large_import_is_several_bounded_segments_published_together(tmp_path: Path) -> None:
+    part = rows(9, 3500)
+    # Rows 500-1199 come twice: within the first segment, and against it (finished, unpublished) in the second.
+    repeated = part[:1200] + part[500:2600] + part[2600:]
+    batches = [repeated[n:n + 700] for n in range(0, len(repeated), 700)]
+    async with await Store.open(tmp_path / "s.sqlite") as store:
+        counts = await store.add_rows(
+            [[(r.algorithm, r.digest, r.reference, r.category, r.victim_identified, r.series, r.date_added)
+              for r in batch] for batch in batches], segment_rows=1000)
+        assert (counts.added, counts.already_present) == (3500, 700)
+        live = await store.snapshot()
+        assert live.generation == 1, "every segment of the import published in one transaction"
+        assert [s.segment.counts["sha256"] for s in live.segments] == [1200, 1600, 700]
+        assert live.counts() == {"sha256": 3500}
+        assert hits(live, part) == [r.reference for r in part]
+        assert sorted(p.name for p in store.root.iterdir()) == [f"seg-{n:08d}" for n in range(1, 4)]
