@@ -7,8 +7,10 @@ editing, deleting or reordering any record breaks the chain at that record.
 Removing records from the *end*, or rewriting the whole chain, needs an
 outside reference to catch: an operator copies ``head()`` to a ticket daily.
 
-The tables live in the node's SQLite file, next to the hash store, on the
-connection the node already has open (WAL, ``synchronous=FULL``).
+The tables live in a SQLite file of their own next to the store's catalog
+(``audit_path``), on a connection of their own (node.db: WAL,
+``synchronous=FULL``): an append never waits for an import or a merge, which
+take the catalog's write lock, not this file's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, TextIO
 
 import aiosqlite
 
-from node.private_files import make_private
+from node import db as sqlite_setup
 
 DEFAULT_RETENTION_DAYS = 730
 GENESIS = "0" * 64  # prev_hash of the very first record
@@ -105,14 +107,15 @@ def chain_hash(prev_hash: str, entry_json: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{entry_json}".encode("ascii")).hexdigest()
 
 
+def audit_path(store: Path) -> Path:
+    """The audit log's own file, beside the store's catalog."""
+    return store.with_name(store.name + ".audit")
+
+
 async def connect(path: Path) -> aiosqlite.Connection:
-    """A connection like the store's own, for tools that only need the log."""
-    make_private(path)
-    db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA journal_mode=WAL")
-    await db.execute("PRAGMA synchronous=FULL")
-    await db.execute("PRAGMA busy_timeout=10000")
-    return db
+    """A connection to an audit log file (the node's SQLite settings, node.db;
+    created owner-only, 0600, like every file of the store)."""
+    return await sqlite_setup.connect(path)
 
 
 # One statement reads anchor and records, so both come from one snapshot even
@@ -148,8 +151,7 @@ class AuditLog:
 
     @classmethod
     async def open(cls, db: aiosqlite.Connection) -> AuditLog:
-        """Creates the tables if missing; forces synchronous=FULL so an append is durable."""
-        await db.execute("PRAGMA synchronous=FULL")
+        """Creates the tables if missing (``db`` from ``connect``: synchronous=FULL, so an append is durable)."""
         await db.executescript(SCHEMA)
         return cls(db)
 

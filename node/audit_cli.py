@@ -16,7 +16,7 @@ from pathlib import Path
 
 from federation.config import ConfigError
 from node import config as node_config
-from node.audit import DEFAULT_RETENTION_DAYS, AuditError, AuditLog, connect, utc_iso
+from node.audit import DEFAULT_RETENTION_DAYS, AuditError, AuditLog, audit_path, connect, utc_iso
 from node.unix import stdout_closed
 
 
@@ -46,7 +46,7 @@ def add_audit_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "audit",
         help="verify, export, prune or anchor the audit log of queries",
         description="The node logs every call it answers (never the digests asked about) in a hash "
-        "chain kept in its store: each record carries the SHA-256 of the record before it, so an "
+        "chain kept beside its store: each record carries the SHA-256 of the record before it, so an "
         "edited, deleted or reordered record is found by 'verify'. Removing the newest records is "
         "only caught against an outside copy of 'head': print it to a ticket daily.",
     )
@@ -99,7 +99,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, config: node_config.NodeConfig) -> int:
-    db = await connect(config.store)
+    db = await connect(audit_path(config.store))
     try:
         log = await AuditLog.open(db)
         name = f"audit log of node {config.node_id}"

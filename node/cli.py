@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -18,13 +19,17 @@ from rich.table import Table
 
 from federation import logs
 from federation.config import ConfigError
-from node import config as node_config, formats, lifeline, server, stderr_relay, vics
+from node import config as node_config, formats, lifeline, readiness, stderr_relay, vics
 from node.audit_cli import add_audit_parser, run_audit
-from node.describe import describe, render as render_description
-from node.importer import ImportAborted, ImportReport, import_file, retract_files
-from node.records import Rejection
-from node.store import Store
+from node.records import ImportAborted, Rejection
 from node.unix import stdout_closed
+
+if TYPE_CHECKING:
+    from node import importer, store as store_module
+
+# node.server, node.importer, node.store and node.describe import numba (through
+# the indexes), which reads NUMBA_CACHE_DIR once, when first imported: they are
+# imported in main(), after the configuration says where the state directory is.
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -105,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     describe.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
     describe.add_argument("--format", default="table", choices=["table", "json"])
 
+    compact = sub.add_parser(
+        "compact", help="merge the store's segments into one, dropping retracted rows",
+        description="Each import adds a segment; a serving node merges small ones in the background. "
+        "This merges them all now, leaving out retracted rows. Queries of a running node go on "
+        "meanwhile; a compaction that is interrupted leaves the store as it was.")
+    compact.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
+
     stats = sub.add_parser("stats", help="show what the store holds")
     stats.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
     stats.add_argument("--format", default="table", choices=["table", "json"])
@@ -118,11 +130,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _tie_to_supervisor(args.parent_pid, args.stop_on_stdin_eof)
+        config = node_config.load(args.config, for_serving=args.command == "serve")
+        os.environ.setdefault(readiness.CACHE_VARIABLE, str(readiness.numba_cache_dir(config.store)))
+        if args.command == "serve":
+            from node import server
+            from node.segment import SegmentCorrupt
             stderr_relay.start(args.log_level, args.log_format)  # gRPC's own log lines in the same format
             logs.configure(args.log_level, args.log_format)
-            asyncio.run(server.serve(node_config.load(args.config), args.ready_file))
+            try:
+                asyncio.run(server.serve(config, args.ready_file))
+            except SegmentCorrupt as exc:
+                err.print(f"icse-node: not starting: {exc}", style="red", markup=False, highlight=False)
+                return 2
             return 0
-        config = node_config.load(args.config, for_serving=False)
+        if args.command == "compact":
+            return asyncio.run(_compact(config))
         if args.command == "import":
             return asyncio.run(_import(config, args.files, args.format, args.strict))
         if args.command == "retract":
@@ -132,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "describe":
             if not config.store.is_file():
                 raise OSError(f"{config.store}: no store here (has the node imported or served yet?)")
+            from node.describe import describe, render as render_description
             print(render_description(asyncio.run(describe(config)), args.format))
             return 0
         return asyncio.run(_stats(config, args.format))
@@ -152,6 +175,20 @@ def _tie_to_supervisor(parent_pid: int | None, stdin_eof: bool) -> None:
         lifeline.stop_on_stdin_eof()
 
 
+async def _compact(config: node_config.NodeConfig) -> int:
+    from node.merge import merge
+    from node.store import Store
+    async with await Store.open(config.store) as store:
+        result = await merge(store)
+    if result is None:
+        print("nothing to compact: one segment or none, and nothing retracted")
+    else:
+        print(f"merged {len(result.merged)} segments into "
+              f"{'segment ' + str(result.segment_id) if result.segment_id else 'none'}: "
+              f"{result.rows} rows kept, {result.dropped} retracted rows dropped")
+    return 0
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
@@ -170,6 +207,8 @@ def _check_files(files: list[Path]) -> None:
 
 
 async def _import(config: node_config.NodeConfig, files: list[Path], format_name: str, strict: bool) -> int:
+    from node.importer import import_file
+    from node.store import Store
     _check_files(files)
     for path in files:
         formats.resolve_format(path, format_name)
@@ -207,7 +246,7 @@ def _unsupported_text(unsupported: Counter[str]) -> str:
     return f"unsupported {sum(unsupported.values())} (not supported, skipped: {kinds})"
 
 
-def _print_report(report: ImportReport) -> None:
+def _print_report(report: importer.ImportReport) -> None:
     print(f"{report.path}: added {report.added}, already present {report.already_present}, "
           f"rejected {report.rejected_total}, {_unsupported_text(report.unsupported)}")
     _print_rejections([(report.unit, r) for r in report.rejected], report.rejected_total)
@@ -215,6 +254,8 @@ def _print_report(report: ImportReport) -> None:
 
 async def _retract(config: node_config.NodeConfig, files: list[Path], references: list[str],
                    format_name: str, strict: bool) -> int:
+    from node.importer import retract_files
+    from node.store import Store
     if bool(files) == bool(references):
         raise ValueError("retract: give hash FILEs or --reference REF, not both and not neither")
     if references:
@@ -249,6 +290,7 @@ async def _retract(config: node_config.NodeConfig, files: list[Path], references
 
 
 async def _export(config: node_config.NodeConfig, format_name: str | None, out: Path | None) -> int:
+    from node.store import Store
     if format_name is None:
         format_name = formats.detect_format(out) if out is not None and out.suffix.lower() in (
             ".csv", ".json", ".txt", ".lst") else "csv"
@@ -273,7 +315,7 @@ async def _export(config: node_config.NodeConfig, format_name: str | None, out: 
     return 0
 
 
-async def _write_export(store: Store, format_name: str, handle, config: node_config.NodeConfig) -> int:
+async def _write_export(store: store_module.Store, format_name: str, handle, config: node_config.NodeConfig) -> int:
     """Streams the store into ``handle``: a chunk of rows at a time, never the whole set."""
     if format_name == "vics":
         writer = vics.VicsWriter(handle, case_number=f"icse-node {config.node_id} export")
@@ -288,6 +330,7 @@ async def _write_export(store: Store, format_name: str, handle, config: node_con
 
 
 async def _stats(config: node_config.NodeConfig, format_name: str) -> int:
+    from node.store import Store
     async with await Store.open(config.store) as store:
         counts = await store.counts()
         generation = await store.generation()

@@ -13,6 +13,18 @@ from node.policy import Policy, Tier
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    """How a serving node follows and tidies its store (the ``[store]`` table)."""
+
+    # How often the catalog's generation is read to pick up imports and retractions.
+    poll_seconds: float = 0.3
+    # Merge in the background once more than this many segments are small ...
+    merge_above: int = 8
+    # ... that is, hold fewer rows than this.
+    small_segment_rows: int = 1_000_000
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     country: str
@@ -29,12 +41,13 @@ class NodeConfig:
     max_concurrent: int = 64
     # HOST:PORT of the Prometheus endpoint; None: no endpoint.
     metrics_listen: str | None = None
+    store_settings: StoreSettings = StoreSettings()
 
 
 def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
     """Reads ``path``. Commands that only touch the store need no TLS or keys."""
     doc = root(path)
-    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics"})
+    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics", "store"})
     node = doc.table("node")
     node.reject_unknown({"id", "country", "federation", "listen", "store", "contact"})
     try:
@@ -70,6 +83,14 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
     metrics_listen = metrics.get("listen", str, "") or None
     if metrics_listen is not None and not metrics_listen.rpartition(":")[2].isdigit():
         raise ConfigError(f"{metrics.where('listen')}: expected HOST:PORT, got {metrics_listen!r}")
+    store_table = doc.table("store", required=False)
+    store_table.reject_unknown({"poll_ms", "merge_above", "small_segment_rows"})
+    defaults_store = StoreSettings()
+    store_settings = StoreSettings(
+        poll_seconds=_positive(store_table, "poll_ms", int(defaults_store.poll_seconds * 1000)) / 1000,
+        merge_above=_positive(store_table, "merge_above", defaults_store.merge_above),
+        small_segment_rows=_positive(store_table, "small_segment_rows", defaults_store.small_segment_rows),
+    )
     return NodeConfig(
         node_id=node_id,
         country=country,
@@ -84,6 +105,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         policy=policy,
         max_concurrent=_positive(limits, "max_concurrent", 64),
         metrics_listen=metrics_listen,
+        store_settings=store_settings,
     )
 
 

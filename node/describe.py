@@ -11,7 +11,7 @@ import socket
 from dataclasses import asdict, dataclass
 
 import federation
-from node.audit import AuditLog
+from node.audit import AuditLog, audit_path, connect
 from node.config import NodeConfig
 from node.store import Store
 
@@ -47,8 +47,13 @@ async def describe(config: NodeConfig) -> Description:
     async with await Store.open(config.store) as store:
         counts = await store.counts()
         generation = await store.generation()
-        head = await (await AuditLog.open(store.connection)).head()
-    size = sum(p.stat().st_size for p in config.store.parent.glob(config.store.name + "*"))
+    audit = await connect(audit_path(config.store))
+    try:
+        head = await (await AuditLog.open(audit)).head()
+    finally:
+        await audit.close()
+    size = sum(p.stat().st_size for p in config.store.parent.glob(config.store.name + "*") if p.is_file())
+    size += sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file())
     return Description(
         node_id=config.node_id,
         country=config.country,

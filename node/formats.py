@@ -40,7 +40,7 @@ class Unsupported:
 
 Parsed = HashRecord | Rejection | Unsupported
 ParsedRow = Row | Rejection | Unsupported
-RowParser = Callable[[Iterable[str]], Iterator[ParsedRow]]
+RowParser = Callable[[Iterable[str], str], Iterator[ParsedRow]]  # (lines, unnamed)
 
 # Hash kinds found in case-system exports that no node can match; never computed.
 UNSUPPORTED_ALGORITHMS = ("photodna",)
@@ -135,8 +135,10 @@ def unsupported_name(name: str) -> str | None:
 
 
 def make_row(number: int, algorithm_name: str, digest_hex: str, reference: str = "", category: str = "",
-             victim: str = "", series: str = "", date: str = "") -> ParsedRow:
-    """One validated row from text cells, or why not."""
+             victim: str = "", series: str = "", date: str = "", unnamed: str = "") -> ParsedRow:
+    """One validated row from text cells, or why not. A row without a reference
+    gets ``unnamed`` + its row number when ``unnamed`` is given (see
+    ``node.importer.unnamed_prefix``)."""
     try:
         algorithm = algorithm_named(algorithm_name)
     except algorithms.DigestError as exc:
@@ -146,7 +148,7 @@ def make_row(number: int, algorithm_name: str, digest_hex: str, reference: str =
         return (
             algorithm.name,
             parse_digest(algorithm, digest_hex),
-            short_text("reference", reference) if reference else "",
+            (short_text("reference", reference) if reference else "") or (f"{unnamed}{number}" if unnamed else ""),
             short_text("category", category) if category else "",
             _flag(victim),
             short_text("series", series) if series else "",
@@ -163,8 +165,9 @@ def _records(rows: Iterator[ParsedRow]) -> Iterator[Parsed]:
 
 # -- lines ---------------------------------------------------------------------------------------
 
-def parse_lines_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
-    """One ``algorithm:hex`` per line; blank lines and ``#`` comments are skipped."""
+def parse_lines_rows(lines: Iterable[str], unnamed: str = "") -> Iterator[ParsedRow]:
+    """One ``algorithm:hex`` per line; blank lines and ``#`` comments are skipped.
+    References are ``unnamed`` + the line number (see ``make_row``)."""
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if not text or text[0] == "#":
@@ -173,7 +176,7 @@ def parse_lines_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
         if not sep:
             yield Rejection(number, f"expected ALGORITHM:HEX, got {text[:80]!r}")
             continue
-        yield make_row(number, name, digest_hex.strip())
+        yield make_row(number, name, digest_hex.strip(), unnamed=unnamed)
 
 
 # -- CSV -----------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ _META = ("reference", "category", "victim_identified", "series", "date_added")
 _ODD_START = frozenset(" \t#")
 
 
-def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
+def parse_csv_rows(lines: Iterable[str], unnamed: str = "") -> Iterator[ParsedRow]:
     """CSV in one of two shapes, told apart by the header:
 
     - long: ``algo,digest,reference,category,victim_identified`` (the header
@@ -195,6 +198,9 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
       columns; every filled algorithm cell becomes a record sharing the row's
       metadata (how case systems export an item with all its hashes). A
       ``photodna`` column is counted as unsupported.
+
+    A row without a reference gets ``unnamed`` + its line number: the hashes of
+    one wide row share it.
     """
     reader = csv.reader(lines)
     columns: tuple[str, ...] = CSV_COLUMNS
@@ -215,7 +221,7 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
                         continue
                 if fast and len(row) == len(columns) and reader.line_num > 1:
                     yield make_row(reader.line_num, first, row[i_digest],
-                                   *[row[i] if i >= 0 else "" for i in i_meta])
+                                   *[row[i] if i >= 0 else "" for i in i_meta], unnamed=unnamed)
                     continue
                 break
             else:
@@ -252,14 +258,14 @@ def parse_csv_rows(lines: Iterable[str]) -> Iterator[ParsedRow]:
         if not wide:
             algo = row[index["algorithm"]] if index["algorithm"] < width else ""
             digest = row[index["digest"]] if index["digest"] < width else ""
-            yield make_row(number, algo, digest, *meta)
+            yield make_row(number, algo, digest, *meta, unnamed=unnamed)
             continue
         filled = [name for name in wide if index[name] < width and row[index[name]].strip()]
         skipped = [name for name in unsupported_columns if index[name] < width and row[index[name]].strip()]
         if not filled and not skipped:
             yield Rejection(number, f"no hash in any of the columns {', '.join(wide)}")
         for name in filled:
-            yield make_row(number, name, row[index[name]], *meta)
+            yield make_row(number, name, row[index[name]], *meta, unnamed=unnamed)
         for name in skipped:
             yield Unsupported(number, name)
 

@@ -38,6 +38,22 @@ class FrameIndex:
         self._owners = np.asarray(owners, dtype=np.int64)
         self._frames = hamming(algorithm, list(range(len(frames))), frames)
 
+    @classmethod
+    def from_parts(cls, algorithm: Algorithm, videos: int, owners: np.ndarray, frames: Index) -> FrameIndex:
+        """An index over frames already indexed (loaded from a segment's files): no build."""
+        index = cls.__new__(cls)
+        index._algorithm, index._videos, index._owners, index._frames = algorithm, videos, owners, frames
+        return index
+
+    @property
+    def owners(self) -> np.ndarray:
+        """The stored video (record id) of each indexed frame."""
+        return self._owners
+
+    @property
+    def frames(self) -> Index:
+        return self._frames
+
     def __len__(self) -> int:
         return self._videos
 

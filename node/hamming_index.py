@@ -285,6 +285,21 @@ class ScanHammingIndex:
         self._ids = (ids - self._base).astype(np.uint32 if fits else np.int64)
         self._positions = np.empty((0, 0), dtype=np.uint32)  # no tables
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ScanHammingIndex:
+        """The index over arrays that ``arrays()`` gave (memory-mapped files, say): no build."""
+        index = cls.__new__(cls)
+        index._hashes, index._ids = arrays["hashes"], arrays["ids"]
+        index._base = int(arrays["base"][0])
+        index._positions = arrays.get("positions", np.empty((0, 0), dtype=np.uint32))
+        if "offsets" in arrays:
+            index._offsets = arrays["offsets"]
+        return index
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What ``from_arrays`` needs to rebuild this index without work, for saving to files."""
+        return {"hashes": self._hashes, "ids": self._ids, "base": np.array([self._base], dtype=np.int64)}
+
     def __len__(self) -> int:
         return len(self._hashes)
 
@@ -341,6 +356,9 @@ class MultiIndexHammingIndex(ScanHammingIndex):
     def nbytes(self) -> int:
         return super().nbytes + self._offsets.nbytes + self._positions.nbytes
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {**super().arrays(), "offsets": self._offsets, "positions": self._positions}
+
     def _hits(self, queries: np.ndarray, limits: np.ndarray) -> list[np.ndarray]:
         probing = (limits >= 0) & (limits // TABLES <= MAX_RADIUS)
         # Larger distances scan (a limit of -1 leaves the others out of the scan).
@@ -353,6 +371,12 @@ class MultiIndexHammingIndex(ScanHammingIndex):
                 np.arange(TABLES), 2 * len(chosen) + 64)
             hits = [np.concatenate(pair) for pair in zip(hits, (chosen[query], row, dist))]
         return hits
+
+
+def load_hamming_index(arrays: dict[str, np.ndarray]) -> ScanHammingIndex:
+    """The index saved as ``arrays`` (a multi-index when it has bucket tables)."""
+    kind = MultiIndexHammingIndex if "offsets" in arrays else ScanHammingIndex
+    return kind.from_arrays(arrays)
 
 
 def build_hamming_index(algorithm, ids: Sequence[int], digests: Sequence[bytes] | np.ndarray):

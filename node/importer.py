@@ -1,10 +1,11 @@
-"""Imports a hash-set file into the store (and retracts one from it): streamed, one
-transaction, reported."""
+"""Imports a hash-set file into the store (and retracts one from it): streamed into
+one new segment published all at once (node.store), reported."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from node import formats, vics
 from node.formats import Unsupported
-from node.records import Rejection
+from node.records import ImportAborted, Rejection
 from node.store import ImportCounts, RemoveCounts, Store
 
 # Rows per insert batch. Large batches sort better (inserted in digest order) and
@@ -25,10 +26,6 @@ KEPT_REJECTIONS = 10_000
 _READ_CHUNK = 1 << 20
 
 Advance = Callable[[int], None]
-
-
-class ImportAborted(Exception):
-    """A strict import met a bad row, or the file itself is unreadable; nothing was written."""
 
 
 @dataclass
@@ -54,9 +51,21 @@ class RetractReport:
     unsupported: Counter[str] = field(default_factory=Counter)
 
 
-def new_reference(country: str) -> str:
-    """An opaque reference for rows imported without one: reveals nothing."""
-    return f"{country}-{uuid.uuid4().hex[:16].upper()}"
+def unnamed_prefix(path: Path, country: str) -> str:
+    """What a row imported without a reference is named by: ``<country>-<file>-``,
+    followed by its row number (line, or media item), where ``<file>`` is the first
+    8 hex digits of the SHA-256 of the file's bytes.
+
+    The same file gives the same references on every replica and on every run
+    (importing it again changes nothing); two different files do not share them.
+    A reference says which file and row a hash came from, never anything about
+    the hash itself. One streaming pass over the file, at hashing speed.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_READ_CHUNK):
+            digest.update(chunk)
+    return f"{country}-{digest.hexdigest()[:8]}-"
 
 
 class _Counting(io.RawIOBase):
@@ -81,17 +90,18 @@ class _Counting(io.RawIOBase):
 
 
 @contextmanager
-def _parsed_rows(path: Path, format_name: str, country: str, advance: Advance | None
+def _parsed_rows(path: Path, format_name: str, country: str, advance: Advance | None, unnamed: str = ""
                  ) -> Iterator[tuple[str, Iterator[formats.ParsedRow]]]:
-    """(unit, rows) of one file in any import format; ``ImportAborted`` if it is unreadable."""
+    """(unit, rows) of one file in any import format; ``ImportAborted`` if it is unreadable.
+    Rows without a reference are named ``unnamed`` + their row number."""
     name = formats.resolve_format(path, format_name)
     if name == "vics":
-        with vics.VicsReader(path, country=country, advance=advance) as reader:
+        with vics.VicsReader(path, country=country, advance=advance, unnamed=unnamed) as reader:
             yield "media item", _guard(path, reader.rows())
         return
     raw = _Counting(io.FileIO(path, "r"), advance)
     with io.TextIOWrapper(io.BufferedReader(raw, _READ_CHUNK), encoding="utf-8-sig", newline="") as text:
-        yield "line", _guard(path, formats.ROW_PARSERS[name](text))
+        yield "line", _guard(path, formats.ROW_PARSERS[name](text, unnamed))
 
 
 def _guard(path: Path, rows: Iterator[formats.ParsedRow]) -> Iterator[formats.ParsedRow]:
@@ -127,13 +137,14 @@ async def import_file(
     strict: bool = False,
     advance: Advance | None = None,
 ) -> ImportReport:
-    """Adds the file's valid rows in one transaction; bad rows are reported.
+    """Adds the file's valid rows as one segment, published at once; bad rows are reported.
 
     With ``strict``, any bad row aborts the whole import and nothing is written;
     so does a file that cannot be read to its end (malformed JSON, not UTF-8).
     """
     report = ImportReport(path)
-    with _parsed_rows(path, format_name, country, advance) as (unit, rows):
+    unnamed = await asyncio.to_thread(unnamed_prefix, path, country)
+    with _parsed_rows(path, format_name, country, advance, unnamed) as (unit, rows):
         report.unit = unit
 
         async def batches() -> AsyncIterator[list[formats.Row]]:
@@ -141,8 +152,6 @@ async def import_file(
             append = batch.append
             for row in rows:
                 if type(row) is tuple:
-                    if not row[2]:
-                        row = (row[0], row[1], new_reference(country), *row[3:])
                     append(row)
                     if len(batch) >= BATCH_ROWS:
                         yield batch

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from federation.algorithms import Algorithm, MatchKind
+from federation.algorithms import Algorithm
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,17 @@ class ExactIndex:
 
     def __init__(self, algorithm: Algorithm, ids: Sequence[int], digests: Sequence[bytes]):
         self._dtype = np.dtype(f"S{algorithm.digest_size}")
-        keys = np.array(digests, dtype=self._dtype) if digests else np.empty(0, self._dtype)
+        keys = np.array(digests, dtype=self._dtype) if len(digests) else np.empty(0, self._dtype)
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
         self._ids = np.asarray(ids, dtype=np.int64)[order] if len(ids) else np.empty(0, np.int64)
+
+    @classmethod
+    def from_sorted(cls, keys: np.ndarray, ids: np.ndarray) -> ExactIndex:
+        """An index over keys already sorted (a segment's mapped key file): no sort, no copy."""
+        index = cls.__new__(cls)
+        index._dtype, index._keys, index._ids = keys.dtype, keys, ids
+        return index
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -67,16 +74,3 @@ class ExactIndex:
         found = self._keys[clipped] == queries
         ids = self._ids[clipped]
         return [[Candidate(i)] if hit else _NONE for hit, i in zip(found.tolist(), ids.tolist())]
-
-
-def build(algorithm: Algorithm, ids: Sequence[int], digests: Sequence[bytes]) -> Index:
-    """The index that serves ``algorithm``'s match kind."""
-    # Imported here: the compiled kernels load only where perceptual hashes are stored.
-    from node.frame_index import FrameIndex
-    from node.hamming_index import build_hamming_index
-
-    if algorithm.match_kind is MatchKind.HAMMING:
-        return build_hamming_index(algorithm, ids, digests)
-    if algorithm.match_kind is MatchKind.FRAMES:
-        return FrameIndex(algorithm, ids, digests, build_hamming_index)
-    return ExactIndex(algorithm, ids, digests)

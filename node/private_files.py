@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import IO
 
 _COMPANIONS = ("", "-wal", "-shm", "-journal")
 
@@ -31,3 +32,25 @@ def make_private(path: Path) -> None:
         mode = stat.S_IMODE(status.st_mode)
         if mode & 0o077 and status.st_uid == os.geteuid():
             os.chmod(companion, mode & 0o700)
+
+
+def make_private_directory(path: Path) -> None:
+    """Creates ``path`` (and missing parents) 0700, or narrows it if this user owns
+    it: a segment directory holds rows and index arrays of the hash set."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = path.stat()
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & 0o077 and status.st_uid == os.geteuid():
+        os.chmod(path, mode & 0o700)
+
+
+def open_private(path: Path, mode: str = "wb") -> IO:
+    """``path`` opened for writing (truncated), created 0600 whatever the umask."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    return os.fdopen(descriptor, mode)
+
+
+def open_private_append(path: Path) -> IO:
+    """``path`` opened for appending (not truncated), created 0600 if missing."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return os.fdopen(descriptor, "a")

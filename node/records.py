@@ -30,3 +30,7 @@ class Rejection:
 
     line: int
     reason: str
+
+
+class ImportAborted(Exception):
+    """A strict import met a bad row, or the file itself is unreadable; nothing was written."""

@@ -1,8 +1,15 @@
-"""Runs a node: mutual-TLS gRPC server over the store, until SIGTERM/SIGINT."""
+"""Runs a node: mutual-TLS gRPC server over the store, until SIGTERM/SIGINT.
+
+The composition root: opens the store (mapping its segments: no rebuild) and
+the audit log (its own file), compiles the search kernels, starts watching
+the store and merging small segments in the background, then says it is
+ready (ready file, systemd notify).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,13 +23,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from federation import tls
 from federation.files import atomic_write_text
 from federation.wire import SERVICE_NAME
-from node import reflection
-from node.audit import AuditLog
+from node import db as sqlite_setup, readiness, reflection
+from node.audit import AuditLog, audit_path
 from node.auth import Authenticator
-from node.config import NodeConfig
+from node.config import NodeConfig, StoreSettings
 from node.live_index import LiveIndexes
+from node.merge import MergePolicy, merge
 from node.metrics import NodeMetrics
 from node.policy import Admission
+from node.segment_set import SegmentSet
 from node.service import MetadataLimits, NodeService, handlers
 from node.store import Store
 
@@ -66,18 +75,53 @@ def _write_ready(path: Path, config: NodeConfig, port: int, metrics_port: int | 
                                         "pid": os.getpid()}))
 
 
+class Merger:
+    """Merges small segments in the background when the policy says so: one merge
+    at a time, never inside a query; queries go on against the old segments."""
+
+    def __init__(self, path: Path, policy: MergePolicy):
+        self._path = path
+        self._policy = policy
+        self._task: asyncio.Task[None] | None = None
+
+    def consider(self, live: SegmentSet) -> None:
+        chosen = self._policy.pick(live)
+        if chosen and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(chosen))
+
+    async def _run(self, chosen: list[int]) -> None:
+        try:
+            # A connection of its own: its transactions never interleave with the watcher's reads.
+            async with await Store.open(self._path) as store:
+                await merge(store, chosen)
+        except Exception:
+            log.exception("background merge failed; the segments stay as they were")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
 async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
     assert config.tls is not None and config.gateway_keys is not None
+    settings: StoreSettings = config.store_settings
     store = await Store.open(config.store)
+    audit_db = await sqlite_setup.connect(audit_path(config.store))
+    indexes = LiveIndexes(store, settings.poll_seconds)
+    merger = Merger(config.store, MergePolicy(settings.merge_above, settings.small_segment_rows))
     try:
-        indexes = LiveIndexes(store)
-        loaded = await indexes.current()
+        loaded = await indexes.start()
+        await asyncio.to_thread(readiness.warm_up)
+        indexes.on_change.append(merger.consider)
+        merger.consider(loaded)
         auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
-        audit = await AuditLog.open(store.connection)
+        audit = await AuditLog.open(audit_db)
         metrics = NodeMetrics()
         metrics.serving(loaded.generation, loaded.counts())
         metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
-        service = NodeService(config, store, indexes, auth, Admission(config.policy), audit, metrics)
+        service = NodeService(config, indexes, auth, Admission(config.policy), audit, metrics)
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent,
                                  interceptors=(MetadataLimits(service),))
         server.add_generic_rpc_handlers((handlers(service),))
@@ -94,19 +138,25 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         for name in ("", SERVICE_NAME):
             await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"node": config.node_id, "node_country": config.country, "port": port,
-                                   "hashes": sum(loaded.counts().values()), "generation": loaded.generation})
+                                   "hashes": sum(loaded.counts().values()), "generation": loaded.generation,
+                                   "segments": len(loaded.segments)})
         if ready_file is not None:
             _write_ready(ready_file, config, port, metrics_server.server_port if metrics_server else None)
+        readiness.notify("READY=1")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        readiness.notify("STOPPING=1")
         log.info("stopping: finishing in-flight calls", extra={"node": config.node_id, "grace_s": GRACE_SECONDS})
         await checks.enter_graceful_shutdown()
         await server.stop(GRACE_SECONDS)
         if metrics_server is not None:
             metrics_server.shutdown()
     finally:
+        await merger.stop()
+        await indexes.stop()
+        await audit_db.close()
         await store.close()
     log.info("stopped", extra={"node": config.node_id})

@@ -7,6 +7,7 @@ sure every outcome is in the audit log before the answer leaves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -30,7 +31,8 @@ from node.live_index import LiveIndexes
 from node.metrics import NodeMetrics
 from node.policy import Admission, PolicyRefusal, Tier
 from node.records import StoredRecord
-from node.store import Store
+from node.segment import SegmentCorrupt
+from node.segment_set import SegmentSet
 
 log = logging.getLogger("icse.node")
 
@@ -87,11 +89,10 @@ def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None
 
 
 class NodeService(rpc.NodeServicer):
-    def __init__(self, config: NodeConfig, store: Store, indexes: LiveIndexes, auth: Authenticator,
+    def __init__(self, config: NodeConfig, indexes: LiveIndexes, auth: Authenticator,
                  admission: Admission, audit: AuditLog, metrics: NodeMetrics):
         self._config = config
         self._metrics = metrics
-        self._store = store
         self._indexes = indexes
         self._auth = auth
         self._admission = admission
@@ -127,6 +128,9 @@ class NodeService(rpc.NodeServicer):
         except Refused as refusal:
             await self._refuse(context, "Match", items, refusal, started)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        except Exception as exc:  # a defect, not the caller's fault: audited INTERNAL, never UNKNOWN
+            await self._refuse(context, "Match", items, _internal(context, exc), started)
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
         # The record is durable before the answer leaves; no record, no answer.
         await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
                                         references=references))
@@ -151,10 +155,11 @@ class NodeService(rpc.NodeServicer):
             raise Refused(code, str(exc), claims) from None
         except matcher.InvalidRequest as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), claims) from None
-        current = await self._indexes.current()
+        current = await self._current(claims)
         self._metrics.serving(current.generation, current.counts())
         found = matcher.match(valid, current.indexes, self._config.limits)
-        records = await self._store.records(c.record_id for m in found for c in m.candidates)
+        hit_ids = [c.record_id for m in found for c in m.candidates]
+        records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
         results, references = [], []
         for position, matches in enumerate(found):
             hits = [self._hit(records[c.record_id], c.distance, c.matched_share, tier)
@@ -165,6 +170,14 @@ class NodeService(rpc.NodeServicer):
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
                                     tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION)
         return response, claims, references
+
+    async def _current(self, claims: QueryClaims | None) -> SegmentSet:
+        try:
+            return await self._indexes.current()
+        except SegmentCorrupt as exc:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this node's store is damaged and it will not answer from part of it: {exc}",
+                          claims) from None
 
     def _hit(self, stored: StoredRecord, distance: int, share: float | None, tier: Tier) -> pb.Hit:
         record = stored.record
@@ -213,8 +226,12 @@ class NodeService(rpc.NodeServicer):
         except Refused as refusal:
             await self._refuse(context, "Describe", [], refusal, started)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        try:
+            current = await self._current(claims)
+        except Refused as refusal:
+            await self._refuse(context, "Describe", [], refusal, started)
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
         await self._audit.append(_entry("Describe", [], claims, claims.issuer, context.peer(), "OK"))
-        current = await self._indexes.current()
         self._metrics.serving(current.generation, current.counts())
         self._metrics.answered("Describe", {}, 0, time.perf_counter() - started)
         return pb.DescribeResponse(
@@ -280,6 +297,15 @@ class MetadataLimits(grpc.aio.ServerInterceptor):
                 (True, True): grpc.stream_stream_rpc_method_handler}
         behaviour = refuse_stream if handler.response_streaming else refuse
         return make[handler.request_streaming, handler.response_streaming](behaviour)
+
+
+def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> Refused:
+    """An unexpected failure, logged with its traceback, answered in words."""
+    rid = request_id(context)
+    log.error("internal error", exc_info=exc, extra={"request_id": rid})
+    return Refused(grpc.StatusCode.INTERNAL,
+                   f"the node failed to answer because of an internal error (request id {rid}); "
+                   "its operator can find the cause in the node's log")
 
 
 def _lenient(parse):

@@ -1,55 +1,42 @@
-"""The node's own SQLite store, the record of truth for its hash set.
+"""The node's store: a catalog (the configured ``store`` file) and immutable segments.
 
-WAL mode, one transaction per import batch (all-or-nothing, so a crash mid-way
-leaves the store as it was), and a ``generation`` counter bumped in the same
-transaction so the in-memory indexes know when to reload.
+An import writes its rows into a new segment nobody sees yet, builds the
+segment's indexes in bulk, then publishes it in one short catalog
+transaction: all of the file lands or none does, and neither queries nor the
+audit log ever wait for it. Re-importing changes nothing (rows already live
+are skipped with a vectorised search of each segment's sorted keys). A
+retraction adds tombstones; a merge (node.merge) rewrites segments without
+them. A process killed mid-import leaves only a segment directory whose lock
+is free, removed by the next ``Store.open``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import heapq
 import json
-import operator
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import aiosqlite
+import numpy as np
 
-from node.private_files import make_private
+from federation import algorithms
+from node import segment_index
+from node.catalog import Catalog, SegmentEntry
+from node.private_files import make_private_directory, open_private_append
 from node.records import HashRecord, StoredRecord
+from node.segment import MappedSegment, SegmentWriter, Written, directory_of, lock_is_free, remove, segments_root
+from node.segment_set import LiveSegment, SegmentLoader, SegmentSet
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS hashes (
-    id INTEGER PRIMARY KEY,
-    algorithm TEXT NOT NULL,
-    digest BLOB NOT NULL,
-    reference TEXT NOT NULL,
-    category TEXT NOT NULL DEFAULT '',
-    victim_identified INTEGER,
-    series TEXT NOT NULL DEFAULT '',
-    date_added TEXT NOT NULL,
-    UNIQUE (algorithm, digest)
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0), ('schema_version', 1);
-"""
-
-# (algorithm, digest, reference, category, victim_identified, series, date_added): HashRecord's order.
-Row = tuple
+Row = tuple  # (algorithm, digest, reference, category, victim_identified, series, date_added)
 T = TypeVar("T")
-_INSERT = (
-    "INSERT OR IGNORE INTO hashes (algorithm, digest, reference, category, victim_identified, series, "
-    "date_added) VALUES (?, ?, ?, ?, ?, ?, COALESCE(NULLIF(?, ''), date('now', 'localtime')))"
-)
-_DIGEST = operator.itemgetter(1)
-
-_COLUMNS = "id, algorithm, digest, reference, category, victim_identified, series, date_added"
+# Rows per segment an import writes: a larger file becomes several segments (published
+# together), so an import's memory is bounded (keys and index build of one segment).
+SEGMENT_ROWS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -71,52 +58,28 @@ class ReferenceRemoval:
     references_missing: tuple[str, ...]
 
 
-def _row_to_record(row: Sequence) -> StoredRecord:
-    return StoredRecord(
-        id=row[0],
-        record=HashRecord(
-            algorithm=row[1],
-            digest=bytes(row[2]),
-            reference=row[3],
-            category=row[4],
-            victim_identified=None if row[5] is None else bool(row[5]),
-            series=row[6],
-            date_added=row[7],
-        ),
-    )
-
-
-@dataclass
-class _Changes:
-    """Rows a write transaction changed; known once its block has run."""
-
-    before: int
-    count: int = 0
-
-
 class Store:
-    def __init__(self, db: aiosqlite.Connection, path: Path):
-        self._db = db
+    def __init__(self, catalog: Catalog, path: Path):
+        self.catalog = catalog
         self.path = path
+        self.root = segments_root(path)
+        self.loader = SegmentLoader(self.root)
 
     @classmethod
     async def open(cls, path: Path) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_private(path)  # 0600 for the database, and so for its -wal and -shm
-        db = await aiosqlite.connect(path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=10000")
-        await db.executescript(SCHEMA)
-        return cls(db, path)
-
-    @property
-    def connection(self) -> aiosqlite.Connection:
-        """For the audit log, which keeps its tables in the same file."""
-        return self._db
+        """Opens (creating if need be) the store, clearing what a killed writer left.
+        Every file and directory it creates is owner-only (0600 files, 0700 directories)."""
+        store = cls(await Catalog.open(path), path)
+        try:
+            make_private_directory(store.root)
+            await store.clean()
+        except BaseException:
+            await store.close()
+            raise
+        return store
 
     async def close(self) -> None:
-        await self._db.close()
+        await self.catalog.close()
 
     async def __aenter__(self) -> Store:
         return self
@@ -125,41 +88,56 @@ class Store:
         await self.close()
 
     async def generation(self) -> int:
-        async with self._db.execute("SELECT value FROM meta WHERE key = 'generation'") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0])
+        return await self.catalog.generation()
+
+    async def snapshot(self) -> SegmentSet:
+        """The live segments, mapped (checksums verified for any not mapped before)."""
+        return await asyncio.to_thread(self.loader.load, await self.catalog.snapshot())
 
     async def counts(self) -> dict[str, int]:
-        async with self._db.execute(
-            "SELECT algorithm, COUNT(*) FROM hashes GROUP BY algorithm ORDER BY algorithm"
-        ) as cursor:
-            return {algorithm: count async for algorithm, count in cursor}
-
-    async def digests(self, algorithm: str) -> tuple[list[int], list[bytes]]:
-        """All (id, digest) pairs of one algorithm, for building an index."""
-        async with self._db.execute(
-            "SELECT id, digest FROM hashes WHERE algorithm = ?", (algorithm,)
-        ) as cursor:
-            rows = await cursor.fetchall()
-        return [r[0] for r in rows], [bytes(r[1]) for r in rows]
+        return (await self.snapshot()).counts()
 
     async def records(self, ids: Iterable[int]) -> dict[int, StoredRecord]:
-        """The rows for a batch of hits in one SQL query, never one per digest."""
-        wanted = sorted(set(ids))
-        if not wanted:
-            return {}
-        rows = await self._db.execute_fetchall(
-            f"SELECT {_COLUMNS} FROM hashes WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(wanted),),
-        )
-        return {row[0]: _row_to_record(row) for row in rows}
+        wanted = list(ids)
+        return await asyncio.to_thread((await self.snapshot()).records, wanted)
+
+    async def clean(self, *, writing: bool = False) -> list[int]:
+        """Removes segments whose writer died, and retired ones; the ids removed.
+
+        ``writing``: the caller holds ``writing()``, so an id allocated with no
+        directory yet is an abandoned one, not one about to be written."""
+        published = set(await self.catalog.segment_ids("published"))
+        stale = set(await self.catalog.segment_ids("retired"))
+        for directory in self.root.glob("seg-*"):
+            segment_id = int(directory.name.removeprefix("seg-")) if directory.name[4:].isdigit() else -1
+            if segment_id not in published and lock_is_free(directory):
+                stale.add(segment_id)
+        for segment_id in stale:
+            remove(directory_of(self.root, segment_id))
+        if writing:
+            stale.update(i for i in await self.catalog.segment_ids("building")
+                         if not directory_of(self.root, i).exists())
+        await self.catalog.forget(stale)
+        return sorted(stale)
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Held by whoever writes segments (an import, a merge): one at a time, so
+        that an import deduplicates against everything published before it."""
+        with open_private_append(self.path.with_name(self.path.name + ".lock")) as handle:
+            await asyncio.to_thread(fcntl.flock, handle, fcntl.LOCK_EX)
+            yield
+
+    async def new_segment(self) -> SegmentWriter:
+        segment_id = await self.catalog.allocate()
+        return SegmentWriter(directory_of(self.root, segment_id), segment_id)
+
+    async def publish(self, written: Iterable[Written], retire: Iterable[int] = ()) -> None:
+        await self.catalog.publish([SegmentEntry(w.segment_id, w.rows, w.counts, w.files) for w in written],
+                                   retire)
 
     async def add(self, batches: AsyncIterator[list[HashRecord]] | Iterable[list[HashRecord]]) -> ImportCounts:
-        """Adds every batch in one transaction: all of it lands, or none does.
-
-        Rows already present (same algorithm and digest) are left untouched, so
-        importing the same file twice changes nothing.
-        """
+        """``add_rows`` for ``HashRecord`` batches."""
         async def rows() -> AsyncIterator[list[Row]]:
             async for batch in _aiter(batches):
                 yield [(r.algorithm, r.digest, r.reference, r.category, r.victim_identified, r.series,
@@ -167,125 +145,164 @@ class Store:
 
         return await self.add_rows(rows())
 
-    async def add_rows(self, batches: AsyncIterator[list[Row]] | Iterable[list[Row]]) -> ImportCounts:
-        """``add`` for rows as tuples in ``HashRecord`` field order (the importer's fast path).
+    async def add_rows(self, batches: AsyncIterator[list[Row]] | Iterable[list[Row]], *,
+                       segment_rows: int = SEGMENT_ROWS) -> ImportCounts:
+        """Adds the rows (tuples in ``HashRecord`` field order) as new segments of at
+        most about ``segment_rows`` rows each, all published in one transaction.
 
-        One transaction. Each batch is inserted in index order (algorithm, digest),
-        on the database thread while the next batch is being parsed (SQLite
-        releases the GIL while it steps). An empty ``date_added`` is today.
+        Each batch is deduplicated (against live segments and the ones this import
+        finished) and written on a worker thread while the next one is parsed. A
+        segment is finished (its index built, its keys dropped from memory) once it
+        holds ``segment_rows`` rows, so memory stays bounded whatever the file's size.
+        An empty ``date_added`` is today.
         """
-        offered = 0
-        pending: asyncio.Future[int] | None = None
-        async with self._changing() as changes:
+        async with self.writing():
+            await self.clean(writing=True)
+            live = await self.snapshot()
+            finished: list[tuple[SegmentWriter, Written]] = []
+            opened: list[MappedSegment] = []  # finished here, mapped for deduplication
+            writer = await self.new_segment()
+            offered = 0
+            pending: asyncio.Future[None] | None = None
             try:
                 async for batch in _aiter(batches):
-                    batch = _in_index_order(batch)
+                    offered += len(batch)
                     if pending is not None:
-                        offered += await pending
-                    pending = asyncio.ensure_future(self._insert_rows(batch))
-                    await asyncio.sleep(0)  # hands the batch to the database thread before parsing on
+                        await pending
+                        pending = None
+                    if writer.rows >= segment_rows:
+                        done = await asyncio.to_thread(writer.finish)
+                        finished.append((writer, done))
+                        if done.rows:
+                            opened.append(await asyncio.to_thread(
+                                MappedSegment.open, self.root, done.segment_id, done.counts, done.files))
+                            live = SegmentSet(live.generation, (*live.segments, LiveSegment(opened[-1], {})))
+                        writer = await self.new_segment()
+                    pending = asyncio.ensure_future(asyncio.to_thread(_write_new, writer, live, batch))
+                    await asyncio.sleep(0)  # hands the batch to the worker before parsing on
                 if pending is not None:
-                    offered += await pending
+                    await pending
                     pending = None
+                finished.append((writer, await asyncio.to_thread(writer.finish)))
+                written = [done for _, done in finished if done.rows]
+                if written:
+                    await self.publish(written)
             except BaseException:
-                await self._settle(pending)
+                if pending is not None:
+                    with contextlib.suppress(BaseException):
+                        await pending
+                writers = [w for w, _ in finished]
+                writers += [writer] if writer not in writers else []
+                for each in writers:
+                    each.abandon()
+                await self.catalog.forget([w.segment_id for w in writers])
                 raise
-        added = changes.count
+            finally:
+                for mapped in opened:
+                    mapped.close()
+            empty = [w for w, done in finished if not done.rows]
+            for each, _ in finished:
+                if each in empty:
+                    each.abandon()
+                else:
+                    each.close()
+            if empty:
+                await self.catalog.forget([w.segment_id for w in empty])
+        added = sum(done.rows for done in written)
         return ImportCounts(added=added, already_present=offered - added)
-
-    @contextlib.asynccontextmanager
-    async def _changing(self) -> AsyncIterator[_Changes]:
-        """One write transaction, all or nothing, that moves the generation
-        (in the same transaction) when it changed any row."""
-        changes = _Changes(self._db.total_changes)
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield changes
-            changes.count = self._db.total_changes - changes.before
-            if changes.count:
-                await self._bump_generation()
-            await self._db.execute("COMMIT")
-        except BaseException:
-            await self._db.execute("ROLLBACK")
-            raise
-
-    async def _insert_rows(self, batch: list[Row]) -> int:
-        await self._db.executemany(_INSERT, batch)
-        return len(batch)
-
-    @staticmethod
-    async def _settle(pending: asyncio.Future[int] | None) -> None:
-        """Waits for an insert still running before rolling back (its error, if any, is moot)."""
-        if pending is not None:
-            with contextlib.suppress(BaseException):
-                await pending
-
-    async def _bump_generation(self) -> None:
-        await self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
     async def remove(self, batches: AsyncIterator[list[tuple[str, bytes]]] | Iterable[list[tuple[str, bytes]]]
                      ) -> RemoveCounts:
-        """Removes the rows with these (algorithm, digest) pairs, in one transaction.
-
-        Bumps the generation when anything was removed, so a running node stops
-        matching them on its next query.
-        """
-        offered = 0
-        async with self._changing() as changes:
-            async for batch in _aiter(batches):
-                await self._db.executemany("DELETE FROM hashes WHERE algorithm = ? AND digest = ?", batch)
-                offered += len(batch)
-        removed = changes.count
-        return RemoveCounts(removed=removed, not_present=offered - removed)
+        """Retracts these (algorithm, digest) pairs: tombstones, in one transaction,
+        which a running node applies on its next query."""
+        live = await self.snapshot()
+        offered, keys = 0, set()
+        async for batch in _aiter(batches):
+            offered += len(batch)
+            keys.update(_live_keys(live, batch))
+        await self.catalog.retract(sorted(keys))
+        return RemoveCounts(removed=len(keys), not_present=offered - len(keys))
 
     async def remove_references(self, references: Iterable[str]) -> ReferenceRemoval:
-        """Removes every row holding one of these references, in one transaction."""
-        wanted = json.dumps(sorted(set(references)))
-        async with self._changing() as changes:
-            found = {row[0] for row in await self._db.execute_fetchall(
-                "SELECT DISTINCT reference FROM hashes WHERE reference IN (SELECT value FROM json_each(?))",
-                (wanted,),
-            )}
-            await self._db.execute(
-                "DELETE FROM hashes WHERE reference IN (SELECT value FROM json_each(?))", (wanted,))
-        removed = changes.count
-        missing = tuple(r for r in json.loads(wanted) if r not in found)
-        return ReferenceRemoval(removed=removed, references_found=len(found), references_missing=missing)
+        """Retracts every live row holding one of these references."""
+        wanted = sorted(set(references))
+        live = await self.snapshot()
+        pairs: list[tuple[str, bytes]] = []
+        found: set[str] = set()
+        for item in live.segments:
+            rows = await asyncio.to_thread(
+                item.segment.query, "SELECT id, algorithm, digest, reference FROM rows "
+                "WHERE reference IN (SELECT value FROM json_each(?))", (json.dumps(wanted),))
+            for row_id, name, digest, reference in rows:
+                if row_id not in item.deleted.get(name, ()):
+                    pairs.append((name, bytes(digest)))
+                    found.add(reference)
+        keys = sorted(_live_keys(live, pairs))
+        await self.catalog.retract(keys)
+        return ReferenceRemoval(removed=len(keys), references_found=len(found),
+                                references_missing=tuple(r for r in wanted if r not in found))
 
     async def iter_rows(self, *, by_reference: bool = False, chunk: int = 5000
                         ) -> AsyncGenerator[list[Row], None]:
-        """Every row, in chunks, streamed from one consistent snapshot (one SELECT).
-
-        In insertion order, or grouped by reference and metadata (for writers that
-        gather an item's hashes); never the whole set in memory.
-        """
+        """Every live row, in chunks, from one snapshot: in segment and row order, or
+        grouped by reference and metadata (for writers that gather an item's hashes);
+        never the whole set in memory."""
+        live = await self.snapshot()
         order = "reference, category, victim_identified, series, date_added, id" if by_reference else "id"
-        async with self._db.execute(
-            f"SELECT algorithm, digest, reference, category, victim_identified, series, date_added "
-            f"FROM hashes ORDER BY {order}"
-        ) as cursor:
-            while rows := await cursor.fetchmany(chunk):
-                yield [(r[0], bytes(r[1]), r[2], r[3], None if r[4] is None else bool(r[4]), r[5], r[6])
-                       for r in rows]
+        streams = [_live_rows(item, order, chunk) for item in live.segments]
+        rows = heapq.merge(*streams, key=lambda r: (r[2] or "", r[3] or "", r[4] is None, r[4] or 0,
+                                                    r[5] or "", r[6] or "")) if by_reference \
+            else (row for stream in streams for row in stream)
+        while more := await asyncio.to_thread(_take, rows, chunk):
+            yield more
 
 
-def _in_index_order(batch: list[Row]) -> list[Row]:
-    """The batch sorted by (algorithm, digest), the UNIQUE index's order: inserting in
-    index order touches each B-tree page once per batch instead of at random (about
-    1.5x faster inserts than file order for random digests). Buckets by algorithm,
-    then sorts each by digest: cheaper than a tuple key."""
-    buckets: dict[str, list[Row]] = {}
+def _take(rows: Iterator[Row], count: int) -> list[Row]:
+    taken = []
+    for row in rows:
+        taken.append(row)
+        if len(taken) >= count:
+            break
+    return taken
+
+
+def _live_rows(item, order: str, chunk: int) -> Iterator[Row]:
+    for batch in item.segment.iter_rows(order, chunk):
+        for row_id, name, digest, reference, category, victim, series, date_added in batch:
+            if row_id not in item.deleted.get(name, ()):
+                yield (name, bytes(digest), reference, category, None if victim is None else bool(victim),
+                       series, date_added)
+
+
+def _live_keys(live: SegmentSet, pairs: Iterable[tuple[str, bytes]]) -> set[tuple[str, bytes]]:
+    """The (algorithm, key) of each pair that is live in the set."""
+    by_algorithm: dict[str, list[bytes]] = {}
+    for name, digest in pairs:
+        by_algorithm.setdefault(name, []).append(digest)
+    found = set()
+    for name, digests in by_algorithm.items():
+        keys = segment_index.keys_of(algorithms.get(name), digests)
+        present = live.present(name, keys)
+        found.update((name, bytes(k)) for k in keys[present].tolist())
+    return found
+
+
+def _write_new(writer: SegmentWriter, live: SegmentSet, batch: list[Row]) -> None:
+    """Appends the batch's rows that are not live already, algorithm by algorithm."""
+    groups: dict[str, list[Row]] = {}
     for row in batch:
-        bucket = buckets.get(row[0])
-        if bucket is None:
-            bucket = buckets[row[0]] = []
-        bucket.append(row)
-    ordered: list[Row] = []
-    for name in sorted(buckets):
-        bucket = buckets[name]
-        bucket.sort(key=_DIGEST)
-        ordered += bucket
-    return ordered
+        group = groups.get(row[0])
+        if group is None:
+            group = groups[row[0]] = []
+        group.append(row)
+    for name, rows in groups.items():
+        algorithm = algorithms.get(name)
+        keys = segment_index.keys_of(algorithm, [row[1] for row in rows])
+        new = ~live.present(name, keys) if live.segments else np.ones(len(keys), dtype=bool)
+        if not new.all():
+            rows = [row for row, keep in zip(rows, new.tolist()) if keep]
+            keys = keys[new]
+        writer.add(algorithm, rows, keys)
 
 
 async def _aiter(batches: AsyncIterator[T] | Iterable[T]) -> AsyncIterator[T]:

@@ -112,9 +112,11 @@ class _Reader:
 class VicsReader:
     """One VICS file, opened for streaming: ``rows()`` yields its rows, rejections and unsupported hashes."""
 
-    def __init__(self, path: Path, *, country: str, advance: Callable[[int], None] | None = None):
+    def __init__(self, path: Path, *, country: str, advance: Callable[[int], None] | None = None,
+                 unnamed: str = ""):
         self.path = path
         self.country = country
+        self.unnamed = unnamed  # a media item without a reference gets this + its number
         self._advance = advance
         self._handle: BinaryIO | None = None
         self.items = 0  # media items read so far
@@ -142,7 +144,7 @@ class VicsReader:
         try:
             for item in ijson.items(reader, prefix, use_float=False):
                 self.items += 1
-                yield from media_rows(item, self.items, self.country)
+                yield from media_rows(item, self.items, self.country, self.unnamed)
         except ijson.JSONError as exc:
             raise self._error(exc, reader) from None
 
@@ -277,18 +279,19 @@ def _reference(fields: dict[str, Any], country: str) -> str:
         return f"{country}-VICS-{media_id}"
     if isinstance(media_id, str) and _MEDIA_ID.fullmatch(media_id.strip()):
         return f"{country}-VICS-{media_id.strip()}"
-    return ""  # the importer generates an opaque one
+    return ""  # the importer names it (media_rows' ``unnamed``)
 
 
-def media_rows(item: Any, number: int, country: str) -> list[ParsedRow]:
-    """The rows of one media item (one per hash), or why not; ``number`` is its position."""
+def media_rows(item: Any, number: int, country: str, unnamed: str = "") -> list[ParsedRow]:
+    """The rows of one media item (one per hash), or why not; ``number`` is its position.
+    Without a reference of its own or a MediaID, the item's reference is ``unnamed`` + ``number``."""
     if not isinstance(item, dict):
         return [Rejection(number, f"media item is not a JSON object but {type(item).__name__}")]
     fields = {key.lower(): value for key, value in item.items()}
     media_id = fields.get("mediaid")
     label = f"MediaID {media_id}: " if isinstance(media_id, (int, str)) and len(str(media_id)) <= 64 else ""
     try:
-        reference = _reference(fields, country)
+        reference = _reference(fields, country) or (f"{unnamed}{number}" if unnamed else "")
         category = _text("Category", fields.get("category"))
         victim = _flag(fields.get("victimidentified"))
         series = _text("Series", fields.get("series"))

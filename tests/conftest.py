@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,11 @@ from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 
 COUNTRIES = ("FR", "DE", "NL", "ES", "IT")
+
+# One compiled-kernel cache for every node the tests start (they inherit the
+# environment): each node compiles its search kernels before it says it is
+# ready, and with a cache per node directory every start would compile again.
+os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="icse-test-numba-"))
 
 
 @pytest.fixture(scope="session")

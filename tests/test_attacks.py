@@ -256,7 +256,7 @@ async def test_no_hit_digests_leave_no_trace(target: Target) -> None:
     response = await target.client().match(items, target.sign(items))
     assert [r.item for r in response.results] == [1]
     traces = [target.node.log_path.read_bytes()]
-    traces += [p.read_bytes() for p in target.node.dir.glob("store.sqlite*")]
+    traces += [p.read_bytes() for p in target.node.dir.rglob("store.sqlite*") if p.is_file()]
     traces.append(json.dumps(target.audit()).encode())
     for blob in traces:
         assert secret not in blob and secret.hex().encode() not in blob

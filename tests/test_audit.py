@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from node.audit import DEFAULT_RETENTION_DAYS, GENESIS, AuditEntry, AuditError, AuditLog, chain_hash, connect
+from node.audit import (
+    DEFAULT_RETENTION_DAYS,
+    GENESIS,
+    AuditEntry,
+    AuditError,
+    AuditLog,
+    audit_path,
+    chain_hash,
+    connect,
+)
 from node.audit_cli import add_audit_parser, run_audit
 from node.store import Store
 from tests.support import wait_until_async
@@ -38,8 +47,11 @@ def entry(n: int = 0, *, time: str = "", gateway: str = "eu-1", hits: int = 1) -
 
 @pytest.fixture
 async def log(tmp_path: Path) -> AsyncIterator[AuditLog]:
-    async with await Store.open(tmp_path / "node.sqlite") as store:
-        yield await AuditLog.open(store._db)
+    db = await connect(tmp_path / "node.sqlite")
+    try:
+        yield await AuditLog.open(db)
+    finally:
+        await db.close()
 
 
 async def fill(log: AuditLog, count: int) -> None:
@@ -299,12 +311,14 @@ def node_config(tmp_path: Path) -> Path:
     config.write_text('[node]\nid = "FR"\ncountry = "FR"\nfederation = "t"\nstore = "fr.sqlite"\n')
 
     async def populate() -> None:
-        async with await Store.open(tmp_path / "fr.sqlite") as store:
-            log = await AuditLog.open(store._db)
+        async with await Store.open(tmp_path / "fr.sqlite"):
+            db = await connect(audit_path(tmp_path / "fr.sqlite"))
+            log = await AuditLog.open(db)
             for n in range(3):
                 await log.append(entry(n, time=(NOW - dt.timedelta(days=800)).isoformat()))
             for n in range(3, 5):
                 await log.append(entry(n))
+            await db.close()
 
     asyncio.run(populate())
     return config
@@ -314,7 +328,7 @@ def test_cli_verify_head_export_prune(node_config: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     config = str(node_config)
     assert cli("verify", "--config", config) == 0
-    [(last_hash,)] = sql(tmp_path / "fr.sqlite", "SELECT hash FROM audit WHERE seq = 5")
+    [(last_hash,)] = sql(audit_path(tmp_path / "fr.sqlite"), "SELECT hash FROM audit WHERE seq = 5")
     assert f"5 records verified, head seq 5 hash {last_hash}" in capsys.readouterr().out
     assert cli("head", "--config", config) == 0
     assert "node=FR" in (line := capsys.readouterr().out) and f"seq=5 hash={last_hash}" in line
@@ -337,7 +351,7 @@ def test_cli_verify_head_export_prune(node_config: Path, tmp_path: Path,
 
 def test_cli_verify_names_the_bad_record(node_config: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    db = tmp_path / "fr.sqlite"
+    db = audit_path(tmp_path / "fr.sqlite")
     [(text,)] = sql(db, "SELECT entry FROM audit WHERE seq = 4")
     sql(db, "UPDATE audit SET entry = ? WHERE seq = 4", text.replace('"hits":1', '"hits":0'))
     assert cli("verify", "--config", str(node_config)) == 1

@@ -31,7 +31,7 @@ from federation.pki import DevPki, Leaf, cert_pem, gateway_leaf, issue, key_pem
 from federation.query import QueryItem
 from federation.tls import TlsFiles, channel_credentials
 from federation.wire import items_to_pb, rpc
-from node.audit import AuditEntry, AuditLog
+from node.audit import AuditEntry, AuditLog, audit_path, connect
 from node.store import Store
 from node.unix import EXIT_BROKEN_PIPE
 from tests.support import Client, claims_for, gateway_client, signing_key
@@ -62,17 +62,22 @@ def _mode(path: Path) -> int:
 _OPEN_AND_WRITE = textwrap.dedent("""
     import asyncio, json, os, stat, sys
     from pathlib import Path
-    from node.audit import AuditEntry, AuditLog
+    from node.audit import AuditEntry, AuditLog, audit_path, connect
     from node.store import Store
 
     async def main(path):
         os.umask(int(sys.argv[2], 8))
         async with await Store.open(path) as store:
-            await store.add_rows([[("md5", bytes(16), "R-1", "", None, "", "")]])
-            audit = await AuditLog.open(store.connection)
+            await store.add_rows([[("md5", bytes(16), "R-1", "", None, "", ""),
+                                   ("pdq", bytes(32), "R-2", "", None, "", "")]])
+            await store.add_rows([[("sha256", bytes(32), "R-3", "", None, "", "")]])
+            db = await connect(audit_path(path))
+            audit = await AuditLog.open(db)
             await audit.append(AuditEntry("", "eu-1", "o", "org", "FR", "c", "Match", 1, ("md5",), 0, (),
                                           "OK", "", "t", "p"))
-            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.glob(path.name + "*")}
+            modes = {str(p.relative_to(path.parent)): stat.S_IMODE(p.stat().st_mode)
+                     for p in path.parent.rglob("*")}
+            await db.close()
         print(json.dumps(modes))
 
     asyncio.run(main(Path(sys.argv[1])))
@@ -80,14 +85,26 @@ _OPEN_AND_WRITE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("umask", ["022", "000"])
-def test_store_wal_and_shm_are_created_owner_only_whatever_the_umask(tmp_path: Path, umask: str) -> None:
-    path = tmp_path / "store.sqlite"
+def test_every_store_file_is_created_owner_only_whatever_the_umask(tmp_path: Path, umask: str) -> None:
+    """Catalog, audit log (each with -wal and -shm), every segment's rows and index
+    arrays: 0600; the segment directories: 0700."""
+    path = tmp_path / "store" / "store.sqlite"
+    path.parent.mkdir()
     done = subprocess.run([sys.executable, "-c", _OPEN_AND_WRITE, str(path), umask],
                           capture_output=True, text=True, timeout=60, env=environment(), check=False)
     assert done.returncode == 0, done.stderr
     modes = json.loads(done.stdout)
-    assert set(modes) == {"store.sqlite", "store.sqlite-wal", "store.sqlite-shm"}
-    assert modes == dict.fromkeys(modes, 0o600)
+    for name in ("store.sqlite", "store.sqlite.audit"):
+        assert {name, f"{name}-wal", f"{name}-shm"} <= set(modes)
+    segments = [name for name in modes if name.startswith("store.sqlite.segments/seg-")]
+    assert {name.split("/")[-1] for name in segments} >= {"rows.sqlite", "md5.keys.npy", "pdq.keys.npy",
+                                                         "sha256.keys.npy", "lock"}, segments
+    directories = {name for name in modes if (path.parent / name).is_dir()}
+    assert directories == {"store.sqlite.segments"} | {n for n in segments if n.count("/") == 1}
+    assert len(directories) == 3, directories  # the root and two segments
+    assert {name: mode for name, mode in modes.items() if name in directories} == dict.fromkeys(directories, 0o700)
+    files = {name: mode for name, mode in modes.items() if name not in directories}
+    assert files == dict.fromkeys(files, 0o600)
 
 
 def test_import_cli_under_an_open_umask_leaves_an_owner_only_store(tmp_path: Path) -> None:
@@ -103,11 +120,16 @@ def test_a_world_readable_store_is_narrowed_when_opened(tmp_path: Path) -> None:
     hashes.write_text(f"md5:{MD5}\n")
     config = _config(tmp_path)
     assert _node_cli("import", "--config", str(config), str(hashes)).returncode == 0
-    store = tmp_path / "store.sqlite"
+    assert _node_cli("audit", "verify", "--config", str(config)).returncode == 0
+    store, audit = tmp_path / "store.sqlite", tmp_path / "store.sqlite.audit"
     store.chmod(0o644)
-    done = _node_cli("audit", "verify", "--config", str(config))
+    audit.chmod(0o644)
+    done = _node_cli("stats", "--config", str(config))
     assert done.returncode == 0, done.stderr
     assert _mode(store) == 0o600
+    done = _node_cli("audit", "verify", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert _mode(audit) == 0o600
 
 
 # -- VICS files with fields the importer ignores -----------------------------------------------------
@@ -152,10 +174,14 @@ async def _store_with_records(tmp_path: Path, hashes: int, records: int) -> Path
     async with await Store.open(tmp_path / "store.sqlite") as store:
         await store.add_rows([[("md5", n.to_bytes(16, "big"), f"R-{n}", "", None, "", "")
                                for n in range(hashes)]])
-        audit = await AuditLog.open(store.connection)
+    db = await connect(audit_path(tmp_path / "store.sqlite"))
+    try:
+        audit = await AuditLog.open(db)
         for _ in range(records):
             await audit.append(AuditEntry("", "eu-1", "officer-1", "Police", "FR", "CASE-1", "Match", 1,
                                           ("md5",), 0, (), "OK", "", "token", "ipv4:127.0.0.1:1"))
+    finally:
+        await db.close()
     return config
 
 

@@ -31,8 +31,13 @@ from tests.support import claims_for, gateway_client, query_json, signing_key, w
 
 
 def _count(store: Path) -> int:
+    """Rows in the store's published segments (the catalog's count; nothing is retracted here)."""
     with sqlite3.connect(store) as db:
-        return db.execute("SELECT COUNT(*) FROM hashes").fetchone()[0]
+        return db.execute("SELECT COALESCE(SUM(rows), 0) FROM segments WHERE state = 'published'").fetchone()[0]
+
+
+def _segment_dirs(store: Path) -> list[Path]:
+    return sorted(store.with_name(store.name + ".segments").glob("seg-*"))
 
 
 def _hash_file(path: Path, rows: int, seed: int) -> Path:
@@ -59,17 +64,24 @@ def test_import_killed_midway_leaves_the_store_as_before(single: LocalFederation
     big = _hash_file(tmp_path / "big.txt", 400_000, 2)
     process = subprocess.Popen(node.node_command("import", "--config", str(node.config_path), str(big)),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wal = node.store_path.with_name(node.store_path.name + "-wal")
-    # Kill it once the transaction is visibly under way (its WAL is growing).
-    wait_until(lambda: process.poll() is not None or (wal.exists() and wal.stat().st_size >= 4 << 20), 60,
-               "the import's write-ahead log grows past 4 MiB")
+    (published,) = _segment_dirs(node.store_path)
+
+    def rows_written() -> int:
+        files = [d / "rows.sqlite" for d in _segment_dirs(node.store_path) if d != published]
+        return sum(f.stat().st_size for f in files if f.exists())
+
+    # Kill it once its new segment is visibly being written.
+    wait_until(lambda: process.poll() is not None or rows_written() >= 4 << 20, 60,
+               "the import's new segment grows past 4 MiB")
     assert process.poll() is None, "the import finished before it could be killed; make the file bigger"
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert _count(node.store_path) == 1000
+    assert len(_segment_dirs(node.store_path)) == 2, "the killed import's unpublished segment is left"
     done = node.import_file(big)
     assert done.returncode == 0 and "added 400000" in done.stdout
     assert _count(node.store_path) == 401_000
+    assert len(_segment_dirs(node.store_path)) == 2, "the next import removed the dead one's segment"
 
 
 # Queries without end, each through the gateway's command line (which reads
@@ -95,7 +107,8 @@ with open(out, "a") as log:
 
 def _served_matches(store: Path) -> int:
     """Match calls the node answered: each has its audit record before its answer leaves."""
-    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+    audit = store.with_name(store.name + ".audit")
+    with sqlite3.connect(f"file:{audit}?mode=ro", uri=True) as db:
         entries = [json.loads(entry) for (entry,) in db.execute("SELECT entry FROM audit")]
     return sum(1 for e in entries if e.get("rpc") == "Match" and e.get("status") == "OK")
 

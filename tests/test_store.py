@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import sqlite3
 import stat
 import subprocess
@@ -20,6 +23,7 @@ from node.importer import ImportAborted, import_file
 from node.index import Candidate, ExactIndex
 from node.live_index import LiveIndexes
 from node.records import HashRecord
+from node.segment_set import record_id
 from node.store import Store
 
 
@@ -48,16 +52,78 @@ async def test_strict_import_writes_nothing_on_a_bad_row(tmp_path: Path) -> None
         assert await store.generation() == 0
 
 
-async def test_store_is_wal_and_references_are_opaque(tmp_path: Path) -> None:
+async def test_store_is_wal(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     source = tmp_path / "set.txt"
     source.write_text("md5:" + "ab" * 16 + "\n")
     async with await Store.open(path) as store:
         await import_file(store, source, country="DE")
-        (stored,) = (await store.records([1])).values()
-    assert stored.record.reference.startswith("DE-") and "ab" * 4 not in stored.record.reference.lower()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _unnamed_sources(directory: Path) -> list[Path]:
+    """Files whose rows have no reference, in each import format (one with some that have one)."""
+    rng = random.Random(7)
+    lines = directory / "set.txt"
+    lines.write_text("# no references\n" + "".join(f"sha256:{rng.randbytes(32).hex()}\n" for _ in range(300)))
+    wide = directory / "wide.csv"
+    wide.write_text("md5,sha1,reference,category\n" + "".join(
+        f"{rng.randbytes(16).hex()},{rng.randbytes(20).hex()},{'FR-OWN-' + str(n) if n % 3 == 0 else ''},1\n"
+        for n in range(200)))
+    long = directory / "long.csv"
+    long.write_text("".join(f"pdq,{rng.randbytes(32).hex()},   ,2\n" for _ in range(200)))
+    document = directory / "case.json"
+    document.write_text(json.dumps({"value": [{"Media": [
+        {"MD5": rng.randbytes(16).hex(), "SHA1": rng.randbytes(20).hex(), "Category": 1} for _ in range(100)]}]}))
+    return [lines, wide, long, document]
+
+
+async def _import_all(path: Path, sources: list[Path]) -> list[tuple]:
+    async with await Store.open(path) as store:
+        for source in sources:
+            await import_file(store, source, country="DE")
+        return [row async for batch in store.iter_rows() for row in batch]
+
+
+async def test_rows_without_references_are_named_alike_on_every_replica(tmp_path: Path) -> None:
+    """Two stores importing the same files hold the same set, references included;
+    a generated reference is the file's and the row's, never the hash's."""
+    sources = _unnamed_sources(tmp_path)
+    first = await _import_all(tmp_path / "a" / "s.sqlite", sources)
+    second = await _import_all(tmp_path / "b" / "s.sqlite", sources)
+    assert len(first) == 300 + 400 + 200 + 200
+    assert first == second
+    files = {hashlib.sha256(source.read_bytes()).hexdigest()[:8]: source for source in sources}
+    named = re.compile(r"DE-([0-9a-f]{8})-([0-9]+)")
+    by_reference: dict[str, set[str]] = {}
+    for algorithm, digest, reference, *_ in first:
+        by_reference.setdefault(reference, set()).add(algorithm)
+        assert digest.hex()[:8] not in reference and digest.hex()[-8:] not in reference
+        if reference.startswith("FR-OWN-"):
+            continue  # the file's own reference, kept
+        found = named.fullmatch(reference)
+        assert found, reference
+        source = files[found.group(1)]
+        row = int(found.group(2))
+        if source.suffix == ".txt":
+            assert 2 <= row <= 301  # the line (the first is a comment)
+        elif source.suffix == ".json":
+            assert 1 <= row <= 100  # the media item
+        else:
+            assert 1 <= row <= 201
+    wide_rows = [r for r in by_reference if named.fullmatch(r) and files[named.fullmatch(r).group(1)].name == "wide.csv"]
+    assert len(wide_rows) == 200 - 67 and all(by_reference[r] == {"md5", "sha1"} for r in wide_rows), \
+        "the hashes of one wide row share its reference"
+    media = [r for r in by_reference if named.fullmatch(r) and files[named.fullmatch(r).group(1)].suffix == ".json"]
+    assert len(media) == 100 and all(by_reference[r] == {"md5", "sha1"} for r in media)
+    # Another file (one row more) names its rows differently: references are not shared between files.
+    more = tmp_path / "more.txt"
+    more.write_text(sources[0].read_text() + f"sha256:{'cd' * 32}\n")
+    async with await Store.open(tmp_path / "c" / "s.sqlite") as store:
+        await import_file(store, more, country="DE")
+        references = {row[2] async for batch in store.iter_rows() for row in batch}
+    assert len(references) == 301 and not references & set(by_reference)
 
 
 def test_exact_index_finds_only_exact_digests() -> None:
@@ -87,7 +153,9 @@ async def test_live_indexes_follow_imports_by_another_connection(tmp_path: Path)
         current = await live.current()
         assert current.counts() == {"md5": 1} and current.generation == 1
         valid = matcher.validate([QueryItem("md5", b"\x05" * 16)], matcher.Limits())
-        assert matcher.match(valid, current.indexes, matcher.Limits())[0].candidates == [Candidate(1)]
+        (segment,) = current.segments
+        found = matcher.match(valid, current.indexes, matcher.Limits())[0].candidates
+        assert found == [Candidate(record_id(segment.segment_id, 1))]
 
 
 def test_matcher_caps_hits_per_item() -> None:
