@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
-def peer_uris(auth_context: Mapping[str, Sequence[bytes]]) -> list[str]:
+def peer_uris(auth_context: Mapping[str, Iterable[bytes]]) -> list[str]:
     """URI names in the verified peer certificate (empty without mutual TLS)."""
     names = [v.decode("utf-8", "replace") for v in auth_context.get("x509_subject_alternative_name", ())]
     return [n for n in names if "://" in n]
@@ -52,7 +52,7 @@ def thumbprint(pem: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
 
 
-def peer_thumbprint(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
+def peer_thumbprint(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
     """Thumbprint of the verified client certificate on this connection."""
-    certs = auth_context.get("x509_pem_cert", ())
-    return thumbprint(certs[0]) if certs else None
+    first = next(iter(auth_context.get("x509_pem_cert", ())), None)
+    return thumbprint(first) if first is not None else None

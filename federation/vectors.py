@@ -144,8 +144,8 @@ def thumbprint_vectors() -> dict[str, Any]:
     for name, cert in certificates().items():
         pem = cert_pem(cert)
         der = cert.public_bytes(Encoding.DER)
-        cases.append({"name": name, "certificate_pem": pem.decode("ascii"), "der_sha256_hex": hashlib.sha256(der).hexdigest(),
-                      "x5t#S256": tls.thumbprint(pem)})
+        cases.append({"name": name, "certificate_pem": pem.decode("ascii"),
+                      "der_sha256_hex": hashlib.sha256(der).hexdigest(), "x5t#S256": tls.thumbprint(pem)})
     names = {"node_tls_name": identity.node_tls_name(FEDERATION, NODE), "node_uri": identity.node_uri(FEDERATION, NODE),
              "gateway_uri": identity.gateway_uri(FEDERATION, "eu-1")}
     return {"description": "x5t#S256 = base64url (RFC 4648 §5, no padding) of SHA-256 over the certificate's DER",
@@ -153,7 +153,8 @@ def thumbprint_vectors() -> dict[str, Any]:
 
 
 def signing_keys() -> dict[str, tokens.SigningKey]:
-    return {gateway: tokens.SigningKey(f"{gateway}-1", seeded_key(f"signing {gateway}")) for gateway in ("eu-1", "eu-2")}
+    return {gateway: tokens.SigningKey(f"{gateway}-1", seeded_key(f"signing {gateway}"))
+            for gateway in ("eu-1", "eu-2")}
 
 
 def _claims(**changes: Any) -> dict[str, Any]:
@@ -180,7 +181,8 @@ def token_cases() -> list[dict[str, Any]]:
     unsigned = ".".join([base64.urlsafe_b64encode(b'{"alg":"none","kid":"eu-1-1"}').rstrip(b"=").decode(),
                          _sign(honest).split(".")[1], ""])
     eu2_thumb = tls.thumbprint(cert_pem(certificates()["eu-2"]))
-    cases = [
+    # (name, note, token, what the context changes, expected status, expected message)
+    cases: list[tuple[str, str, str, dict[str, Any], str, str]] = [
         ("accepted", "the honest Match token: every check passes", _sign(honest), {}, "OK", ""),
         ("describe-accepted", "a Describe token: rpc Describe, qh of no items, no case",
          _sign(_claims(rpc="Describe", qh=query_sha256([]), case=None)), {"rpc": "Describe", "items": []}, "OK", ""),
@@ -194,8 +196,8 @@ def token_cases() -> list[dict[str, Any]]:
          "token is bound to another client certificate (cnf x5t#S256)"),
         ("other-items", "qh of other items than the request's", _sign(honest), {"items": ITEMS[:1]},
          "PERMISSION_DENIED", "request items differ from those the token was signed for"),
-        ("other-rpc", "a Match token on Describe", _sign(_claims(qh=query_sha256([]))), {"rpc": "Describe", "items": []},
-         "PERMISSION_DENIED", "token is for 'Match', not 'Describe'"),
+        ("other-rpc", "a Match token on Describe", _sign(_claims(qh=query_sha256([]))),
+         {"rpc": "Describe", "items": []}, "PERMISSION_DENIED", "token is for 'Match', not 'Describe'"),
         ("no-case", "a Match token without a case", _sign(_claims(case=None)), {}, "PERMISSION_DENIED",
          "a query needs a case reference ('case' claim)"),
         ("untrusted-gateway", "eu-2 is a member, its key owned by eu-2, but the node trusts only eu-1",
@@ -207,7 +209,8 @@ def token_cases() -> list[dict[str, Any]]:
          "token is addressed to another node, not 'FR'"),
         ("expired", "checked 6 s after exp (skew is 5 s)", _sign(honest), {"now": NOW + 28 + 6}, "UNAUTHENTICATED",
          "token has expired"),
-        ("within-skew", "checked 4 s after exp: still inside the 5 s skew", _sign(honest), {"now": NOW + 28 + 4}, "OK", ""),
+        ("within-skew", "checked 4 s after exp: still inside the 5 s skew", _sign(honest), {"now": NOW + 28 + 4},
+         "OK", ""),
         ("issued-in-future", "iat and nbf 10 s ahead of the node's clock",
          _sign(_claims(iat=NOW + 10, nbf=NOW + 10, exp=NOW + 30)), {}, "UNAUTHENTICATED",
          "token is not valid yet (nbf/iat in the future)"),
@@ -228,8 +231,8 @@ def token_cases() -> list[dict[str, Any]]:
     ]
     out = []
     for name, note, token, presented, status, message in cases:
-        context = {"now": NOW, "node_started": NOW - 3600, "node_id": NODE, "trusted_gateways": ["eu-1"],
-                   "certificate": "eu-1", "rpc": "Match", "items": ITEMS}
+        context: dict[str, Any] = {"now": NOW, "node_started": NOW - 3600, "node_id": NODE,
+                                   "trusted_gateways": ["eu-1"], "certificate": "eu-1", "rpc": "Match", "items": ITEMS}
         context.update(presented)
         items = context.pop("items")
         context["items"] = [item_json(i) for i in items]

@@ -125,8 +125,8 @@ class _Hostile(rpc.NodeServicer):
                                 results=[pb.ItemResult(item=0, hits=[HOSTILE_HIT])])
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
-        return pb.DescribeResponse(node_id="PL", country="P\u202eL", software_version=HOSTILE_VERSION, protocol_version="1.0",
-                                   counts=[pb.AlgorithmCount(algorithm="[bold]md5", count=1)])
+        return pb.DescribeResponse(node_id="PL", country="P\u202eL", software_version=HOSTILE_VERSION,
+                                   protocol_version="1.0", counts=[pb.AlgorithmCount(algorithm="[bold]md5", count=1)])
 
 
 def _serve(cert: bytes, key: bytes, ca: bytes) -> tuple[grpc.Server, int]:

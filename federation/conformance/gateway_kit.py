@@ -82,7 +82,8 @@ class CheckingNode:
         seen = Seen(method, time.time())
         problems = seen.problems
         auth = context.auth_context()
-        gateway = next((g for u in tls.peer_uris(auth) if (g := identity.gateway_id_from_uri(self.setup.federation, u))), None)
+        named = (identity.gateway_id_from_uri(self.setup.federation, u) for u in tls.peer_uris(auth))
+        gateway = next((g for g in named if g), None)
         if gateway is None:
             problems["call.certificate"] = f"certificate names {tls.peer_uris(auth) or 'no URI'}"
         metadata = tuple(context.invocation_metadata() or ())
@@ -102,11 +103,13 @@ class CheckingNode:
             return seen
         seen.token_id = claims.token_id
         if claims.key_owner != claims.issuer:
-            problems["call.key-owner"] = f"key {claims.key_id!r} belongs to {claims.key_owner!r}, iss is {claims.issuer!r}"
+            problems["call.key-owner"] = (f"key {claims.key_id!r} belongs to {claims.key_owner!r}, "
+                                          f"iss is {claims.issuer!r}")
         if claims.issuer != gateway:
             problems["call.issuer"] = f"iss {claims.issuer!r}, certificate names {gateway!r}"
-        if claims.cert_thumbprint != tls.peer_thumbprint(auth):
-            problems["call.cnf"] = f"cnf {claims.cert_thumbprint!r} is not the certificate's {tls.peer_thumbprint(auth)!r}"
+        presented = tls.peer_thumbprint(auth)
+        if claims.cert_thumbprint != presented:
+            problems["call.cnf"] = f"cnf {claims.cert_thumbprint!r} is not the certificate's {presented!r}"
         if claims.rpc != method:
             problems["call.rpc"] = f"rpc {claims.rpc!r} on {method}"
         if claims.query_sha256 != qh:
@@ -130,7 +133,8 @@ class CheckingNode:
         return pb.MatchResponse(node_id=self.setup.node_id, country="ZZ", results=hits,
                                 tier=pb.RELEASE_TIER_HIT, protocol_version=self.version)
 
-    async def Describe(self, request: pb.DescribeRequest | None, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+    async def Describe(self, request: pb.DescribeRequest | None,
+                       context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         self.calls.append(self._judge("Describe", context, EMPTY_QUERY_SHA256))
         return pb.DescribeResponse(node_id=self.setup.node_id, country="ZZ", software_version="conformance-kit",
                                    max_items_per_request=20_000, max_distance=31, protocol_version=self.version)
