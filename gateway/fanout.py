@@ -20,18 +20,12 @@ from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
 from federation.wire import REQUEST_ID_KEY, items_to_pb, pb, rpc
 from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth, ReplicaRound
+from gateway.outcomes import attempt_words, both_attempts, status_of, tls_words
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.signing import Signer
 
 log = logging.getLogger("icse.gateway")
 
-_REFUSALS = {
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
@@ -55,52 +49,6 @@ class NodeDescription:
     message: str = ""
     # The address asked (a member with replicas is described once per replica).
     replica: str = ""
-
-
-def _status_of(error: grpc.aio.AioRpcError) -> NodeStatus:
-    code = error.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return NodeStatus.TIMED_OUT
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return NodeStatus.UNAVAILABLE
-    if code in _REFUSALS:
-        return NodeStatus.REFUSED
-    return NodeStatus.ERROR
-
-
-_CONNECT_FAILED = "failed to connect to all addresses"
-# How gRPC's transport words a connection that broke under a call already sent.
-_LOST = ("socket closed", "connection reset", "broken pipe", "goaway", "stream removed", "end of tcp stream",
-         "connection aborted")
-
-
-def _attempt_words(details: str) -> str:
-    """One unavailable attempt, said as what happened to it (gRPC's text kept in brackets)."""
-    text = details.strip() or "no detail"
-    if _CONNECT_FAILED in text:
-        rest = text.replace(_CONNECT_FAILED, "").lstrip("; ").removeprefix("last error: ")
-        return f"failed to connect ({rest})" if rest else "failed to connect"
-    if any(marker in text.lower() for marker in _LOST):
-        return f"connection lost during the call ({text})"
-    return text
-
-
-def _both_attempts(first: str, retry: str) -> str:
-    said_first, said_retry = _attempt_words(first), _attempt_words(retry)
-    if said_first == said_retry:
-        return f"{said_first} (the retry met the same)"
-    return f"{said_first}; retry: {said_retry}"
-
-
-def _tls_words(details: str, node: NodeEntry, address: str, ca: str) -> str:
-    """A TLS failure said in words instead of OpenSSL's text (kept in the debug log)."""
-    if "CERTIFICATE_VERIFY_FAILED" in details:
-        return (f"TLS: the certificate at {address} does not verify against the federation CA ({ca}): "
-                "wrong CA file here, or what answers there is not the federation's node")
-    if "Peer name" in details and "is not in peer certificate" in details:
-        return (f"TLS: the certificate at {address} does not carry the name {node.tls_name}: "
-                "another member, or a wrong tls_name or address in the configuration")
-    return details
 
 
 def _hit(message: pb.Hit) -> HitInfo:
@@ -285,14 +233,14 @@ class Federation:
             if not messages:
                 return tried.round.passed_over.get(0, "")
             # Both outcomes: "died during my call" reads differently from "was already down".
-            return messages[0] if len(messages) == 1 else _both_attempts(messages[-2], messages[-1])
+            return messages[0] if len(messages) == 1 else both_attempts(messages[-2], messages[-1])
         parts = []
         for index, replica in enumerate(member.replicas):
             messages = said.get(index, [])
             if len(messages) > 1:
-                words = _both_attempts(messages[0], messages[-1])
+                words = both_attempts(messages[0], messages[-1])
             elif messages:
-                words = _attempt_words(messages[0])
+                words = attempt_words(messages[0])
             else:
                 words = tried.round.passed_over.get(index, "not asked: no time left")
             parts.append(f"replica {replica.address}: {words}")
@@ -348,7 +296,7 @@ class Federation:
                 metadata=(*tokens.bearer(token), (REQUEST_ID_KEY, call.request_id)),
             )
         except grpc.aio.AioRpcError as error:
-            return NodeAnswer(node.node_id, node.country, _status_of(error),
+            return NodeAnswer(node.node_id, node.country, status_of(error),
                               self._details(node, replica.address, error),
                               (time.perf_counter() - started) * 1000, replica=replica.address)
         latency = (time.perf_counter() - started) * 1000
@@ -377,7 +325,7 @@ class Federation:
         details = error.details() or ""
         if error.code() != grpc.StatusCode.UNAVAILABLE:
             return details
-        words = _tls_words(details, node, address, str(self._config.tls.ca))
+        words = tls_words(details, node, address, str(self._config.tls.ca))
         if words != details:
             log.debug("TLS failure", extra={"node": node.node_id, "replica": address, "detail": details})
         return words
@@ -397,7 +345,7 @@ class Federation:
             )
         except grpc.aio.AioRpcError as error:
             return NodeDescription(node.node_id, (time.perf_counter() - started) * 1000,
-                                   failure=_status_of(error), message=self._details(node, replica.address, error),
+                                   failure=status_of(error), message=self._details(node, replica.address, error),
                                    replica=replica.address)
         latency = (time.perf_counter() - started) * 1000
         try:
