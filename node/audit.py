@@ -230,7 +230,8 @@ class AuditLog:
         cutoff = utc_iso(older_than)
         async with self._maintenance, self._lock, _transaction(self._db):
             async with self._db.execute("SELECT MIN(seq) FROM audit WHERE time >= ?", (cutoff,)) as cursor:
-                keep_from = (await cursor.fetchone())[0]
+                first_kept = await cursor.fetchone()  # MIN() gives one row, NULL when none is that recent
+            keep_from = first_kept[0] if first_kept is not None else None
             async with self._db.execute("SELECT seq, hash FROM audit_anchor") as cursor:
                 expected_seq, expected_prev = (await cursor.fetchone()) or (0, GENESIS)
             expected_seq += 1
@@ -240,7 +241,7 @@ class AuditLog:
                 (keep_from,),
             ) as cursor:
                 async for row in cursor:
-                    reason = _check(row, expected_seq, expected_prev)
+                    reason = _check(tuple(row), expected_seq, expected_prev)
                     if reason:
                         raise AuditError(f"not pruning: audit record {row[0]}: {reason}")
                     deleted, expected_seq, expected_prev = deleted + 1, row[0] + 1, row[4]

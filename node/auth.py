@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class Authenticator:
     def authorize(
         self,
         metadata: Any,
-        auth_context: Mapping[str, Sequence[bytes]],
+        auth_context: Mapping[str, Iterable[bytes]],
         rpc: str,
         query_sha256: str,
     ) -> QueryClaims:
@@ -103,7 +103,7 @@ class Authenticator:
             raise AuthError(str(exc), denied=exc.denied, gateway=gateway, claims=claims) from None
         return claims
 
-    def _check(self, claims: QueryClaims, gateway: str, auth_context: Mapping[str, Sequence[bytes]],
+    def _check(self, claims: QueryClaims, gateway: str, auth_context: Mapping[str, Iterable[bytes]],
                rpc: str, query_sha256: str) -> None:
         if claims.issuer not in self._gateways:
             raise AuthError(f"gateway {claims.issuer!r} is not trusted by this node", denied=True)
@@ -126,7 +126,7 @@ class Authenticator:
         except ReplayError as exc:
             raise AuthError(str(exc)) from None
 
-    def peer_gateway(self, auth_context: Mapping[str, Sequence[bytes]]) -> str:
+    def peer_gateway(self, auth_context: Mapping[str, Iterable[bytes]]) -> str:
         """The gateway id the verified client certificate names, or AuthError."""
         for uri in tls.peer_uris(auth_context):
             gateway = identity.gateway_id_from_uri(self._federation, uri)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,10 @@ class Catalog:
     async def generation(self) -> int:
         """One indexed read: what a query pays to learn whether anything changed."""
         async with self._db.execute("SELECT value FROM meta WHERE key = 'generation'") as cursor:
-            return int((await cursor.fetchone())[0])
+            row = await cursor.fetchone()
+        if row is None:  # the schema inserts it: only a damaged catalog lacks it
+            raise sqlite3.DatabaseError("catalog has no generation (meta row 'generation' is missing)")
+        return int(row[0])
 
     async def snapshot(self) -> Snapshot:
         async with self._transaction:
@@ -126,7 +130,9 @@ class Catalog:
         async with self._write():
             cursor = await self._db.execute(
                 "INSERT INTO segments (state, created) VALUES ('building', ?)", (created,))
-            return int(cursor.lastrowid)
+            if cursor.lastrowid is None:  # an INSERT that succeeded always sets it
+                raise sqlite3.DatabaseError("catalog did not number the new segment")
+            return cursor.lastrowid
 
     async def publish(self, written: Sequence[SegmentEntry], retire: Iterable[int] = ()) -> None:
         """Makes finished segments live, and retires merged ones, in one transaction."""
@@ -156,7 +162,10 @@ class Catalog:
             return
         async with self._write():
             async with self._db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM segments") as cursor:
-                before = (await cursor.fetchone())[0]
+                row = await cursor.fetchone()
+            if row is None:  # an aggregate always gives one row
+                raise sqlite3.DatabaseError("catalog gave no next segment id")
+            before = row[0]
             await self._db.executemany(
                 "INSERT INTO tombstones (algorithm, key, before) VALUES (?, ?, ?) "
                 "ON CONFLICT (algorithm, key) DO UPDATE SET before = excluded.before",

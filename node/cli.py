@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -133,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = node_config.load(args.config, for_serving=args.command == "serve")
         os.environ.setdefault(readiness.CACHE_VARIABLE, str(readiness.numba_cache_dir(config.store)))
         if args.command == "serve":
-            from node import server
-            from node.segment import SegmentCorrupt
+            from node import server  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
+            from node.segment import SegmentCorrupt  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
             stderr_relay.start(args.log_level, args.log_format)  # gRPC's own log lines in the same format
             logs.configure(args.log_level, args.log_format)
             try:
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "describe":
             if not config.store.is_file():
                 raise OSError(f"{config.store}: no store here (has the node imported or served yet?)")
-            from node.describe import describe, render as render_description
+            from node.describe import describe, render as render_description  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
             print(render_description(asyncio.run(describe(config)), args.format))
             return 0
         return asyncio.run(_stats(config, args.format))
@@ -176,8 +177,8 @@ def _tie_to_supervisor(parent_pid: int | None, stdin_eof: bool) -> None:
 
 
 async def _compact(config: node_config.NodeConfig) -> int:
-    from node.merge import merge
-    from node.store import Store
+    from node.merge import merge  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
+    from node.store import Store  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
     async with await Store.open(config.store) as store:
         result = await merge(store)
     if result is None:
@@ -207,8 +208,8 @@ def _check_files(files: list[Path]) -> None:
 
 
 async def _import(config: node_config.NodeConfig, files: list[Path], format_name: str, strict: bool) -> int:
-    from node.importer import import_file
-    from node.store import Store
+    from node.importer import import_file  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
+    from node.store import Store  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
     _check_files(files)
     for path in files:
         formats.resolve_format(path, format_name)
@@ -220,7 +221,7 @@ async def _import(config: node_config.NodeConfig, files: list[Path], format_name
                 try:
                     report = await import_file(
                         store, path, country=config.country, format_name=format_name, strict=strict,
-                        advance=(lambda n: progress.advance(task, n)) if err.is_terminal else None,
+                        advance=functools.partial(progress.advance, task) if err.is_terminal else None,
                     )
                 except ImportAborted as exc:
                     progress.stop()
@@ -254,8 +255,8 @@ def _print_report(report: importer.ImportReport) -> None:
 
 async def _retract(config: node_config.NodeConfig, files: list[Path], references: list[str],
                    format_name: str, strict: bool) -> int:
-    from node.importer import retract_files
-    from node.store import Store
+    from node.importer import retract_files  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
+    from node.store import Store  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
     if bool(files) == bool(references):
         raise ValueError("retract: give hash FILEs or --reference REF, not both and not neither")
     if references:
@@ -290,7 +291,7 @@ async def _retract(config: node_config.NodeConfig, files: list[Path], references
 
 
 async def _export(config: node_config.NodeConfig, format_name: str | None, out: Path | None) -> int:
-    from node.store import Store
+    from node.store import Store  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
     if format_name is None:
         format_name = formats.detect_format(out) if out is not None and out.suffix.lower() in (
             ".csv", ".json", ".txt", ".lst") else "csv"
@@ -303,7 +304,7 @@ async def _export(config: node_config.NodeConfig, format_name: str | None, out: 
             partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
             try:
                 descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with open(descriptor, "w", encoding="utf-8", newline="") as handle:
+                with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
                     count = await _write_export(store, format_name, handle, config)
                     handle.flush()
                     os.fsync(handle.fileno())
@@ -317,10 +318,13 @@ async def _export(config: node_config.NodeConfig, format_name: str | None, out: 
 
 async def _write_export(store: store_module.Store, format_name: str, handle, config: node_config.NodeConfig) -> int:
     """Streams the store into ``handle``: a chunk of rows at a time, never the whole set."""
+    writer: vics.VicsWriter | formats.CsvWriter | formats.LinesWriter
     if format_name == "vics":
         writer = vics.VicsWriter(handle, case_number=f"icse-node {config.node_id} export")
     else:
-        writer = {"csv": formats.CsvWriter, "lines": formats.LinesWriter}[format_name](handle)
+        writers: dict[str, type[formats.CsvWriter | formats.LinesWriter]] = {
+            "csv": formats.CsvWriter, "lines": formats.LinesWriter}
+        writer = writers[format_name](handle)
     # aclosing: a failed write (a closed pipe) ends the query before the store closes.
     async with contextlib.aclosing(store.iter_rows(by_reference=format_name == "vics")) as batches:
         async for batch in batches:
@@ -330,7 +334,7 @@ async def _write_export(store: store_module.Store, format_name: str, handle, con
 
 
 async def _stats(config: node_config.NodeConfig, format_name: str) -> int:
-    from node.store import Store
+    from node.store import Store  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
     async with await Store.open(config.store) as store:
         counts = await store.counts()
         generation = await store.generation()

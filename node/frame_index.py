@@ -30,7 +30,7 @@ class FrameIndex:
         self._videos = len(ids)
         frames: list[bytes] = []
         owners: list[int] = []
-        for record_id, digest in zip(ids, digests):
+        for record_id, digest in zip(ids, digests, strict=True):
             video_frames = split_frames(algorithm, digest)
             frames += video_frames
             owners += [record_id] * len(video_frames)
@@ -64,7 +64,7 @@ class FrameIndex:
     def search(self, digests: Sequence[bytes], max_distance: Sequence[int]) -> list[list[Candidate]]:
         queries = [split_frames(self._algorithm, d) for d in digests]
         flat = [frame for frames in queries for frame in frames]
-        distances = [d for frames, d in zip(queries, max_distance) for _ in frames]
+        distances = [d for frames, d in zip(queries, max_distance, strict=True) for _ in frames]
         found = self._frames.search(flat, distances) if flat else []
         results, start = [], 0
         for frames in queries:

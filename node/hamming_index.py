@@ -27,7 +27,8 @@ plus 16 x 65,537 uint32 bucket offsets (4 MiB) whatever the size.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Self, cast
 
 import numpy as np
 from numba import njit, prange, types
@@ -62,12 +63,16 @@ _PROBES = (1, 17, 137)
 _LAUNCH = threading.Lock()
 
 
-@intrinsic
-def _popcount(typingctx, x):
+def _ctpop(typingctx, x):
     """POPCNT (LLVM ctpop) of a uint64, as an int64."""
     def codegen(context, builder, signature, args):
         return builder.ctpop(args[0])
     return types.int64(types.uint64), codegen
+
+
+# What compiled code calls: numba's stubs type an intrinsic as its typing
+# function, (typingctx, x), returning Never; kernels call it with x alone.
+_popcount = cast(Callable[[Any], int], intrinsic(_ctpop))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -110,7 +115,7 @@ def _count_hits(hashes, positions, t, lo, hi, q0, q1, q2, q3, limit):
 @njit(cache=True, nogil=True, inline="always")
 def _reached_before(stored, query, t, radius):
     """Whether a table before t also probed this hash (and so reported it)."""
-    for u in range(t):
+    for u in range(t):  # noqa: SIM110 - numba compiles this loop, not any() over a generator
         if _popcount(np.uint64(_substring(stored, u) ^ _substring(query, u))) <= radius:
             return True
     return False
@@ -233,7 +238,7 @@ def _collect(kernel, arguments: tuple, units: np.ndarray, slots_each: int) -> li
     if over.any():
         # ...which runs again with exactly the slots it needs.
         more = _launch(kernel, arguments, units[over], counts[over])[:3]
-        hits = [np.concatenate(pair) for pair in zip(hits, more)]
+        hits = [np.concatenate(pair) for pair in zip(hits, more, strict=True)]
     return hits
 
 
@@ -272,28 +277,26 @@ def _pack(digests: Sequence[bytes] | np.ndarray) -> np.ndarray:
 class ScanHammingIndex:
     """Every query against every stored hash, queries in parallel."""
 
-    def __init__(self, algorithm, ids: Sequence[int], digests: Sequence[bytes] | np.ndarray):
+    def __init__(self, algorithm, ids: Sequence[int] | np.ndarray, digests: Sequence[bytes] | np.ndarray):
         if algorithm.digest_size != DIGEST_SIZE:
             raise ValueError(f"{algorithm.name}: a Hamming index takes {DIGEST_SIZE}-byte hashes")
         if len(ids) != len(digests):
             raise ValueError(f"{len(ids)} ids for {len(digests)} digests")
         self._hashes = _pack(digests)
-        ids = np.asarray(ids, dtype=np.int64)
+        id_array = np.asarray(ids, dtype=np.int64)
         # Ids as uint32 offsets from the smallest when they fit: 4 bytes a hash, not 8.
-        self._base = int(ids.min()) if len(ids) else 0
-        fits = not len(ids) or int(ids.max()) - self._base < 1 << 32
-        self._ids = (ids - self._base).astype(np.uint32 if fits else np.int64)
+        self._base = int(id_array.min()) if len(id_array) else 0
+        fits = not len(id_array) or int(id_array.max()) - self._base < 1 << 32
+        self._ids = (id_array - self._base).astype(np.uint32 if fits else np.int64)
         self._positions = np.empty((0, 0), dtype=np.uint32)  # no tables
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ScanHammingIndex:
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Self:
         """The index over arrays that ``arrays()`` gave (memory-mapped files, say): no build."""
         index = cls.__new__(cls)
         index._hashes, index._ids = arrays["hashes"], arrays["ids"]
         index._base = int(arrays["base"][0])
         index._positions = arrays.get("positions", np.empty((0, 0), dtype=np.uint32))
-        if "offsets" in arrays:
-            index._offsets = arrays["offsets"]
         return index
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -338,7 +341,7 @@ class ScanHammingIndex:
 class MultiIndexHammingIndex(ScanHammingIndex):
     """Multi-index hashing: 16 bucket tables over the 16-bit substrings."""
 
-    def __init__(self, algorithm, ids: Sequence[int], digests: Sequence[bytes] | np.ndarray):
+    def __init__(self, algorithm, ids: Sequence[int] | np.ndarray, digests: Sequence[bytes] | np.ndarray):
         super().__init__(algorithm, ids, digests)
         if len(self._hashes) >= 1 << 32:
             raise ValueError("row positions are uint32: at most 2**32 - 1 hashes")
@@ -351,6 +354,12 @@ class MultiIndexHammingIndex(ScanHammingIndex):
         self._positions = np.empty((TABLES - 1, len(self._hashes)), dtype=np.uint32)
         with _LAUNCH:
             _fill_tables(self._hashes, self._offsets, self._positions)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Self:
+        index = super().from_arrays(arrays)
+        index._offsets = arrays["offsets"]
+        return index
 
     @property
     def nbytes(self) -> int:
@@ -369,7 +378,7 @@ class MultiIndexHammingIndex(ScanHammingIndex):
             query, row, dist = _collect(
                 _probe, (self._hashes, self._offsets, self._positions, queries[chosen], limits[chosen]),
                 np.arange(TABLES), 2 * len(chosen) + 64)
-            hits = [np.concatenate(pair) for pair in zip(hits, (chosen[query], row, dist))]
+            hits = [np.concatenate(pair) for pair in zip(hits, (chosen[query], row, dist), strict=True)]
         return hits
 
 
@@ -379,7 +388,8 @@ def load_hamming_index(arrays: dict[str, np.ndarray]) -> ScanHammingIndex:
     return kind.from_arrays(arrays)
 
 
-def build_hamming_index(algorithm, ids: Sequence[int], digests: Sequence[bytes] | np.ndarray):
+def build_hamming_index(algorithm, ids: Sequence[int] | np.ndarray,
+                        digests: Sequence[bytes] | np.ndarray) -> ScanHammingIndex:
     """The Hamming index for this many hashes: a scan when small, else multi-index hashing.
 
     Below SCAN_BELOW rows (640 KB of hashes, cache resident) a scan answers a

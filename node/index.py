@@ -73,4 +73,4 @@ class ExactIndex:
         clipped = np.minimum(positions, len(self._keys) - 1)
         found = self._keys[clipped] == queries
         ids = self._ids[clipped]
-        return [[Candidate(i)] if hit else _NONE for hit, i in zip(found.tolist(), ids.tolist())]
+        return [[Candidate(i)] if hit else _NONE for hit, i in zip(found.tolist(), ids.tolist(), strict=True)]

@@ -67,7 +67,7 @@ def _group(name: str, where: list[int], items: Sequence[QueryItem], limits: Limi
     except algorithms.DigestError as exc:
         raise InvalidRequest(f"item {where[0]}: {exc}") from None
     digests = [items[p].digest for p in where]
-    for position, digest in zip(where, digests):
+    for position, digest in zip(where, digests, strict=True):
         if len(digest) != algorithm.digest_size:
             try:
                 algorithm.validate(digest)
@@ -75,7 +75,7 @@ def _group(name: str, where: list[int], items: Sequence[QueryItem], limits: Limi
                 raise InvalidRequest(f"item {position}: {exc}") from None
     wanted = [items[p].max_distance for p in where]
     if algorithm.match_kind is MatchKind.EXACT:
-        for position, distance in zip(where, wanted):
+        for position, distance in zip(where, wanted, strict=True):
             if distance:
                 raise InvalidRequest(f"item {position}: {name} is matched exactly; max_distance must be 0")
         distances = wanted
@@ -99,7 +99,7 @@ def match(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> li
         index = indexes.get(group.algorithm.name)
         if index is None:
             continue
-        for position, candidates in zip(group.positions, index.search(group.digests, group.max_distances)):
+        for position, candidates in zip(group.positions, index.search(group.digests, group.max_distances), strict=True):
             if candidates:
                 results[position] = _ranked(candidates, limits.max_hits_per_item)
     return results

@@ -15,6 +15,10 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+
+from federation.algorithms import PDQ
+
 CACHE_VARIABLE = "NUMBA_CACHE_DIR"
 
 
@@ -45,16 +49,13 @@ def warm_up() -> None:
     index): the point is the types, and building real tables would compile
     the build kernel too, which only an import needs.
     """
-    import numpy as np
-
-    from federation.algorithms import PDQ
-    from node.hamming_index import BUCKETS, TABLES, ScanHammingIndex, load_hamming_index
+    from node import hamming_index  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
 
     rows = 64
     digests = np.random.default_rng(0).integers(0, 256, (rows, PDQ.digest_size), dtype=np.uint8)
-    scan = ScanHammingIndex(PDQ, np.arange(rows), digests).arrays()
-    multi = {**scan, "offsets": np.zeros((TABLES, BUCKETS + 1), dtype=np.uint32),
-             "positions": np.zeros((TABLES - 1, rows), dtype=np.uint32)}
+    scan = hamming_index.ScanHammingIndex(PDQ, np.arange(rows), digests).arrays()
+    multi = {**scan, "offsets": np.zeros((hamming_index.TABLES, hamming_index.BUCKETS + 1), dtype=np.uint32),
+             "positions": np.zeros((hamming_index.TABLES - 1, rows), dtype=np.uint32)}
     with tempfile.TemporaryDirectory(prefix="icse-warm-up-") as directory:
         for kind, arrays in (("scan", scan), ("multi", multi)):
             mapped = {}
@@ -62,4 +63,4 @@ def warm_up() -> None:
                 path = Path(directory) / f"{kind}.{name}.npy"
                 np.save(path, array)
                 mapped[name] = np.load(path, mmap_mode="r")
-            load_hamming_index(mapped).search([digests[0].tobytes(), digests[1].tobytes()], [31, 64])
+            hamming_index.load_hamming_index(mapped).search([digests[0].tobytes(), digests[1].tobytes()], [31, 64])

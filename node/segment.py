@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import mmap
 import os
 import shutil
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -182,7 +184,7 @@ class SegmentWriter:
         keep = np.zeros(len(keys), dtype=bool)
         keep[first] = True
         self._db.executemany("DELETE FROM rows WHERE id = ?", [(int(i),) for i in ids[~keep]])
-        kept_videos = [v for v, k in zip(videos, keep.tolist()) if k] if videos is not None else None
+        kept_videos = [v for v, k in zip(videos, keep.tolist(), strict=True) if k] if videos is not None else None
         return keys[keep], ids[keep], kept_videos
 
     def _save(self, name: str, array: np.ndarray) -> str:
@@ -217,7 +219,7 @@ class MappedSegment:
     counts: dict[str, int]
     keys: dict[str, tuple[np.ndarray, np.ndarray]]  # algorithm -> (sorted keys, row ids)
     indexes: dict[str, Index]
-    _rows: object = field(default=None, repr=False)
+    _rows: sqlite3.Connection = field(repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -230,7 +232,7 @@ class MappedSegment:
                 raise SegmentCorrupt(f"{path}: file of segment {segment_id} is missing; the node will not "
                                      "serve a partial hash set (restore the store from a backup)")
         with ThreadPoolExecutor(2) as pool:
-            found = dict(zip(paths, pool.map(checksum, paths.values())))
+            found = dict(zip(paths, pool.map(checksum, paths.values()), strict=True))
         for name, expected in files.items():
             if found[name] != expected:
                 raise SegmentCorrupt(
@@ -254,11 +256,10 @@ class MappedSegment:
 
     def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._rows.execute(sql, parameters).fetchall()  # type: ignore[union-attr]
+            return self._rows.execute(sql, parameters).fetchall()
 
     def rows(self, ids: Sequence[int]) -> list[tuple]:
         """(id, algorithm, digest, ...) of these row ids, in one query."""
-        import json
         return self.query(f"SELECT id, {_COLUMNS} FROM rows WHERE id IN (SELECT value FROM json_each(?))",
                           (json.dumps(sorted(set(ids))),))
 
@@ -274,4 +275,4 @@ class MappedSegment:
 
     def close(self) -> None:
         with self._lock:
-            self._rows.close()  # type: ignore[union-attr]
+            self._rows.close()

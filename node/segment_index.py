@@ -65,7 +65,7 @@ def build_arrays(algorithm: Algorithm, ids: np.ndarray, digests: Sequence[bytes]
     elif algorithm.match_kind is MatchKind.FRAMES:
         frames: list[bytes] = []
         owners: list[np.ndarray] = []
-        for record_id, digest in zip(ids.tolist(), digests):
+        for record_id, digest in zip(ids.tolist(), digests, strict=True):
             video = split_frames(algorithm, digest)
             frames += video
             owners.append(np.full(len(video), record_id, dtype=np.int64))

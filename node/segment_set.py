@@ -55,7 +55,7 @@ class MergedIndex:
         merged: list[list[Candidate]] = [[] for _ in digests]
         for segment_id, index, deleted in self._parts:
             base = segment_id << ROW_BITS
-            for found, candidates in zip(merged, index.search(digests, max_distance)):
+            for found, candidates in zip(merged, index.search(digests, max_distance), strict=True):
                 for c in candidates:
                     if c.record_id not in deleted:
                         found.append(Candidate(base | c.record_id, c.distance, c.matched_share))

@@ -55,7 +55,8 @@ def bind_failure(address: str) -> str:
     called only after gRPC failed to bind, which reports no reason."""
     host, _, port = address.rpartition(":")
     try:
-        candidates = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        candidates = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                        flags=socket.AI_PASSIVE)
     except (socket.gaierror, ValueError) as exc:
         return f"not a listening address ({exc})"
     reasons = []

@@ -279,7 +279,7 @@ def _live_keys(live: SegmentSet, pairs: Iterable[tuple[str, bytes]]) -> set[tupl
     by_algorithm: dict[str, list[bytes]] = {}
     for name, digest in pairs:
         by_algorithm.setdefault(name, []).append(digest)
-    found = set()
+    found: set[tuple[str, bytes]] = set()
     for name, digests in by_algorithm.items():
         keys = segment_index.keys_of(algorithms.get(name), digests)
         present = live.present(name, keys)
@@ -299,16 +299,16 @@ def _write_new(writer: SegmentWriter, live: SegmentSet, batch: list[Row]) -> Non
         algorithm = algorithms.get(name)
         keys = segment_index.keys_of(algorithm, [row[1] for row in rows])
         new = ~live.present(name, keys) if live.segments else np.ones(len(keys), dtype=bool)
-        if not new.all():
-            rows = [row for row, keep in zip(rows, new.tolist()) if keep]
-            keys = keys[new]
-        writer.add(algorithm, rows, keys)
+        if new.all():
+            writer.add(algorithm, rows, keys)
+        else:
+            writer.add(algorithm, [row for row, keep in zip(rows, new.tolist(), strict=True) if keep], keys[new])
 
 
 async def _aiter(batches: AsyncIterator[T] | Iterable[T]) -> AsyncIterator[T]:
     if hasattr(batches, "__aiter__"):
-        async for batch in batches:  # type: ignore[union-attr]
+        async for batch in batches:
             yield batch
     else:
-        for batch in batches:  # type: ignore[union-attr]
+        for batch in batches:
             yield batch

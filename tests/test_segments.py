@@ -111,7 +111,7 @@ async def test_a_damaged_segment_file_is_refused_by_name(tmp_path: Path) -> None
         with pytest.raises(SegmentCorrupt, match=f"{damaged}: checksum mismatch"):
             await live.current()
         await live.stop()
-        with pytest.raises(SegmentCorrupt, match="sha256.keys.npy"):
+        with pytest.raises(SegmentCorrupt, match=r"sha256\.keys\.npy"):
             await LiveIndexes(store).start()
 
 

@@ -112,7 +112,8 @@ async def test_rows_without_references_are_named_alike_on_every_replica(tmp_path
             assert 1 <= row <= 100  # the media item
         else:
             assert 1 <= row <= 201
-    wide_rows = [r for r in by_reference if named.fullmatch(r) and files[named.fullmatch(r).group(1)].name == "wide.csv"]
+    wide_rows = [r for r in by_reference
+                 if named.fullmatch(r) and files[named.fullmatch(r).group(1)].name == "wide.csv"]
     assert len(wide_rows) == 200 - 67 and all(by_reference[r] == {"md5", "sha1"} for r in wide_rows), \
         "the hashes of one wide row share its reference"
     media = [r for r in by_reference if named.fullmatch(r) and files[named.fullmatch(r).group(1)].suffix == ".json"]
@@ -180,7 +181,8 @@ def test_pki_keys_are_private(tmp_path: Path) -> None:
 
 
 def _node_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 def test_node_cli_import_and_stats(tmp_path: Path) -> None:
@@ -199,8 +201,10 @@ def test_node_cli_import_and_stats(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[node]\nid = "FR"\ncountry = "France"\nfederation = "t"\nstore = "s"\n', "[node] country: expected an ISO 3166"),
-        ('[node]\nid = "FR"\ncountry = "FR"\nfederation = "t"\nstore = "s"\ncolour = 1\n', "[node] colour: unknown key"),
+        ('[node]\nid = "FR"\ncountry = "France"\nfederation = "t"\nstore = "s"\n',
+         "[node] country: expected an ISO 3166"),
+        ('[node]\nid = "FR"\ncountry = "FR"\nfederation = "t"\nstore = "s"\ncolour = 1\n',
+         "[node] colour: unknown key"),
         ('[node]\ncountry = "FR"\nfederation = "t"\nstore = "s"\n', "[node] id: required"),
         ('[node]\nid = "FR"\ncountry = "FR"\nfederation = "t"\nstore = "s"\n[limits]\nmax_items = 0\n',
          "[limits] max_items: must be at least 1"),
