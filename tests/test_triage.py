@@ -448,7 +448,7 @@ async def test_a_file_that_crashes_a_worker_costs_only_its_perceptual_hash(tmp_p
                         hasher=crashing_hasher)
     federation = _NoHits()
     result = await run.run(federation)
-    rows = {Path(r.path).name: r for r in result.rows}
+    rows = {Path(r.path).name: r for r in result.store.rows()}
     assert len(rows) == 62 and all(r.status == "hashed" for r in rows.values())
     crashed = rows["crash.bin"]
     assert crashed.hashes.exact["sha256"] == filehash.exact_digests(tmp_path / "crash.bin")["sha256"]
@@ -533,7 +533,7 @@ async def test_a_file_that_says_image_or_video_but_does_not_decode_says_so(tmp_p
     draw.save_jpeg(draw.drawing(2, (96, 80)), tmp_path / "pic.jpg")
     run = triage.Triage(str(tmp_path), "BROKEN", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
     result = await run.run(_NoHits())
-    rows = {Path(r.path).name: report.file_json(r) for r in result.rows}
+    rows = {Path(r.path).name: report.file_json(r) for r in result.store.rows()}
     for name, algorithm in (("empty.jpg", "pdq"), ("noise.jpg", "pdq"), ("noise.PNG", "pdq"),
                             ("boxed.bin", "vpdq")):
         row = rows[name]
@@ -543,3 +543,37 @@ async def test_a_file_that_says_image_or_video_but_does_not_decode_says_so(tmp_p
     assert "empty" in rows["empty.jpg"]["not_sent"][0]["reason"]
     assert rows["noise.bin"]["not_sent"] == [], "bytes that claim nothing are just bytes"
     assert rows["pic.jpg"]["pdq"] and rows["pic.jpg"]["not_sent"] == []
+
+
+async def test_rows_go_to_the_store_not_to_memory(tmp_path: Path) -> None:
+    """A tree's rows are final on disk as they come; the run holds only those still in flight."""
+    rng = random.Random(9)
+    files = 3000
+    for i in range(files):
+        (tmp_path / f"d{i % 10}" / f"f{i:04d}.bin").parent.mkdir(exist_ok=True)
+        (tmp_path / f"d{i % 10}" / f"f{i:04d}.bin").write_bytes(rng.randbytes(40))
+    (tmp_path / "dangling").symlink_to("nowhere")
+    nodes = [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")]
+    run = triage.Triage(str(tmp_path), "STORE", nodes, jobs=2, batch=30)
+    stored: list[int] = []
+
+    class Counting(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):
+            stored.append(run.store.count())
+            return await super().match(items, case, timeout, deadline)
+
+    result = await run.run(Counting())
+    try:
+        assert not hasattr(result, "rows"), "the result carries no list of rows"
+        in_flight = 2 * run.jobs * triage.CHUNK_FILES + 30 * (triage.PENDING_BATCHES + 1)
+        assert run.peak_live <= in_flight < files / 2
+        assert stored[len(stored) // 2] > files / 4, "rows are stored while the run goes on"
+        assert result.files == files and result.count("unreadable") == 1 and result.files_known == 0
+        assert sum(1 for _ in result.store.rows()) == files + 1
+        summary = report.summary_json(result)["summary"]
+        assert summary["files"] == files and summary["unreadable"] == 1 and summary["items_queried"] == 3 * files
+        assert result.exit_status() == 2
+        assert run.store.path.stat().st_mode & 0o777 == 0o600
+    finally:
+        result.store.close()
+    assert not run.store.path.exists(), "the rows of a run do not outlive it"

@@ -21,7 +21,8 @@ from rich.console import Console
 
 from gateway.triage import report, report_html
 from gateway.triage.cache import HashCache, default_cache_path
-from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH, TriageResult
+from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH
+from gateway.triage.result import TriageResult
 from gateway.triage.run import Triage
 
 if TYPE_CHECKING:
@@ -121,12 +122,12 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
         except (sqlite3.Error, OSError) as exc:
             console.print(f"icse-gateway: cache {cache_path} unusable ({exc}): every file is hashed",
                           style="yellow", markup=False)
+    who = signer()
     triage = Triage(root, case, config.nodes, jobs=options.jobs, batch=options.batch or DEFAULT_BATCH, cache=cache,
                     dihedral=options.dihedral, max_distance=options.max_distance, timeout=options.timeout,
                     deadline=options.deadline, exclude=frozenset(exclude), progress=sys.stderr.isatty(),
                     console=console)
     triage.result.gateway = config.gateway_id
-    who = signer()
     requester = config.requester
     triage.result.requester = " / ".join(x for x in (options.officer or requester.officer, requester.org,
                                                      requester.country) if x)
@@ -136,18 +137,25 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
         if cache is not None:
             console.print(f"interrupted: {triage.result.hashed_now} file(s) hashed in this run are kept in "
                           f"{cache.path}; the same command resumes", markup=False, soft_wrap=True)
+        triage.store.close()
+        raise
+    except BaseException:
+        triage.store.close()
         raise
     finally:
         if cache is not None:
             with contextlib.suppress(sqlite3.Error):
                 cache.close()
-    for name, path in outputs.items():
-        WRITERS[name](result, path)
-    if options.json_summary:
-        print(json.dumps(report.summary_json(result, outputs), indent=2))
-    else:
-        report.print_summary(result, Console() if sys.stdout.isatty() else Console(width=160), outputs)
-    return result.exit_status()
+    try:
+        for name, path in outputs.items():
+            WRITERS[name](result, path)
+        if options.json_summary:
+            print(json.dumps(report.summary_json(result, outputs), indent=2))
+        else:
+            report.print_summary(result, Console() if sys.stdout.isatty() else Console(width=160), outputs)
+        return result.exit_status()
+    finally:
+        result.store.close()
 
 
 async def _run(triage: Triage, config: GatewayConfig, signer: Signer) -> TriageResult:

@@ -12,15 +12,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from federation.files import atomic_write
 from gateway.triage import report
-from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, TriageResult
+from gateway.triage.model import HASHED, NOT_HASHED, UNREADABLE, FileRow
+from gateway.triage.result import TriageResult
 
 
 @cache
@@ -94,16 +95,29 @@ _FILE_HEADERS = (("path", "text"), ("size", "num"), ("countries", "text"), ("bes
                  ("references", "num"), *((heading, kind) for _, heading, kind in _HASH_COLUMNS), ("notes", "text"))
 
 
-def _table(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> str:
+def _table_parts(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> Iterator[str]:
+    """A table, piece by piece: its rows are written as they are read, never all in memory."""
     head = "".join(f"<th data-type=\"{kind}\" aria-sort=\"none\">{_e(name)}</th>" for name, kind in headers)
-    return (f"<table id=\"{table_id}\" class=\"sortable\"><thead><tr>{head}</tr></thead>"
-            f"<tbody>\n{chr(10).join(rows)}\n</tbody></table>")
+    yield f"<table id=\"{table_id}\" class=\"sortable\"><thead><tr>{head}</tr></thead><tbody>\n"
+    for i, row in enumerate(rows):
+        yield f"\n{row}" if i else row
+    yield "\n</tbody></table>"
+
+
+def _table(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> str:
+    return "".join(_table_parts(table_id, headers, rows))
 
 
 def html_report(result: TriageResult) -> str:
-    """The whole page for ``result``."""
-    files, known = result.files, result.known
-    unreadable, not_hashed = result.of_status(UNREADABLE), result.of_status(NOT_HASHED)
+    """The whole page for ``result`` (tests; :func:`write_html` streams it)."""
+    return "".join(html_parts(result))
+
+
+def html_parts(result: TriageResult) -> Iterator[str]:
+    """The page for ``result``, piece by piece, the long tables read from the store as they are written."""
+    store = result.store
+    files, known = result.files, result.files_known
+    unreadable, not_hashed = result.count(UNREADABLE), result.count(NOT_HASHED)
     when = report.when(result)
     countries = result.countries
     incomplete = [t for t in sorted(result.nodes.values(), key=lambda t: t.node_id) if not t.complete]
@@ -112,8 +126,8 @@ def html_report(result: TriageResult) -> str:
         ("Directory", result.root),
         ("When", f"{when['started']} to {when['finished']} (UTC; {when['seconds']} s)"),
         ("Requested by", f"{result.requester} via gateway {result.gateway}".strip()),
-        ("Files hashed", f"{len(files):,} ({result.cache_hits:,} from the cache, {result.hashed_now:,} hashed now)"),
-        ("Known files", f"{len(known):,}"),
+        ("Files hashed", f"{files:,} ({result.cache_hits:,} from the cache, {result.hashed_now:,} hashed now)"),
+        ("Known files", f"{known:,}"),
         ("Countries with hits", ", ".join(f"{c} ({n['files']:,} file(s))" for c, n in countries.items()) or "none"),
         ("Hashes asked", f"{result.items_queried:,} in {result.batches:,} batch(es) of at most "
                          f"{result.batch_size:,}; {len(result.nodes)} node(s)"),
@@ -121,9 +135,9 @@ def html_report(result: TriageResult) -> str:
             f"{t.node_id} ({t.country}) answered {t.answered} of {t.batches} batch(es)"
             + (f": {'; '.join(t.messages)}" if t.messages else "") for t in incomplete)
          if incomplete else "no — every node answered every batch"),
-        ("Unreadable files", f"{len(unreadable):,}"),
-        ("Not hashed", f"{len(not_hashed):,} (links out of the tree, special files)"),
-        ("Perceptual hashes not sent", f"{sum(1 for r in files if r.hashes and r.hashes.skipped):,}"),
+        ("Unreadable files", f"{unreadable:,}"),
+        ("Not hashed", f"{not_hashed:,} (links out of the tree, special files)"),
+        ("Perceptual hashes not sent", f"{store.count(HASHED, skipped=True):,}"),
         ("Options", f"max distance {result.max_distance or 'node default'}; "
                     f"rotations/flips {'yes' if result.dihedral else 'no'}; {result.jobs} hashing process(es)"),
     ]
@@ -135,7 +149,7 @@ def html_report(result: TriageResult) -> str:
     else:
         banner = "<p class=\"ok\">Complete answer: every node answered every batch.</p>"
     if unreadable:
-        banner += (f"<p class=\"warn\"><b>{len(unreadable):,} file(s) could not be read</b> and were not looked "
+        banner += (f"<p class=\"warn\"><b>{unreadable:,} file(s) could not be read</b> and were not looked "
                    "up (listed below).</p>")
     country_rows = [f"<tr><td>{_e(c)}</td><td class=\"num\">{n['files']:,}</td>"
                     f"<td class=\"num\">{n['references']:,}</td></tr>" for c, n in countries.items()]
@@ -143,7 +157,6 @@ def html_report(result: TriageResult) -> str:
                  f"{t.answered}/{t.batches}</td><td>{_e(', '.join(f'{k} {v}' for k, v in sorted(t.statuses.items())))}"
                  f"</td><td>{_e('; '.join(t.messages))}</td></tr>"
                  for t in sorted(result.nodes.values(), key=lambda t: t.node_id)]
-    ordered = report.known_order(known) + sorted((r for r in files if not r.known), key=lambda r: r.path)
     sections = [
         f"<h1>ICSE triage report — case {_e(result.case)}</h1>",
         banner,
@@ -156,39 +169,43 @@ def html_report(result: TriageResult) -> str:
     sections.append("<section id=\"nodes\"><h2>Nodes</h2>" + _table(
         "nodes-table", (("node", "text"), ("country", "text"), ("batches answered", "num"), ("statuses", "text"),
                         ("message", "text")), node_rows) + "</section>")
-    sections.append(
-        f"<section id=\"files-section\"><h2>Files ({len(files):,}; known first)</h2>"
-        "<div class=\"controls\"><label><input type=\"checkbox\" id=\"known-only\"> known files only</label>"
-        "<label>path contains <input type=\"search\" id=\"filter\"></label></div>"
-        + _table("files", _FILE_HEADERS, (_file_row_html(r) for r in ordered)) + "</section>")
-    if unreadable:
-        sections.append(f"<section id=\"unreadable\"><h2>Unreadable ({len(unreadable):,})</h2>" + _table(
-            "unreadable-table", (("path", "text"), ("reason", "text")),
-            (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>" for r in unreadable))
-            + "</section>")
-    if not_hashed:
-        sections.append(f"<section id=\"not-hashed\"><h2>Not hashed ({len(not_hashed):,})</h2>" + _table(
-            "not-hashed-table", (("path", "text"), ("reason", "text")),
-            (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>" for r in not_hashed))
-            + "</section>")
-    sections.append("<footer><p class=\"muted\">Generated by icse-gateway. Only digests of these files left this "
-                    "machine; this page loads nothing from anywhere.</p></footer>")
     style, script = _asset("report.css"), _asset("report.js")
     policy = (f"default-src 'none'; style-src {_csp_hash(style)}; script-src {_csp_hash(script)}; "
               "img-src 'none'; base-uri 'none'; form-action 'none'")
-    return (
+    yield (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\">\n"
         "<meta name=\"referrer\" content=\"no-referrer\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
         f"<title>ICSE triage — case {_e(result.case)}</title>\n<style>{style}</style></head>\n<body>\n"
-        + "\n".join(sections)
-        + f"\n<script>{script}</script>\n</body></html>\n"
-    )
+        + "\n".join(sections) + "\n")
+    yield (f"<section id=\"files-section\"><h2>Files ({files:,}; known first)</h2>"
+           "<div class=\"controls\"><label><input type=\"checkbox\" id=\"known-only\"> known files only</label>"
+           "<label>path contains <input type=\"search\" id=\"filter\"></label></div>")
+    yield from _table_parts("files", _FILE_HEADERS, (_file_row_html(r) for r in store.files_known_first()))
+    yield "</section>"
+    if unreadable:
+        yield f"\n<section id=\"unreadable\"><h2>Unreadable ({unreadable:,})</h2>"
+        yield from _table_parts("unreadable-table", (("path", "text"), ("reason", "text")),
+                                (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>"
+                                 for r in store.of_status(UNREADABLE)))
+        yield "</section>"
+    if not_hashed:
+        yield f"\n<section id=\"not-hashed\"><h2>Not hashed ({not_hashed:,})</h2>"
+        yield from _table_parts("not-hashed-table", (("path", "text"), ("reason", "text")),
+                                (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>"
+                                 for r in store.of_status(NOT_HASHED)))
+        yield "</section>"
+    yield ("\n<footer><p class=\"muted\">Generated by icse-gateway. Only digests of these files left this "
+           "machine; this page loads nothing from anywhere.</p></footer>")
+    yield f"\n<script>{script}</script>\n</body></html>\n"
 
 
 def write_html(result: TriageResult, path: Path) -> None:
-    """The page, written atomically (0600: it names seized files)."""
-    text = html_report(result)
-    atomic_write(path, lambda out: out.write(text))
+    """The page, written atomically as it is read from the store (0600: it names seized files)."""
 
+    def write(out: TextIO) -> None:
+        for part in html_parts(result):
+            out.write(part)
+
+    atomic_write(path, write)

@@ -30,17 +30,9 @@ from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
 from gateway.triage.cache import HashCache
-from gateway.triage.model import (
-    DEFAULT_BATCH,
-    HASHED,
-    UNREADABLE,
-    FileRow,
-    Hashed,
-    Match,
-    NodeTally,
-    Task,
-    TriageResult,
-)
+from gateway.triage.model import DEFAULT_BATCH, HASHED, UNREADABLE, FileRow, Hashed, Match, NodeTally, Task
+from gateway.triage.result import TriageResult
+from gateway.triage.store import RowStore
 from gateway.triage.walk import walk
 from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, stop_pool
 
@@ -96,7 +88,7 @@ class Triage:
                  batch: int = DEFAULT_BATCH, cache: HashCache | None = None, dihedral: bool = False,
                  max_distance: int = 0, timeout: float | None = None, deadline: float | None = None,
                  exclude: frozenset[str] = frozenset(), hasher: Hasher | None = None,
-                 progress: bool = False, console: Console | None = None):
+                 progress: bool = False, console: Console | None = None, store: RowStore | None = None):
         self.root = root
         self.case = case
         self.jobs = jobs or _cpu_count()
@@ -106,12 +98,13 @@ class Triage:
         self.max_distance = max_distance
         self.timeout = timeout
         self.deadline = deadline
-        self.exclude = exclude
+        self.store = store or RowStore()
+        self.exclude = exclude | {str(p) for p in self.store.files}
         self.hasher = hasher
         self.console = console or Console(stderr=True)
         self.show_progress = progress
         self.result = TriageResult(
-            case=case, root=root, started=dt.datetime.now(dt.UTC),
+            case=case, root=root, started=dt.datetime.now(dt.UTC), store=self.store,
             nodes={n.node_id: NodeTally(n.node_id, n.country) for n in nodes},
             dihedral=dihedral, max_distance=max_distance, batch_size=batch, jobs=self.jobs,
             cache_path=str(cache.path) if cache else None,
@@ -133,6 +126,12 @@ class Triage:
         self._closing = False
         self._querier_task: asyncio.Task | None = None
         self._drained = asyncio.Event()
+        # Rows not final yet (being hashed, or some hash not answered), and how many of
+        # their hashes are still to be answered: all that is held in memory.
+        self._live: dict[int, FileRow] = {}
+        self._unanswered: dict[int, int] = {}
+        self._next_index = 0
+        self.peak_live = 0
 
     # -- public
 
@@ -168,6 +167,10 @@ class Triage:
                     else:
                         stop_pool(pool)
                 self._cached(lambda cache: cache.commit())
+        if finished:
+            for index in sorted(self._live):  # none is left, unless a hash was never answered
+                self._final(index)
+            self.store.commit()
         self.result.finished = dt.datetime.now(dt.UTC)
         return self.result
 
@@ -204,11 +207,13 @@ class Triage:
             chunk, size = [], 0
 
         while (entry := await entries.get()) is not None:
+            index = self._next_index
+            self._next_index += 1
             if isinstance(entry, FileRow):
-                self.result.rows.append(entry)
+                self.store.add(index, entry)
                 continue
-            index = len(self.result.rows)
-            self.result.rows.append(FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns))
+            self._live[index] = FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns)
+            self.peak_live = max(self.peak_live, len(self._live))
             self.total += 1
             self._update(total=self.total)
             cached = self._lookup(entry)
@@ -297,12 +302,13 @@ class Triage:
         return await asyncio.to_thread(exact_only, task, why)
 
     def _finish(self, index: int, task: Task, outcome: Hashed, from_cache: bool = False) -> None:
-        row = self.result.rows[index]
+        row = self._live[index]
         row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
         row.notes += outcome.notes
         self.done += 1
         if outcome.hashes is None:
             row.status, row.reason = UNREADABLE, outcome.reason
+            self._final(index)
         else:
             row.hashes = outcome.hashes
             row.from_cache = from_cache
@@ -311,12 +317,20 @@ class Triage:
                 if self.cache is not None and outcome.stable:
                     self._cached(lambda cache: cache.put(task, self.dihedral, outcome))
             subjects = filehash.subjects(outcome.hashes, self.max_distance)
+            self._unanswered[index] = len(subjects)
+            if not subjects:
+                self._final(index)
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending += [(index, s) for s in subjects]
             if len(self._pending) >= self.batch:
                 self._wake.set()
         self._update(completed=self.done, cached=self.result.cache_hits)
+
+    def _final(self, index: int) -> None:
+        """The row at ``index`` is complete: to the store, out of memory."""
+        self._unanswered.pop(index, None)
+        self.store.add(index, self._live.pop(index))
 
     # -- querying
 
@@ -352,7 +366,7 @@ class Triage:
         subjects = [s for _, s in taken]
         answers = await federation.match([s.item for s in subjects], self.case, self.timeout, self.deadline)
         merged = merge(self.case, subjects, answers)
-        rows = self.result.rows
+        rows = self._live
         for (index, subject), outcome in zip(taken, merged.items, strict=True):
             row = rows[index]
             if outcome.hits:
@@ -364,6 +378,10 @@ class Triage:
         if missing:
             for index in {index for index, _ in taken}:
                 rows[index].not_answered_by.update(missing)
+        for index, _ in taken:
+            self._unanswered[index] -= 1
+            if not self._unanswered[index]:
+                self._final(index)
         for answer in answers:
             tally = self.result.nodes.get(answer.node_id)
             if tally is None:
