@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="hash cache for resuming, keyed by path, size and mtime "
                      "(default: $XDG_CACHE_HOME/icse-gateway/triage-cache.sqlite)")
     tri.add_argument("--no-cache", action="store_true", help="neither read nor write the hash cache")
+    tri.add_argument("--file-timeout", type=float, metavar="S",
+                     help="seconds one file may take to decode and hash (default: 30); a file over it keeps its "
+                     "exact digests, or is listed unreadable, with the reason")
+    tri.add_argument("--worker-memory", type=int, metavar="MB",
+                     help="address space of each hashing process (default: 8192 MB); a decoder asking for more "
+                     "fails on that file alone")
 
     _log_options(query)
     nodes = sub.add_parser("nodes", help="show every node's version, counts and generation")
@@ -164,7 +170,8 @@ def _triage_options(args: argparse.Namespace) -> TriageOptions:
     return TriageOptions(
         directory=args.dir, jobs=args.jobs, batch=args.batch, jsonl=args.jsonl, csv=args.csv, html=args.html,
         cache=args.cache, no_cache=args.no_cache, dihedral=args.dihedral, max_distance=args.max_distance,
-        timeout=args.timeout, deadline=args.deadline, officer=args.officer, json_summary=args.format == "json")
+        timeout=args.timeout, deadline=args.deadline, officer=args.officer, json_summary=args.format == "json",
+        file_timeout=args.file_timeout, worker_memory=args.worker_memory)
 
 
 def _case(text: str) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
@@ -417,6 +418,12 @@ def test_options_that_need_dir(scene: Scene) -> None:
     done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.root),
                 "--html", str(scene.tmp / "missing" / "r.html"))
     assert done.returncode == 2 and "does not exist" in done.stderr
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--hash", "md5:" + "0" * 32,
+                "--file-timeout", "5")
+    assert done.returncode == 2 and "--file-timeout only go with --dir" in done.stderr
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.root),
+                "--file-timeout", "0")
+    assert done.returncode == 2 and "--file-timeout must be more than 0" in done.stderr
 
 
 # --------------------------------------------------------------------------- in process, no nodes
@@ -577,3 +584,54 @@ async def test_rows_go_to_the_store_not_to_memory(tmp_path: Path) -> None:
     finally:
         result.store.close()
     assert not run.store.path.exists(), "the rows of a run do not outlive it"
+
+
+def _hanging_playlist(directory: Path) -> Path:
+    """An HLS playlist named like one: FFmpeg opens the segment it lists, here a FIFO no one writes to.
+
+    A real crafted file, no test hook: opening it blocks the decoder for ever.
+    """
+    os.mkfifo(directory / "segment.ts")
+    playlist = directory / "clip.m3u8"
+    playlist.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nsegment.ts\n#EXT-X-ENDLIST\n")
+    return playlist
+
+
+async def test_a_file_that_hangs_the_decoder_costs_at_most_the_file_timeout(tmp_path: Path) -> None:
+    rng = random.Random(10)
+    for i in range(40):
+        (tmp_path / f"f{i:02d}.bin").write_bytes(rng.randbytes(300))
+    playlist = _hanging_playlist(tmp_path)
+    draw.save_jpeg(draw.drawing(4, (96, 80)), tmp_path / "pic.jpg")
+    run = triage.Triage(str(tmp_path), "HANG", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=50,
+                        file_timeout=1.0)
+    # A guard against the hang this is about, not a measurement.
+    result = await asyncio.wait_for(run.run(_NoHits()), 120)
+    try:
+        rows = {Path(r.path).name: r for r in result.store.rows()}
+        stuck = rows[playlist.name]
+        assert stuck.status == "hashed", stuck.reason
+        assert stuck.hashes.exact["sha256"] == filehash.exact_digests(playlist)["sha256"]
+        assert "took longer than 1 s" in stuck.hashes.skipped[0].reason
+        assert rows["segment.ts"].status == "not_hashed"
+        assert rows["pic.jpg"].hashes.pdq is not None, "the other files are hashed as usual"
+        assert sum(1 for r in rows.values() if r.status == "hashed" and not r.hashes.skipped) == 41
+    finally:
+        result.store.close()
+
+
+async def test_a_decoder_that_asks_for_too_much_memory_fails_alone(tmp_path: Path) -> None:
+    # 49 million pixels: under the size any image is refused at, over what 600 MB of address space can decode.
+    Image.new("RGB", (7000, 7000), (120, 30, 200)).save(tmp_path / "huge.png")
+    draw.save_jpeg(draw.drawing(5, (96, 80)), tmp_path / "pic.jpg")
+    run = triage.Triage(str(tmp_path), "MEM", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1,
+                        worker_memory=600 << 20)
+    result = await run.run(_NoHits())
+    try:
+        rows = {Path(r.path).name: r for r in result.store.rows()}
+        huge = rows["huge.png"]
+        assert huge.status == "hashed" and huge.hashes.exact["sha256"]
+        assert "MemoryError" in huge.hashes.skipped[0].reason
+        assert rows["pic.jpg"].hashes.pdq is not None, "the worker goes on with the next file"
+    finally:
+        result.store.close()

@@ -23,7 +23,7 @@ from gateway.triage import report, report_html
 from gateway.triage.cache import HashCache, default_cache_path
 from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH
 from gateway.triage.result import TriageResult
-from gateway.triage.run import Triage
+from gateway.triage.run import FILE_TIMEOUT, WORKER_MEMORY, Triage
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -56,6 +56,8 @@ class TriageOptions:
     deadline: float | None = None
     officer: str | None = None
     json_summary: bool = False
+    file_timeout: float | None = None
+    worker_memory: int | None = None  # MB
 
     def reports(self) -> dict[str, Path]:
         """The report files asked for, by format."""
@@ -66,7 +68,9 @@ class TriageOptions:
         """Raises :class:`TriageUsageError` for options that do not go together."""
         if self.directory is None:
             given = [f"--{name}" for name, value in (("jobs", self.jobs), ("batch", self.batch), ("jsonl", self.jsonl),
-                                                     ("csv", self.csv), ("html", self.html), ("cache", self.cache))
+                                                     ("csv", self.csv), ("html", self.html), ("cache", self.cache),
+                                                     ("file-timeout", self.file_timeout),
+                                                     ("worker-memory", self.worker_memory))
                      if value is not None]
             if self.no_cache:
                 given.append("--no-cache")
@@ -79,6 +83,10 @@ class TriageOptions:
             raise TriageUsageError("--jobs must be between 1 and 256")
         if self.batch is not None and not 1 <= self.batch <= MAX_BATCH:
             raise TriageUsageError(f"--batch must be between 1 and {MAX_BATCH} items")
+        if self.file_timeout is not None and not 0 < self.file_timeout <= 86_400:
+            raise TriageUsageError("--file-timeout must be more than 0 and at most 86400 seconds")
+        if self.worker_memory is not None and not 256 <= self.worker_memory <= 1 << 24:
+            raise TriageUsageError("--worker-memory must be between 256 and 16777216 MB")
         if self.no_cache and self.cache is not None:
             raise TriageUsageError("--cache and --no-cache exclude each other")
 
@@ -126,7 +134,8 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
     triage = Triage(root, case, config.nodes, jobs=options.jobs, batch=options.batch or DEFAULT_BATCH, cache=cache,
                     dihedral=options.dihedral, max_distance=options.max_distance, timeout=options.timeout,
                     deadline=options.deadline, exclude=frozenset(exclude), progress=sys.stderr.isatty(),
-                    console=console)
+                    console=console, file_timeout=options.file_timeout or FILE_TIMEOUT,
+                    worker_memory=(options.worker_memory << 20) if options.worker_memory else WORKER_MEMORY)
     triage.result.gateway = config.gateway_id
     requester = config.requester
     triage.result.requester = " / ".join(x for x in (options.officer or requester.officer, requester.org,

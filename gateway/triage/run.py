@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import signal
 import sqlite3
 import threading
 import time
@@ -23,7 +24,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from federation.query import QueryItem
 from gateway import filehash
@@ -31,10 +31,11 @@ from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
 from gateway.triage.cache import HashCache
 from gateway.triage.model import DEFAULT_BATCH, HASHED, UNREADABLE, FileRow, Hashed, Match, NodeTally, Task
+from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
 from gateway.triage.store import RowStore
 from gateway.triage.walk import walk
-from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, stop_pool
+from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, stop_pool, stuck_workers
 
 if TYPE_CHECKING:
     from gateway.config import NodeEntry
@@ -47,6 +48,10 @@ CHUNK_BYTES = 32 << 20
 FLUSH_AFTER = 2.0
 # Hashing waits when this many batches are waiting for the nodes (bounded memory).
 PENDING_BATCHES = 8
+# Seconds one file may take to decode and hash (--file-timeout), and bytes of address
+# space per hashing process (--worker-memory): a hostile file costs at most that.
+FILE_TIMEOUT = 30.0
+WORKER_MEMORY = 8 << 30
 
 
 class MatchingFederation(Protocol):
@@ -56,31 +61,6 @@ class MatchingFederation(Protocol):
                     deadline: float | None = None) -> list[NodeAnswer]: ...
 
 
-class _Progress:
-    """A live line on stderr when it is a terminal; nothing otherwise."""
-
-    def __init__(self, console: Console, enabled: bool):
-        self._progress = Progress(
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TextColumn("files hashed · [bold]{task.fields[known]}[/] known ({task.fields[hits]} hits) · "
-                       "{task.fields[items]} hashes asked · last batch {task.fields[answers]} · "
-                       "{task.fields[cached]} from cache"),
-            TimeElapsedColumn(), console=console, disable=not enabled, transient=False,
-        )
-        self._task = self._progress.add_task("walking", total=None, cached=0, items=0, known=0, hits=0,
-                                             answers="-")
-
-    def __enter__(self) -> _Progress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def update(self, **fields: Any) -> None:
-        self._progress.update(self._task, **fields)
-
-
 class Triage:
     """One run over one directory; its counters stay readable after an interruption."""
 
@@ -88,7 +68,8 @@ class Triage:
                  batch: int = DEFAULT_BATCH, cache: HashCache | None = None, dihedral: bool = False,
                  max_distance: int = 0, timeout: float | None = None, deadline: float | None = None,
                  exclude: frozenset[str] = frozenset(), hasher: Hasher | None = None,
-                 progress: bool = False, console: Console | None = None, store: RowStore | None = None):
+                 progress: bool = False, console: Console | None = None, store: RowStore | None = None,
+                 file_timeout: float | None = FILE_TIMEOUT, worker_memory: int | None = WORKER_MEMORY):
         self.root = root
         self.case = case
         self.jobs = jobs or _cpu_count()
@@ -101,6 +82,8 @@ class Triage:
         self.store = store or RowStore()
         self.exclude = exclude | {str(p) for p in self.store.files}
         self.hasher = hasher
+        self.file_timeout = file_timeout
+        self.worker_memory = worker_memory
         self.console = console or Console(stderr=True)
         self.show_progress = progress
         self.result = TriageResult(
@@ -120,7 +103,7 @@ class Triage:
         self._pool: ProcessPoolExecutor | None = None
         self._solo: ProcessPoolExecutor | None = None
         self._solo_lock = asyncio.Lock()
-        self._progress: _Progress | None = None
+        self._progress: LiveProgress | None = None
         self._known = self._hits = 0
         self._running: set[asyncio.Task] = set()
         self._closing = False
@@ -139,11 +122,12 @@ class Triage:
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
         loop = asyncio.get_running_loop()
         entries: asyncio.Queue[Task | FileRow | None] = asyncio.Queue()
-        self._pool = new_pool(self.jobs)
-        with _Progress(self.console, self.show_progress) as progress:
+        self._pool = new_pool(self.jobs, self.worker_memory)
+        with LiveProgress(self.console, self.show_progress) as progress:
             self._progress = progress
             walker = loop.run_in_executor(None, self._walk_into, entries, loop)
             querier = self._querier_task = asyncio.create_task(self._querier(federation))
+            watchdog = asyncio.create_task(self._watch())
             finished = False
             try:
                 await self._dispatch(entries)
@@ -157,7 +141,7 @@ class Triage:
             finally:
                 self._stop_walk.set()
                 self._closing = True
-                unfinished = [t for t in (querier, *self._running) if not t.done()]
+                unfinished = [t for t in (querier, watchdog, *self._running) if not t.done()]
                 for task in unfinished:
                     task.cancel()
                 await asyncio.gather(*unfinished, return_exceptions=True)
@@ -258,7 +242,7 @@ class Triage:
             # A worker died (a decoder crashed on a hostile file, or the OOM killer):
             # a fresh pool for the others, and this chunk's files one by one, apart.
             if self._pool is pool:
-                self._pool = new_pool(self.jobs)
+                self._pool = new_pool(self.jobs, self.worker_memory)
                 stop_pool(pool)
             for index, task in chunk:
                 self._finish(index, task, await self._hash_alone(task))
@@ -287,19 +271,39 @@ class Triage:
                                "going on without it", style="yellow", markup=False, soft_wrap=True)
             self.cache = None
 
+    async def _watch(self) -> None:
+        """Kills a worker stuck on one file past the limit: its chunk is then hashed file by file, apart."""
+        if self.file_timeout is None:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, self.file_timeout / 4))
+            for pid in stuck_workers(self._pool, self.file_timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
     async def _hash_alone(self, task: Task) -> Hashed:
-        loop = asyncio.get_running_loop()
+        """One file in a process of its own: hashed, or its exact digests only, or why neither."""
         async with self._solo_lock:
-            if self._solo is None:
-                self._solo = new_pool(1)
-            try:
-                (outcome,) = await loop.run_in_executor(self._solo, hash_chunk, [task], self.dihedral, self.hasher)
-                return outcome
-            except BrokenProcessPool:
-                stop_pool(self._solo)
-                self._solo = None
-        why = "hashing this file crashed the hashing process: exact digests only, no perceptual hash"
-        return await asyncio.to_thread(exact_only, task, why)
+            outcome, why = await self._alone(hash_chunk, [task], self.dihedral, self.hasher)
+            if outcome is None:
+                outcome, why = await self._alone(exact_only, task, f"{why}: exact digests only, no perceptual hash")
+        return outcome or Hashed(None, task.size, task.mtime_ns, f"even reading it {why}")
+
+    async def _alone(self, work: Callable[..., Any], *args: Any) -> tuple[Hashed | None, str]:
+        loop = asyncio.get_running_loop()
+        if self._solo is None:
+            self._solo = new_pool(1, self.worker_memory)
+        try:
+            done = await asyncio.wait_for(loop.run_in_executor(self._solo, work, *args), self.file_timeout)
+        except BrokenProcessPool:
+            why = "crashed the hashing process (or went over its memory limit)"
+        except TimeoutError:
+            why = f"took longer than {self.file_timeout:g} s (--file-timeout): stopped"
+        else:
+            return (done[0] if isinstance(done, list) else done), ""
+        stop_pool(self._solo)
+        self._solo = None
+        return None, f"hashing this file {why}" if work is hash_chunk else why
 
     def _finish(self, index: int, task: Task, outcome: Hashed, from_cache: bool = False) -> None:
         row = self._live[index]
