@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import json
 import os
 import random
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 from gateway import filehash, triage
 from gateway.config import NodeEntry
-from gateway.results import NodeAnswer, NodeStatus
+from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.triage import report
 from tests import media as draw
 from tests.support import import_rows, wait_until
@@ -635,3 +637,63 @@ async def test_a_decoder_that_asks_for_too_much_memory_fails_alone(tmp_path: Pat
         assert rows["pic.jpg"].hashes.pdq is not None, "the worker goes on with the next file"
     finally:
         result.store.close()
+
+
+async def test_the_first_batch_is_small_and_progress_counts_hashes_as_they_go_out(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    for i in range(400):
+        (tmp_path / f"f{i:03d}.bin").write_bytes(rng.randbytes(60))
+    run = triage.Triage(str(tmp_path), "FIRST", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=500)
+    sent_when_asked: list[int] = []
+
+    class Watching(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):
+            sent_when_asked.append(run.items_sent)
+            return await super().match(items, case, timeout, deadline)
+
+    federation = Watching()
+    result = await run.run(federation)
+    result.store.close()
+    assert federation.batches[0] == triage.FIRST_BATCH, "the first answer comes after 100 hashes, not 500"
+    assert max(federation.batches) <= 500 and sum(federation.batches) == 1200
+    running = [sum(federation.batches[: i + 1]) for i in range(len(federation.batches))]
+    assert sent_when_asked == running, "a batch counts as sent when it goes out, before its answer"
+
+
+async def test_the_terminal_shows_near_duplicates_and_explains_its_counts(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    exact = set()
+    for i in range(30):
+        path = tmp_path / f"copy{i:02d}.bin"
+        path.write_bytes(rng.randbytes(80))
+        exact.add(filehash.exact_digests(path)["md5"])
+    for i in range(2):
+        draw.save_jpeg(draw.drawing(20 + i, (96, 80)), tmp_path / f"zz_edited{i}.jpg")
+
+    class Knowing(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):
+            def hits(item):
+                if item.algorithm == "md5" and item.digest in exact:
+                    return (HitInfo("FR", "FR", "FR-" + item.digest.hex()[:6]),)
+                if item.algorithm == "pdq":
+                    return (HitInfo("ES", "ES", "ES-IMG", distance=7),)
+                return ()
+            return [NodeAnswer("FR", "FR", NodeStatus.HIT, hits=tuple(hits(i) for i in items),
+                               truncated=(False,) * len(items))]
+
+    run = triage.Triage(str(tmp_path), "NEAR", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
+    result = await run.run(Knowing())
+    screen = io.StringIO()
+    try:
+        report.print_summary(result, Console(file=screen, width=300))
+    finally:
+        result.store.close()
+    text = screen.getvalue()
+    for i in range(2):
+        line = next(line for line in text.splitlines() if f"zz_edited{i}.jpg" in line)
+        assert "ES-IMG (distance 7)" in line and " 7 " in line
+    assert "Near-duplicates" in text and "Exact copies (distance 0, first 20 of 30)" in text
+    assert "32 of 32 file(s) known" in text
+    assert "30 exact copies (distance 0) and 2 near-duplicate(s)" in text
+    assert "32 reference(s): a file counts once per node and reference" in text
+    assert "32 hit(s): one per hash that matched" in text

@@ -14,8 +14,8 @@ or decoded is listed with the reason.
 from gateway.triage.cache import HashCache
 from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH, FileRow, Hashed, Task
 from gateway.triage.result import TriageResult
-from gateway.triage.run import CHUNK_FILES, PENDING_BATCHES, MatchingFederation, Triage
+from gateway.triage.run import CHUNK_FILES, FIRST_BATCH, PENDING_BATCHES, MatchingFederation, Triage
 from gateway.triage.store import RowStore
 
-__all__ = ["CHUNK_FILES", "DEFAULT_BATCH", "MAX_BATCH", "PENDING_BATCHES", "FileRow", "HashCache", "Hashed",
-           "MatchingFederation", "RowStore", "Task", "Triage", "TriageResult"]
+__all__ = ["CHUNK_FILES", "DEFAULT_BATCH", "FIRST_BATCH", "MAX_BATCH", "PENDING_BATCHES", "FileRow", "HashCache",
+           "Hashed", "MatchingFederation", "RowStore", "Task", "Triage", "TriageResult"]

@@ -17,8 +17,9 @@ class LiveProgress:
     def __init__(self, console: Console, enabled: bool):
         self._progress = Progress(
             SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TextColumn("files hashed · [bold]{task.fields[known]}[/] known ({task.fields[hits]} hits) · "
-                       "{task.fields[items]} hashes asked · last batch {task.fields[answers]} · "
+            TextColumn("files hashed · [bold]{task.fields[known]}[/] files known "
+                       "({task.fields[hits]} hits: one per matching hash) · "
+                       "{task.fields[items]} hashes sent · last batch {task.fields[answers]} · "
                        "{task.fields[cached]} from cache"),
             TimeElapsedColumn(), console=console, disable=not enabled, transient=False,
         )

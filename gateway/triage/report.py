@@ -38,6 +38,7 @@ from gateway import filehash
 from gateway.textsafe import cell, terminal_safe
 from gateway.triage.model import HASHED, NOT_HASHED, UNREADABLE, FileRow
 from gateway.triage.result import TriageResult
+from gateway.triage.store import RowStore
 
 SCHEMA = "icse.triage-result/1"
 ROW_SCHEMA = "icse.triage-file/1"
@@ -179,6 +180,9 @@ def summary_json(result: TriageResult, outputs: dict[str, Path] | None = None) -
         "summary": {
             "files": result.files,
             "files_known": result.files_known,
+            "files_near_duplicates": store.known_near(),
+            "references": store.references(),
+            "hits": store.hits(),
             "hashed_now": result.hashed_now,
             "cache_hits": result.cache_hits,
             "unreadable": result.count(UNREADABLE),
@@ -203,6 +207,23 @@ def summary_json(result: TriageResult, outputs: dict[str, Path] | None = None) -
     }
 
 
+def _listing(console: Console, store: RowStore, near: bool, count: int, title: str) -> None:
+    """Known files of one kind, the first :data:`STDOUT_KNOWN`, each with its distance and references."""
+    if not count:
+        return
+    shown = f", first {STDOUT_KNOWN} of {count:,}" if count > STDOUT_KNOWN else ""
+    listing = Table(title=f"{title[:-1]}{shown})", title_justify="left")
+    for column in ("file", "countries", "distance", "references"):
+        listing.add_column(column)
+    for row in store.known(STDOUT_KNOWN, near=near):
+        refs = ", ".join(f"{r['country']} {r['reference']} (distance {r['distance']})" for r in row.references())
+        listing.add_row(Text(terminal(row.path)), " ".join(row.countries), str(row.best_distance),
+                        Text(terminal(refs)))
+    console.print(listing)
+    if count > STDOUT_KNOWN:
+        console.print(f"… and {count - STDOUT_KNOWN:,} more: see the reports")
+
+
 def print_summary(result: TriageResult, console: Console, outputs: dict[str, Path] | None = None) -> None:
     files, known = result.files, result.files_known
     unreadable, not_hashed = result.count(UNREADABLE), result.count(NOT_HASHED)
@@ -215,6 +236,14 @@ def print_summary(result: TriageResult, console: Console, outputs: dict[str, Pat
     where = f" — in {', '.join(countries)}" if countries else ""
     console.print(Text(f"{known:,} of {files:,} file(s) known to the federation{where}",
                        style="bold green" if known else ""))
+    store = result.store
+    if known:
+        near = store.known_near()
+        console.print(Text(
+            f"  {known - near:,} exact cop{'y' if known - near == 1 else 'ies'} (distance 0) and {near:,} "
+            f"near-duplicate(s) (perceptual match, distance > 0); {store.references():,} reference(s): a file counts "
+            f"once per node and reference it matched; {store.hits():,} hit(s): one per hash that matched, so one "
+            "file's MD5, SHA-1, SHA-256 and PDQ can each hit the same reference"))
     if countries:
         table = Table(title="Known, by country", title_justify="left")
         for column in ("country", "files", "references"):
@@ -222,17 +251,9 @@ def print_summary(result: TriageResult, console: Console, outputs: dict[str, Pat
         for country, counts in countries.items():
             table.add_row(terminal(country), f"{counts['files']:,}", f"{counts['references']:,}")
         console.print(table)
-        shown = f" (nearest first, first {STDOUT_KNOWN})" if known > STDOUT_KNOWN else ""
-        listing = Table(title=f"Known files{shown}", title_justify="left")
-        for column in ("file", "countries", "distance", "references"):
-            listing.add_column(column)
-        for row in result.store.known(STDOUT_KNOWN):
-            refs = ", ".join(f"{r['country']} {r['reference']}" for r in row.references())
-            listing.add_row(Text(terminal(row.path)), " ".join(row.countries), str(row.best_distance),
-                            Text(terminal(refs)))
-        console.print(listing)
-        if known > STDOUT_KNOWN:
-            console.print(f"… and {known - STDOUT_KNOWN:,} more known file(s): see the reports")
+        near = store.known_near()
+        _listing(console, store, True, near, "Near-duplicates (perceptual match, distance > 0; nearest first)")
+        _listing(console, store, False, known - near, "Exact copies (distance 0)")
     for row in result.store.of_status(UNREADABLE, limit=10):
         console.print(Text.assemble(("unreadable: ", "yellow"), terminal(row.path), ": ", terminal(row.reason)))
     if unreadable > 10:

@@ -48,6 +48,8 @@ CHUNK_BYTES = 32 << 20
 FLUSH_AFTER = 2.0
 # Hashing waits when this many batches are waiting for the nodes (bounded memory).
 PENDING_BATCHES = 8
+# The first batch is this small, so that the first answer comes early.
+FIRST_BATCH = 100
 # Seconds one file may take to decode and hash (--file-timeout), and bytes of address
 # space per hashing process (--worker-memory): a hostile file costs at most that.
 FILE_TIMEOUT = 30.0
@@ -105,6 +107,8 @@ class Triage:
         self._solo_lock = asyncio.Lock()
         self._progress: LiveProgress | None = None
         self._known = self._hits = 0
+        # Hashes sent to the nodes so far, answered or not (the progress line shows it as batches go out).
+        self.items_sent = 0
         self._running: set[asyncio.Task] = set()
         self._closing = False
         self._querier_task: asyncio.Task | None = None
@@ -327,7 +331,7 @@ class Triage:
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending += [(index, s) for s in subjects]
-            if len(self._pending) >= self.batch:
+            if len(self._pending) >= self._batch_size():
                 self._wake.set()
         self._update(completed=self.done, cached=self.result.cache_hits)
 
@@ -338,8 +342,11 @@ class Triage:
 
     # -- querying
 
+    def _batch_size(self) -> int:
+        return min(self.batch, FIRST_BATCH) if not self.items_sent else self.batch
+
     def _batch_ready(self) -> bool:
-        if len(self._pending) >= self.batch or (self._hashing_over and self._pending):
+        if len(self._pending) >= self._batch_size() or (self._hashing_over and self._pending):
             return True
         return bool(self._pending) and time.monotonic() - (self._pending_since or 0) >= FLUSH_AFTER
 
@@ -360,8 +367,11 @@ class Triage:
                     wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
-            taken = self._pending[: self.batch]
-            del self._pending[: self.batch]
+            size = self._batch_size()
+            taken = self._pending[:size]
+            del self._pending[:size]
+            self.items_sent += len(taken)
+            self._update(items=self.items_sent)
             self._pending_since = time.monotonic() if self._pending else None
             self._drained.set()
             await self._ask(federation, taken)
@@ -394,7 +404,7 @@ class Triage:
         self.result.batches += 1
         self.result.items_queried += len(taken)
         answered = sum(1 for a in answers if a.status.answered)
-        self._update(items=self.result.items_queried, known=self._known, hits=self._hits,
+        self._update(known=self._known, hits=self._hits,
                      answers=f"{answered}/{len(answers)} nodes answered")
 
     def _update(self, **fields: Any) -> None:

@@ -61,7 +61,8 @@ class RowStore:
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("CREATE TABLE rows (idx INTEGER PRIMARY KEY, path BLOB NOT NULL, status TEXT NOT NULL, "
-                         "known INTEGER NOT NULL, best INTEGER, skipped INTEGER NOT NULL, record TEXT NOT NULL)")
+                         "known INTEGER NOT NULL, best INTEGER, skipped INTEGER NOT NULL, hits INTEGER NOT NULL, "
+                         "record TEXT NOT NULL)")
         self._db.execute("CREATE TABLE refs (idx INTEGER NOT NULL, country TEXT NOT NULL, node TEXT NOT NULL, "
                          "reference TEXT NOT NULL)")
         self._db.execute("BEGIN")
@@ -75,9 +76,9 @@ class RowStore:
     def add(self, index: int, row: FileRow) -> None:
         """Writes ``row``, final, at walk position ``index``."""
         skipped = bool(row.hashes and row.hashes.skipped)
-        self._db.execute("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?)",
+        self._db.execute("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (index, os.fsencode(row.path), row.status, row.known, row.best_distance, skipped,
-                          _record(row)))
+                          len(row.matches), _record(row)))
         if row.matches:
             self._db.executemany("INSERT INTO refs VALUES (?, ?, ?, ?)",
                                  [(index, r["country"], r["node"], r["reference"]) for r in row.references()])
@@ -104,9 +105,23 @@ class RowStore:
     def of_status(self, status: str, limit: int | None = None) -> Iterator[FileRow]:
         return self._rows("WHERE status = ?", args=(status,), limit=limit)
 
-    def known(self, limit: int | None = None) -> Iterator[FileRow]:
-        """Known files nearest match first, then by path: the order every report lists them in."""
-        return self._rows("WHERE known", f"coalesce(best, {_FAR}), path", limit=limit)
+    def known(self, limit: int | None = None, *, near: bool | None = None) -> Iterator[FileRow]:
+        """Known files nearest match first, then by path: the order every report lists them in;
+        only near-duplicates (best distance > 0) or only exact copies when ``near`` says so."""
+        where = {None: "WHERE known", True: "WHERE known AND best > 0", False: "WHERE known AND best = 0"}[near]
+        return self._rows(where, f"coalesce(best, {_FAR}), path", limit=limit)
+
+    def known_near(self) -> int:
+        """Known files whose nearest match is a perceptual one at distance > 0."""
+        return int(self._db.execute("SELECT count(*) FROM rows WHERE known AND best > 0").fetchone()[0])
+
+    def hits(self) -> int:
+        """Hits in all: one per hash of a file that matched a reference (several per reference, often)."""
+        return int(self._db.execute("SELECT coalesce(sum(hits), 0) FROM rows").fetchone()[0])
+
+    def references(self) -> int:
+        """References in all: a file counts once per node and reference it matched."""
+        return int(self._db.execute("SELECT count(*) FROM refs").fetchone()[0])
 
     def files_known_first(self) -> Iterator[FileRow]:
         """Every hashed file: the known ones as :meth:`known` lists them, then the others by path."""
