@@ -183,9 +183,9 @@ def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sce
         yield Scene(tmp, tree, local.write_gateway_config(), tmp / "cache.sqlite")
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, input=stdin)
 
 
 def _triage(scene: Scene, tag: str, *extra: str, config: Path | None = None) -> tuple[int, dict, Path]:
@@ -426,6 +426,75 @@ def test_options_that_need_dir(scene: Scene) -> None:
     done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.root),
                 "--file-timeout", "0")
     assert done.returncode == 2 and "--file-timeout must be more than 0" in done.stderr
+
+
+def _listing(scene: Scene, tag: str, *args: str, stdin: str | None = None) -> tuple[int, dict, dict[str, dict]]:
+    out = scene.tmp / f"out-{tag}"
+    out.mkdir(exist_ok=True)
+    done = _run("query", "--config", str(scene.config), "--case", f"TRIAGE/{tag}", "--format", "json",
+                "--jsonl", str(out / "rows.jsonl"), "--no-cache", *args, stdin=stdin)
+    assert done.stdout.strip(), done.stderr
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    return done.returncode, json.loads(done.stdout), {r["path"]: r for r in rows}
+
+
+def test_several_trees_and_a_list_of_paths(scene: Scene) -> None:
+    tree = scene.tree
+    docs, photos = tree.root / "docs", tree.root / "photos"
+    code, summary, rows = _listing(scene, "dirs", "--dir", str(docs), "--dir", str(photos))
+    assert code == 0
+    assert rows[str(tree.planted["script"])]["countries"] == ["DE", "FR"]
+    assert rows[str(tree.planted["exact_image"])]["countries"] == ["NL"]
+    assert set(rows) == {str(p) for p in tree.regular if docs in p.parents or photos in p.parents}
+    assert str(docs) in summary["root"] and str(photos) in summary["root"]
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(tree.root), "--dir", str(photos))
+    assert done.returncode == 2 and "inside" in done.stderr
+
+    listing = "\n".join([str(tree.planted["near_image"]), str(tree.not_hashed["fifo"]), str(tree.root / "gone.bin"),
+                         str(tree.root / "dir03"), ""])
+    code, summary, rows = _listing(scene, "list", "--from-list", "-", stdin=listing)
+    assert code == 0
+    assert rows[str(tree.planted["near_image"])]["countries"] == ["ES"]
+    assert rows[str(tree.not_hashed["fifo"])]["status"] == "not_hashed"
+    assert rows[str(tree.root / "gone.bin")]["status"] == "unreadable"
+    in_dir03 = {str(p) for p in tree.regular if tree.root / "dir03" in p.parents}
+    assert in_dir03 and in_dir03 <= set(rows) and len(rows) == len(in_dir03) + 3
+    assert "paths listed in stdin" in summary["root"]
+
+
+def test_digest_lists_are_read_in_every_format_and_queried(scene: Scene) -> None:
+    script = filehash.hash_file(scene.tree.planted["script"]).exact
+    outside = filehash.hash_file(scene.tree.outside).exact
+    hashdeep = ("%%%% HASHDEEP-1.0\n%%%% size,md5,sha1,sha256,filename\n## Invoked from: /case\n##\n"
+                f"777,{script['md5'].hex()},{script['sha1'].hex()},{script['sha256'].hex()},/case/a,b.bin\n"
+                f"300,{'0' * 32},{'0' * 40},{outside['sha256'].hex()},/case/other.bin\n"
+                f"5,{'1' * 32},{'1' * 40},{'1' * 64},/case/unknown.bin\n")
+    code, summary, rows = _listing(scene, "hashdeep", "--hashes", "-", stdin=hashdeep)
+    assert code == 0
+    assert rows["/case/a,b.bin"]["countries"] == ["DE", "FR"] and rows["/case/a,b.bin"]["size"] == 777
+    assert rows["/case/other.bin"]["countries"] == ["FR"]
+    assert not rows["/case/unknown.bin"]["known"]
+    assert "not read here" in rows["/case/a,b.bin"]["notes"][0]
+    assert summary["summary"]["files_known"] == 2 and summary["summary"]["items_queried"] == 9
+    assert summary["partial"] is False
+
+    export = scene.tmp / "export.csv"
+    export.write_text(f"Name;MD5 Hash;SHA-1\nx.bin;{script['md5'].hex()};\ny.bin;;{'2' * 40}\n")
+    code, _, rows = _listing(scene, "csv", "--hashes", str(export))
+    assert code == 0 and rows["x.bin"]["countries"] == ["DE"] and not rows["y.bin"]["known"]
+    tagged = f"sha256:{outside['sha256'].hex()}\nmd5:{'3' * 32} some name\n"
+    code, _, rows = _listing(scene, "tagged", "--hashes", "-", stdin=tagged)
+    assert code == 0 and len(rows) == 2 and "some name" in rows
+    sums = f"{script['sha256'].hex()}  /case/s.bin\n"
+    code, _, rows = _listing(scene, "sums", "--hashes", "-", stdin=sums)
+    assert code == 0 and rows["/case/s.bin"]["countries"] == ["FR"]
+
+    bad = hashdeep.replace(f"5,{'1' * 32}", f"5,{'1' * 31}")
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--hashes", "-", stdin=bad)
+    assert done.returncode == 2 and "stdin line 7" in done.stderr and "32 hex characters" in done.stderr
+    assert not done.stdout.strip(), "nothing asked when the list does not read"
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--hashes", "-", stdin="hello\n")
+    assert done.returncode == 2 and "stdin line 1: not a digest list" in done.stderr
 
 
 # --------------------------------------------------------------------------- in process, no nodes

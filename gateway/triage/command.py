@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from gateway.triage import report, report_html
+from gateway.triage import digests, report, report_html, sources
 from gateway.triage.cache import HashCache, default_cache_path
 from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH
 from gateway.triage.result import TriageResult
@@ -36,13 +36,17 @@ class TriageUsageError(ValueError):
 
 @dataclass(frozen=True)
 class TriageOptions:
-    """What ``query`` was asked, as far as a directory triage is concerned.
+    """What ``query`` was asked, as far as a triage is concerned.
 
-    ``directory`` is None for a query that is not a triage: the other triage
-    options must then be unset, which :meth:`check` says.
+    A triage looks at ``directories`` (``--dir``, repeatable), the paths listed
+    in ``from_list`` and the digests listed in ``hashes`` (``-``: stdin). With
+    none of them the query is not a triage: the other triage options must then
+    be unset, which :meth:`check` says.
     """
 
-    directory: Path | None
+    directories: tuple[Path, ...] = ()
+    from_list: str | None = None
+    hashes: str | None = None
     jobs: int | None = None
     batch: int | None = None
     jsonl: Path | None = None
@@ -59,6 +63,11 @@ class TriageOptions:
     file_timeout: float | None = None
     worker_memory: int | None = None  # MB
 
+    @property
+    def active(self) -> bool:
+        """Whether this query is a triage at all."""
+        return bool(self.directories or self.from_list or self.hashes)
+
     def reports(self) -> dict[str, Path]:
         """The report files asked for, by format."""
         named = {"jsonl": self.jsonl, "csv": self.csv, "html": self.html}
@@ -66,7 +75,7 @@ class TriageOptions:
 
     def check(self, *, with_digests_or_files: bool = False) -> None:
         """Raises :class:`TriageUsageError` for options that do not go together."""
-        if self.directory is None:
+        if not self.active:
             given = [f"--{name}" for name, value in (("jobs", self.jobs), ("batch", self.batch), ("jsonl", self.jsonl),
                                                      ("csv", self.csv), ("html", self.html), ("cache", self.cache),
                                                      ("file-timeout", self.file_timeout),
@@ -78,7 +87,9 @@ class TriageOptions:
                 raise TriageUsageError(f"{', '.join(given)} only go with --dir")
             return
         if with_digests_or_files:
-            raise TriageUsageError("--dir cannot be combined with --hash or --file")
+            raise TriageUsageError("--dir, --from-list and --hashes cannot be combined with --hash or --file")
+        if self.from_list == "-" and self.hashes == "-":
+            raise TriageUsageError("--from-list and --hashes cannot both read stdin")
         if self.jobs is not None and not 1 <= self.jobs <= 256:
             raise TriageUsageError("--jobs must be between 1 and 256")
         if self.batch is not None and not 1 <= self.batch <= MAX_BATCH:
@@ -107,6 +118,40 @@ def _output_paths(options: TriageOptions) -> dict[str, Path]:
     return outputs
 
 
+def _name(source: str | None) -> str:
+    return "stdin" if source == "-" else str(source)
+
+
+def _roots(directories: tuple[Path, ...]) -> list[str]:
+    """The real paths of the ``--dir`` trees; none inside another (its files would be listed twice)."""
+    roots: list[str] = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise TriageUsageError(f"--dir {directory}: not a directory")
+        real = os.path.realpath(directory)
+        for other in roots:
+            if real == other or real.startswith(other.rstrip(os.sep) + os.sep) or \
+                    other.startswith(real.rstrip(os.sep) + os.sep):
+                raise TriageUsageError(f"--dir {directory}: the same tree as, or inside, or around --dir {other}")
+        roots.append(real)
+    return roots
+
+
+def _digest_list(source: str) -> sources.Reopen:
+    """The ``--hashes`` list, checked whole before anything is sent: a bad line is named, nothing is asked."""
+    try:
+        reopen = sources.reopenable(source)
+    except OSError as exc:
+        raise TriageUsageError(f"--hashes {source}: {exc.strerror or exc}") from None
+    try:
+        with reopen() as lines:
+            for _ in digests.read(lines, _name(source)):
+                pass
+    except digests.DigestListError as exc:
+        raise TriageUsageError(f"--hashes: {exc}") from None
+    return reopen
+
+
 WRITERS: dict[str, Callable[[TriageResult, Path], None]] = {
     "jsonl": report.write_jsonl, "csv": report.write_csv, "html": report_html.write_html,
 }
@@ -115,9 +160,12 @@ WRITERS: dict[str, Callable[[TriageResult, Path], None]] = {
 def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Callable[[], Signer]) -> int:
     """Runs the triage ``options`` ask for; called by :mod:`gateway.cli` once the common options are checked."""
     options.check()
-    if options.directory is None or not options.directory.is_dir():
-        raise TriageUsageError(f"--dir {options.directory}: not a directory")
-    root = os.path.realpath(options.directory)
+    roots = _roots(options.directories)
+    digest_list = _digest_list(options.hashes) if options.hashes else None
+    if options.from_list and options.from_list != "-" and not Path(options.from_list).is_file():
+        raise TriageUsageError(f"--from-list {options.from_list}: not a readable file")
+    root = "; ".join([*roots, *([f"paths listed in {_name(options.from_list)}"] if options.from_list else []),
+                      *([f"digests listed in {_name(options.hashes)}"] if options.hashes else [])])
     outputs = _output_paths(options)
     console = Console(stderr=True, highlight=False)
     cache: HashCache | None = None
@@ -135,7 +183,8 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
                     dihedral=options.dihedral, max_distance=options.max_distance, timeout=options.timeout,
                     deadline=options.deadline, exclude=frozenset(exclude), progress=sys.stderr.isatty(),
                     console=console, file_timeout=options.file_timeout or FILE_TIMEOUT,
-                    worker_memory=(options.worker_memory << 20) if options.worker_memory else WORKER_MEMORY)
+                    worker_memory=(options.worker_memory << 20) if options.worker_memory else WORKER_MEMORY,
+                    entries=sources.entries(roots, options.from_list, digest_list, _name(options.hashes)))
     triage.result.gateway = config.gateway_id
     requester = config.requester
     triage.result.requester = " / ".join(x for x in (options.officer or requester.officer, requester.org,

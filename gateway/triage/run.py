@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,6 +30,7 @@ from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
 from gateway.triage.cache import HashCache
+from gateway.triage.digests import Digests
 from gateway.triage.model import DEFAULT_BATCH, HASHED, UNREADABLE, FileRow, Hashed, Match, NodeTally, Task
 from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
@@ -39,6 +40,11 @@ from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, sto
 
 if TYPE_CHECKING:
     from gateway.config import NodeEntry
+
+# What a run looks at, given what to leave out and when to stop: a tree (:func:`walk`),
+# a list of paths, digests read from a list.
+Entries = Callable[[frozenset[str], threading.Event], Iterable[Task | FileRow | Digests]]
+LISTED = "digests read from a list: the file itself was not read here"
 
 # Files per task sent to a worker, and bytes: small files go in groups, to
 # keep the per-task overhead low; a large file goes alone.
@@ -71,8 +77,11 @@ class Triage:
                  max_distance: int = 0, timeout: float | None = None, deadline: float | None = None,
                  exclude: frozenset[str] = frozenset(), hasher: Hasher | None = None,
                  progress: bool = False, console: Console | None = None, store: RowStore | None = None,
-                 file_timeout: float | None = FILE_TIMEOUT, worker_memory: int | None = WORKER_MEMORY):
+                 file_timeout: float | None = FILE_TIMEOUT, worker_memory: int | None = WORKER_MEMORY,
+                 entries: Entries | None = None):
         self.root = root
+        # What to look at; by default, the tree under ``root``.
+        self.entries = entries or (lambda exclude, stop: walk(root, exclude, stop))
         self.case = case
         self.jobs = jobs or _cpu_count()
         self.batch = batch
@@ -166,7 +175,7 @@ class Triage:
 
     def _walk_into(self, entries: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            for entry in walk(self.root, self.exclude, self._stop_walk):
+            for entry in self.entries(self.exclude, self._stop_walk):
                 loop.call_soon_threadsafe(entries.put_nowait, entry)
         finally:
             loop.call_soon_threadsafe(entries.put_nowait, None)
@@ -199,6 +208,11 @@ class Triage:
             self._next_index += 1
             if isinstance(entry, FileRow):
                 self.store.add(index, entry)
+                continue
+            if isinstance(entry, Digests):  # from a digest list: nothing to read, only to ask
+                self._live[index] = FileRow(entry.name, HASHED, size=entry.size, notes=[LISTED])
+                self.total += 1
+                self._finish(index, None, Hashed(entry.hashes, entry.size or 0, 0))
                 continue
             self._live[index] = FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns)
             self.peak_live = max(self.peak_live, len(self._live))
@@ -309,9 +323,10 @@ class Triage:
         self._solo = None
         return None, f"hashing this file {why}" if work is hash_chunk else why
 
-    def _finish(self, index: int, task: Task, outcome: Hashed, from_cache: bool = False) -> None:
+    def _finish(self, index: int, task: Task | None, outcome: Hashed, from_cache: bool = False) -> None:
         row = self._live[index]
-        row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
+        if task is not None:
+            row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
         row.notes += outcome.notes
         self.done += 1
         if outcome.hashes is None:
@@ -320,7 +335,7 @@ class Triage:
         else:
             row.hashes = outcome.hashes
             row.from_cache = from_cache
-            if not from_cache:
+            if not from_cache and task is not None:
                 self.result.hashed_now += 1
                 if self.cache is not None and outcome.stable:
                     self._cached(lambda cache: cache.put(task, self.dihedral, outcome))
