@@ -5,10 +5,13 @@ Apart from the run (:mod:`gateway.triage.run`), which only tells it numbers.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+REFRESH = 0.1
 
 
 class LiveProgress:
@@ -25,13 +28,29 @@ class LiveProgress:
         )
         self._task = self._progress.add_task("walking", total=None, cached=0, items=0, known=0, hits=0,
                                              answers="-")
+        self._enabled = enabled
+        # Fields not shown yet: the run reports every file, the line shows ten times a second.
+        self._fields: dict[str, Any] = {}
+        self._shown = 0.0
 
     def __enter__(self) -> LiveProgress:
         self._progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._show()
         self._progress.stop()
 
     def update(self, **fields: Any) -> None:
-        self._progress.update(self._task, **fields)
+        """Costs nothing when disabled; otherwise shown at most every :data:`REFRESH` seconds."""
+        if not self._enabled:
+            return
+        self._fields.update(fields)
+        if "description" in fields or time.monotonic() - self._shown >= REFRESH:
+            self._show()
+
+    def _show(self) -> None:
+        if self._fields:
+            self._progress.update(self._task, **self._fields)
+            self._fields = {}
+        self._shown = time.monotonic()
