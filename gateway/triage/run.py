@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
-import signal
 import sqlite3
 import threading
 import time
@@ -29,6 +28,7 @@ from federation.query import QueryItem
 from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
+from gateway.triage.apart import Apart, watch
 from gateway.triage.cache import HashCache
 from gateway.triage.digests import Digests
 from gateway.triage.model import DEFAULT_BATCH, HASHED, UNREADABLE, FileRow, Hashed, Match, NodeTally, Task
@@ -36,7 +36,7 @@ from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
 from gateway.triage.store import RowStore
 from gateway.triage.walk import walk
-from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, stop_pool, stuck_workers
+from gateway.triage.workers import Hasher, hash_chunk, new_pool, stop_pool
 
 if TYPE_CHECKING:
     from gateway.config import NodeEntry
@@ -112,8 +112,7 @@ class Triage:
         self._wake = asyncio.Event()
         self._stop_walk = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
-        self._solo: ProcessPoolExecutor | None = None
-        self._solo_lock = asyncio.Lock()
+        self._apart = Apart(dihedral, hasher, file_timeout, worker_memory)
         self._progress: LiveProgress | None = None
         self._known = self._hits = 0
         # Hashes sent to the nodes so far, answered or not (the progress line shows it as batches go out).
@@ -140,7 +139,7 @@ class Triage:
             self._progress = progress
             walker = loop.run_in_executor(None, self._walk_into, entries, loop)
             querier = self._querier_task = asyncio.create_task(self._querier(federation))
-            watchdog = asyncio.create_task(self._watch())
+            watchdog = asyncio.create_task(watch(lambda: self._pool, self.file_timeout))
             finished = False
             try:
                 await self._dispatch(entries)
@@ -158,11 +157,11 @@ class Triage:
                 for task in unfinished:
                     task.cancel()
                 await asyncio.gather(*unfinished, return_exceptions=True)
-                for pool in (self._pool, self._solo):
-                    if finished and pool is not None:
-                        pool.shutdown(wait=True)
-                    else:
-                        stop_pool(pool)
+                if finished and self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                else:
+                    stop_pool(self._pool)
+                self._apart.close(finished)
                 self._cached(lambda cache: cache.commit())
         if finished:
             for index in sorted(self._live):  # none is left, unless a hash was never answered
@@ -263,7 +262,7 @@ class Triage:
                 self._pool = new_pool(self.jobs, self.worker_memory)
                 stop_pool(pool)
             for index, task in chunk:
-                self._finish(index, task, await self._hash_alone(task))
+                self._finish(index, task, await self._apart.hash(task))
         else:
             for (index, task), outcome in zip(chunk, outcomes, strict=True):
                 self._finish(index, task, outcome)
@@ -288,40 +287,6 @@ class Triage:
             self.console.print(f"icse-gateway: hash cache {self.cache.path} failed ({exc}): "
                                "going on without it", style="yellow", markup=False, soft_wrap=True)
             self.cache = None
-
-    async def _watch(self) -> None:
-        """Kills a worker stuck on one file past the limit: its chunk is then hashed file by file, apart."""
-        if self.file_timeout is None:
-            return
-        while True:
-            await asyncio.sleep(min(1.0, self.file_timeout / 4))
-            for pid in stuck_workers(self._pool, self.file_timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-    async def _hash_alone(self, task: Task) -> Hashed:
-        """One file in a process of its own: hashed, or its exact digests only, or why neither."""
-        async with self._solo_lock:
-            outcome, why = await self._alone(hash_chunk, [task], self.dihedral, self.hasher)
-            if outcome is None:
-                outcome, why = await self._alone(exact_only, task, f"{why}: exact digests only, no perceptual hash")
-        return outcome or Hashed(None, task.size, task.mtime_ns, f"even reading it {why}")
-
-    async def _alone(self, work: Callable[..., Any], *args: Any) -> tuple[Hashed | None, str]:
-        loop = asyncio.get_running_loop()
-        if self._solo is None:
-            self._solo = new_pool(1, self.worker_memory)
-        try:
-            done = await asyncio.wait_for(loop.run_in_executor(self._solo, work, *args), self.file_timeout)
-        except BrokenProcessPool:
-            why = "crashed the hashing process (or went over its memory limit)"
-        except TimeoutError:
-            why = f"took longer than {self.file_timeout:g} s (--file-timeout): stopped"
-        else:
-            return (done[0] if isinstance(done, list) else done), ""
-        stop_pool(self._solo)
-        self._solo = None
-        return None, f"hashing this file {why}" if work is hash_chunk else why
 
     def _finish(self, index: int, task: Task | None, outcome: Hashed, from_cache: bool = False) -> None:
         row = self._live[index]
