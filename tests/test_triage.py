@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import html
 import io
 import json
 import os
@@ -325,6 +326,7 @@ def test_html_report_is_self_contained_escaped_and_complete(scene: Scene, first:
     assert page.count("<script") == 1, "only the report's own sorting script"
     assert "<script>alert(1)" not in page
     assert "&quot;&gt;&lt;script&gt;alert(1)&lt;.bin" in page
+    # Every file fits on the page: no link to the complete listing (see the paged test below).
     assert not re.search(r"""(src|href|action)\s*=|@import|url\(|https?://""", page), "no external resources"
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     for text in ("TRIAGE/first", "Known files", "Countries with hits", "Partial answers", "Unreadable files",
@@ -334,6 +336,19 @@ def test_html_report_is_self_contained_escaped_and_complete(scene: Scene, first:
         assert str(scene.tree.planted[name]) in page, name
     assert "Too many levels of symbolic links" in page
     assert page.count('<tr class="known">') == first.summary["summary"]["files_known"]
+    # What matters first: known files grouped by country and reference, then near-duplicates, unreadable files.
+    order = [page.index(f'<section id="{name}">') for name in ("countries", "known-by-reference", "near-duplicates",
+                                                                  "unreadable", "files-section")]
+    assert order == sorted(order)
+    grouped = page[order[1]:order[2]]
+    fr_doc = grouped[grouped.index("FR-DOC-1"):]
+    assert "2 file(s)" in fr_doc[:200] and html.escape(str(scene.tree.planted["script"])) in fr_doc[:2000]
+    near = page[order[2]:order[3]]
+    near_row = first.rows[str(scene.tree.planted["near_image"])]
+    assert str(scene.tree.planted["near_image"]) in near and f'<td class="num">{near_row["best_distance"]}</td>' in near
+    assert str(scene.tree.planted["script"]) not in near, "exact copies are not near-duplicates"
+    script_row = first.rows[str(scene.tree.planted["script"])]
+    assert f'<details><summary>3 value(s)</summary><dl class="digests"><dt>md5</dt><dd>{script_row["md5"]}' in page
     assert 'class="sortable"' in page and "aria-sort" in page
 
 
@@ -766,3 +781,30 @@ async def test_the_terminal_shows_near_duplicates_and_explains_its_counts(tmp_pa
     assert "30 exact copies (distance 0) and 2 near-duplicate(s)" in text
     assert "32 reference(s): a file counts once per node and reference" in text
     assert "32 hit(s): one per hash that matched" in text
+
+
+async def test_the_html_page_lists_a_page_of_files_and_links_the_complete_listing(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.triage import report_html  # noqa: PLC0415
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = random.Random(13)
+    for i in range(120):
+        (tree / f"f{i:03d}.bin").write_bytes(rng.randbytes(30))
+    run = triage.Triage(str(tree), "PAGE", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
+    result = await run.run(_NoHits())
+    monkeypatch.setattr(report_html, "PAGE_FILES", 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        report_html.write_html(result, out / "r.html", {"csv": out / "all.csv", "html": out / "r.html"})
+        report.write_csv(result, out / "all.csv")
+    finally:
+        result.store.close()
+    page = (out / "r.html").read_text()
+    body = page[page.index('<table id="files"'):]
+    body = body[body.index("<tbody>"):body.index("</tbody>")]
+    assert body.count("<tr>") == 50
+    assert "The first 50 of 120 files" in page and '<a href="all.csv">all.csv</a>' in page
+    assert len((out / "all.csv").read_text().splitlines()) == 121

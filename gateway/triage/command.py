@@ -206,7 +206,10 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
                 cache.close()
     try:
         for name, path in outputs.items():
-            WRITERS[name](result, path)
+            if name == "html":
+                report_html.write_html(result, path, outputs)
+            else:
+                WRITERS[name](result, path)
         if options.json_summary:
             print(json.dumps(report.summary_json(result, outputs), indent=2))
         else:

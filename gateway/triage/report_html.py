@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import itertools
+import os
 from collections.abc import Iterable, Iterator
 from functools import cache
 from importlib import resources
@@ -22,6 +24,7 @@ from federation.files import atomic_write
 from gateway.triage import report
 from gateway.triage.model import HASHED, NOT_HASHED, UNREADABLE, FileRow
 from gateway.triage.result import TriageResult
+from gateway.triage.store import RowStore
 
 
 @cache
@@ -82,8 +85,7 @@ def _file_row_html(row: FileRow) -> str:
         f"<td>{_e(' '.join(entry['countries']))}</td>",
         f"<td class=\"num\" data-sort=\"{'' if best is None else best}\">{'' if best is None else best}</td>",
         f"<td data-sort=\"{len(entry['references'])}\">{_references_html(entry['references'])}</td>",
-        *(f"<td class=\"{'num' if kind == 'num' else 'digest'}\">{_e('' if entry[key] is None else entry[key])}</td>"
-          for key, _, kind in _HASH_COLUMNS),
+        f"<td class=\"digest\">{_digests_html(entry)}</td>",
         f"<td>{_e('; '.join(notes))}</td>",
     ]
     css = " class=\"known\"" if row.known else ""
@@ -92,7 +94,73 @@ def _file_row_html(row: FileRow) -> str:
 
 _HASH_COLUMNS = report.HASH_COLUMNS
 _FILE_HEADERS = (("path", "text"), ("size", "num"), ("countries", "text"), ("best distance", "num"),
-                 ("references", "num"), *((heading, kind) for _, heading, kind in _HASH_COLUMNS), ("notes", "text"))
+                 ("references", "num"), ("hashes", "text"), ("notes", "text"))
+# Files listed on the page, known ones first; every file is in the CSV and JSON lines reports.
+PAGE_FILES = 5_000
+
+
+def _digests_html(entry: dict[str, Any]) -> str:
+    """A file's hashes, folded until asked for: long hex strings would bury everything else."""
+    shown = [(heading, entry[key]) for key, heading, _ in _HASH_COLUMNS if entry[key] is not None]
+    if not shown:
+        return ""
+    items = "".join(f"<dt>{_e(heading)}</dt><dd>{_e(value)}</dd>" for heading, value in shown)
+    return f"<details><summary>{len(shown)} value(s)</summary><dl class=\"digests\">{items}</dl></details>"
+
+
+def _group_html(number: int, key: tuple[str, str, str], rows: list[FileRow]) -> str:
+    """The files that matched one reference of one node, nearest first."""
+    country, reference, node = key
+    details = next(r for r in rows[0].references() if (r["node"], r["reference"]) == (node, reference))
+    about = [f"node {node}"]
+    about += [f"series {details['series']}"] if details["series"] else []
+    about += [f"category {details['category']}"] if details["category"] else []
+    if details["victim_identified"] is not None:
+        about.append("victim identified" if details["victim_identified"] else "victim not identified")
+    about += [f"contact {details['contact']}"] if details["contact"] else []
+    lines = []
+    for row in rows:
+        ref = next(r for r in row.references() if (r["node"], r["reference"]) == (node, reference))
+        share = f", {ref['matched_share']:.0%} of frames" if ref["matched_share"] is not None else ""
+        lines.append(f"<tr><td class=\"path\">{_e(row.path)}</td><td class=\"num\">{ref['distance']}{_e(share)}</td>"
+                     f"<td>{_e('+'.join(ref['matched_by']))}</td></tr>")
+    return (f"<details open class=\"reference\"><summary><b>{_e(country)}</b> {_e(reference)} — {len(rows):,} "
+            f"file(s) <span class=\"muted\">({_e('; '.join(about))})</span></summary>"
+            + _table(f"reference-{number}", (("path", "text"), ("distance", "num"), ("matched by", "text")), lines)
+            + "</details>")
+
+
+def _reference_groups(store: RowStore) -> Iterator[str]:
+    """Known files grouped by country and reference, one reference's files at a time in memory."""
+    current: tuple[str, str, str] | None = None
+    rows: list[FileRow] = []
+    number = 0
+    for country, reference, node, row in store.known_by_reference():
+        if (country, reference, node) != current:
+            if current is not None:
+                number += 1
+                yield _group_html(number, current, rows)
+            current, rows = (country, reference, node), []
+        rows.append(row)
+    if current is not None:
+        yield _group_html(number + 1, current, rows)
+
+
+def _near_row_html(row: FileRow) -> str:
+    return (f"<tr><td class=\"path\">{_e(row.path)}</td><td class=\"num\">{row.best_distance}</td>"
+            f"<td>{_e(' '.join(row.countries))}</td><td>{_references_html(row.references())}</td></tr>")
+
+
+def _links(outputs: dict[str, Path], page: Path | None) -> str:
+    """Links to the complete listings written beside this page, relative to it."""
+    found = []
+    for name in ("csv", "jsonl"):
+        if name in outputs:
+            target = os.path.relpath(outputs[name], page.parent) if page is not None else str(outputs[name])
+            found.append(f"<a href=\"{_e(target)}\">{_e(target)}</a>")
+    if not found:
+        return "ask for --csv or --jsonl to get the complete listing"
+    return "every file is in " + " and ".join(found)
 
 
 def _table_parts(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> Iterator[str]:
@@ -108,12 +176,13 @@ def _table(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str
     return "".join(_table_parts(table_id, headers, rows))
 
 
-def html_report(result: TriageResult) -> str:
+def html_report(result: TriageResult, outputs: dict[str, Path] | None = None, page: Path | None = None) -> str:
     """The whole page for ``result`` (tests; :func:`write_html` streams it)."""
-    return "".join(html_parts(result))
+    return "".join(html_parts(result, outputs, page))
 
 
-def html_parts(result: TriageResult) -> Iterator[str]:
+def html_parts(result: TriageResult, outputs: dict[str, Path] | None = None,
+               page: Path | None = None) -> Iterator[str]:
     """The page for ``result``, piece by piece, the long tables read from the store as they are written."""
     store = result.store
     files, known = result.files, result.files_known
@@ -166,9 +235,9 @@ def html_parts(result: TriageResult) -> Iterator[str]:
         sections.append("<section id=\"countries\"><h2>Known, by country</h2>" + _table(
             "countries-table", (("country", "text"), ("files", "num"), ("references", "num")), country_rows)
             + "</section>")
-    sections.append("<section id=\"nodes\"><h2>Nodes</h2>" + _table(
+    nodes_html = "<section id=\"nodes\"><h2>Nodes</h2>" + _table(
         "nodes-table", (("node", "text"), ("country", "text"), ("batches answered", "num"), ("statuses", "text"),
-                        ("message", "text")), node_rows) + "</section>")
+                        ("message", "text")), node_rows) + "</section>"
     style, script = _asset("report.css"), _asset("report.js")
     policy = (f"default-src 'none'; style-src {_csp_hash(style)}; script-src {_csp_hash(script)}; "
               "img-src 'none'; base-uri 'none'; form-action 'none'")
@@ -179,11 +248,18 @@ def html_parts(result: TriageResult) -> Iterator[str]:
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
         f"<title>ICSE triage — case {_e(result.case)}</title>\n<style>{style}</style></head>\n<body>\n"
         + "\n".join(sections) + "\n")
-    yield (f"<section id=\"files-section\"><h2>Files ({files:,}; known first)</h2>"
-           "<div class=\"controls\"><label><input type=\"checkbox\" id=\"known-only\"> known files only</label>"
-           "<label>path contains <input type=\"search\" id=\"filter\"></label></div>")
-    yield from _table_parts("files", _FILE_HEADERS, (_file_row_html(r) for r in store.files_known_first()))
-    yield "</section>"
+    if known:
+        yield "<section id=\"known-by-reference\"><h2>Known files, by country and reference</h2>"
+        yield from _reference_groups(store)
+        yield "</section>\n"
+    near = store.known_near()
+    if near:
+        yield (f"<section id=\"near-duplicates\"><h2>Near-duplicates ({near:,}): perceptual matches at "
+               "distance &gt; 0, nearest first</h2>")
+        yield from _table_parts("near-table", (("path", "text"), ("distance", "num"), ("countries", "text"),
+                                               ("references", "text")),
+                                (_near_row_html(r) for r in store.known(near=True)))
+        yield "</section>\n"
     if unreadable:
         yield f"\n<section id=\"unreadable\"><h2>Unreadable ({unreadable:,})</h2>"
         yield from _table_parts("unreadable-table", (("path", "text"), ("reason", "text")),
@@ -196,16 +272,27 @@ def html_parts(result: TriageResult) -> Iterator[str]:
                                 (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>"
                                  for r in store.of_status(NOT_HASHED)))
         yield "</section>"
+    yield "\n" + nodes_html + "\n"
+    listed = min(files, PAGE_FILES)
+    more = (f"<p class=\"muted\">The first {listed:,} of {files:,} files, known ones first; "
+            f"{_links(outputs or {}, page)}.</p>") if files > listed else ""
+    yield (f"<section id=\"files-section\"><h2>Files ({files:,}; known first)</h2>{more}"
+           "<div class=\"controls\"><label><input type=\"checkbox\" id=\"known-only\"> known files only</label>"
+           "<label>path contains <input type=\"search\" id=\"filter\"></label></div>")
+    yield from _table_parts("files", _FILE_HEADERS,
+                            (_file_row_html(r) for r in itertools.islice(store.files_known_first(), PAGE_FILES)))
+    yield "</section>"
     yield ("\n<footer><p class=\"muted\">Generated by icse-gateway. Only digests of these files left this "
            "machine; this page loads nothing from anywhere.</p></footer>")
     yield f"\n<script>{script}</script>\n</body></html>\n"
 
 
-def write_html(result: TriageResult, path: Path) -> None:
-    """The page, written atomically as it is read from the store (0600: it names seized files)."""
+def write_html(result: TriageResult, path: Path, outputs: dict[str, Path] | None = None) -> None:
+    """The page, written atomically as it is read from the store (0600: it names seized files);
+    ``outputs`` are the other reports, linked from it."""
 
     def write(out: TextIO) -> None:
-        for part in html_parts(result):
+        for part in html_parts(result, outputs, path):
             out.write(part)
 
     atomic_write(path, write)

@@ -111,6 +111,16 @@ class RowStore:
         where = {None: "WHERE known", True: "WHERE known AND best > 0", False: "WHERE known AND best = 0"}[near]
         return self._rows(where, f"coalesce(best, {_FAR}), path", limit=limit)
 
+    def known_by_reference(self) -> Iterator[tuple[str, str, str, FileRow]]:
+        """(country, reference, node, file) for every reference a file matched, grouped by country and
+        reference, nearest file first: a file that matched two references comes twice."""
+        cursor = self._db.execute(
+            "SELECT refs.country, refs.reference, refs.node, rows.path, rows.status, rows.record FROM refs "
+            f"JOIN rows USING (idx) ORDER BY refs.country, refs.reference, refs.node, coalesce(rows.best, {_FAR}), "
+            "rows.path")
+        for country, reference, node, path, status, record in cursor:
+            yield country, reference, node, _row(path, status, record)
+
     def known_near(self) -> int:
         """Known files whose nearest match is a perceptual one at distance > 0."""
         return int(self._db.execute("SELECT count(*) FROM rows WHERE known AND best > 0").fetchone()[0])
