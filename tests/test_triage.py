@@ -30,7 +30,8 @@ from federation.pki import DevPki
 from gateway import filehash, triage
 from gateway.config import NodeEntry
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
-from gateway.triage import report
+from gateway.triage import report, sources
+from gateway.triage.walk import walk
 from tests import media as draw
 from tests.support import import_rows, wait_until
 
@@ -647,12 +648,21 @@ async def test_rows_go_to_the_store_not_to_memory(tmp_path: Path) -> None:
         (tmp_path / f"d{i % 10}" / f"f{i:04d}.bin").write_bytes(rng.randbytes(40))
     (tmp_path / "dangling").symlink_to("nowhere")
     nodes = [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")]
-    run = triage.Triage(str(tmp_path), "STORE", nodes, jobs=2, batch=30)
+    walked = [0]
+
+    def counted(exclude, stop):
+        for entry in walk(str(tmp_path), exclude, stop):
+            walked[0] += 1
+            yield entry
+
+    run = triage.Triage(str(tmp_path), "STORE", nodes, jobs=2, batch=30, entries=counted)
     stored: list[int] = []
+    ahead: list[int] = []
 
     class Counting(_NoHits):
         async def match(self, items, case, timeout=None, deadline=None):
             stored.append(run.store.count())
+            ahead.append(walked[0] - run.done)
             return await super().match(items, case, timeout, deadline)
 
     result = await run.run(Counting())
@@ -661,6 +671,8 @@ async def test_rows_go_to_the_store_not_to_memory(tmp_path: Path) -> None:
         in_flight = 2 * run.jobs * triage.CHUNK_FILES + 30 * (triage.PENDING_BATCHES + 1)
         assert run.peak_live <= in_flight < files / 2
         assert stored[len(stored) // 2] > files / 4, "rows are stored while the run goes on"
+        walk_ahead = sources.WALK_GROUP * (sources.WALK_QUEUE + 2)  # queued, being taken, being walked
+        assert max(ahead) <= walk_ahead + in_flight < files / 2, "the walk does not run ahead of the hashing"
         assert result.files == files and result.count("unreadable") == 1 and result.files_known == 0
         assert sum(1 for _ in result.store.rows()) == files + 1
         summary = report.summary_json(result)["summary"]

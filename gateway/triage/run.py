@@ -28,6 +28,7 @@ from federation.query import QueryItem
 from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
+from gateway.triage import sources
 from gateway.triage.apart import Apart, watch
 from gateway.triage.cache import HashCache
 from gateway.triage.digests import Digests
@@ -133,11 +134,12 @@ class Triage:
     async def run(self, federation: MatchingFederation) -> TriageResult:
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
         loop = asyncio.get_running_loop()
-        entries: asyncio.Queue[Task | FileRow | None] = asyncio.Queue()
+        entries: asyncio.Queue[list[Task | FileRow | Digests] | None] = asyncio.Queue(sources.WALK_QUEUE)
         self._pool = new_pool(self.jobs, self.worker_memory)
         with LiveProgress(self.console, self.show_progress) as progress:
             self._progress = progress
-            walker = loop.run_in_executor(None, self._walk_into, entries, loop)
+            walker = loop.run_in_executor(None, sources.feed, self.entries(self.exclude, self._stop_walk), entries,
+                                          loop, self._stop_walk)
             querier = self._querier_task = asyncio.create_task(self._querier(federation))
             watchdog = asyncio.create_task(watch(lambda: self._pool, self.file_timeout))
             finished = False
@@ -172,13 +174,6 @@ class Triage:
 
     # -- walking and hashing
 
-    def _walk_into(self, entries: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            for entry in self.entries(self.exclude, self._stop_walk):
-                loop.call_soon_threadsafe(entries.put_nowait, entry)
-        finally:
-            loop.call_soon_threadsafe(entries.put_nowait, None)
-
     async def _dispatch(self, entries: asyncio.Queue) -> None:
         slots = asyncio.Semaphore(self.jobs * 2)
         running = self._running
@@ -202,7 +197,7 @@ class Triage:
             work.add_done_callback(done)
             chunk, size = [], 0
 
-        while (entry := await entries.get()) is not None:
+        async for entry, idle in sources.flatten(entries):
             index = self._next_index
             self._next_index += 1
             if isinstance(entry, FileRow):
@@ -224,7 +219,7 @@ class Triage:
                 continue
             chunk.append((index, entry))
             size += entry.size
-            if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES or entries.empty():
+            if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES or idle:
                 await submit()
         self._walked = True
         self._update(description="hashing")

@@ -3,17 +3,22 @@
 All three become one stream of entries for :class:`gateway.triage.run.Triage`,
 read lazily (a list of a million paths is never held). A digest list from stdin
 is copied to an anonymous temporary file, because it is read twice: once whole,
-to refuse a bad line before anything is sent, then as the run goes.
+to refuse a bad line before anything is sent, then as the run goes. The run
+reads the stream in a thread (:func:`feed`) into a bounded queue: the walk
+waits for the hashing and never holds the tree in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import io
 import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import IO
 
@@ -22,6 +27,10 @@ from gateway.triage.model import FileRow, Task
 from gateway.triage.walk import listed, walk
 
 Reopen = Callable[[], AbstractContextManager[Iterator[str]]]
+Entry = Task | FileRow | digests.Digests
+# Entries handed over at once, and how many such groups the walk may be ahead of the hashing.
+WALK_GROUP = 64
+WALK_QUEUE = 4
 
 
 def _text(binary: IO[bytes]) -> io.TextIOWrapper:
@@ -93,3 +102,37 @@ def entries(roots: list[str], from_list: str | None, digest_list: Reopen | None,
                     yield entry
 
     return produce
+
+
+def feed(produce: Iterable[Entry], queue: asyncio.Queue[list[Entry] | None], loop: asyncio.AbstractEventLoop,
+         stop: threading.Event) -> None:
+    """Runs in a thread: ``produce`` into ``queue`` in groups, waiting for room; ends with None."""
+
+    def put(group: list[Entry] | None) -> bool:
+        queued = asyncio.run_coroutine_threadsafe(queue.put(group), loop)
+        while not stop.is_set():
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                queued.result(0.5)
+                return True
+        queued.cancel()  # the run is stopping: nobody will take it
+        return False
+
+    group: list[Entry] = []
+    try:
+        for entry in produce:
+            group.append(entry)
+            if len(group) >= WALK_GROUP:
+                if not put(group):
+                    return
+                group = []
+        if group:
+            put(group)
+    finally:
+        put(None)
+
+
+async def flatten(queue: asyncio.Queue[list[Entry] | None]) -> AsyncIterator[tuple[Entry, bool]]:
+    """The entries one by one, each with whether nothing else is waiting behind it."""
+    while (group := await queue.get()) is not None:
+        for position, entry in enumerate(group):
+            yield entry, position == len(group) - 1 and queue.empty()
