@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo lint test vectors bench bench-scale load clean
+.PHONY: install stubs certs demo lint test vectors bench bench-scale bench-triage load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -51,6 +51,11 @@ bench: install
 # Extra flags: make bench-scale BENCH_SCALE_ARGS="--quick" (see tests/bench/bench_scale.py --help).
 bench-scale: install
 	$(PY) tests/bench/bench_scale.py $(BENCH_SCALE_ARGS)
+
+# Directory triage beside hashdeep on generated trees (not part of `make test`).
+# Extra flags: make bench-triage BENCH_TRIAGE_ARGS="--files 10000 --large 200 --images 200".
+bench-triage: install
+	$(PY) tests/bench/bench_triage.py $(BENCH_TRIAGE_ARGS)
 
 load: install
 	$(PY) tests/bench/load.py

@@ -87,8 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         "directory triage", "--dir hashes every file of a tree here, in parallel, and asks in batches "
         "(--timeout and --deadline apply to each batch); stdout then summarises, one row per file goes to the "
         "reports. Exit status 2 also when no file is known and some file could not be read, or there was none.")
-    tri.add_argument("--dir", type=Path, metavar="PATH",
-                     help="hash every file under PATH (symlinks are not followed out of it, special files not read)")
+    tri.add_argument("--dir", type=Path, metavar="PATH", action="append", default=[],
+                     help="hash every file under PATH (symlinks are not followed out of it, special files not read); "
+                     "repeatable")
+    tri.add_argument("--from-list", metavar="FILE",
+                     help="also hash the paths listed in FILE, one a line ('-': stdin); a listed directory is walked")
+    tri.add_argument("--hashes", metavar="FILE",
+                     help="also look up the digests listed in FILE ('-': stdin): hashdeep or md5deep/sha256sum "
+                     "output, ALGO:HEX lines, or a CSV with md5/sha1/sha256 columns")
     tri.add_argument("--jobs", type=int, metavar="N", help="hashing processes (default: number of CPUs)")
     tri.add_argument("--batch", type=int, metavar="N",
                      help=f"hashes per request to the nodes (default: {DEFAULT_BATCH:,}; at most "
@@ -101,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="hash cache for resuming, keyed by path, size and mtime "
                      "(default: $XDG_CACHE_HOME/icse-gateway/triage-cache.sqlite)")
     tri.add_argument("--no-cache", action="store_true", help="neither read nor write the hash cache")
+    tri.add_argument("--file-timeout", type=float, metavar="S",
+                     help="seconds one file may take to decode and hash (default: 30); a file over it keeps its "
+                     "exact digests, or is listed unreadable, with the reason")
+    tri.add_argument("--worker-memory", type=int, metavar="MB",
+                     help="address space of each hashing process (default: 8192 MB); a decoder asking for more "
+                     "fails on that file alone")
 
     _log_options(query)
     nodes = sub.add_parser("nodes", help="show every node's version, counts and generation")
@@ -146,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"{flag} must be between 0 and 300 seconds")
         options = _triage_options(args)
         options.check(with_digests_or_files=bool(args.hash or args.file))
-        if args.dir is not None and args.metrics_file is not None:
+        if options.active and args.metrics_file is not None:
             raise UsageError("--metrics-file applies to single queries, not to --dir triage")
-        if options.directory is not None:
+        if options.active:
             return triage_command(options, config, case, lambda: _signer(config, args.officer))
         subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
         return asyncio.run(_query(config, args, subjects, skipped, case))
@@ -162,9 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _triage_options(args: argparse.Namespace) -> TriageOptions:
     """The triage part of ``query``'s command line, typed."""
     return TriageOptions(
-        directory=args.dir, jobs=args.jobs, batch=args.batch, jsonl=args.jsonl, csv=args.csv, html=args.html,
+        directories=tuple(args.dir), from_list=args.from_list, hashes=args.hashes, jobs=args.jobs, batch=args.batch,
+        jsonl=args.jsonl, csv=args.csv, html=args.html,
         cache=args.cache, no_cache=args.no_cache, dihedral=args.dihedral, max_distance=args.max_distance,
-        timeout=args.timeout, deadline=args.deadline, officer=args.officer, json_summary=args.format == "json")
+        timeout=args.timeout, deadline=args.deadline, officer=args.officer, json_summary=args.format == "json",
+        file_timeout=args.file_timeout, worker_memory=args.worker_memory)
 
 
 def _case(text: str) -> str:

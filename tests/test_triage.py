@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import html
+import io
 import json
 import os
 import random
@@ -20,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from rich.console import Console
 
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 from gateway import filehash, triage
 from gateway.config import NodeEntry
-from gateway.results import NodeAnswer, NodeStatus
-from gateway.triage import report
+from gateway.results import HitInfo, NodeAnswer, NodeStatus
+from gateway.triage import report, sources
+from gateway.triage.walk import walk
 from tests import media as draw
 from tests.support import import_rows, wait_until
 
@@ -180,9 +185,9 @@ def scene(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sce
         yield Scene(tmp, tree, local.write_gateway_config(), tmp / "cache.sqlite")
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, input=stdin)
 
 
 def _triage(scene: Scene, tag: str, *extra: str, config: Path | None = None) -> tuple[int, dict, Path]:
@@ -322,6 +327,7 @@ def test_html_report_is_self_contained_escaped_and_complete(scene: Scene, first:
     assert page.count("<script") == 1, "only the report's own sorting script"
     assert "<script>alert(1)" not in page
     assert "&quot;&gt;&lt;script&gt;alert(1)&lt;.bin" in page
+    # Every file fits on the page: no link to the complete listing (see the paged test below).
     assert not re.search(r"""(src|href|action)\s*=|@import|url\(|https?://""", page), "no external resources"
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     for text in ("TRIAGE/first", "Known files", "Countries with hits", "Partial answers", "Unreadable files",
@@ -331,6 +337,19 @@ def test_html_report_is_self_contained_escaped_and_complete(scene: Scene, first:
         assert str(scene.tree.planted[name]) in page, name
     assert "Too many levels of symbolic links" in page
     assert page.count('<tr class="known">') == first.summary["summary"]["files_known"]
+    # What matters first: known files grouped by country and reference, then near-duplicates, unreadable files.
+    order = [page.index(f'<section id="{name}">') for name in ("countries", "known-by-reference", "near-duplicates",
+                                                                  "unreadable", "files-section")]
+    assert order == sorted(order)
+    grouped = page[order[1]:order[2]]
+    fr_doc = grouped[grouped.index("FR-DOC-1"):]
+    assert "2 file(s)" in fr_doc[:200] and html.escape(str(scene.tree.planted["script"])) in fr_doc[:2000]
+    near = page[order[2]:order[3]]
+    near_row = first.rows[str(scene.tree.planted["near_image"])]
+    assert str(scene.tree.planted["near_image"]) in near and f'<td class="num">{near_row["best_distance"]}</td>' in near
+    assert str(scene.tree.planted["script"]) not in near, "exact copies are not near-duplicates"
+    script_row = first.rows[str(scene.tree.planted["script"])]
+    assert f'<details><summary>3 value(s)</summary><dl class="digests"><dt>md5</dt><dd>{script_row["md5"]}' in page
     assert 'class="sortable"' in page and "aria-sort" in page
 
 
@@ -417,6 +436,81 @@ def test_options_that_need_dir(scene: Scene) -> None:
     done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.root),
                 "--html", str(scene.tmp / "missing" / "r.html"))
     assert done.returncode == 2 and "does not exist" in done.stderr
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--hash", "md5:" + "0" * 32,
+                "--file-timeout", "5")
+    assert done.returncode == 2 and "--file-timeout only go with --dir" in done.stderr
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(scene.tree.root),
+                "--file-timeout", "0")
+    assert done.returncode == 2 and "--file-timeout must be more than 0" in done.stderr
+
+
+def _listing(scene: Scene, tag: str, *args: str, stdin: str | None = None) -> tuple[int, dict, dict[str, dict]]:
+    out = scene.tmp / f"out-{tag}"
+    out.mkdir(exist_ok=True)
+    done = _run("query", "--config", str(scene.config), "--case", f"TRIAGE/{tag}", "--format", "json",
+                "--jsonl", str(out / "rows.jsonl"), "--no-cache", *args, stdin=stdin)
+    assert done.stdout.strip(), done.stderr
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    return done.returncode, json.loads(done.stdout), {r["path"]: r for r in rows}
+
+
+def test_several_trees_and_a_list_of_paths(scene: Scene) -> None:
+    tree = scene.tree
+    docs, photos = tree.root / "docs", tree.root / "photos"
+    code, summary, rows = _listing(scene, "dirs", "--dir", str(docs), "--dir", str(photos))
+    assert code == 0
+    assert rows[str(tree.planted["script"])]["countries"] == ["DE", "FR"]
+    assert rows[str(tree.planted["exact_image"])]["countries"] == ["NL"]
+    assert set(rows) == {str(p) for p in tree.regular if docs in p.parents or photos in p.parents}
+    assert str(docs) in summary["root"] and str(photos) in summary["root"]
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--dir", str(tree.root), "--dir", str(photos))
+    assert done.returncode == 2 and "inside" in done.stderr
+
+    listing = "\n".join([str(tree.planted["near_image"]), str(tree.not_hashed["fifo"]), str(tree.root / "gone.bin"),
+                         str(tree.root / "dir03"), ""])
+    code, summary, rows = _listing(scene, "list", "--from-list", "-", stdin=listing)
+    assert code == 0
+    assert rows[str(tree.planted["near_image"])]["countries"] == ["ES"]
+    assert rows[str(tree.not_hashed["fifo"])]["status"] == "not_hashed"
+    assert rows[str(tree.root / "gone.bin")]["status"] == "unreadable"
+    in_dir03 = {str(p) for p in tree.regular if tree.root / "dir03" in p.parents}
+    assert in_dir03 and in_dir03 <= set(rows) and len(rows) == len(in_dir03) + 3
+    assert "paths listed in stdin" in summary["root"]
+
+
+def test_digest_lists_are_read_in_every_format_and_queried(scene: Scene) -> None:
+    script = filehash.hash_file(scene.tree.planted["script"]).exact
+    outside = filehash.hash_file(scene.tree.outside).exact
+    hashdeep = ("%%%% HASHDEEP-1.0\n%%%% size,md5,sha1,sha256,filename\n## Invoked from: /case\n##\n"
+                f"777,{script['md5'].hex()},{script['sha1'].hex()},{script['sha256'].hex()},/case/a,b.bin\n"
+                f"300,{'0' * 32},{'0' * 40},{outside['sha256'].hex()},/case/other.bin\n"
+                f"5,{'1' * 32},{'1' * 40},{'1' * 64},/case/unknown.bin\n")
+    code, summary, rows = _listing(scene, "hashdeep", "--hashes", "-", stdin=hashdeep)
+    assert code == 0
+    assert rows["/case/a,b.bin"]["countries"] == ["DE", "FR"] and rows["/case/a,b.bin"]["size"] == 777
+    assert rows["/case/other.bin"]["countries"] == ["FR"]
+    assert not rows["/case/unknown.bin"]["known"]
+    assert "not read here" in rows["/case/a,b.bin"]["notes"][0]
+    assert summary["summary"]["files_known"] == 2 and summary["summary"]["items_queried"] == 9
+    assert summary["partial"] is False
+
+    export = scene.tmp / "export.csv"
+    export.write_text(f"Name;MD5 Hash;SHA-1\nx.bin;{script['md5'].hex()};\ny.bin;;{'2' * 40}\n")
+    code, _, rows = _listing(scene, "csv", "--hashes", str(export))
+    assert code == 0 and rows["x.bin"]["countries"] == ["DE"] and not rows["y.bin"]["known"]
+    tagged = f"sha256:{outside['sha256'].hex()}\nmd5:{'3' * 32} some name\n"
+    code, _, rows = _listing(scene, "tagged", "--hashes", "-", stdin=tagged)
+    assert code == 0 and len(rows) == 2 and "some name" in rows
+    sums = f"{script['sha256'].hex()}  /case/s.bin\n"
+    code, _, rows = _listing(scene, "sums", "--hashes", "-", stdin=sums)
+    assert code == 0 and rows["/case/s.bin"]["countries"] == ["FR"]
+
+    bad = hashdeep.replace(f"5,{'1' * 32}", f"5,{'1' * 31}")
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--hashes", "-", stdin=bad)
+    assert done.returncode == 2 and "stdin line 7" in done.stderr and "32 hex characters" in done.stderr
+    assert not done.stdout.strip(), "nothing asked when the list does not read"
+    done = _run("query", "--config", str(scene.config), "--case", "X", "--hashes", "-", stdin="hello\n")
+    assert done.returncode == 2 and "stdin line 1: not a digest list" in done.stderr
 
 
 # --------------------------------------------------------------------------- in process, no nodes
@@ -448,7 +542,7 @@ async def test_a_file_that_crashes_a_worker_costs_only_its_perceptual_hash(tmp_p
                         hasher=crashing_hasher)
     federation = _NoHits()
     result = await run.run(federation)
-    rows = {Path(r.path).name: r for r in result.rows}
+    rows = {Path(r.path).name: r for r in result.store.rows()}
     assert len(rows) == 62 and all(r.status == "hashed" for r in rows.values())
     crashed = rows["crash.bin"]
     assert crashed.hashes.exact["sha256"] == filehash.exact_digests(tmp_path / "crash.bin")["sha256"]
@@ -533,7 +627,7 @@ async def test_a_file_that_says_image_or_video_but_does_not_decode_says_so(tmp_p
     draw.save_jpeg(draw.drawing(2, (96, 80)), tmp_path / "pic.jpg")
     run = triage.Triage(str(tmp_path), "BROKEN", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
     result = await run.run(_NoHits())
-    rows = {Path(r.path).name: report.file_json(r) for r in result.rows}
+    rows = {Path(r.path).name: report.file_json(r) for r in result.store.rows()}
     for name, algorithm in (("empty.jpg", "pdq"), ("noise.jpg", "pdq"), ("noise.PNG", "pdq"),
                             ("boxed.bin", "vpdq")):
         row = rows[name]
@@ -543,3 +637,186 @@ async def test_a_file_that_says_image_or_video_but_does_not_decode_says_so(tmp_p
     assert "empty" in rows["empty.jpg"]["not_sent"][0]["reason"]
     assert rows["noise.bin"]["not_sent"] == [], "bytes that claim nothing are just bytes"
     assert rows["pic.jpg"]["pdq"] and rows["pic.jpg"]["not_sent"] == []
+
+
+async def test_rows_go_to_the_store_not_to_memory(tmp_path: Path) -> None:
+    """A tree's rows are final on disk as they come; the run holds only those still in flight."""
+    rng = random.Random(9)
+    files = 3000
+    for i in range(files):
+        (tmp_path / f"d{i % 10}" / f"f{i:04d}.bin").parent.mkdir(exist_ok=True)
+        (tmp_path / f"d{i % 10}" / f"f{i:04d}.bin").write_bytes(rng.randbytes(40))
+    (tmp_path / "dangling").symlink_to("nowhere")
+    nodes = [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")]
+    walked = [0]
+
+    def counted(exclude, stop):
+        for entry in walk(str(tmp_path), exclude, stop):
+            walked[0] += 1
+            yield entry
+
+    run = triage.Triage(str(tmp_path), "STORE", nodes, jobs=2, batch=30, entries=counted)
+    stored: list[int] = []
+    ahead: list[int] = []
+
+    class Counting(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):
+            stored.append(run.store.count())
+            ahead.append(walked[0] - run.done)
+            return await super().match(items, case, timeout, deadline)
+
+    result = await run.run(Counting())
+    try:
+        assert not hasattr(result, "rows"), "the result carries no list of rows"
+        in_flight = 2 * run.jobs * triage.CHUNK_FILES + 30 * (triage.PENDING_BATCHES + 1)
+        assert run.peak_live <= in_flight < files / 2
+        assert stored[len(stored) // 2] > files / 4, "rows are stored while the run goes on"
+        walk_ahead = sources.WALK_GROUP * (sources.WALK_QUEUE + 2)  # queued, being taken, being walked
+        assert max(ahead) <= walk_ahead + in_flight < files / 2, "the walk does not run ahead of the hashing"
+        assert result.files == files and result.count("unreadable") == 1 and result.files_known == 0
+        assert sum(1 for _ in result.store.rows()) == files + 1
+        summary = report.summary_json(result)["summary"]
+        assert summary["files"] == files and summary["unreadable"] == 1 and summary["items_queried"] == 3 * files
+        assert result.exit_status() == 2
+        assert run.store.path.stat().st_mode & 0o777 == 0o600
+    finally:
+        result.store.close()
+    assert not run.store.path.exists(), "the rows of a run do not outlive it"
+
+
+def _hanging_playlist(directory: Path) -> Path:
+    """An HLS playlist named like one: FFmpeg opens the segment it lists, here a FIFO no one writes to.
+
+    A real crafted file, no test hook: opening it blocks the decoder for ever.
+    """
+    os.mkfifo(directory / "segment.ts")
+    playlist = directory / "clip.m3u8"
+    playlist.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nsegment.ts\n#EXT-X-ENDLIST\n")
+    return playlist
+
+
+async def test_a_file_that_hangs_the_decoder_costs_at_most_the_file_timeout(tmp_path: Path) -> None:
+    rng = random.Random(10)
+    for i in range(40):
+        (tmp_path / f"f{i:02d}.bin").write_bytes(rng.randbytes(300))
+    playlist = _hanging_playlist(tmp_path)
+    draw.save_jpeg(draw.drawing(4, (96, 80)), tmp_path / "pic.jpg")
+    run = triage.Triage(str(tmp_path), "HANG", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=50,
+                        file_timeout=1.0)
+    # A guard against the hang this is about, not a measurement.
+    result = await asyncio.wait_for(run.run(_NoHits()), 120)
+    try:
+        rows = {Path(r.path).name: r for r in result.store.rows()}
+        stuck = rows[playlist.name]
+        assert stuck.status == "hashed", stuck.reason
+        assert stuck.hashes.exact["sha256"] == filehash.exact_digests(playlist)["sha256"]
+        assert "took longer than 1 s" in stuck.hashes.skipped[0].reason
+        assert rows["segment.ts"].status == "not_hashed"
+        assert rows["pic.jpg"].hashes.pdq is not None, "the other files are hashed as usual"
+        assert sum(1 for r in rows.values() if r.status == "hashed" and not r.hashes.skipped) == 41
+    finally:
+        result.store.close()
+
+
+async def test_a_decoder_that_asks_for_too_much_memory_fails_alone(tmp_path: Path) -> None:
+    # 49 million pixels: under the size any image is refused at, over what 600 MB of address space can decode.
+    Image.new("RGB", (7000, 7000), (120, 30, 200)).save(tmp_path / "huge.png")
+    draw.save_jpeg(draw.drawing(5, (96, 80)), tmp_path / "pic.jpg")
+    run = triage.Triage(str(tmp_path), "MEM", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1,
+                        worker_memory=600 << 20)
+    result = await run.run(_NoHits())
+    try:
+        rows = {Path(r.path).name: r for r in result.store.rows()}
+        huge = rows["huge.png"]
+        assert huge.status == "hashed" and huge.hashes.exact["sha256"]
+        assert "MemoryError" in huge.hashes.skipped[0].reason
+        assert rows["pic.jpg"].hashes.pdq is not None, "the worker goes on with the next file"
+    finally:
+        result.store.close()
+
+
+async def test_the_first_batch_is_small_and_progress_counts_hashes_as_they_go_out(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    for i in range(400):
+        (tmp_path / f"f{i:03d}.bin").write_bytes(rng.randbytes(60))
+    run = triage.Triage(str(tmp_path), "FIRST", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=500)
+    sent_when_asked: list[int] = []
+
+    class Watching(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):
+            sent_when_asked.append(run.items_sent)
+            return await super().match(items, case, timeout, deadline)
+
+    federation = Watching()
+    result = await run.run(federation)
+    result.store.close()
+    assert federation.batches[0] == triage.FIRST_BATCH, "the first answer comes after 100 hashes, not 500"
+    assert max(federation.batches) <= 500 and sum(federation.batches) == 1200
+    running = [sum(federation.batches[: i + 1]) for i in range(len(federation.batches))]
+    assert sent_when_asked == running, "a batch counts as sent when it goes out, before its answer"
+
+
+async def test_the_terminal_shows_near_duplicates_and_explains_its_counts(tmp_path: Path) -> None:
+    rng = random.Random(12)
+    exact = set()
+    for i in range(30):
+        path = tmp_path / f"copy{i:02d}.bin"
+        path.write_bytes(rng.randbytes(80))
+        exact.add(filehash.exact_digests(path)["md5"])
+    for i in range(2):
+        draw.save_jpeg(draw.drawing(20 + i, (96, 80)), tmp_path / f"zz_edited{i}.jpg")
+
+    class Knowing(_NoHits):
+        async def match(self, items, case, timeout=None, deadline=None):
+            def hits(item):
+                if item.algorithm == "md5" and item.digest in exact:
+                    return (HitInfo("FR", "FR", "FR-" + item.digest.hex()[:6]),)
+                if item.algorithm == "pdq":
+                    return (HitInfo("ES", "ES", "ES-IMG", distance=7),)
+                return ()
+            return [NodeAnswer("FR", "FR", NodeStatus.HIT, hits=tuple(hits(i) for i in items),
+                               truncated=(False,) * len(items))]
+
+    run = triage.Triage(str(tmp_path), "NEAR", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
+    result = await run.run(Knowing())
+    screen = io.StringIO()
+    try:
+        report.print_summary(result, Console(file=screen, width=300))
+    finally:
+        result.store.close()
+    text = screen.getvalue()
+    for i in range(2):
+        line = next(line for line in text.splitlines() if f"zz_edited{i}.jpg" in line)
+        assert "ES-IMG (distance 7)" in line and " 7 " in line
+    assert "Near-duplicates" in text and "Exact copies (distance 0, first 20 of 30)" in text
+    assert "32 of 32 file(s) known" in text
+    assert "30 exact copies (distance 0) and 2 near-duplicate(s)" in text
+    assert "32 reference(s): a file counts once per node and reference" in text
+    assert "32 hit(s): one per hash that matched" in text
+
+
+async def test_the_html_page_lists_a_page_of_files_and_links_the_complete_listing(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.triage import report_html  # noqa: PLC0415
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = random.Random(13)
+    for i in range(120):
+        (tree / f"f{i:03d}.bin").write_bytes(rng.randbytes(30))
+    run = triage.Triage(str(tree), "PAGE", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
+    result = await run.run(_NoHits())
+    monkeypatch.setattr(report_html, "PAGE_FILES", 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        report_html.write_html(result, out / "r.html", {"csv": out / "all.csv", "html": out / "r.html"})
+        report.write_csv(result, out / "all.csv")
+    finally:
+        result.store.close()
+    page = (out / "r.html").read_text()
+    body = page[page.index('<table id="files"'):]
+    body = body[body.index("<tbody>"):body.index("</tbody>")]
+    assert body.count("<tr>") == 50
+    assert "The first 50 of 120 files" in page and '<a href="all.csv">all.csv</a>' in page
+    assert len((out / "all.csv").read_text().splitlines()) == 121

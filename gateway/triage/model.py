@@ -1,4 +1,4 @@
-"""What a directory triage produces: one row per file, a tally per node, the whole result.
+"""What a directory triage produces: one row per file, and a tally per node.
 
 Shared by the run that fills it (:mod:`gateway.triage.run`) and the reports
 that show it (:mod:`gateway.triage.report`, :mod:`gateway.triage.report_html`); it imports
@@ -7,7 +7,6 @@ neither, so neither imports the other.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,62 +122,3 @@ class NodeTally:
     @property
     def complete(self) -> bool:
         return self.answered == self.batches
-
-
-@dataclass
-class TriageResult:
-    """A whole run: its rows in walk order, the nodes' tallies, and how it was asked."""
-
-    case: str
-    root: str
-    started: dt.datetime
-    finished: dt.datetime | None = None
-    rows: list[FileRow] = field(default_factory=list)
-    nodes: dict[str, NodeTally] = field(default_factory=dict)
-    requester: str = ""
-    gateway: str = ""
-    dihedral: bool = False
-    max_distance: int = 0
-    batch_size: int = DEFAULT_BATCH
-    jobs: int = 1
-    cache_path: str | None = None
-    cache_hits: int = 0
-    hashed_now: int = 0
-    items_queried: int = 0
-    batches: int = 0
-
-    def of_status(self, status: str) -> list[FileRow]:
-        return [r for r in self.rows if r.status == status]
-
-    @property
-    def files(self) -> list[FileRow]:
-        return self.of_status(HASHED)
-
-    @property
-    def known(self) -> list[FileRow]:
-        return [r for r in self.rows if r.known]
-
-    @property
-    def partial(self) -> bool:
-        return any(not tally.complete for tally in self.nodes.values())
-
-    @property
-    def countries(self) -> dict[str, dict[str, int]]:
-        """Per country with hits: how many files it knows and how many references it gave."""
-        out: dict[str, dict[str, int]] = {}
-        for row in self.known:
-            for country in row.countries:
-                out.setdefault(country, {"files": 0, "references": 0})["files"] += 1
-            for ref in row.references():
-                out[ref["country"]]["references"] += 1
-        return dict(sorted(out.items()))
-
-    def exit_status(self) -> int:
-        """0 some hit; 1 no hit and complete (every file read, every node answered every
-        batch); 2 no hit while something was not looked up or not answered, or nothing to do."""
-        if self.known:
-            return 0
-        if self.partial or self.of_status(UNREADABLE) or not self.files:
-            return 2
-        return 1
-

@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,7 +36,9 @@ from federation.algorithms import MatchKind
 from federation.files import atomic_write
 from gateway import filehash
 from gateway.textsafe import cell, terminal_safe
-from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, TriageResult
+from gateway.triage.model import HASHED, NOT_HASHED, UNREADABLE, FileRow
+from gateway.triage.result import TriageResult
+from gateway.triage.store import RowStore
 
 SCHEMA = "icse.triage-result/1"
 ROW_SCHEMA = "icse.triage-file/1"
@@ -99,7 +100,7 @@ def file_json(row: FileRow) -> dict[str, Any]:
 
 def write_jsonl(result: TriageResult, path: Path) -> None:
     def write(out: TextIO) -> None:
-        for row in result.rows:
+        for row in result.store.rows():
             out.write(json.dumps(file_json(row), ensure_ascii=False, separators=(",", ":")) + "\n")
 
     atomic_write(path, write)
@@ -134,7 +135,7 @@ def write_csv(result: TriageResult, path: Path) -> None:
     def write(out: TextIO) -> None:
         writer = csv.writer(out)
         writer.writerow(CSV_COLUMNS)
-        for row in result.rows:
+        for row in result.store.rows():
             entry = file_json(row)
             flat = {
                 **entry,
@@ -169,7 +170,7 @@ def _nodes_json(result: TriageResult) -> list[dict[str, Any]]:
 
 
 def summary_json(result: TriageResult, outputs: dict[str, Path] | None = None) -> dict[str, Any]:
-    known = result.known
+    store = result.store
     return {
         "schema": SCHEMA,
         "case": result.case,
@@ -177,13 +178,16 @@ def summary_json(result: TriageResult, outputs: dict[str, Path] | None = None) -
         **when(result),
         "partial": result.partial,
         "summary": {
-            "files": len(result.files),
-            "files_known": len(known),
+            "files": result.files,
+            "files_known": result.files_known,
+            "files_near_duplicates": store.known_near(),
+            "references": store.references(),
+            "hits": store.hits(),
             "hashed_now": result.hashed_now,
             "cache_hits": result.cache_hits,
-            "unreadable": len(result.of_status(UNREADABLE)),
-            "not_hashed": len(result.of_status(NOT_HASHED)),
-            "perceptual_not_sent": sum(1 for r in result.files if r.hashes and r.hashes.skipped),
+            "unreadable": result.count(UNREADABLE),
+            "not_hashed": result.count(NOT_HASHED),
+            "perceptual_not_sent": store.count(HASHED, skipped=True),
             "items_queried": result.items_queried,
             "batches": result.batches,
             "countries_with_hits": list(result.countries),
@@ -192,34 +196,54 @@ def summary_json(result: TriageResult, outputs: dict[str, Path] | None = None) -
         },
         "countries": result.countries,
         "known_files": [{"path": printable(r.path), "countries": r.countries, "best_distance": r.best_distance,
-                         "references": r.references()} for r in known_order(known)],
+                         "references": r.references()} for r in store.known()],
         "unreadable": [{"path": printable(r.path), "reason": printable(r.reason)}
-                       for r in result.of_status(UNREADABLE)],
+                       for r in store.of_status(UNREADABLE)],
         "not_hashed": [{"path": printable(r.path), "reason": printable(r.reason)}
-                       for r in result.of_status(NOT_HASHED)],
+                       for r in store.of_status(NOT_HASHED)],
         "nodes": _nodes_json(result),
         "cache": result.cache_path,
         "outputs": {name: str(path) for name, path in (outputs or {}).items()},
     }
 
 
-def known_order(rows: Iterable[FileRow]) -> list[FileRow]:
-    """Known files nearest match first, then by path: the order every report lists them in."""
-    return sorted(rows, key=lambda r: (r.best_distance if r.best_distance is not None else 1 << 30, r.path))
+def _listing(console: Console, store: RowStore, near: bool, count: int, title: str) -> None:
+    """Known files of one kind, the first :data:`STDOUT_KNOWN`, each with its distance and references."""
+    if not count:
+        return
+    shown = f", first {STDOUT_KNOWN} of {count:,}" if count > STDOUT_KNOWN else ""
+    listing = Table(title=f"{title[:-1]}{shown})", title_justify="left")
+    for column in ("file", "countries", "distance", "references"):
+        listing.add_column(column)
+    for row in store.known(STDOUT_KNOWN, near=near):
+        refs = ", ".join(f"{r['country']} {r['reference']} (distance {r['distance']})" for r in row.references())
+        listing.add_row(Text(terminal(row.path)), " ".join(row.countries), str(row.best_distance),
+                        Text(terminal(refs)))
+    console.print(listing)
+    if count > STDOUT_KNOWN:
+        console.print(f"… and {count - STDOUT_KNOWN:,} more: see the reports")
 
 
 def print_summary(result: TriageResult, console: Console, outputs: dict[str, Path] | None = None) -> None:
-    files, known = result.files, result.known
-    unreadable, not_hashed = result.of_status(UNREADABLE), result.of_status(NOT_HASHED)
+    files, known = result.files, result.files_known
+    unreadable, not_hashed = result.count(UNREADABLE), result.count(NOT_HASHED)
     console.print(Text(f"Case {terminal(result.case)}: {terminal(result.root)}", style="bold"))
     console.print(Text(
-        f"{len(files):,} file(s) hashed ({result.cache_hits:,} from the cache, {result.hashed_now:,} now); "
-        f"{len(unreadable):,} unreadable; {len(not_hashed):,} not hashed (links out of the tree, special files); "
+        f"{files:,} file(s) hashed ({result.cache_hits:,} from the cache, {result.hashed_now:,} now); "
+        f"{unreadable:,} unreadable; {not_hashed:,} not hashed (links out of the tree, special files); "
         f"{result.items_queried:,} hashes asked in {result.batches:,} batch(es)"))
     countries = result.countries
     where = f" — in {', '.join(countries)}" if countries else ""
-    console.print(Text(f"{len(known):,} of {len(files):,} file(s) known to the federation{where}",
+    console.print(Text(f"{known:,} of {files:,} file(s) known to the federation{where}",
                        style="bold green" if known else ""))
+    store = result.store
+    if known:
+        near = store.known_near()
+        console.print(Text(
+            f"  {known - near:,} exact cop{'y' if known - near == 1 else 'ies'} (distance 0) and {near:,} "
+            f"near-duplicate(s) (perceptual match, distance > 0); {store.references():,} reference(s): a file counts "
+            f"once per node and reference it matched; {store.hits():,} hit(s): one per hash that matched, so one "
+            "file's MD5, SHA-1, SHA-256 and PDQ can each hit the same reference"))
     if countries:
         table = Table(title="Known, by country", title_justify="left")
         for column in ("country", "files", "references"):
@@ -227,21 +251,13 @@ def print_summary(result: TriageResult, console: Console, outputs: dict[str, Pat
         for country, counts in countries.items():
             table.add_row(terminal(country), f"{counts['files']:,}", f"{counts['references']:,}")
         console.print(table)
-        shown = f" (nearest first, first {STDOUT_KNOWN})" if len(known) > STDOUT_KNOWN else ""
-        listing = Table(title=f"Known files{shown}", title_justify="left")
-        for column in ("file", "countries", "distance", "references"):
-            listing.add_column(column)
-        for row in known_order(known)[:STDOUT_KNOWN]:
-            refs = ", ".join(f"{r['country']} {r['reference']}" for r in row.references())
-            listing.add_row(Text(terminal(row.path)), " ".join(row.countries), str(row.best_distance),
-                            Text(terminal(refs)))
-        console.print(listing)
-        if len(known) > STDOUT_KNOWN:
-            console.print(f"… and {len(known) - STDOUT_KNOWN:,} more known file(s): see the reports")
-    for row in unreadable[:10]:
+        near = store.known_near()
+        _listing(console, store, True, near, "Near-duplicates (perceptual match, distance > 0; nearest first)")
+        _listing(console, store, False, known - near, "Exact copies (distance 0)")
+    for row in result.store.of_status(UNREADABLE, limit=10):
         console.print(Text.assemble(("unreadable: ", "yellow"), terminal(row.path), ": ", terminal(row.reason)))
-    if len(unreadable) > 10:
-        console.print(f"… and {len(unreadable) - 10:,} more unreadable: see the reports")
+    if unreadable > 10:
+        console.print(f"… and {unreadable - 10:,} more unreadable: see the reports")
     nodes = Table(title="Nodes", title_justify="left")
     for column in ("node", "country", "batches answered", "statuses", "message"):
         nodes.add_column(column)

@@ -12,15 +12,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-from collections.abc import Iterable
+import itertools
+import os
+from collections.abc import Iterable, Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from federation.files import atomic_write
 from gateway.triage import report
-from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, TriageResult
+from gateway.triage.model import HASHED, NOT_HASHED, UNREADABLE, FileRow
+from gateway.triage.result import TriageResult
+from gateway.triage.store import RowStore
 
 
 @cache
@@ -81,8 +85,7 @@ def _file_row_html(row: FileRow) -> str:
         f"<td>{_e(' '.join(entry['countries']))}</td>",
         f"<td class=\"num\" data-sort=\"{'' if best is None else best}\">{'' if best is None else best}</td>",
         f"<td data-sort=\"{len(entry['references'])}\">{_references_html(entry['references'])}</td>",
-        *(f"<td class=\"{'num' if kind == 'num' else 'digest'}\">{_e('' if entry[key] is None else entry[key])}</td>"
-          for key, _, kind in _HASH_COLUMNS),
+        f"<td class=\"digest\">{_digests_html(entry)}</td>",
         f"<td>{_e('; '.join(notes))}</td>",
     ]
     css = " class=\"known\"" if row.known else ""
@@ -91,19 +94,99 @@ def _file_row_html(row: FileRow) -> str:
 
 _HASH_COLUMNS = report.HASH_COLUMNS
 _FILE_HEADERS = (("path", "text"), ("size", "num"), ("countries", "text"), ("best distance", "num"),
-                 ("references", "num"), *((heading, kind) for _, heading, kind in _HASH_COLUMNS), ("notes", "text"))
+                 ("references", "num"), ("hashes", "text"), ("notes", "text"))
+# Files listed on the page, known ones first; every file is in the CSV and JSON lines reports.
+PAGE_FILES = 5_000
+
+
+def _digests_html(entry: dict[str, Any]) -> str:
+    """A file's hashes, folded until asked for: long hex strings would bury everything else."""
+    shown = [(heading, entry[key]) for key, heading, _ in _HASH_COLUMNS if entry[key] is not None]
+    if not shown:
+        return ""
+    items = "".join(f"<dt>{_e(heading)}</dt><dd>{_e(value)}</dd>" for heading, value in shown)
+    return f"<details><summary>{len(shown)} value(s)</summary><dl class=\"digests\">{items}</dl></details>"
+
+
+def _group_html(number: int, key: tuple[str, str, str], rows: list[FileRow]) -> str:
+    """The files that matched one reference of one node, nearest first."""
+    country, reference, node = key
+    details = next(r for r in rows[0].references() if (r["node"], r["reference"]) == (node, reference))
+    about = [f"node {node}"]
+    about += [f"series {details['series']}"] if details["series"] else []
+    about += [f"category {details['category']}"] if details["category"] else []
+    if details["victim_identified"] is not None:
+        about.append("victim identified" if details["victim_identified"] else "victim not identified")
+    about += [f"contact {details['contact']}"] if details["contact"] else []
+    lines = []
+    for row in rows:
+        ref = next(r for r in row.references() if (r["node"], r["reference"]) == (node, reference))
+        share = f", {ref['matched_share']:.0%} of frames" if ref["matched_share"] is not None else ""
+        lines.append(f"<tr><td class=\"path\">{_e(row.path)}</td><td class=\"num\">{ref['distance']}{_e(share)}</td>"
+                     f"<td>{_e('+'.join(ref['matched_by']))}</td></tr>")
+    return (f"<details open class=\"reference\"><summary><b>{_e(country)}</b> {_e(reference)} — {len(rows):,} "
+            f"file(s) <span class=\"muted\">({_e('; '.join(about))})</span></summary>"
+            + _table(f"reference-{number}", (("path", "text"), ("distance", "num"), ("matched by", "text")), lines)
+            + "</details>")
+
+
+def _reference_groups(store: RowStore) -> Iterator[str]:
+    """Known files grouped by country and reference, one reference's files at a time in memory."""
+    current: tuple[str, str, str] | None = None
+    rows: list[FileRow] = []
+    number = 0
+    for country, reference, node, row in store.known_by_reference():
+        if (country, reference, node) != current:
+            if current is not None:
+                number += 1
+                yield _group_html(number, current, rows)
+            current, rows = (country, reference, node), []
+        rows.append(row)
+    if current is not None:
+        yield _group_html(number + 1, current, rows)
+
+
+def _near_row_html(row: FileRow) -> str:
+    return (f"<tr><td class=\"path\">{_e(row.path)}</td><td class=\"num\">{row.best_distance}</td>"
+            f"<td>{_e(' '.join(row.countries))}</td><td>{_references_html(row.references())}</td></tr>")
+
+
+def _links(outputs: dict[str, Path], page: Path | None) -> str:
+    """Links to the complete listings written beside this page, relative to it."""
+    found = []
+    for name in ("csv", "jsonl"):
+        if name in outputs:
+            target = os.path.relpath(outputs[name], page.parent) if page is not None else str(outputs[name])
+            found.append(f"<a href=\"{_e(target)}\">{_e(target)}</a>")
+    if not found:
+        return "ask for --csv or --jsonl to get the complete listing"
+    return "every file is in " + " and ".join(found)
+
+
+def _table_parts(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> Iterator[str]:
+    """A table, piece by piece: its rows are written as they are read, never all in memory."""
+    head = "".join(f"<th data-type=\"{kind}\" aria-sort=\"none\">{_e(name)}</th>" for name, kind in headers)
+    yield f"<table id=\"{table_id}\" class=\"sortable\"><thead><tr>{head}</tr></thead><tbody>\n"
+    for i, row in enumerate(rows):
+        yield f"\n{row}" if i else row
+    yield "\n</tbody></table>"
 
 
 def _table(table_id: str, headers: Iterable[tuple[str, str]], rows: Iterable[str]) -> str:
-    head = "".join(f"<th data-type=\"{kind}\" aria-sort=\"none\">{_e(name)}</th>" for name, kind in headers)
-    return (f"<table id=\"{table_id}\" class=\"sortable\"><thead><tr>{head}</tr></thead>"
-            f"<tbody>\n{chr(10).join(rows)}\n</tbody></table>")
+    return "".join(_table_parts(table_id, headers, rows))
 
 
-def html_report(result: TriageResult) -> str:
-    """The whole page for ``result``."""
-    files, known = result.files, result.known
-    unreadable, not_hashed = result.of_status(UNREADABLE), result.of_status(NOT_HASHED)
+def html_report(result: TriageResult, outputs: dict[str, Path] | None = None, page: Path | None = None) -> str:
+    """The whole page for ``result`` (tests; :func:`write_html` streams it)."""
+    return "".join(html_parts(result, outputs, page))
+
+
+def html_parts(result: TriageResult, outputs: dict[str, Path] | None = None,
+               page: Path | None = None) -> Iterator[str]:
+    """The page for ``result``, piece by piece, the long tables read from the store as they are written."""
+    store = result.store
+    files, known = result.files, result.files_known
+    unreadable, not_hashed = result.count(UNREADABLE), result.count(NOT_HASHED)
     when = report.when(result)
     countries = result.countries
     incomplete = [t for t in sorted(result.nodes.values(), key=lambda t: t.node_id) if not t.complete]
@@ -112,8 +195,8 @@ def html_report(result: TriageResult) -> str:
         ("Directory", result.root),
         ("When", f"{when['started']} to {when['finished']} (UTC; {when['seconds']} s)"),
         ("Requested by", f"{result.requester} via gateway {result.gateway}".strip()),
-        ("Files hashed", f"{len(files):,} ({result.cache_hits:,} from the cache, {result.hashed_now:,} hashed now)"),
-        ("Known files", f"{len(known):,}"),
+        ("Files hashed", f"{files:,} ({result.cache_hits:,} from the cache, {result.hashed_now:,} hashed now)"),
+        ("Known files", f"{known:,}"),
         ("Countries with hits", ", ".join(f"{c} ({n['files']:,} file(s))" for c, n in countries.items()) or "none"),
         ("Hashes asked", f"{result.items_queried:,} in {result.batches:,} batch(es) of at most "
                          f"{result.batch_size:,}; {len(result.nodes)} node(s)"),
@@ -121,9 +204,9 @@ def html_report(result: TriageResult) -> str:
             f"{t.node_id} ({t.country}) answered {t.answered} of {t.batches} batch(es)"
             + (f": {'; '.join(t.messages)}" if t.messages else "") for t in incomplete)
          if incomplete else "no — every node answered every batch"),
-        ("Unreadable files", f"{len(unreadable):,}"),
-        ("Not hashed", f"{len(not_hashed):,} (links out of the tree, special files)"),
-        ("Perceptual hashes not sent", f"{sum(1 for r in files if r.hashes and r.hashes.skipped):,}"),
+        ("Unreadable files", f"{unreadable:,}"),
+        ("Not hashed", f"{not_hashed:,} (links out of the tree, special files)"),
+        ("Perceptual hashes not sent", f"{store.count(HASHED, skipped=True):,}"),
         ("Options", f"max distance {result.max_distance or 'node default'}; "
                     f"rotations/flips {'yes' if result.dihedral else 'no'}; {result.jobs} hashing process(es)"),
     ]
@@ -135,7 +218,7 @@ def html_report(result: TriageResult) -> str:
     else:
         banner = "<p class=\"ok\">Complete answer: every node answered every batch.</p>"
     if unreadable:
-        banner += (f"<p class=\"warn\"><b>{len(unreadable):,} file(s) could not be read</b> and were not looked "
+        banner += (f"<p class=\"warn\"><b>{unreadable:,} file(s) could not be read</b> and were not looked "
                    "up (listed below).</p>")
     country_rows = [f"<tr><td>{_e(c)}</td><td class=\"num\">{n['files']:,}</td>"
                     f"<td class=\"num\">{n['references']:,}</td></tr>" for c, n in countries.items()]
@@ -143,7 +226,6 @@ def html_report(result: TriageResult) -> str:
                  f"{t.answered}/{t.batches}</td><td>{_e(', '.join(f'{k} {v}' for k, v in sorted(t.statuses.items())))}"
                  f"</td><td>{_e('; '.join(t.messages))}</td></tr>"
                  for t in sorted(result.nodes.values(), key=lambda t: t.node_id)]
-    ordered = report.known_order(known) + sorted((r for r in files if not r.known), key=lambda r: r.path)
     sections = [
         f"<h1>ICSE triage report — case {_e(result.case)}</h1>",
         banner,
@@ -153,42 +235,64 @@ def html_report(result: TriageResult) -> str:
         sections.append("<section id=\"countries\"><h2>Known, by country</h2>" + _table(
             "countries-table", (("country", "text"), ("files", "num"), ("references", "num")), country_rows)
             + "</section>")
-    sections.append("<section id=\"nodes\"><h2>Nodes</h2>" + _table(
+    nodes_html = "<section id=\"nodes\"><h2>Nodes</h2>" + _table(
         "nodes-table", (("node", "text"), ("country", "text"), ("batches answered", "num"), ("statuses", "text"),
-                        ("message", "text")), node_rows) + "</section>")
-    sections.append(
-        f"<section id=\"files-section\"><h2>Files ({len(files):,}; known first)</h2>"
-        "<div class=\"controls\"><label><input type=\"checkbox\" id=\"known-only\"> known files only</label>"
-        "<label>path contains <input type=\"search\" id=\"filter\"></label></div>"
-        + _table("files", _FILE_HEADERS, (_file_row_html(r) for r in ordered)) + "</section>")
-    if unreadable:
-        sections.append(f"<section id=\"unreadable\"><h2>Unreadable ({len(unreadable):,})</h2>" + _table(
-            "unreadable-table", (("path", "text"), ("reason", "text")),
-            (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>" for r in unreadable))
-            + "</section>")
-    if not_hashed:
-        sections.append(f"<section id=\"not-hashed\"><h2>Not hashed ({len(not_hashed):,})</h2>" + _table(
-            "not-hashed-table", (("path", "text"), ("reason", "text")),
-            (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>" for r in not_hashed))
-            + "</section>")
-    sections.append("<footer><p class=\"muted\">Generated by icse-gateway. Only digests of these files left this "
-                    "machine; this page loads nothing from anywhere.</p></footer>")
+                        ("message", "text")), node_rows) + "</section>"
     style, script = _asset("report.css"), _asset("report.js")
     policy = (f"default-src 'none'; style-src {_csp_hash(style)}; script-src {_csp_hash(script)}; "
               "img-src 'none'; base-uri 'none'; form-action 'none'")
-    return (
+    yield (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\">\n"
         "<meta name=\"referrer\" content=\"no-referrer\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
         f"<title>ICSE triage — case {_e(result.case)}</title>\n<style>{style}</style></head>\n<body>\n"
-        + "\n".join(sections)
-        + f"\n<script>{script}</script>\n</body></html>\n"
-    )
+        + "\n".join(sections) + "\n")
+    if known:
+        yield "<section id=\"known-by-reference\"><h2>Known files, by country and reference</h2>"
+        yield from _reference_groups(store)
+        yield "</section>\n"
+    near = store.known_near()
+    if near:
+        yield (f"<section id=\"near-duplicates\"><h2>Near-duplicates ({near:,}): perceptual matches at "
+               "distance &gt; 0, nearest first</h2>")
+        yield from _table_parts("near-table", (("path", "text"), ("distance", "num"), ("countries", "text"),
+                                               ("references", "text")),
+                                (_near_row_html(r) for r in store.known(near=True)))
+        yield "</section>\n"
+    if unreadable:
+        yield f"\n<section id=\"unreadable\"><h2>Unreadable ({unreadable:,})</h2>"
+        yield from _table_parts("unreadable-table", (("path", "text"), ("reason", "text")),
+                                (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>"
+                                 for r in store.of_status(UNREADABLE)))
+        yield "</section>"
+    if not_hashed:
+        yield f"\n<section id=\"not-hashed\"><h2>Not hashed ({not_hashed:,})</h2>"
+        yield from _table_parts("not-hashed-table", (("path", "text"), ("reason", "text")),
+                                (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>"
+                                 for r in store.of_status(NOT_HASHED)))
+        yield "</section>"
+    yield "\n" + nodes_html + "\n"
+    listed = min(files, PAGE_FILES)
+    more = (f"<p class=\"muted\">The first {listed:,} of {files:,} files, known ones first; "
+            f"{_links(outputs or {}, page)}.</p>") if files > listed else ""
+    yield (f"<section id=\"files-section\"><h2>Files ({files:,}; known first)</h2>{more}"
+           "<div class=\"controls\"><label><input type=\"checkbox\" id=\"known-only\"> known files only</label>"
+           "<label>path contains <input type=\"search\" id=\"filter\"></label></div>")
+    yield from _table_parts("files", _FILE_HEADERS,
+                            (_file_row_html(r) for r in itertools.islice(store.files_known_first(), PAGE_FILES)))
+    yield "</section>"
+    yield ("\n<footer><p class=\"muted\">Generated by icse-gateway. Only digests of these files left this "
+           "machine; this page loads nothing from anywhere.</p></footer>")
+    yield f"\n<script>{script}</script>\n</body></html>\n"
 
 
-def write_html(result: TriageResult, path: Path) -> None:
-    """The page, written atomically (0600: it names seized files)."""
-    text = html_report(result)
-    atomic_write(path, lambda out: out.write(text))
+def write_html(result: TriageResult, path: Path, outputs: dict[str, Path] | None = None) -> None:
+    """The page, written atomically as it is read from the store (0600: it names seized files);
+    ``outputs`` are the other reports, linked from it."""
 
+    def write(out: TextIO) -> None:
+        for part in html_parts(result, outputs, path):
+            out.write(part)
+
+    atomic_write(path, write)

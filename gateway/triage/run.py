@@ -17,35 +17,35 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from federation.query import QueryItem
 from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
+from gateway.triage import sources
+from gateway.triage.apart import Apart, watch
 from gateway.triage.cache import HashCache
-from gateway.triage.model import (
-    DEFAULT_BATCH,
-    HASHED,
-    UNREADABLE,
-    FileRow,
-    Hashed,
-    Match,
-    NodeTally,
-    Task,
-    TriageResult,
-)
+from gateway.triage.digests import Digests
+from gateway.triage.model import DEFAULT_BATCH, HASHED, UNREADABLE, FileRow, Hashed, Match, NodeTally, Task
+from gateway.triage.progress import LiveProgress
+from gateway.triage.result import TriageResult
+from gateway.triage.store import RowStore
 from gateway.triage.walk import walk
-from gateway.triage.workers import Hasher, exact_only, hash_chunk, new_pool, stop_pool
+from gateway.triage.workers import Hasher, hash_chunk, new_pool, stop_pool
 
 if TYPE_CHECKING:
     from gateway.config import NodeEntry
+
+# What a run looks at, given what to leave out and when to stop: a tree (:func:`walk`),
+# a list of paths, digests read from a list.
+Entries = Callable[[frozenset[str], threading.Event], Iterable[Task | FileRow | Digests]]
+LISTED = "digests read from a list: the file itself was not read here"
 
 # Files per task sent to a worker, and bytes: small files go in groups, to
 # keep the per-task overhead low; a large file goes alone.
@@ -55,6 +55,12 @@ CHUNK_BYTES = 32 << 20
 FLUSH_AFTER = 2.0
 # Hashing waits when this many batches are waiting for the nodes (bounded memory).
 PENDING_BATCHES = 8
+# The first batch is this small, so that the first answer comes early.
+FIRST_BATCH = 100
+# Seconds one file may take to decode and hash (--file-timeout), and bytes of address
+# space per hashing process (--worker-memory): a hostile file costs at most that.
+FILE_TIMEOUT = 30.0
+WORKER_MEMORY = 8 << 30
 
 
 class MatchingFederation(Protocol):
@@ -64,31 +70,6 @@ class MatchingFederation(Protocol):
                     deadline: float | None = None) -> list[NodeAnswer]: ...
 
 
-class _Progress:
-    """A live line on stderr when it is a terminal; nothing otherwise."""
-
-    def __init__(self, console: Console, enabled: bool):
-        self._progress = Progress(
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TextColumn("files hashed · [bold]{task.fields[known]}[/] known ({task.fields[hits]} hits) · "
-                       "{task.fields[items]} hashes asked · last batch {task.fields[answers]} · "
-                       "{task.fields[cached]} from cache"),
-            TimeElapsedColumn(), console=console, disable=not enabled, transient=False,
-        )
-        self._task = self._progress.add_task("walking", total=None, cached=0, items=0, known=0, hits=0,
-                                             answers="-")
-
-    def __enter__(self) -> _Progress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def update(self, **fields: Any) -> None:
-        self._progress.update(self._task, **fields)
-
-
 class Triage:
     """One run over one directory; its counters stay readable after an interruption."""
 
@@ -96,8 +77,12 @@ class Triage:
                  batch: int = DEFAULT_BATCH, cache: HashCache | None = None, dihedral: bool = False,
                  max_distance: int = 0, timeout: float | None = None, deadline: float | None = None,
                  exclude: frozenset[str] = frozenset(), hasher: Hasher | None = None,
-                 progress: bool = False, console: Console | None = None):
+                 progress: bool = False, console: Console | None = None, store: RowStore | None = None,
+                 file_timeout: float | None = FILE_TIMEOUT, worker_memory: int | None = WORKER_MEMORY,
+                 entries: Entries | None = None):
         self.root = root
+        # What to look at; by default, the tree under ``root``.
+        self.entries = entries or (lambda exclude, stop: walk(root, exclude, stop))
         self.case = case
         self.jobs = jobs or _cpu_count()
         self.batch = batch
@@ -106,12 +91,15 @@ class Triage:
         self.max_distance = max_distance
         self.timeout = timeout
         self.deadline = deadline
-        self.exclude = exclude
+        self.store = store or RowStore()
+        self.exclude = exclude | {str(p) for p in self.store.files}
         self.hasher = hasher
+        self.file_timeout = file_timeout
+        self.worker_memory = worker_memory
         self.console = console or Console(stderr=True)
         self.show_progress = progress
         self.result = TriageResult(
-            case=case, root=root, started=dt.datetime.now(dt.UTC),
+            case=case, root=root, started=dt.datetime.now(dt.UTC), store=self.store,
             nodes={n.node_id: NodeTally(n.node_id, n.country) for n in nodes},
             dihedral=dihedral, max_distance=max_distance, batch_size=batch, jobs=self.jobs,
             cache_path=str(cache.path) if cache else None,
@@ -125,26 +113,35 @@ class Triage:
         self._wake = asyncio.Event()
         self._stop_walk = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
-        self._solo: ProcessPoolExecutor | None = None
-        self._solo_lock = asyncio.Lock()
-        self._progress: _Progress | None = None
+        self._apart = Apart(dihedral, hasher, file_timeout, worker_memory)
+        self._progress: LiveProgress | None = None
         self._known = self._hits = 0
+        # Hashes sent to the nodes so far, answered or not (the progress line shows it as batches go out).
+        self.items_sent = 0
         self._running: set[asyncio.Task] = set()
         self._closing = False
         self._querier_task: asyncio.Task | None = None
         self._drained = asyncio.Event()
+        # Rows not final yet (being hashed, or some hash not answered), and how many of
+        # their hashes are still to be answered: all that is held in memory.
+        self._live: dict[int, FileRow] = {}
+        self._unanswered: dict[int, int] = {}
+        self._next_index = 0
+        self.peak_live = 0
 
     # -- public
 
     async def run(self, federation: MatchingFederation) -> TriageResult:
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
         loop = asyncio.get_running_loop()
-        entries: asyncio.Queue[Task | FileRow | None] = asyncio.Queue()
-        self._pool = new_pool(self.jobs)
-        with _Progress(self.console, self.show_progress) as progress:
+        entries: asyncio.Queue[list[Task | FileRow | Digests] | None] = asyncio.Queue(sources.WALK_QUEUE)
+        self._pool = new_pool(self.jobs, self.worker_memory)
+        with LiveProgress(self.console, self.show_progress) as progress:
             self._progress = progress
-            walker = loop.run_in_executor(None, self._walk_into, entries, loop)
+            walker = loop.run_in_executor(None, sources.feed, self.entries(self.exclude, self._stop_walk), entries,
+                                          loop, self._stop_walk)
             querier = self._querier_task = asyncio.create_task(self._querier(federation))
+            watchdog = asyncio.create_task(watch(lambda: self._pool, self.file_timeout))
             finished = False
             try:
                 await self._dispatch(entries)
@@ -158,27 +155,24 @@ class Triage:
             finally:
                 self._stop_walk.set()
                 self._closing = True
-                unfinished = [t for t in (querier, *self._running) if not t.done()]
+                unfinished = [t for t in (querier, watchdog, *self._running) if not t.done()]
                 for task in unfinished:
                     task.cancel()
                 await asyncio.gather(*unfinished, return_exceptions=True)
-                for pool in (self._pool, self._solo):
-                    if finished and pool is not None:
-                        pool.shutdown(wait=True)
-                    else:
-                        stop_pool(pool)
+                if finished and self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                else:
+                    stop_pool(self._pool)
+                self._apart.close(finished)
                 self._cached(lambda cache: cache.commit())
+        if finished:
+            for index in sorted(self._live):  # none is left, unless a hash was never answered
+                self._final(index)
+            self.store.commit()
         self.result.finished = dt.datetime.now(dt.UTC)
         return self.result
 
     # -- walking and hashing
-
-    def _walk_into(self, entries: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            for entry in walk(self.root, self.exclude, self._stop_walk):
-                loop.call_soon_threadsafe(entries.put_nowait, entry)
-        finally:
-            loop.call_soon_threadsafe(entries.put_nowait, None)
 
     async def _dispatch(self, entries: asyncio.Queue) -> None:
         slots = asyncio.Semaphore(self.jobs * 2)
@@ -203,12 +197,19 @@ class Triage:
             work.add_done_callback(done)
             chunk, size = [], 0
 
-        while (entry := await entries.get()) is not None:
+        async for entry, idle in sources.flatten(entries):
+            index = self._next_index
+            self._next_index += 1
             if isinstance(entry, FileRow):
-                self.result.rows.append(entry)
+                self.store.add(index, entry)
                 continue
-            index = len(self.result.rows)
-            self.result.rows.append(FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns))
+            if isinstance(entry, Digests):  # from a digest list: nothing to read, only to ask
+                self._live[index] = FileRow(entry.name, HASHED, size=entry.size, notes=[LISTED])
+                self.total += 1
+                self._finish(index, None, Hashed(entry.hashes, entry.size or 0, 0))
+                continue
+            self._live[index] = FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns)
+            self.peak_live = max(self.peak_live, len(self._live))
             self.total += 1
             self._update(total=self.total)
             cached = self._lookup(entry)
@@ -218,7 +219,7 @@ class Triage:
                 continue
             chunk.append((index, entry))
             size += entry.size
-            if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES or entries.empty():
+            if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES or idle:
                 await submit()
         self._walked = True
         self._update(description="hashing")
@@ -253,10 +254,10 @@ class Triage:
             # A worker died (a decoder crashed on a hostile file, or the OOM killer):
             # a fresh pool for the others, and this chunk's files one by one, apart.
             if self._pool is pool:
-                self._pool = new_pool(self.jobs)
+                self._pool = new_pool(self.jobs, self.worker_memory)
                 stop_pool(pool)
             for index, task in chunk:
-                self._finish(index, task, await self._hash_alone(task))
+                self._finish(index, task, await self._apart.hash(task))
         else:
             for (index, task), outcome in zip(chunk, outcomes, strict=True):
                 self._finish(index, task, outcome)
@@ -282,46 +283,45 @@ class Triage:
                                "going on without it", style="yellow", markup=False, soft_wrap=True)
             self.cache = None
 
-    async def _hash_alone(self, task: Task) -> Hashed:
-        loop = asyncio.get_running_loop()
-        async with self._solo_lock:
-            if self._solo is None:
-                self._solo = new_pool(1)
-            try:
-                (outcome,) = await loop.run_in_executor(self._solo, hash_chunk, [task], self.dihedral, self.hasher)
-                return outcome
-            except BrokenProcessPool:
-                stop_pool(self._solo)
-                self._solo = None
-        why = "hashing this file crashed the hashing process: exact digests only, no perceptual hash"
-        return await asyncio.to_thread(exact_only, task, why)
-
-    def _finish(self, index: int, task: Task, outcome: Hashed, from_cache: bool = False) -> None:
-        row = self.result.rows[index]
-        row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
+    def _finish(self, index: int, task: Task | None, outcome: Hashed, from_cache: bool = False) -> None:
+        row = self._live[index]
+        if task is not None:
+            row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
         row.notes += outcome.notes
         self.done += 1
         if outcome.hashes is None:
             row.status, row.reason = UNREADABLE, outcome.reason
+            self._final(index)
         else:
             row.hashes = outcome.hashes
             row.from_cache = from_cache
-            if not from_cache:
+            if not from_cache and task is not None:
                 self.result.hashed_now += 1
                 if self.cache is not None and outcome.stable:
                     self._cached(lambda cache: cache.put(task, self.dihedral, outcome))
             subjects = filehash.subjects(outcome.hashes, self.max_distance)
+            self._unanswered[index] = len(subjects)
+            if not subjects:
+                self._final(index)
             if not self._pending:
                 self._pending_since = time.monotonic()
             self._pending += [(index, s) for s in subjects]
-            if len(self._pending) >= self.batch:
+            if len(self._pending) >= self._batch_size():
                 self._wake.set()
         self._update(completed=self.done, cached=self.result.cache_hits)
 
+    def _final(self, index: int) -> None:
+        """The row at ``index`` is complete: to the store, out of memory."""
+        self._unanswered.pop(index, None)
+        self.store.add(index, self._live.pop(index))
+
     # -- querying
 
+    def _batch_size(self) -> int:
+        return min(self.batch, FIRST_BATCH) if not self.items_sent else self.batch
+
     def _batch_ready(self) -> bool:
-        if len(self._pending) >= self.batch or (self._hashing_over and self._pending):
+        if len(self._pending) >= self._batch_size() or (self._hashing_over and self._pending):
             return True
         return bool(self._pending) and time.monotonic() - (self._pending_since or 0) >= FLUSH_AFTER
 
@@ -342,8 +342,11 @@ class Triage:
                     wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
-            taken = self._pending[: self.batch]
-            del self._pending[: self.batch]
+            size = self._batch_size()
+            taken = self._pending[:size]
+            del self._pending[:size]
+            self.items_sent += len(taken)
+            self._update(items=self.items_sent)
             self._pending_since = time.monotonic() if self._pending else None
             self._drained.set()
             await self._ask(federation, taken)
@@ -352,7 +355,7 @@ class Triage:
         subjects = [s for _, s in taken]
         answers = await federation.match([s.item for s in subjects], self.case, self.timeout, self.deadline)
         merged = merge(self.case, subjects, answers)
-        rows = self.result.rows
+        rows = self._live
         for (index, subject), outcome in zip(taken, merged.items, strict=True):
             row = rows[index]
             if outcome.hits:
@@ -364,6 +367,10 @@ class Triage:
         if missing:
             for index in {index for index, _ in taken}:
                 rows[index].not_answered_by.update(missing)
+        for index, _ in taken:
+            self._unanswered[index] -= 1
+            if not self._unanswered[index]:
+                self._final(index)
         for answer in answers:
             tally = self.result.nodes.get(answer.node_id)
             if tally is None:
@@ -372,7 +379,7 @@ class Triage:
         self.result.batches += 1
         self.result.items_queried += len(taken)
         answered = sum(1 for a in answers if a.status.answered)
-        self._update(items=self.result.items_queried, known=self._known, hits=self._hits,
+        self._update(known=self._known, hits=self._hits,
                      answers=f"{answered}/{len(answers)} nodes answered")
 
     def _update(self, **fields: Any) -> None:

@@ -96,3 +96,37 @@ def walk(root: str, exclude: frozenset[str] = frozenset(),
                 yield FileRow(path, UNREADABLE, reason_of(exc))
         stack.extend(reversed(subdirectories))
 
+
+
+def listed(path: str, exclude: frozenset[str] = frozenset(),
+           stop: threading.Event | None = None) -> Iterator[Task | FileRow]:
+    """One path handed over in a list (``--from-list``): a file as it is, a directory walked.
+
+    The list says exactly what to look at, so a symbolic link in it is followed
+    to a regular file wherever it points; never to a directory.
+    """
+    if path in exclude:
+        yield FileRow(path, NOT_HASHED, "written by this run (report or cache): not hashed")
+        return
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                yield FileRow(path, UNREADABLE, f"symbolic link cannot be followed: {reason_of(exc)}")
+                return
+            if stat.S_ISREG(st.st_mode):
+                yield Task(path, os.path.realpath(path), st.st_size, st.st_mtime_ns)
+            else:
+                yield FileRow(path, NOT_HASHED, f"symbolic link to a {kind_of(st.st_mode)}: not followed")
+            return
+    except OSError as exc:
+        yield FileRow(path, UNREADABLE, reason_of(exc))
+        return
+    if stat.S_ISDIR(st.st_mode):
+        yield from walk(os.path.realpath(path), exclude, stop)
+    elif stat.S_ISREG(st.st_mode):
+        yield Task(path, path, st.st_size, st.st_mtime_ns)
+    else:
+        yield FileRow(path, NOT_HASHED, f"{kind_of(st.st_mode)}: not read")

@@ -4,7 +4,10 @@ The pool is started by a fork server: the gateway's own process holds gRPC
 channels and threads, which must not be forked. A worker that crashes on a
 hostile file breaks only that file: the run retries the chunk it was in one
 file at a time in a separate process, and the culprit gets its exact digests
-computed here (:func:`exact_only`), without any decoder.
+computed apart (:func:`exact_only`), without any decoder. A worker stuck on one
+file longer than the run's per-file limit is killed the same way
+(:func:`stuck_workers` says which), and a worker's address space is limited so
+that a decoder asking for too much memory fails alone.
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import resource
 import signal
 import stat
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
 
 from gateway import filehash
@@ -24,10 +31,47 @@ from gateway.triage.walk import kind_of, reason_of
 
 Hasher = Callable[..., filehash.FileHashes]
 
+# Per pool, two numbers per worker: its pid, and since when (time.monotonic, the
+# same clock in every process) it has been on its current file, 0 when idle.
+_SLOTS: weakref.WeakKeyDictionary[ProcessPoolExecutor, SynchronizedArray] = weakref.WeakKeyDictionary()
+# In a worker: its pool's slots and which pair is its own.
+_slots: SynchronizedArray | None = None
+_slot = -1
 
-def _worker_init() -> None:
+
+def _worker_init(memory: int | None, slots: SynchronizedArray | None) -> None:
+    global _slots, _slot  # noqa: PLW0603 - one per worker process
     # Ctrl-C is the parent's business: it stops the pool and keeps what is cached.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if memory:
+        # A decoder that asks for more gets MemoryError (the file keeps its exact digests),
+        # not the whole machine.
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = memory if hard == resource.RLIM_INFINITY else min(memory, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    if slots is not None:
+        with slots.get_lock():
+            for i in range(0, len(slots), 2):
+                if not slots[i]:
+                    slots[i], _slot = os.getpid(), i
+                    break
+        _slots = slots
+
+
+def _on_file(since: float) -> None:
+    if _slots is not None and _slot >= 0:
+        _slots[_slot + 1] = since
+
+
+def stuck_workers(pool: ProcessPoolExecutor | None, limit: float) -> list[int]:
+    """The pids of ``pool``'s workers that have been on one file for longer than ``limit`` seconds."""
+    slots = _SLOTS.get(pool) if pool is not None else None
+    if slots is None:
+        return []
+    now = time.monotonic()
+    with slots.get_lock():
+        pairs = slots[:]
+    return [int(pairs[i]) for i in range(0, len(pairs), 2) if pairs[i] and pairs[i + 1] and now - pairs[i + 1] > limit]
 
 
 def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed:
@@ -64,8 +108,15 @@ def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed
 
 
 def hash_chunk(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = None) -> list[Hashed]:
-    """What a worker runs: a few small files, or one large one."""
-    return [hash_one(task, dihedral, hasher) for task in tasks]
+    """What a worker runs: a few small files, or one large one; each file's start is marked for the watchdog."""
+    done = []
+    for task in tasks:
+        _on_file(time.monotonic())
+        try:
+            done.append(hash_one(task, dihedral, hasher))
+        finally:
+            _on_file(0.0)
+    return done
 
 
 def exact_only(task: Task, why: str) -> Hashed:
@@ -97,11 +148,16 @@ def _start_forkserver() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def new_pool(workers: int) -> ProcessPoolExecutor:
-    """Hashing processes forked from the fork server, never from this (threaded) process."""
+def new_pool(workers: int, memory: int | None = None) -> ProcessPoolExecutor:
+    """Hashing processes forked from the fork server, never from this (threaded) process,
+    each limited to ``memory`` bytes of address space and watched by :func:`stuck_workers`."""
     _start_forkserver()
     context = multiprocessing.get_context("forkserver")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
+    slots = context.Array("d", 2 * workers)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                               initargs=(memory, slots))
+    _SLOTS[pool] = slots
+    return pool
 
 
 def stop_pool(pool: ProcessPoolExecutor | None) -> None:

@@ -1,0 +1,165 @@
+"""The rows of one run, on disk: a private SQLite file, so a million files cost no memory.
+
+A row is written once, when it is final (read, hashed and every one of its
+hashes answered); the reports read it back in the order they need (walk
+order, known first, by status) and the summary counts with queries. The file
+holds digests and paths of seized files: it is created 0600 in a private
+temporary directory and removed when the run is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from gateway import filehash
+from gateway.results import HitInfo
+from gateway.triage.model import HASHED, FileRow, Match
+
+# Rows written between commits (a commit is cheap here: durability is not needed).
+COMMIT_EVERY = 2000
+# Sorts unknown distances after every real one.
+_FAR = 1 << 30
+
+
+def _record(row: FileRow) -> str:
+    return json.dumps({
+        "reason": row.reason, "size": row.size, "mtime_ns": row.mtime_ns,
+        "hashes": None if row.hashes is None else filehash.hashes_json(row.hashes),
+        "from_cache": row.from_cache,
+        "matches": [[m.algorithm, m.variant, asdict(m.hit)] for m in row.matches],
+        "not_answered_by": sorted(row.not_answered_by), "truncated_by": sorted(row.truncated_by),
+        "notes": row.notes,
+    }, separators=(",", ":"), ensure_ascii=False)
+
+
+def _row(path: bytes, status: str, record: str) -> FileRow:
+    data: dict[str, Any] = json.loads(record)
+    name = os.fsdecode(path)
+    hashes = None if data["hashes"] is None else filehash.hashes_from_json(data["hashes"], name)
+    return FileRow(
+        name, status, data["reason"], data["size"], data["mtime_ns"], hashes, data["from_cache"],
+        [Match(algorithm, variant, HitInfo(**hit)) for algorithm, variant, hit in data["matches"]],
+        set(data["not_answered_by"]), set(data["truncated_by"]), data["notes"])
+
+
+class RowStore:
+    """Final rows of a run, by walk index; the queries the reports and the summary need."""
+
+    def __init__(self, directory: Path | None = None):
+        self._dir = Path(tempfile.mkdtemp(prefix="icse-triage-", dir=directory))  # 0700
+        self.path = self._dir / "rows.sqlite"
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        os.chmod(self.path, 0o600)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE rows (idx INTEGER PRIMARY KEY, path BLOB NOT NULL, status TEXT NOT NULL, "
+                         "known INTEGER NOT NULL, best INTEGER, skipped INTEGER NOT NULL, hits INTEGER NOT NULL, "
+                         "record TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE refs (idx INTEGER NOT NULL, country TEXT NOT NULL, node TEXT NOT NULL, "
+                         "reference TEXT NOT NULL)")
+        self._db.execute("BEGIN")
+        self._unsaved = 0
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """What this store writes: never to be hashed by the run that uses it."""
+        return (self._dir, self.path)
+
+    def add(self, index: int, row: FileRow) -> None:
+        """Writes ``row``, final, at walk position ``index``."""
+        skipped = bool(row.hashes and row.hashes.skipped)
+        self._db.execute("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (index, os.fsencode(row.path), row.status, row.known, row.best_distance, skipped,
+                          len(row.matches), _record(row)))
+        if row.matches:
+            self._db.executemany("INSERT INTO refs VALUES (?, ?, ?, ?)",
+                                 [(index, r["country"], r["node"], r["reference"]) for r in row.references()])
+        self._unsaved += 1
+        if self._unsaved >= COMMIT_EVERY:
+            self.commit()
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+        self._unsaved = 0
+
+    def _rows(self, where: str = "", order: str = "idx", args: tuple[Any, ...] = (),
+              limit: int | None = None) -> Iterator[FileRow]:
+        tail = f" LIMIT {int(limit)}" if limit is not None else ""
+        cursor = self._db.execute(f"SELECT path, status, record FROM rows {where} ORDER BY {order}{tail}", args)
+        for path, status, record in cursor:
+            yield _row(path, status, record)
+
+    def rows(self) -> Iterator[FileRow]:
+        """Every row, in walk order."""
+        return self._rows()
+
+    def of_status(self, status: str, limit: int | None = None) -> Iterator[FileRow]:
+        return self._rows("WHERE status = ?", args=(status,), limit=limit)
+
+    def known(self, limit: int | None = None, *, near: bool | None = None) -> Iterator[FileRow]:
+        """Known files nearest match first, then by path: the order every report lists them in;
+        only near-duplicates (best distance > 0) or only exact copies when ``near`` says so."""
+        where = {None: "WHERE known", True: "WHERE known AND best > 0", False: "WHERE known AND best = 0"}[near]
+        return self._rows(where, f"coalesce(best, {_FAR}), path", limit=limit)
+
+    def known_by_reference(self) -> Iterator[tuple[str, str, str, FileRow]]:
+        """(country, reference, node, file) for every reference a file matched, grouped by country and
+        reference, nearest file first: a file that matched two references comes twice."""
+        cursor = self._db.execute(
+            "SELECT refs.country, refs.reference, refs.node, rows.path, rows.status, rows.record FROM refs "
+            f"JOIN rows USING (idx) ORDER BY refs.country, refs.reference, refs.node, coalesce(rows.best, {_FAR}), "
+            "rows.path")
+        for country, reference, node, path, status, record in cursor:
+            yield country, reference, node, _row(path, status, record)
+
+    def known_near(self) -> int:
+        """Known files whose nearest match is a perceptual one at distance > 0."""
+        return int(self._db.execute("SELECT count(*) FROM rows WHERE known AND best > 0").fetchone()[0])
+
+    def hits(self) -> int:
+        """Hits in all: one per hash of a file that matched a reference (several per reference, often)."""
+        return int(self._db.execute("SELECT coalesce(sum(hits), 0) FROM rows").fetchone()[0])
+
+    def references(self) -> int:
+        """References in all: a file counts once per node and reference it matched."""
+        return int(self._db.execute("SELECT count(*) FROM refs").fetchone()[0])
+
+    def files_known_first(self) -> Iterator[FileRow]:
+        """Every hashed file: the known ones as :meth:`known` lists them, then the others by path."""
+        return self._rows("WHERE status = ?", f"known DESC, CASE WHEN known THEN coalesce(best, {_FAR}) END, path",
+                          (HASHED,))
+
+    def count(self, status: str | None = None, *, known: bool = False, skipped: bool = False) -> int:
+        """How many rows (of ``status``; known only; with perceptual hashes not sent only)."""
+        clauses, args = [], []
+        if status is not None:
+            clauses.append("status = ?")
+            args.append(status)
+        if known:
+            clauses.append("known")
+        if skipped:
+            clauses.append("skipped")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        return int(self._db.execute(f"SELECT count(*) FROM rows {where}", args).fetchone()[0])
+
+    def countries(self) -> dict[str, dict[str, int]]:
+        """Per country with hits: how many files it knows and how many references it gave."""
+        found = self._db.execute("SELECT country, count(DISTINCT idx), count(*) FROM refs GROUP BY country "
+                                 "ORDER BY country")
+        return {country: {"files": files, "references": references} for country, files, references in found}
+
+    def close(self) -> None:
+        """Removes the file: the reports are written from it before."""
+        try:
+            self._db.close()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)

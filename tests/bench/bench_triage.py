@@ -1,0 +1,181 @@
+"""Directory triage against ``hashdeep``, side by side on the same trees, in the same run.
+
+Generates three trees (small files, large files, drawn images), then for each:
+``hashdeep -c md5,sha1,sha256 -r`` (the field's reference for exact hash sets,
+one thread) and ``icse-gateway query --dir`` against one real node over mTLS:
+exact-only work (``--jobs 2``, no cache), the same with the cache filled, and
+the fully cached re-run. Prints files/s, MB/s, peak RSS of the whole process
+tree (sampled from /proc) and the ratios.
+
+Not part of ``make test``: ``make bench-triage`` or
+``python tests/bench/bench_triage.py [--files N] [--large N] [--images N]``.
+``hashdeep`` comes from the Debian package of that name: installed here only
+when missing and running as root; otherwise its column is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from federation.localfed import LocalFederation, NodeSpec
+from federation.pki import DevPki
+from tests import media as draw
+
+TOTAL_BYTES = 50 << 20  # the tree of large files, whatever their number
+
+
+@dataclass
+class Measure:
+    seconds: float
+    peak_rss_kb: int
+    returncode: int
+
+
+def _tree_rss_kb(root: int) -> int:
+    """Resident memory of ``root`` and every descendant, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except OSError:
+            continue
+        pid = int(entry)
+        children.setdefault(int(fields.get("PPid", "0").strip()), []).append(pid)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack += children.get(pid, [])
+    return total
+
+
+def measure(command: list[str]) -> Measure:
+    """Runs ``command``; its wall time and the peak RSS of its process tree (sampled every 50 ms)."""
+    peak = 0
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss_kb(process.pid))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if process.returncode not in (0, 1):
+        sys.stderr.write(stderr.decode(errors="replace")[-2000:])
+    return Measure(seconds, peak, process.returncode)
+
+
+def small_tree(root: Path, files: int) -> Path:
+    rng = random.Random(1)
+    size = 512  # 100,000 of them: 50 MB
+    for i in range(files):
+        path = root / f"d{i // 1000:04d}" / f"f{i:06d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+    return root
+
+
+def large_tree(root: Path, files: int) -> Path:
+    rng = random.Random(2)
+    size = TOTAL_BYTES // max(files, 1)
+    root.mkdir(parents=True, exist_ok=True)
+    block = rng.randbytes(size)
+    for i in range(files):
+        (root / f"big{i:05d}.bin").write_bytes(block[i % 97:] + block[: i % 97])
+    return root
+
+
+def image_tree(root: Path, files: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        draw.save_jpeg(draw.drawing(i, (320, 240)), root / f"img{i:05d}.jpg", 85)
+    return root
+
+
+def hashdeep() -> str | None:
+    found = shutil.which("hashdeep")
+    if found or os.geteuid() != 0:
+        return found
+    done = subprocess.run(["apt-get", "install", "-y", "hashdeep"], capture_output=True, check=False)
+    return shutil.which("hashdeep") if done.returncode == 0 else None
+
+
+def tree_stats(root: Path) -> tuple[int, int]:
+    files = size = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            files += 1
+            size += os.path.getsize(os.path.join(directory, name))
+    return files, size
+
+
+def row(label: str, files: int, size: int, m: Measure | None, base: Measure | None) -> str:
+    if m is None:
+        return f"  {label:<34} skipped"
+    ratio = f"  {base.seconds / m.seconds:5.2f}x hashdeep" if base else ""
+    return (f"  {label:<34} {m.seconds:8.2f} s {files / m.seconds:10,.0f} files/s {size / m.seconds / 1e6:8.1f} MB/s "
+            f"peak RSS {m.peak_rss_kb / 1024:7.1f} MiB{ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=100_000, help="small files (default 100,000)")
+    parser.add_argument("--large", type=int, default=2_000, help="large files (default 2,000; 50 MB in all)")
+    parser.add_argument("--images", type=int, default=5_000, help="drawn JPEG images (default 5,000)")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    tool = hashdeep()
+    if tool is None:
+        print("hashdeep: not installed (Debian package 'hashdeep'; installed here only as root): column skipped")
+    with tempfile.TemporaryDirectory(prefix="bench-triage-") as tmp:
+        work = Path(tmp)
+        pki = DevPki(work / "pki", "bench.icse.test", ["FR"], ["eu-1"]).create()
+        local = LocalFederation(work / "nodes", pki, [NodeSpec("FR", "FR", "bench")])
+        started = time.perf_counter()
+        trees = {"small files": small_tree(work / "small", args.files),
+                 "large files": large_tree(work / "large", args.large),
+                 "drawn images": image_tree(work / "images", args.images)}
+        print(f"trees generated in {time.perf_counter() - started:.1f} s")
+        with local:
+            config = local.write_gateway_config()
+            for name, root in trees.items():
+                files, size = tree_stats(root)
+                print(f"{name}: {files:,} files, {size / 1e6:,.1f} MB")
+                base = measure([tool, "-c", "md5,sha1,sha256", "-r", str(root)]) if tool else None
+                print(row("hashdeep -c md5,sha1,sha256 -r", files, size, base, None))
+                cache = work / f"cache-{name.replace(' ', '-')}.sqlite"
+                query = [sys.executable, "-m", "gateway.cli", "query", "--config", str(config), "--case", "BENCH",
+                         "--format", "json", "--dir", str(root), "--jobs", str(args.jobs)]
+                print(row(f"ours, --jobs {args.jobs}, no cache", files, size, measure([*query, "--no-cache"]), base))
+                print(row(f"ours, --jobs {args.jobs}, filling the cache", files, size,
+                          measure([*query, "--cache", str(cache)]), base))
+                print(row("ours, fully cached re-run", files, size, measure([*query, "--cache", str(cache)]), base))
+
+
+if __name__ == "__main__":
+    main()
