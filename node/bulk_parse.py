@@ -33,12 +33,13 @@ from node.records import Rejection
 
 BLOCK_BYTES = 8 << 20  # read at a time: ~100,000 rows of a long CSV
 _BOM = b"\xef\xbb\xbf"
-_TO_NEWLINE = {True: bytes.maketrans(b",", b"\n"), False: bytes.maketrans(b":", b"\n")}  # csv?
+_TO_NEWLINE = bytes.maketrans(b",", b"\n")
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
 for _value, _chars in enumerate(zip("0123456789abcdef", "0123456789ABCDEF", strict=True)):
     for _char in _chars:
         _HEX_VALUE[ord(_char)] = _value
 # Single-digest algorithms, by the exact name a bulk row must give.
+_META = ("reference", "category", "victim_identified", "series", "date_added")
 _BULK_ALGORITHMS = [a for a in algorithms.all_algorithms() if a.max_frames == 1]
 
 Group = tuple[list[formats.Row], "np.ndarray | None"]  # rows of one algorithm, their keys (or None)
@@ -109,6 +110,8 @@ def _line_by_line(block: bytes, number: int, layout: formats.CsvLayout | None, u
                   lines: np.ndarray | None = None) -> Chunk:
     """Parses the block's lines (or only ``lines``, indexes) as node.formats does."""
     chunk = Chunk()
+    if lines is not None and not len(lines):
+        return chunk
     split = block.split(b"\n")
     for i in range(len(split) - 1) if lines is None else lines.tolist():
         if layout is None:
@@ -161,7 +164,7 @@ def _block(block: bytes, number: int, layout: formats.CsvLayout | None, unnamed:
             match &= arr[np.minimum(a_start + offset, len(arr) - 1)] == char
         code[match] = n
     fine = code >= 0
-    for name in ("reference", "category", "victim_identified", "series", "date_added"):
+    for name in _META:
         column = role.get(name, -1) if layout is not None else -1
         if 0 <= column < width:
             length = lengths[:, column]
@@ -182,13 +185,17 @@ def _block(block: bytes, number: int, layout: formats.CsvLayout | None, unnamed:
         fine[rows[~valid]] = False
         values = values[valid]
         digests[n] = ((values[:, 0::2] << 4) | values[:, 1::2]).astype(np.uint8)
-    return _assemble(block, number, layout, unnamed, good[fine], code[fine], digests, role, width, arr,
-                     starts, ends)
+    # Metadata cells are read as text from the first of them to the line's end.
+    first = min((role[name] for name in _META if layout is not None and role.get(name, width) < width),
+                default=width)
+    text_from = cell_start[fine, first] if first < width else np.empty(0, dtype=np.int64)
+    return _assemble(block, number, layout, unnamed, good[fine], code[fine], digests, role, (first, width),
+                     arr, text_from, ends)
 
 
 def _assemble(block: bytes, number: int, layout: formats.CsvLayout | None, unnamed: str, taken: np.ndarray,
-              codes: np.ndarray, digests: dict[int, np.ndarray], role: dict[str, int], width: int,
-              arr: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Chunk:
+              codes: np.ndarray, digests: dict[int, np.ndarray], role: dict[str, int], columns: tuple[int, int],
+              arr: np.ndarray, text_from: np.ndarray, ends: np.ndarray) -> Chunk:
     """The rows of the lines taken in bulk (``taken``, of algorithm ``codes``, with
     ``digests`` per algorithm), and the others parsed one at a time."""
     others = np.ones(len(ends), dtype=bool)
@@ -199,14 +206,19 @@ def _assemble(block: bytes, number: int, layout: formats.CsvLayout | None, unnam
     chunk = Chunk(others=slow.others)
     if not len(taken):
         return chunk
-    # Cells as text: the taken lines, separators turned into newlines, split once.
-    line_mask = np.zeros(len(ends), dtype=bool)
-    line_mask[taken] = True
-    text = arr[np.repeat(line_mask, ends - starts + 1)].tobytes()
-    cells = text.translate(_TO_NEWLINE[layout is not None]).decode("ascii").split("\n")
+    # Metadata cells as text: columns first.. of the taken lines (each with its
+    # newline), commas turned into newlines, split once.
+    first, width = columns
+    column: dict[str, list[str]] = {}
+    if first < width:
+        inside = np.zeros(len(arr) + 1, dtype=np.int8)
+        np.add.at(inside, text_from, 1)
+        np.add.at(inside, ends[taken] + 1, -1)
+        text = arr[np.cumsum(inside[:-1], dtype=np.int8).view(bool)].tobytes()
+        cells = text.translate(_TO_NEWLINE).decode("ascii").split("\n")
+        column = {name: cells[index - first::width - first][: len(taken)] for name, index in role.items()
+                  if first <= index < width}
     numbers = (taken + number + 1).tolist()
-    column = {name: cells[index::width][: len(taken)] for name, index in role.items()
-              if index < width and layout is not None}
     references = column.get("reference") or [""] * len(taken)
     if unnamed and "" in references:
         references = [r or f"{unnamed}{n}" for r, n in zip(references, numbers, strict=True)]
