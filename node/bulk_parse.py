@@ -21,7 +21,6 @@ text between commas, as ``csv`` reads them.
 from __future__ import annotations
 
 import csv
-import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import numpy as np
 from federation import algorithms
 from node import formats
 from node.records import Rejection
+from node.segment import FULL, Shape
 
 BLOCK_BYTES = 8 << 20  # read at a time: ~100,000 rows of a long CSV
 _BOM = b"\xef\xbb\xbf"
@@ -42,7 +42,8 @@ for _value, _chars in enumerate(zip("0123456789abcdef", "0123456789ABCDEF", stri
 _META = ("reference", "category", "victim_identified", "series", "date_added")
 _BULK_ALGORITHMS = [a for a in algorithms.all_algorithms() if a.max_frames == 1]
 
-Group = tuple[list[formats.Row], "np.ndarray | None"]  # rows of one algorithm, their keys (or None)
+# Rows of one algorithm, their keys (or None), and which fields the rows hold.
+Group = tuple[list[tuple], "np.ndarray | None", Shape]
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Chunk:
         if parsed is None:
             return
         if type(parsed) is tuple:
-            rows, _ = self.groups.setdefault(parsed[0], ([], None))
+            rows, _, _ = self.groups.setdefault(parsed[0], ([], None, FULL))
             rows.append(parsed)
         else:
             self.others.append(parsed)  # type: ignore[arg-type]
@@ -237,9 +238,16 @@ def _assemble(block: bytes, number: int, layout: formats.CsvLayout | None, unnam
         keys = np.ascontiguousarray(values).view(f"S{size}").ravel()
         blobs = np.ascontiguousarray(values).view(f"V{size}").ravel().tolist()
         pick = (lambda seq: seq) if len(which) == len(taken) else _picker(which)
-        rows = list(zip(itertools.repeat(algorithm.name, len(which)), blobs, pick(references), pick(category),
-                        pick(flags), pick(series), pick(dates), strict=True))
-        chunk.groups[algorithm.name] = (rows, keys)
+        fields, cells = [1], [blobs]
+        same: list[tuple[int, object]] = [(0, algorithm.name)]
+        for position, column_cells in enumerate((references, category, flags, series, dates), start=2):
+            picked = pick(column_cells)
+            if len(set(picked)) == 1:
+                same.append((position, picked[0]))
+            else:
+                fields.append(position)
+                cells.append(picked)
+        chunk.groups[algorithm.name] = (list(zip(*cells, strict=True)), keys, Shape(tuple(fields), tuple(same)))
     return chunk
 
 

@@ -29,13 +29,24 @@ from node import segment_index
 from node.catalog import Catalog, SegmentEntry
 from node.private_files import make_private_directory, open_private_append
 from node.records import HashRecord, StoredRecord
-from node.segment import MappedSegment, SegmentWriter, Written, directory_of, lock_is_free, remove, segments_root
+from node.segment import (
+    FULL,
+    MappedSegment,
+    SegmentWriter,
+    Shape,
+    Written,
+    directory_of,
+    lock_is_free,
+    remove,
+    segments_root,
+)
 from node.segment_set import LiveSegment, SegmentLoader, SegmentSet
 
 Row = tuple  # (algorithm, digest, reference, category, victim_identified, series, date_added)
 T = TypeVar("T")
-# Rows grouped by algorithm, each group with its keys if the parser made them.
-Grouped = dict[str, tuple[list[Row], "np.ndarray | None"]]
+# Rows grouped by algorithm, each group with its keys if the parser made them, and
+# which fields its tuples hold (node.segment.Shape).
+Grouped = dict[str, tuple[list[tuple], "np.ndarray | None", Shape]]
 # Rows per segment an import writes: a larger file becomes several segments (published
 # together), so an import's memory is bounded (keys and index build of one segment).
 SEGMENT_ROWS = 2_000_000
@@ -290,7 +301,7 @@ def _live_keys(live: SegmentSet, pairs: Iterable[tuple[str, bytes]]) -> set[tupl
 
 
 def _size(batch: list[Row] | Grouped) -> int:
-    return sum(len(rows) for rows, _ in batch.values()) if isinstance(batch, dict) else len(batch)
+    return sum(len(group[0]) for group in batch.values()) if isinstance(batch, dict) else len(batch)
 
 
 def _write_new(writer: SegmentWriter, live: SegmentSet, batch: list[Row] | Grouped) -> None:
@@ -302,14 +313,15 @@ def _write_new(writer: SegmentWriter, live: SegmentSet, batch: list[Row] | Group
         for row in batch:
             group = groups.get(row[0])
             if group is None:
-                group = groups[row[0]] = ([], None)
+                group = groups[row[0]] = ([], None, FULL)
             group[0].append(row)
-    for name, (rows, given) in groups.items():
+    for name, (rows, given, shape) in groups.items():
         algorithm = algorithms.get(name)
-        keys = given if given is not None else segment_index.keys_of(algorithm, [row[1] for row in rows])
+        digest = shape.fields.index(1)
+        keys = given if given is not None else segment_index.keys_of(algorithm, [row[digest] for row in rows])
         new = ~live.present(name, keys) if live.segments else np.ones(len(keys), dtype=bool)
         kept = rows if new.all() else [row for row, keep in zip(rows, new.tolist(), strict=True) if keep]
-        writer.add(algorithm, kept, keys if new.all() else keys[new])
+        writer.add(algorithm, kept, keys if new.all() else keys[new], shape)
 
 
 async def _aiter(batches: AsyncIterator[T] | Iterable[T]) -> AsyncIterator[T]:

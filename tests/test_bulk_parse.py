@@ -35,7 +35,8 @@ def _bulk(text: bytes, format_name: str, block: int) -> tuple[dict[str, list], l
     bulk_parse.BLOCK_BYTES = block
     try:
         for chunk in bulk_parse.chunks(source.read, format_name, UNNAMED):
-            for name, (rows, keys) in chunk.groups.items():
+            for name, (narrow, keys, shape) in chunk.groups.items():
+                rows = [shape.expand(row) for row in narrow]
                 groups.setdefault(name, []).extend(rows)
                 if keys is not None:
                     assert len(keys) == len(rows)
