@@ -220,11 +220,14 @@ class SegmentWriter:
     def _unique(self, keys: np.ndarray, ids: np.ndarray, videos: list[bytes] | None
                 ) -> tuple[np.ndarray, np.ndarray, list[bytes] | None]:
         """Keeps the first row of each key; later repeats leave the row file too."""
-        _, first = np.unique(keys, return_index=True)
-        if len(first) == len(keys):
+        order = segment_index.key_order(keys)  # repeats adjacent, each run in input order
+        ranked = keys[order]
+        repeat = np.zeros(len(keys), dtype=bool)
+        repeat[1:] = ranked[1:] == ranked[:-1]
+        if not repeat.any():
             return keys, ids, videos
-        keep = np.zeros(len(keys), dtype=bool)
-        keep[first] = True
+        keep = np.ones(len(keys), dtype=bool)
+        keep[order[repeat]] = False
         self._db.executemany("DELETE FROM rows WHERE id = ?", [(int(i),) for i in ids[~keep]])
         kept_videos = [v for v, k in zip(videos, keep.tolist()) if k] if videos is not None else None
         return keys[keep], ids[keep], kept_videos
