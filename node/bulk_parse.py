@@ -31,7 +31,7 @@ from node import formats
 from node.records import Rejection
 from node.segment import FULL, Shape
 
-BLOCK_BYTES = 8 << 20  # read at a time: ~100,000 rows of a long CSV
+BLOCK_BYTES = 4 << 20  # read at a time: ~50,000 rows of a long CSV
 _BOM = b"\xef\xbb\xbf"
 _TO_NEWLINE = bytes.maketrans(b",", b"\n")
 _HEX_VALUE = np.full(256, 255, dtype=np.uint8)
