@@ -174,6 +174,13 @@ def _block(block: bytes, number: int, layout: formats.CsvLayout | None, unnamed:
             fine &= (length <= formats.MAX_FIELD) & ~padded
     # Digests last: what is left of each algorithm's rows are the rows taken.
     digests: dict[int, np.ndarray] = {}
+
+    def windows(size: int, starts: np.ndarray) -> np.ndarray:
+        """arr[start:start + size] for each start, as rows (no index matrix)."""
+        if not len(starts):
+            return np.empty((0, size), dtype=np.uint8)
+        return np.lib.stride_tricks.sliding_window_view(arr, size)[starts]
+
     d_start, d_length = cell_start[:, role["digest"]], lengths[:, role["digest"]]
     for n, algorithm in enumerate(_BULK_ALGORITHMS):
         size = algorithm.digest_size
@@ -181,7 +188,7 @@ def _block(block: bytes, number: int, layout: formats.CsvLayout | None, unnamed:
         right = d_length[rows] == 2 * size
         fine[rows[~right]] = False
         rows = rows[right]
-        values = _HEX_VALUE[arr[d_start[rows, None] + np.arange(2 * size)]]
+        values = _HEX_VALUE[windows(2 * size, d_start[rows])]
         valid = (values != 255).all(axis=1)
         fine[rows[~valid]] = False
         values = values[valid]

@@ -8,6 +8,7 @@ import hashlib
 import io
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,10 +205,15 @@ async def _import_in_bulk(store: Store, path: Path, report: ImportReport, format
 
 
 async def _in_thread(items: Iterator[T]) -> AsyncIterator[T]:
-    """The items, each computed on a worker thread (the event loop stays free)."""
+    """The items, computed on a worker thread of their own (the event loop stays
+    free). Always the same thread: the C allocator keeps an arena per thread that
+    allocates, so a parser hopping between pool threads would hold the freed
+    memory of its working set once in each of them."""
     done = object()
-    while (item := await asyncio.to_thread(next, items, done)) is not done:
-        yield item  # type: ignore[misc]
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(1, thread_name_prefix="parse") as parser:
+        while (item := await loop.run_in_executor(parser, next, items, done)) is not done:
+            yield item  # type: ignore[misc]
 
 
 async def retract_files(
