@@ -175,11 +175,11 @@ def _block(block: bytes, number: int, layout: formats.CsvLayout | None, unnamed:
     # Digests last: what is left of each algorithm's rows are the rows taken.
     digests: dict[int, np.ndarray] = {}
 
-    def windows(size: int, starts: np.ndarray) -> np.ndarray:
-        """arr[start:start + size] for each start, as rows (no index matrix)."""
-        if not len(starts):
+    def windows(size: int, offsets: np.ndarray) -> np.ndarray:
+        """arr[offset:offset + size] for each offset, as rows (no index matrix)."""
+        if not len(offsets):
             return np.empty((0, size), dtype=np.uint8)
-        return np.lib.stride_tricks.sliding_window_view(arr, size)[starts]
+        return np.lib.stride_tricks.sliding_window_view(arr, size)[offsets]
 
     d_start, d_length = cell_start[:, role["digest"]], lengths[:, role["digest"]]
     for n, algorithm in enumerate(_BULK_ALGORITHMS):
