@@ -39,7 +39,9 @@ class Unsupported:
 
 
 Parsed = HashRecord | Rejection | Unsupported
-ParsedRow = Row | Rejection | Unsupported
+# A line that gives no row to store: why not, or a hash kind no node matches.
+Refused = Rejection | Unsupported
+ParsedRow = Row | Refused
 RowParser = Callable[[Iterable[str], str], Iterator[ParsedRow]]  # (lines, unnamed)
 
 # Hash kinds found in case-system exports that no node can match; never computed.
@@ -135,7 +137,7 @@ def unsupported_name(name: str) -> str | None:
 
 
 def make_row(number: int, algorithm_name: str, digest_hex: str, reference: str = "", category: str = "",
-             victim: str = "", series: str = "", date: str = "", unnamed: str = "") -> ParsedRow:
+             victim: str = "", series: str = "", date: str = "", *, unnamed: str = "") -> ParsedRow:
     """One validated row from text cells, or why not. A row without a reference
     gets ``unnamed`` + its row number when ``unnamed`` is given (see
     ``node.importer.unnamed_prefix``)."""
@@ -169,14 +171,20 @@ def parse_lines_rows(lines: Iterable[str], unnamed: str = "") -> Iterator[Parsed
     """One ``algorithm:hex`` per line; blank lines and ``#`` comments are skipped.
     References are ``unnamed`` + the line number (see ``make_row``)."""
     for number, line in enumerate(lines, start=1):
-        text = line.strip()
-        if not text or text[0] == "#":
-            continue
-        name, sep, digest_hex = text.partition(":")
-        if not sep:
-            yield Rejection(number, f"expected ALGORITHM:HEX, got {text[:80]!r}")
-            continue
-        yield make_row(number, name, digest_hex.strip(), unnamed=unnamed)
+        row = lines_row(number, line, unnamed)
+        if row is not None:
+            yield row
+
+
+def lines_row(number: int, line: str, unnamed: str = "") -> ParsedRow | None:
+    """What one line of the lines format is (None: blank or a comment)."""
+    text = line.strip()
+    if not text or text[0] == "#":
+        return None
+    name, sep, digest_hex = text.partition(":")
+    if not sep:
+        return Rejection(number, f"expected ALGORITHM:HEX, got {text[:80]!r}")
+    return make_row(number, name, digest_hex.strip(), unnamed=unnamed)
 
 
 # -- CSV -----------------------------------------------------------------------------------------
@@ -203,73 +211,81 @@ def parse_csv_rows(lines: Iterable[str], unnamed: str = "") -> Iterator[ParsedRo
     one wide row share it.
     """
     reader = csv.reader(lines)
-    columns: tuple[str, ...] = CSV_COLUMNS
-    wide: tuple[str, ...] = ()
-    unsupported_columns: tuple[str, ...] = ()
-    index = {name: n for n, name in enumerate(columns)}
-    # The fast path: long-format rows with every column present, cells by position.
-    fast = True
-    i_digest = index["digest"]
-    i_meta = [index.get(name, -1) for name in _META]
+    layout = CsvLayout(unnamed)
     rows = iter(reader)
-    while True:
+    while not layout.done:
         try:
             for row in rows:
-                first = row[0] if row else ""
-                if not first or first[0] in _ODD_START:
-                    if not row or first.lstrip().startswith("#") or not any(c.strip() for c in row):
-                        continue
-                if fast and len(row) == len(columns) and reader.line_num > 1:
-                    yield make_row(reader.line_num, first, row[i_digest],
-                                   *[row[i] if i >= 0 else "" for i in i_meta], unnamed=unnamed)
-                    continue
-                break
-            else:
-                return
+                yield from layout.rows(reader.line_num, row)
+                if layout.done:
+                    return
+            return
         except csv.Error as exc:
             yield Rejection(reader.line_num, f"not valid CSV: {exc}")
-            continue
-        number = reader.line_num
+
+
+class CsvLayout:
+    """The columns of one CSV file (from its header, if any) and what each row of it
+    holds: line by line, so that a bulk parser (node.bulk_parse) can hand it the
+    rows it does not take itself and get exactly what this module would say."""
+
+    def __init__(self, unnamed: str = ""):
+        self.unnamed = unnamed
+        self.columns: tuple[str, ...] = CSV_COLUMNS
+        self.wide: tuple[str, ...] = ()
+        self.unsupported_columns: tuple[str, ...] = ()
+        self.index = {name: n for n, name in enumerate(self.columns)}
+        self.done = False  # a bad header: nothing more is read
+
+    @property
+    def long(self) -> bool:
+        """Rows are one hash each, in an ``algorithm`` and a ``digest`` column."""
+        return not self.wide and "algorithm" in self.index and "digest" in self.index
+
+    def rows(self, number: int, row: list[str]) -> list[ParsedRow]:
+        """What CSV row ``row`` (on line ``number``) gives: none, one or several."""
+        first = row[0] if row else ""
+        if (not first or first[0] in _ODD_START) and (
+                not row or first.lstrip().startswith("#") or not any(c.strip() for c in row)):
+            return []
         width = len(row)
         if number == 1 and _is_header(row):
-            columns = tuple(_CSV_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row)
-            wide = tuple(c for c in columns if c in algorithms.names())
-            unsupported_columns = tuple(c for c in columns if c in UNSUPPORTED_ALGORITHMS)
-            if "algorithm" not in columns and not wide:
-                yield Rejection(number, "header names neither an 'algorithm' column nor algorithm columns "
-                                f"({', '.join(algorithms.names())})")
-                return
-            if "algorithm" in columns and "digest" not in columns:
-                yield Rejection(number, "header lacks column(s): digest")
-                return
-            if "algorithm" in columns:
-                wide = unsupported_columns = ()
-            index = {}
-            for n, name in enumerate(columns):
-                index.setdefault(name, n)
-            fast = not wide and index["algorithm"] == 0
-            i_digest = index.get("digest", -1)
-            i_meta = [index.get(name, -1) for name in _META]
-            continue
-        if width > len(columns):
-            yield Rejection(number, f"{width} columns, expected at most {len(columns)}")
-            continue
+            return self._header(row)
+        if width > len(self.columns):
+            return [Rejection(number, f"{width} columns, expected at most {len(self.columns)}")]
+        index, unnamed = self.index, self.unnamed
         meta = [row[index[name]] if index.get(name, width) < width else "" for name in _META]
-        if not wide:
+        if not self.wide:
             algo = row[index["algorithm"]] if index["algorithm"] < width else ""
             digest = row[index["digest"]] if index["digest"] < width else ""
-            yield make_row(number, algo, digest, *meta, unnamed=unnamed)
-            continue
-        filled = [name for name in wide if index[name] < width and row[index[name]].strip()]
-        skipped = [name for name in unsupported_columns if index[name] < width and row[index[name]].strip()]
+            return [make_row(number, algo, digest, *meta, unnamed=unnamed)]
+        filled = [name for name in self.wide if index[name] < width and row[index[name]].strip()]
+        skipped = [name for name in self.unsupported_columns if index[name] < width and row[index[name]].strip()]
+        found: list[ParsedRow] = []
         if not filled and not skipped:
-            yield Rejection(number, f"no hash in any of the columns {', '.join(wide)}")
-        for name in filled:
-            yield make_row(number, name, row[index[name]], *meta, unnamed=unnamed)
-        for name in skipped:
-            yield Unsupported(number, name)
+            found.append(Rejection(number, f"no hash in any of the columns {', '.join(self.wide)}"))
+        found += [make_row(number, name, row[index[name]], *meta, unnamed=unnamed) for name in filled]
+        found += [Unsupported(number, name) for name in skipped]
+        return found
 
-
+    def _header(self, row: list[str]) -> list[ParsedRow]:
+        columns = self.columns = tuple(_CSV_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in row)
+        wide = tuple(c for c in columns if c in algorithms.names())
+        unsupported_columns = tuple(c for c in columns if c in UNSUPPORTED_ALGORITHMS)
+        if "algorithm" not in columns and not wide:
+            self.done = True
+            return [Rejection(1, "header names neither an 'algorithm' column nor algorithm columns "
+                                 f"({', '.join(algorithms.names())})")]
+        if "algorithm" in columns and "digest" not in columns:
+            self.done = True
+            return [Rejection(1, "header lacks column(s): digest")]
+        if "algorithm" in columns:
+            wide = unsupported_columns = ()
+        self.wide, self.unsupported_columns = wide, unsupported_columns
+        self.index = {}
+        for n, name in enumerate(columns):
+            self.index.setdefault(name, n)
+        return []
 
 
 def _is_header(row: list[str]) -> bool:
@@ -343,4 +359,4 @@ def resolve_format(path: Path, format_name: str = "auto") -> str:
 
 def read_text(text: str, format_name: str) -> Iterator[Parsed]:
     """Parses text in a text format into records (what the import path does, as objects)."""
-    return _records(ROW_PARSERS[format_name](io.StringIO(text, newline="")))
+    return _records(ROW_PARSERS[format_name](io.StringIO(text, newline=""), ""))

@@ -203,25 +203,21 @@ def _probe(hashes, offsets, positions, queries, limits, units, starts, slots,
         counts[u] = found
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def _fill_tables(hashes, offsets, positions):
-    """Each table's CSR by counting sort, tables in parallel.
+    """Each table's CSR: offsets[t, key]:offsets[t, key + 1] is bucket key of table t;
+    for t > 0, positions[t - 1] there lists its rows, ascending (so a bucket's
+    accesses to hashes run forwards).
 
-    offsets[t, key]:offsets[t, key + 1] is bucket key of table t; for t > 0,
-    positions[t - 1] there lists its rows, ascending (so a bucket's accesses
-    to hashes run forwards).
+    numpy, not a compiled kernel: a stable sort of 16-bit keys is a radix sort,
+    about as fast, and an import (which builds indexes but searches none) then
+    never waits for the search kernels to compile in a fresh store.
     """
-    for t in prange(TABLES):
-        for row in range(len(hashes)):
-            offsets[t, _substring(hashes[row], t) + 1] += 1
-        for key in range(BUCKETS):
-            offsets[t, key + 1] += offsets[t, key]
+    keys = hashes.view(np.uint16)  # column t is substring t (_substring)
+    for t in range(TABLES):
+        column = keys[:, t]
+        np.cumsum(np.bincount(column, minlength=BUCKETS), out=offsets[t, 1:], dtype=np.uint32)
         if t:
-            fill = offsets[t, :BUCKETS].astype(np.int64)
-            for row in range(len(hashes)):
-                key = _substring(hashes[row], t)
-                positions[t - 1, fill[key]] = row
-                fill[key] += 1
+            positions[t - 1] = np.argsort(column, kind="stable")
 
 
 def _collect(kernel, arguments: tuple, units: np.ndarray, slots_each: int) -> list[np.ndarray]:
@@ -352,8 +348,7 @@ class MultiIndexHammingIndex(ScanHammingIndex):
         del order
         self._offsets = np.zeros((TABLES, BUCKETS + 1), dtype=np.uint32)
         self._positions = np.empty((TABLES - 1, len(self._hashes)), dtype=np.uint32)
-        with _LAUNCH:
-            _fill_tables(self._hashes, self._offsets, self._positions)
+        _fill_tables(self._hashes, self._offsets, self._positions)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Self:

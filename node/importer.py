@@ -8,11 +8,13 @@ import hashlib
 import io
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
-from node import formats, vics
+from node import bulk_parse, formats, vics
 from node.formats import Unsupported
 from node.records import ImportAborted, Rejection
 from node.store import ImportCounts, RemoveCounts, Store
@@ -26,6 +28,7 @@ KEPT_REJECTIONS = 10_000
 _READ_CHUNK = 1 << 20
 
 Advance = Callable[[int], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -61,11 +64,20 @@ def unnamed_prefix(path: Path, country: str) -> str:
     A reference says which file and row a hash came from, never anything about
     the hash itself. One streaming pass over the file, at hashing speed.
     """
+    return _scan(path, country)[0]
+
+
+def _scan(path: Path, country: str) -> tuple[str, bool]:
+    """``unnamed_prefix``, and whether the file is *plain*: no quote, no carriage
+    return (a CSV record is then one line, its cells the text between commas,
+    which is what lets ``node.bulk_parse`` read it). One pass, at hashing speed."""
     digest = hashlib.sha256()
+    plain = True
     with path.open("rb") as handle:
         while chunk := handle.read(_READ_CHUNK):
             digest.update(chunk)
-    return f"{country}-{digest.hexdigest()[:8]}-"
+            plain = plain and b'"' not in chunk and b"\r" not in chunk
+    return f"{country}-{digest.hexdigest()[:8]}-", plain
 
 
 class _Counting(io.RawIOBase):
@@ -78,7 +90,7 @@ class _Counting(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         count = self._raw.readinto(buffer) or 0
         if count and self._advance is not None:
             self._advance(count)
@@ -104,7 +116,7 @@ def _parsed_rows(path: Path, format_name: str, country: str, advance: Advance | 
         yield "line", _guard(path, formats.ROW_PARSERS[name](text, unnamed))
 
 
-def _guard(path: Path, rows: Iterator[formats.ParsedRow]) -> Iterator[formats.ParsedRow]:
+def _guard(path: Path, rows: Iterator[T]) -> Iterator[T]:
     """Turns a file-level failure (not UTF-8, malformed JSON) into ``ImportAborted``."""
     try:
         yield from rows
@@ -143,7 +155,10 @@ async def import_file(
     so does a file that cannot be read to its end (malformed JSON, not UTF-8).
     """
     report = ImportReport(path)
-    unnamed = await asyncio.to_thread(unnamed_prefix, path, country)
+    unnamed, plain = await asyncio.to_thread(_scan, path, country)
+    if plain and formats.resolve_format(path, format_name) in ("csv", "lines"):
+        return await _import_in_bulk(store, path, report, formats.resolve_format(path, format_name),
+                                     unnamed, strict, advance)
     with _parsed_rows(path, format_name, country, advance, unnamed) as (unit, rows):
         report.unit = unit
 
@@ -158,13 +173,47 @@ async def import_file(
                         batch = []
                         append = batch.append
                 else:
-                    _tally(report, row, row, path, unit, strict)
+                    _tally(report, cast(formats.Refused, row), row, path, unit, strict)
             if batch:
                 yield batch
 
         counts: ImportCounts = await store.add_rows(batches())
     report.added, report.already_present = counts.added, counts.already_present
     return report
+
+
+async def _import_in_bulk(store: Store, path: Path, report: ImportReport, format_name: str, unnamed: str,
+                          strict: bool, advance: Advance | None) -> ImportReport:
+    """``import_file`` of a plain text file, parsed by blocks (node.bulk_parse)."""
+    def batches(handle: io.BufferedReader[io.FileIO]) -> Iterator[dict[str, bulk_parse.Group]]:
+        def read(size: int) -> bytes:
+            data = handle.read(size)
+            if advance is not None and data:
+                advance(len(data))
+            return data
+
+        for chunk in _guard(path, bulk_parse.chunks(read, format_name, unnamed)):
+            for other in chunk.others:
+                _tally(report, other, other, path, "line", strict)
+            if chunk.groups:
+                yield chunk.groups
+
+    with path.open("rb", buffering=0) as raw, io.BufferedReader(raw, _READ_CHUNK) as handle:
+        counts: ImportCounts = await store.add_rows(_in_thread(batches(handle)))
+    report.added, report.already_present = counts.added, counts.already_present
+    return report
+
+
+async def _in_thread(items: Iterator[T]) -> AsyncIterator[T]:
+    """The items, computed on a worker thread of their own (the event loop stays
+    free). Always the same thread: the C allocator keeps an arena per thread that
+    allocates, so a parser hopping between pool threads would hold the freed
+    memory of its working set once in each of them."""
+    done = object()
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(1, thread_name_prefix="parse") as parser:
+        while (item := await loop.run_in_executor(parser, next, items, done)) is not done:
+            yield item  # type: ignore[misc]
 
 
 async def retract_files(
@@ -194,7 +243,7 @@ async def retract_files(
                             yield batch
                             batch = []
                     else:
-                        _tally(report, row, (path, unit, row), path, unit, strict)
+                        _tally(report, cast(formats.Refused, row), (path, unit, row), path, unit, strict)
         if batch:
             yield batch
 

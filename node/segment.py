@@ -52,6 +52,29 @@ _SCHEMA = """CREATE TABLE rows (id INTEGER PRIMARY KEY, algorithm TEXT NOT NULL,
     date_added TEXT NOT NULL)"""
 
 
+@dataclass(frozen=True)
+class Shape:
+    """Which fields of a row (``HashRecord`` order) the tuples of a batch hold; every
+    other field has one value for the whole batch (``same``: (field, value) pairs).
+    Binding values is most of what appending a row costs, so a parser that knows a
+    column is constant over a batch (one category, no dates...) leaves it out."""
+
+    fields: tuple[int, ...]
+    same: tuple[tuple[int, object], ...] = ()
+
+    def expand(self, row: tuple) -> Row:
+        """The whole row (tests, and readers of a batch that need every field)."""
+        full: list[object] = [None] * 7
+        for position, value in zip(self.fields, row, strict=True):
+            full[position] = value
+        for position, value in self.same:
+            full[position] = value
+        return tuple(full)
+
+
+FULL = Shape(tuple(range(7)))
+
+
 class SegmentCorrupt(Exception):
     """A segment file is missing or does not match its recorded checksum."""
 
@@ -132,15 +155,35 @@ class SegmentWriter:
         self._ids: dict[str, list[np.ndarray]] = {}
         self._videos: dict[str, list[bytes]] = {}
         # An empty date_added is the day of the import (an ISO date: safe as SQL text).
-        today = dt.date.today().isoformat()
-        self._insert = f"INSERT INTO rows ({_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, IIF(?7 = '', '{today}', ?7))"
+        self._today = dt.date.today().isoformat()
+        self._inserts: dict[Shape, str] = {}
+
+    def _insert(self, shape: Shape) -> str:
+        """The INSERT for rows of this shape: a parameter per field held, and each
+        constant as the literal SQLite's own ``quote()`` writes for it."""
+        if shape not in self._inserts:
+            values = []
+            same = dict(shape.same)
+            for field_number in range(7):
+                if field_number in shape.fields:
+                    place = f"?{shape.fields.index(field_number) + 1}"
+                    value = f"IIF({place} = '', '{self._today}', {place})" if field_number == 6 else place
+                else:
+                    constant = same[field_number]
+                    if field_number == 6 and constant == "":
+                        constant = self._today
+                    value = self._db.execute("SELECT quote(?)", (constant,)).fetchone()[0]
+                values.append(value)
+            self._inserts[shape] = f"INSERT INTO rows ({_COLUMNS}) VALUES ({', '.join(values)})"
+        return self._inserts[shape]
 
     @property
     def rows(self) -> int:
         return self._next - 1
 
-    def add(self, algorithm: Algorithm, rows: Sequence[Row], keys: np.ndarray) -> None:
-        """Appends rows of one algorithm (with their keys, ``segment_index.keys_of``).
+    def add(self, algorithm: Algorithm, rows: Sequence[tuple], keys: np.ndarray, shape: Shape = FULL) -> None:
+        """Appends rows of one algorithm (with their keys, ``segment_index.keys_of``),
+        each holding the fields of ``shape`` (the digest among them).
 
         The rows go to SQLite as they are (no tuple rebuilt per row): the table is
         new and nothing is deleted before ``finish``, so SQLite numbers them
@@ -149,14 +192,15 @@ class SegmentWriter:
             return
         first = self._next
         self._next += len(rows)
-        self._db.executemany(self._insert, rows)
+        self._db.executemany(self._insert(shape), rows)
         last = self._db.execute("SELECT max(id) FROM rows").fetchone()[0]
         if last != self._next - 1:  # pragma: no cover - SQLite's documented rowid choice
             raise RuntimeError(f"segment {self.segment_id}: rows numbered up to {last}, expected {self._next - 1}")
         self._keys.setdefault(algorithm.name, []).append(keys)
         self._ids.setdefault(algorithm.name, []).append(np.arange(first, self._next, dtype=np.uint32))
         if algorithm.max_frames > 1:
-            self._videos.setdefault(algorithm.name, []).extend(row[1] for row in rows)
+            digest = shape.fields.index(1)
+            self._videos.setdefault(algorithm.name, []).extend(row[digest] for row in rows)
 
     def finish(self) -> Written:
         counts: dict[str, int] = {}
@@ -178,11 +222,14 @@ class SegmentWriter:
     def _unique(self, keys: np.ndarray, ids: np.ndarray, videos: list[bytes] | None
                 ) -> tuple[np.ndarray, np.ndarray, list[bytes] | None]:
         """Keeps the first row of each key; later repeats leave the row file too."""
-        _, first = np.unique(keys, return_index=True)
-        if len(first) == len(keys):
+        order = segment_index.key_order(keys)  # repeats adjacent, each run in input order
+        ranked = keys[order]
+        repeat = np.zeros(len(keys), dtype=bool)
+        repeat[1:] = ranked[1:] == ranked[:-1]
+        if not repeat.any():
             return keys, ids, videos
-        keep = np.zeros(len(keys), dtype=bool)
-        keep[first] = True
+        keep = np.ones(len(keys), dtype=bool)
+        keep[order[repeat]] = False
         self._db.executemany("DELETE FROM rows WHERE id = ?", [(int(i),) for i in ids[~keep]])
         kept_videos = [v for v, k in zip(videos, keep.tolist(), strict=True) if k] if videos is not None else None
         return keys[keep], ids[keep], kept_videos

@@ -29,11 +29,24 @@ from node import segment_index
 from node.catalog import Catalog, SegmentEntry
 from node.private_files import make_private_directory, open_private_append
 from node.records import HashRecord, StoredRecord
-from node.segment import MappedSegment, SegmentWriter, Written, directory_of, lock_is_free, remove, segments_root
+from node.segment import (
+    FULL,
+    MappedSegment,
+    SegmentWriter,
+    Shape,
+    Written,
+    directory_of,
+    lock_is_free,
+    remove,
+    segments_root,
+)
 from node.segment_set import LiveSegment, SegmentLoader, SegmentSet
 
 Row = tuple  # (algorithm, digest, reference, category, victim_identified, series, date_added)
 T = TypeVar("T")
+# Rows grouped by algorithm, each group with its keys if the parser made them, and
+# which fields its tuples hold (node.segment.Shape).
+Grouped = dict[str, tuple[list[tuple], "np.ndarray | None", Shape]]
 # Rows per segment an import writes: a larger file becomes several segments (published
 # together), so an import's memory is bounded (keys and index build of one segment).
 SEGMENT_ROWS = 2_000_000
@@ -145,7 +158,7 @@ class Store:
 
         return await self.add_rows(rows())
 
-    async def add_rows(self, batches: AsyncIterator[list[Row]] | Iterable[list[Row]], *,
+    async def add_rows(self, batches: AsyncIterator[list[Row] | Grouped] | Iterable[list[Row] | Grouped], *,
                        segment_rows: int = SEGMENT_ROWS) -> ImportCounts:
         """Adds the rows (tuples in ``HashRecord`` field order) as new segments of at
         most about ``segment_rows`` rows each, all published in one transaction.
@@ -166,7 +179,7 @@ class Store:
             pending: asyncio.Future[None] | None = None
             try:
                 async for batch in _aiter(batches):
-                    offered += len(batch)
+                    offered += _size(batch)
                     if pending is not None:
                         await pending
                         pending = None
@@ -287,22 +300,28 @@ def _live_keys(live: SegmentSet, pairs: Iterable[tuple[str, bytes]]) -> set[tupl
     return found
 
 
-def _write_new(writer: SegmentWriter, live: SegmentSet, batch: list[Row]) -> None:
-    """Appends the batch's rows that are not live already, algorithm by algorithm."""
-    groups: dict[str, list[Row]] = {}
-    for row in batch:
-        group = groups.get(row[0])
-        if group is None:
-            group = groups[row[0]] = []
-        group.append(row)
-    for name, rows in groups.items():
+def _size(batch: list[Row] | Grouped) -> int:
+    return sum(len(group[0]) for group in batch.values()) if isinstance(batch, dict) else len(batch)
+
+
+def _write_new(writer: SegmentWriter, live: SegmentSet, batch: list[Row] | Grouped) -> None:
+    """Appends the batch's rows that are not live already, algorithm by algorithm.
+    A batch is a list of rows, or rows already grouped by algorithm (with their
+    keys, when the parser has them: ``segment_index.keys_of`` order)."""
+    groups: Grouped = batch if isinstance(batch, dict) else {}
+    if not isinstance(batch, dict):
+        for row in batch:
+            group = groups.get(row[0])
+            if group is None:
+                group = groups[row[0]] = ([], None, FULL)
+            group[0].append(row)
+    for name, (rows, given, shape) in groups.items():
         algorithm = algorithms.get(name)
-        keys = segment_index.keys_of(algorithm, [row[1] for row in rows])
+        digest = shape.fields.index(1)
+        keys = given if given is not None else segment_index.keys_of(algorithm, [row[digest] for row in rows])
         new = ~live.present(name, keys) if live.segments else np.ones(len(keys), dtype=bool)
-        if new.all():
-            writer.add(algorithm, rows, keys)
-        else:
-            writer.add(algorithm, [row for row, keep in zip(rows, new.tolist(), strict=True) if keep], keys[new])
+        kept = rows if new.all() else [row for row, keep in zip(rows, new.tolist(), strict=True) if keep]
+        writer.add(algorithm, kept, keys if new.all() else keys[new], shape)
 
 
 async def _aiter(batches: AsyncIterator[T] | Iterable[T]) -> AsyncIterator[T]:
