@@ -260,17 +260,14 @@ def html_parts(result: TriageResult, outputs: dict[str, Path] | None = None,
                                                ("references", "text")),
                                 (_near_row_html(r) for r in store.known(near=True)))
         yield "</section>\n"
-    if unreadable:
-        yield f"\n<section id=\"unreadable\"><h2>Unreadable ({unreadable:,})</h2>"
-        yield from _table_parts("unreadable-table", (("path", "text"), ("reason", "text")),
+    for section, title, count, status in (("unreadable", "Unreadable", unreadable, UNREADABLE),
+                                          ("not-hashed", "Not hashed", not_hashed, NOT_HASHED)):
+        if not count:
+            continue
+        yield f"\n<section id=\"{section}\"><h2>{title} ({count:,})</h2>"
+        yield from _table_parts(f"{section}-table", (("path", "text"), ("reason", "text")),
                                 (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>"
-                                 for r in store.of_status(UNREADABLE)))
-        yield "</section>"
-    if not_hashed:
-        yield f"\n<section id=\"not-hashed\"><h2>Not hashed ({not_hashed:,})</h2>"
-        yield from _table_parts("not-hashed-table", (("path", "text"), ("reason", "text")),
-                                (f"<tr><td class=\"path\">{_e(r.path)}</td><td>{_e(r.reason)}</td></tr>"
-                                 for r in store.of_status(NOT_HASHED)))
+                                 for r in store.of_status(status)))
         yield "</section>"
     yield "\n" + nodes_html + "\n"
     listed = min(files, PAGE_FILES)

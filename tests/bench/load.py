@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # gRPC's INFO lines ("skipping fork() handlers") when node processes are started from here.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from scale_support import status_kb  # beside this script: the same /proc reader as the scale benchmark
+
 from federation.localfed import LocalFederation, LocalNode, NodeSpec
 from federation.pki import DevPki
 from federation.query import QueryItem
@@ -63,18 +65,6 @@ RSS_SAMPLE_INTERVAL = 0.2
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _status_kb(pid: int, key: str) -> int | None:
-    """A ``/proc/PID/status`` figure in kB (VmRSS, VmHWM), or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 class RssSampler:
@@ -101,7 +91,7 @@ class RssSampler:
 
     def sample(self) -> None:
         for name, pid in self.pids.items():
-            rss = _status_kb(pid, "VmRSS")
+            rss = status_kb(pid, "VmRSS")
             if rss is not None:
                 with self._lock:
                     self.peak[name] = max(self.peak.get(name, 0), rss)
@@ -268,7 +258,7 @@ def load_test(args: argparse.Namespace, workdir: Path, pki: DevPki) -> None:
                     bad = [a for a in answers if not a.status.answered]
                     if bad:
                         raise RuntimeError(f"warm-up failed: {bad[0].node_id} {bad[0].status.value} {bad[0].message}")
-                rss_start = {name: _status_kb(pid, "VmRSS") or 0 for name, pid in pids.items()}
+                rss_start = {name: status_kb(pid, "VmRSS") or 0 for name, pid in pids.items()}
                 with RssSampler(pids) as sampler:
                     for k in args.concurrency:
                         sampler.take_peak()
@@ -277,12 +267,12 @@ def load_test(args: argparse.Namespace, workdir: Path, pki: DevPki) -> None:
                         levels.append(level)
                         q = len(level.latencies)
                         print(f"  K={k:>3}: {q} queries in {level.seconds:.1f} s", flush=True)
-                rss_end = {name: _status_kb(pid, "VmRSS") or 0 for name, pid in pids.items()}
+                rss_end = {name: status_kb(pid, "VmRSS") or 0 for name, pid in pids.items()}
                 return rss_start, rss_end
 
         rss_start, rss_end = asyncio.run(run())
-        hwm = {name: _status_kb(pid, "VmHWM") for name, pid in pids.items()}
-        gateway_hwm = _status_kb(os.getpid(), "VmHWM")
+        hwm = {name: status_kb(pid, "VmHWM") for name, pid in pids.items()}
+        gateway_hwm = status_kb(os.getpid(), "VmHWM")
 
     print()
     print(f"{'K':>4} {'queries/s':>10} {'digests/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'queries':>8} "
