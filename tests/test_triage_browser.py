@@ -40,7 +40,10 @@ class Browser:
     def __init__(self, profile: Path):
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
+        # No network of its own: a local page only, no update, sync, QUIC or background fetches.
         command = (f"exec {CHROMIUM} --headless=new --no-sandbox --disable-gpu --no-first-run "
+                   "--disable-background-networking --disable-component-update --disable-sync --disable-quic "
+                   "--disable-domain-reliability --no-pings "
                    f"--user-data-dir={profile} --remote-debugging-pipe about:blank "
                    f"3<&{to_browser_r} 4>&{from_browser_w}")
         self.process = subprocess.Popen(["bash", "-c", command], pass_fds=(to_browser_r, from_browser_w),
