@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs 
 from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
-from gateway import config as gateway_config, filehash, render, selfcheck
+from gateway import config as gateway_config, filehash, interrupt, render, selfcheck
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics
@@ -149,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # from here, exactly like a federation that is down.
         selfcheck.check_client(config.tls, selfcheck.ClientIdentity(config.federation, config.gateway_id))
         if args.command == "nodes":
-            return asyncio.run(_nodes(config, args.format, args.timeout))
+            return interrupt.run(_nodes(config, args.format, args.timeout))
         case = _case(args.case)
         if not 0 <= args.max_distance <= 256:
             raise UsageError("--max-distance must be between 0 and 256")
@@ -163,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.active:
             return triage_command(options, config, case, lambda: _signer(config, args.officer))
         subjects, skipped = _subjects(args.hash, args.file, args.dihedral, args.max_distance)
-        return asyncio.run(_query(config, args, subjects, skipped, case))
+        return interrupt.run(_query(config, args, subjects, skipped, case))
     except (ConfigError, UsageError, OSError, ValueError) as exc:
         err.print(cell(f"icse-gateway: {exc}", style="red"))
         return EXIT_ERROR

@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -263,3 +267,30 @@ def test_gateway_with_a_bad_certificate_contacts_no_node(make_cert, federation, 
         assert done.returncode == 2, done.stdout + done.stderr
         assert "expired on" in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert proxy.snapshot().accepted == 0, "a node was contacted"
+
+
+def test_ctrl_c_during_a_query_ends_as_interrupted(federation, tmp_path: Path) -> None:
+    """Ctrl-C while a member holds the call: exit 130 and no answer, never a result that looks whole."""
+    with socket.socket() as hole:  # a member that accepts the connection and never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        hole.settimeout(60)
+        config = tmp_path / "held.toml"
+        config.write_text(federation.config.read_text()
+                          + f'[[nodes]]\nid = "PL"\ncountry = "PL"\naddress = "127.0.0.1:{hole.getsockname()[1]}"\n')
+        query = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "query", "--config", str(config), "--case", "CTRL-C",
+             "--hash", "sha256:" + "ab" * 32, "--timeout", "120", "--deadline", "120", "--format", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            held, _ = hole.accept()  # the query is out, and PL's call is in flight
+            with held:
+                assert query.poll() is None
+                query.send_signal(signal.SIGINT)
+                out, err = query.communicate(timeout=30)
+        finally:
+            if query.poll() is None:
+                query.kill()
+                query.wait()
+    assert query.returncode == 130, out + err
+    assert out == "", out

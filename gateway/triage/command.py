@@ -6,7 +6,6 @@ below it sees the argument parser.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from gateway import interrupt
 from gateway.triage import digests, report, report_html, sources
 from gateway.triage.cache import HashCache, default_cache_path
 from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH
@@ -190,7 +190,7 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
     triage.result.requester = " / ".join(x for x in (options.officer or requester.officer, requester.org,
                                                      requester.country) if x)
     try:
-        result = asyncio.run(_run(triage, config, who))
+        result = interrupt.run(_run(triage, config, who))
     except KeyboardInterrupt:
         if cache is not None:
             console.print(f"interrupted: {triage.result.hashed_now} file(s) hashed in this run are kept in "
