@@ -31,7 +31,7 @@ from gateway.results import NodeAnswer, NodeStatus
 from gateway.selfcheck import CertificateProblem, ClientIdentity, check_client
 from gateway.signing import signer_for
 from tests.net.faultproxy import FaultProxy
-from tests.support import run_gateway
+from tests.support import run_gateway, wait_until_async
 
 ITEM = QueryItem("md5", b"\x01" * 16)
 
@@ -88,15 +88,6 @@ def proxied_fr(federation) -> Iterator[tuple[gateway_config.GatewayConfig, Fault
         yield dataclasses.replace(base, nodes=(dataclasses.replace(fr, address=proxy.address),)), proxy
 
 
-async def _until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Waits for something observable (bounded, so a bug fails the test instead of hanging it)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 async def _open_breaker(fed: Federation, proxy: FaultProxy) -> None:
     """One real failure (a call that times out on a stalled link) opens FR's breaker."""
     assert (await fed.match([ITEM], "WARM", timeout=10, deadline=10))[0].status is NodeStatus.NO_HIT
@@ -135,7 +126,7 @@ def test_cancelled_trial_call_does_not_leave_the_member_skipped(proxied_fr) -> N
             await _open_breaker(fed, proxy)
             proxy.stall()
             trial = asyncio.create_task(fed.match([ITEM], "TRIAL", timeout=10, deadline=10))
-            await _until(lambda: fed.health("FR").probing, "the trial call to start")
+            await wait_until_async(lambda: fed.health("FR").probing, 20, "the trial call to start")
             trial.cancel()  # e.g. the investigator's Ctrl-C, or a triage batch given up
             with pytest.raises(asyncio.CancelledError):
                 await trial
@@ -158,7 +149,7 @@ def test_member_dying_during_the_call_is_told_apart_from_one_already_down(proxie
             proxy.stall()
             sent = proxy.snapshot().read_up
             call = asyncio.create_task(fed.match([ITEM], "DIES", timeout=10, deadline=10))
-            await _until(lambda: proxy.snapshot().read_up > sent, "the request to leave the gateway")
+            await wait_until_async(lambda: proxy.snapshot().read_up > sent, 20, "the request to leave the gateway")
             proxy.reset(persist=True)  # the member dies now, and stays down for the retry
             return (await call)[0]
 

@@ -3,7 +3,6 @@ line as a Unix tool, refusals in words, and a log that stays JSON."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import json
@@ -13,7 +12,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from federation.wire import items_to_pb, rpc
 from node.audit import AuditEntry, AuditLog, audit_path, connect
 from node.store import Store
 from node.unix import EXIT_BROKEN_PIPE
-from tests.support import Client, claims_for, gateway_client, signing_key
+from tests.support import Client, claims_for, gateway_client, signing_key, wait_until_async
 
 MD5 = "ab" * 16
 NODE = "FR"
@@ -376,14 +374,14 @@ async def test_tls_refusal_is_logged_as_a_json_line_with_its_reason(node: LocalN
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await Client(node.address, NODE, node.pki.federation, credentials).match(HONEST, _token(node, None))
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    deadline = time.monotonic() + 30
-    while True:  # the relay writes the line a moment after the client saw the refusal
-        refused = [r for r in _log_records(node) if r.get("reason") == reason]
-        if len(refused) > before or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    assert len(refused) == before + 1, node.log_tail()
-    assert (refused[-1]["message"], refused[-1]["level"], refused[-1]["logger"]) == (
+    def refused() -> list[dict]:
+        return [r for r in _log_records(node) if r.get("reason") == reason]
+
+    # The relay writes the line a moment after the client saw the refusal.
+    await wait_until_async(lambda: len(refused()) > before, 30, "the refusal in the node's log")
+    records = refused()
+    assert len(records) == before + 1, node.log_tail()
+    assert (records[-1]["message"], records[-1]["level"], records[-1]["logger"]) == (
         "TLS handshake refused", "WARNING", "icse.node.tls")
 
 
