@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import inspect
 import json
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +127,23 @@ async def wait_until_async(predicate: Callable[[], object], timeout: float, what
         if time.monotonic() > end:
             raise TimeoutError(f"not within {timeout:g} s: {what}")
         await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[socket.socket]:
+    """A listening socket that accepts connections and never answers: a member that
+    holds every call (its TLS handshake hangs). Its address is ``address_of(hole)``."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        yield hole
+
+
+def address_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def member_entry(node_id: str, address: str) -> str:
+    """One more ``[[nodes]]`` table for a federation.toml."""
+    return f'[[nodes]]\nid = "{node_id}"\ncountry = "{node_id}"\naddress = "{address}"\n'

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from gateway.results import NodeAnswer, NodeStatus
 from gateway.selfcheck import CertificateProblem, ClientIdentity, check_client
 from gateway.signing import signer_for
 from tests.net.faultproxy import FaultProxy
-from tests.support import run_gateway, wait_until_async
+from tests.support import address_of, black_hole, member_entry, run_gateway, wait_until_async
 
 ITEM = QueryItem("md5", b"\x01" * 16)
 
@@ -262,13 +261,10 @@ def test_gateway_with_a_bad_certificate_contacts_no_node(make_cert, federation, 
 
 def test_ctrl_c_during_a_query_ends_as_interrupted(federation, tmp_path: Path) -> None:
     """Ctrl-C while a member holds the call: exit 130 and no answer, never a result that looks whole."""
-    with socket.socket() as hole:  # a member that accepts the connection and never answers
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(8)
+    with black_hole() as hole:
         hole.settimeout(60)
         config = tmp_path / "held.toml"
-        config.write_text(federation.config.read_text()
-                          + f'[[nodes]]\nid = "PL"\ncountry = "PL"\naddress = "127.0.0.1:{hole.getsockname()[1]}"\n')
+        config.write_text(federation.config.read_text() + member_entry("PL", address_of(hole)))
         query = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "query", "--config", str(config), "--case", "CTRL-C",
              "--hash", "sha256:" + "ab" * 32, "--timeout", "120", "--deadline", "120", "--format", "json"],

@@ -207,15 +207,19 @@ async def test_output_cut_by_a_closed_pipe_ends_quietly(tmp_path: Path, command:
     assert _node_cli("audit", "verify", "--config", str(config)).returncode == 0
 
 
-def test_serve_on_a_port_in_use_says_so_and_exits_2(pki: DevPki, tmp_path: Path) -> None:
-    local = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR")])
-    node = local["FR"]
+def _serve_on_a_taken_port(pki: DevPki, tmp_path: Path) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """``icse-node serve`` told to listen where another socket already does."""
+    node = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR")])["FR"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         node.write_config(address)
-        done = _node_cli("serve", "--config", str(node.config_path))
+        return address, _node_cli("serve", "--config", str(node.config_path))
+
+
+def test_serve_on_a_port_in_use_says_so_and_exits_2(pki: DevPki, tmp_path: Path) -> None:
+    address, done = _serve_on_a_taken_port(pki, tmp_path)
     assert done.returncode == 2
     assert f"cannot listen on {address}: address already in use" in done.stderr
     assert "Traceback" not in done.stderr
@@ -386,13 +390,7 @@ async def test_tls_refusal_is_logged_as_a_json_line_with_its_reason(node: LocalN
 
 
 def test_serve_failing_to_bind_writes_no_plain_grpc_lines(pki: DevPki, tmp_path: Path) -> None:
-    local = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR")])
-    node = local["FR"]
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        node.write_config(f"127.0.0.1:{taken.getsockname()[1]}")
-        done = _node_cli("serve", "--config", str(node.config_path))
+    _, done = _serve_on_a_taken_port(pki, tmp_path)
     lines = [line for line in done.stderr.splitlines() if not line.startswith("icse-node: cannot listen on")]
     records = [json.loads(line) for line in lines]
     assert any(r["logger"] == "icse.node.grpc" and "Address already in use" in r["message"] for r in records)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import random
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from gateway.health import HealthPolicy
 from gateway.merge import merge
 from gateway.results import NodeAnswer, NodeStatus, Subject
 from gateway.signing import signer_for
-from tests.support import query_json, run_gateway, wait_until_async
+from tests.support import address_of, black_hole, query_json, run_gateway, wait_until_async
 
 REPLICAS = ("FR", "FR-b")
 
@@ -174,10 +173,8 @@ def test_replica_down_from_the_start_answers_complete_and_names_the_replica(repl
 def test_hung_replica_costs_its_timeout_then_another_replica_answers(replicated: Replicated,
                                                                       tmp_path: Path) -> None:
     # A replica that accepts connections and never answers (its TLS handshake hangs).
-    with socket.socket() as hole:
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(8)
-        hung = f"127.0.0.1:{hole.getsockname()[1]}"
+    with black_hole() as hole:
+        hung = address_of(hole)
         serving = replicated.node("FR-b").address
         config = tmp_path / "hung.toml"
         config.write_text(replicated.config.read_text().replace(

@@ -33,7 +33,7 @@ from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.triage import report, sources
 from gateway.triage.walk import walk
 from tests import media as draw
-from tests.support import import_rows, wait_until
+from tests.support import address_of, black_hole, import_rows, member_entry, wait_until
 
 SCRIPT_NAME = '"><script>alert(1)<.bin'
 RANDOM_FILES = 1_950
@@ -405,12 +405,9 @@ def test_interrupted_run_keeps_its_work(scene: Scene, first: Run) -> None:
 
     # A member that accepts the connection and never answers: the run cannot end
     # before its (long) deadline, so it is still running when it is interrupted.
-    with socket.socket() as hole:
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(8)
+    with black_hole() as hole:
         config = scene.tmp / "interrupted.toml"
-        config.write_text(scene.config.read_text()
-                          + f'[[nodes]]\nid = "IT"\ncountry = "IT"\naddress = "127.0.0.1:{hole.getsockname()[1]}"\n')
+        config.write_text(scene.config.read_text() + member_entry("IT", address_of(hole)))
         command = [sys.executable, "-m", "gateway.cli", *args, "--config", str(config),
                    "--timeout", "240", "--deadline", "240"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

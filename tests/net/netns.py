@@ -171,6 +171,8 @@ def _kill_ns_processes(ns: str, deadline: float = 3.0) -> None:
                 os.kill(pid, signal.SIGKILL)
         if time.monotonic() > end:
             return
+        # Not a blind wait: each round re-reads the namespace's processes (the
+        # observable) and kills any that a dying parent forked meanwhile.
         time.sleep(0.05)
 
 
