@@ -1,7 +1,9 @@
 """Hashing an investigator's files locally: only digests ever leave the machine.
 
 Every file gets the exact digests; images also their image kinds' hashes (PDQ),
-videos their video kinds' frame hashes (vPDQ). What could not be hashed
+videos their video kinds' frame hashes (vPDQ). Only a file whose name or
+first bytes say image or video is handed to a decoder: the others — most of a
+seized device — cost one read. What could not be hashed
 perceptually, or was too poor to send, is said in ``skipped`` instead of
 failing the file.
 
@@ -44,12 +46,20 @@ VIDEO_HASHERS: dict[str, Callable[[Path, int], VideoHash | None]] = {
 
 def exact_digests(path: Path) -> dict[str, bytes]:
     """Every exact algorithm's digest of the file, in one pass over it."""
-    hashers = {a.name: hashlib.new(a.hashlib_name) for a in algorithms.all_algorithms() if a.hashlib_name}
-    with path.open("rb") as handle:
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[dict[str, bytes], bytes]:
+    """The exact digests and the file's first bytes, from one pass of 1 MiB reads."""
+    hashers = [(a.name, hashlib.new(a.hashlib_name)) for a in algorithms.all_algorithms() if a.hashlib_name]
+    head = b""
+    with path.open("rb", buffering=0) as handle:
         while chunk := handle.read(CHUNK):
-            for hasher in hashers.values():
+            if not head:
+                head = chunk[: media.HEAD_BYTES]
+            for _, hasher in hashers:
                 hasher.update(chunk)
-    return {name: hasher.digest() for name, hasher in hashers.items()}
+    return {name: hasher.digest() for name, hasher in hashers}, head
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,9 @@ def _of(content: Content) -> list[Algorithm]:
 
 def hash_file(path: Path, *, dihedral: bool = False) -> FileHashes:
     """Exact digests, and the perceptual hashes of whatever the file decodes as."""
-    exact = exact_digests(path)
+    exact, head = _read(path)
+    if media.claimed_content(path, head) is None:
+        return FileHashes(path, exact)  # neither its name nor its signature says image or video: no decoder runs
     source = str(path)
     found: dict[str, PerceptualHash | VideoHash] = {}
     unsent: dict[str, PerceptualHash] = {}
@@ -118,21 +130,17 @@ def hash_file(path: Path, *, dihedral: bool = False) -> FileHashes:
         elif video is not None:
             found[algorithm.name] = video
     if not found and not skipped:
-        skipped = _undecodable(path, source)
+        skipped = _undecodable(path, head, source)
     return FileHashes(path, exact, found, tuple(skipped))
 
 
-def _undecodable(path: Path, source: str) -> list[Skipped]:
+def _undecodable(path: Path, head: bytes, source: str) -> list[Skipped]:
     """Why a file whose name or signature says image or video got no perceptual hash (none if it says neither)."""
-    content = media.claimed_content(path)
+    content = media.claimed_content(path, head)
     if content is None:
         return []
     what = "an image" if content is Content.IMAGE else "a video"
-    try:
-        empty = path.stat().st_size == 0
-    except OSError:
-        empty = False
-    data = "the file is empty" if empty else "its data is not in any format this gateway decodes"
+    data = "the file is empty" if not head else "its data is not in any format this gateway decodes"
     reason = f"its name or signature says {what}, but it does not decode as one: {data}"
     return [Skipped(source, a.name, reason) for a in _of(content)]
 

@@ -28,22 +28,30 @@ FRAME_DEDUPE_DISTANCE = 10
 MAX_VIDEO_FRAMES = 4096
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".wmv", ".flv", ".3gp",
                             ".mpg", ".mpeg", ".ts", ".mts", ".vob", ".ogv"})
-# Container formats taken as video whatever the file is called. Raw stream
-# demuxers (h264, mpegvideo, mjpeg, ...) are left out: FFmpeg's probe finds
-# them in random bytes.
-_VIDEO_CONTAINERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv",
-                               "asf", "mpegts", "mpeg", "ogg"})
-
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
                             ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".ico", ".pcx", ".tga", ".ppm",
                             ".pgm", ".pbm"})
-# Leading bytes of image and video formats: (offset, bytes). Enough to tell that a
-# file means to be media even when its name does not say so.
+# Bytes read from the start of a file to tell what it is.
+HEAD_BYTES = 512
+# Leading bytes of image formats: (offset, bytes). Enough to tell that a file
+# means to be an image even when its name does not say so.
 _IMAGE_SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF87a"), (0, b"GIF89a"),
-                     (0, b"II*\x00"), (0, b"MM\x00*"), (8, b"WEBP"), (4, b"ftypheic"),
+                     (0, b"II*\x00"), (0, b"MM\x00*"), (8, b"WEBP"), (4, b"ftypheic"), (0, b"BM"),
                      (4, b"ftypheix"), (4, b"ftypmif1"), (4, b"ftypavif"), (0, b"\x00\x00\x00\x0cjP  "))
-_VIDEO_SIGNATURES = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (8, b"AVI "), (0, b"FLV\x01"),
-                     (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"), (0, b"\x00\x00\x01\xba"), (0, b"OggS"))
+# Leading bytes of the video containers this gateway opens, and the FFmpeg
+# demuxer each is opened with. FFmpeg is never left to guess: its probe also
+# picks playlist and concatenation formats (HLS, ffconcat, ...) that open the
+# other files a crafted file names — any local file, or a FIFO that hangs
+# the decoder — and raw stream formats it "finds" in random bytes. Probing
+# every file also cost ~47 ms each, most of a triage run's time.
+_VIDEO_SIGNATURES = ((4, b"ftyp", "mov"), (0, b"\x1a\x45\xdf\xa3", "matroska"), (8, b"AVI ", "avi"),
+                     (0, b"FLV\x01", "flv"), (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "asf"),
+                     (0, b"\x00\x00\x01\xba", "mpeg"), (0, b"\x00\x00\x01\xb3", "mpegvideo"),
+                     (0, b"OggS", "ogg"))
+# MPEG transport streams: a sync byte every 188 bytes (every 192 in M2TS, after a 4-byte time code).
+_TS_SYNC = 0x47
+_TS_LAYOUTS = ((0, 188), (4, 192))
+VIDEO_FORMATS_SAID = "MP4/MOV, Matroska/WebM, AVI, FLV, ASF/WMV, MPEG-PS, MPEG-TS, Ogg"
 
 DIHEDRAL_NAMES = ("original", "rot90", "rot180", "rot270", "flip-v", "flip-h", "rot90-flip-v", "rot90-flip-h")
 
@@ -114,25 +122,49 @@ def open_image(path: Path) -> Image.Image | None:
         raise MediaError(f"image cannot be decoded: {exc}") from None
 
 
-def claimed_content(path: Path) -> Content | None:
+def read_head(path: Path) -> bytes:
+    """The first bytes of a file, enough for :func:`claimed_content` and :func:`video_demuxer`."""
+    with path.open("rb") as handle:
+        return handle.read(HEAD_BYTES)
+
+
+def _signed(head: bytes, signatures: tuple[tuple[int, bytes], ...]) -> bool:
+    return any(head.startswith(magic, offset) for offset, magic in signatures)
+
+
+def video_demuxer(head: bytes) -> str | None:
+    """The FFmpeg demuxer for a file starting with ``head``, when it is a video container this gateway opens."""
+    for offset, magic, demuxer in _VIDEO_SIGNATURES:
+        if head.startswith(magic, offset):
+            return demuxer
+    for start, packet in _TS_LAYOUTS:
+        if len(head) > start + 2 * packet and all(head[start + i * packet] == _TS_SYNC for i in range(3)):
+            return "mpegts"
+    return None
+
+
+def claimed_content(path: Path, head: bytes | None = None) -> Content | None:
     """What the file's name or first bytes say it is (image or video), whether or not it decodes.
 
     A decoder that does not recognise a file says only "not mine": this tells
-    "not media" from "media that does not decode", which the investigator must see.
+    "not media" from "media that does not decode", which the investigator must
+    see. It also spares every other file the decoders: a file that claims
+    neither is not opened as media at all. ``head`` is the file's first bytes
+    when the caller has read them already.
     """
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return Content.IMAGE
     if suffix in VIDEO_SUFFIXES:
         return Content.VIDEO
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(16)
-    except OSError:
-        return None
-    if any(head.startswith(magic, offset) for offset, magic in _IMAGE_SIGNATURES):
+    if head is None:
+        try:
+            head = read_head(path)
+        except OSError:
+            return None
+    if _signed(head, _IMAGE_SIGNATURES):
         return Content.IMAGE
-    if any(head.startswith(magic, offset) for offset, magic in _VIDEO_SIGNATURES):
+    if video_demuxer(head) is not None:
         return Content.VIDEO
     return None
 
@@ -160,17 +192,30 @@ def _distance(a: bytes, b: bytes) -> int:
 
 
 def video_hash(path: Path, min_quality: int) -> VideoHash | None:
-    """Frame hashes of a video, or None when the file holds no video stream."""
+    """Frame hashes of a video, or None when the file holds no video stream.
+
+    The file is opened only with the demuxer its signature names
+    (:func:`video_demuxer`), never by FFmpeg's guess.
+    """
     looks_like_video = path.suffix.lower() in VIDEO_SUFFIXES
     try:
-        container = av.open(str(path))
+        demuxer = video_demuxer(read_head(path))
+    except OSError as exc:
+        raise MediaError(f"video cannot be read: {exc}") from None
+    if demuxer is None:
+        if looks_like_video:
+            raise MediaError(f"its data is not in a video container this gateway opens ({VIDEO_FORMATS_SAID})")
+        return None
+    try:
+        container = av.open(str(path), format=demuxer)
     except av.error.FFmpegError as exc:
         if looks_like_video:
             raise MediaError(f"video cannot be opened: {exc}") from None
-        return None
+        return None  # only its signature said video: the caller says it does not decode
     with container:
-        is_container = bool(set(container.format.name.split(",")) & _VIDEO_CONTAINERS)
-        if not container.streams.video or not (is_container or looks_like_video):
+        if not container.streams.video:
+            if looks_like_video:
+                raise MediaError("the file holds no video stream")
             return None
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"

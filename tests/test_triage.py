@@ -693,36 +693,62 @@ async def test_rows_go_to_the_store_not_to_memory(tmp_path: Path) -> None:
     assert not run.store.path.exists(), "the rows of a run do not outlive it"
 
 
-def _hanging_playlist(directory: Path) -> Path:
-    """An HLS playlist named like one: FFmpeg opens the segment it lists, here a FIFO no one writes to.
-
-    A real crafted file, no test hook: opening it blocks the decoder for ever.
-    """
-    os.mkfifo(directory / "segment.ts")
-    playlist = directory / "clip.m3u8"
-    playlist.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nsegment.ts\n#EXT-X-ENDLIST\n")
-    return playlist
+def hanging_hasher(path: Path, *, dihedral: bool = False) -> filehash.FileHashes:
+    """Stands for a decoder stuck on a crafted file: ``hang.bin`` blocks for ever reading a FIFO no one writes to."""
+    if path.name == "hang.bin":
+        (path.parent.parent / "nobody-writes.fifo").read_bytes()
+    return filehash.hash_file(path, dihedral=dihedral)
 
 
 async def test_a_file_that_hangs_the_decoder_costs_at_most_the_file_timeout(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "nobody-writes.fifo")
+    tree = tmp_path / "tree"
+    tree.mkdir()
     rng = random.Random(10)
     for i in range(40):
-        (tmp_path / f"f{i:02d}.bin").write_bytes(rng.randbytes(300))
-    playlist = _hanging_playlist(tmp_path)
-    draw.save_jpeg(draw.drawing(4, (96, 80)), tmp_path / "pic.jpg")
-    run = triage.Triage(str(tmp_path), "HANG", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=50,
-                        file_timeout=1.0)
+        (tree / f"f{i:02d}.bin").write_bytes(rng.randbytes(300))
+    (tree / "hang.bin").write_bytes(b"crafted")
+    draw.save_jpeg(draw.drawing(4, (96, 80)), tree / "pic.jpg")
+    run = triage.Triage(str(tree), "HANG", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=50,
+                        file_timeout=1.0, hasher=hanging_hasher)
     # A guard against the hang this is about, not a measurement.
     result = await asyncio.wait_for(run.run(_NoHits()), 120)
     try:
         rows = {Path(r.path).name: r for r in result.store.rows()}
-        stuck = rows[playlist.name]
+        stuck = rows["hang.bin"]
         assert stuck.status == "hashed", stuck.reason
-        assert stuck.hashes.exact["sha256"] == filehash.exact_digests(playlist)["sha256"]
+        assert stuck.hashes.exact["sha256"] == filehash.exact_digests(tree / "hang.bin")["sha256"]
         assert "took longer than 1 s" in stuck.hashes.skipped[0].reason
-        assert rows["segment.ts"].status == "not_hashed"
         assert rows["pic.jpg"].hashes.pdq is not None, "the other files are hashed as usual"
         assert sum(1 for r in rows.values() if r.status == "hashed" and not r.hashes.skipped) == 41
+    finally:
+        result.store.close()
+
+
+async def test_a_playlist_never_makes_the_decoder_open_other_files(tmp_path: Path) -> None:
+    """FFmpeg's HLS demuxer opens whatever a playlist lists: another local video, or a FIFO that hangs it.
+
+    Named like a video and like a playlist, neither is opened with a demuxer that follows references.
+    """
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    video = draw.video(elsewhere / "other.mp4", 12, seconds=2, fps=5, size=(96, 72))
+    os.mkfifo(elsewhere / "segment.ts")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name, target in (("clip.mp4", video), ("stuck.m3u8", elsewhere / "segment.ts")):
+        (tree / name).write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n{target}\n#EXT-X-ENDLIST\n")
+    assert filehash.hash_file(video).video is not None, "the listed video itself is hashed"
+    run = triage.Triage(str(tree), "LIST", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=1)
+    # A guard against the hang this is about, not a measurement: no --file-timeout is set.
+    result = await asyncio.wait_for(run.run(_NoHits()), 120)
+    try:
+        rows = {Path(r.path).name: r for r in result.store.rows()}
+        disguised = rows["clip.mp4"]
+        assert disguised.status == "hashed" and disguised.hashes.video is None, "no frames read from the other file"
+        assert "not in a video container this gateway opens" in disguised.hashes.skipped[0].reason
+        listing = rows["stuck.m3u8"]
+        assert listing.status == "hashed" and listing.hashes.exact["sha256"] and not listing.hashes.skipped
     finally:
         result.store.close()
 
