@@ -55,11 +55,19 @@ def canonical_bytes(items: Sequence[QueryItem]) -> bytes:
     """
     pack = _U32.pack
     parts = [DOMAIN_TAG, pack(len(items))]
-    for item in items:
-        name = item.algorithm.encode("utf-8")
-        if len(name) > U32_MAX or len(item.digest) > U32_MAX or not 0 <= item.max_distance <= U32_MAX:
+    # The bytes before a digest repeat for every item of one kind: encoded once per (name, length).
+    heads: dict[tuple[str, int], bytes] = {}
+    zero = pack(0)
+    for algorithm, digest, max_distance in items:
+        head = heads.get((algorithm, len(digest)))
+        if head is None:
+            name = algorithm.encode("utf-8")
+            if len(name) > U32_MAX or len(digest) > U32_MAX:
+                raise ValueError("query item does not fit the query digest's encoding")
+            head = heads[algorithm, len(digest)] = pack(len(name)) + name + pack(len(digest))
+        if max_distance and not 0 <= max_distance <= U32_MAX:
             raise ValueError("query item does not fit the query digest's encoding")
-        parts += [pack(len(name)), name, pack(len(item.digest)), bytes(item.digest), pack(item.max_distance)]
+        parts += (head, digest, pack(max_distance) if max_distance else zero)
     return b"".join(parts)
 
 

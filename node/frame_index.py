@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from federation.algorithms import Algorithm
-from node.index import Candidate, Index
+from node.index import Candidate, Index, hits_of
 
 HammingFactory = Callable[[Algorithm, Sequence[int], Sequence[bytes]], Index]
 
@@ -71,6 +71,9 @@ class FrameIndex:
             results.append(self._videos_for(found[start : start + len(frames)], len(frames)))
             start += len(frames)
         return results
+
+    def hits(self, digests: Sequence[bytes] | np.ndarray, max_distance: Sequence[int]) -> dict[int, list[Candidate]]:
+        return hits_of(self.search(list(digests), max_distance))
 
     def _videos_for(self, per_frame: Sequence[Sequence[Candidate]], count: int) -> list[Candidate]:
         # For each stored video: the best distance of each query frame that hit it.

@@ -34,7 +34,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from node.index import Candidate
+from node.index import Candidate, hits_of
 
 DIGEST_SIZE = 32
 TABLES = 16  # substrings of 16 bits: a key indexes a 65,536-bucket offsets array directly
@@ -327,6 +327,9 @@ class ScanHammingIndex:
             results.append([Candidate(ids[k], dists[k]) for k in range(start, end)])
             start = end
         return results
+
+    def hits(self, digests: Sequence[bytes] | np.ndarray, max_distance: Sequence[int]) -> dict[int, list[Candidate]]:
+        return hits_of(self.search(digests, max_distance))
 
     def _hits(self, queries: np.ndarray, limits: np.ndarray) -> list[np.ndarray]:
         """(query number, row, distance) of every hit."""

@@ -36,6 +36,15 @@ class Index(Protocol):
         """Per query digest, the stored rows within ``max_distance`` of it."""
         ...
 
+    def hits(self, digests: Sequence[bytes] | np.ndarray, max_distance: Sequence[int]) -> dict[int, list[Candidate]]:
+        """The same, for the query positions that have any: a batch's misses cost no Python object."""
+        ...
+
+
+def hits_of(results: list[list[Candidate]]) -> dict[int, list[Candidate]]:
+    """``Index.hits`` from ``Index.search``'s answer."""
+    return {position: found for position, found in enumerate(results) if found}
+
 
 class ExactIndex:
     """Sorted fixed-width byte strings searched with ``numpy.searchsorted``.
@@ -66,11 +75,16 @@ class ExactIndex:
         return self._keys.nbytes + self._ids.nbytes
 
     def search(self, digests: Sequence[bytes], max_distance: Sequence[int] = ()) -> list[list[Candidate]]:
-        if not len(self._keys) or not digests:
-            return [[] for _ in digests]
-        queries = np.array(digests, dtype=self._dtype)
-        positions = np.searchsorted(self._keys, queries)
-        clipped = np.minimum(positions, len(self._keys) - 1)
-        found = self._keys[clipped] == queries
-        ids = self._ids[clipped]
-        return [[Candidate(i)] if hit else _NONE for hit, i in zip(found.tolist(), ids.tolist(), strict=True)]
+        found = self.hits(digests, max_distance)
+        return [found.get(position, _NONE) for position in range(len(digests))]
+
+    def hits(self, digests: Sequence[bytes] | np.ndarray,
+             max_distance: Sequence[int] = ()) -> dict[int, list[Candidate]]:
+        """One vectorised search of the whole batch; Python objects only for the digests found."""
+        if not len(self._keys) or not len(digests):
+            return {}
+        queries = digests if isinstance(digests, np.ndarray) else np.array(digests, dtype=self._dtype)
+        clipped = np.minimum(np.searchsorted(self._keys, queries), len(self._keys) - 1)
+        positions = np.flatnonzero(self._keys[clipped] == queries)
+        ids = self._ids[clipped[positions]]
+        return {p: [Candidate(i)] for p, i in zip(positions.tolist(), ids.tolist(), strict=True)}

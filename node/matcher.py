@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
 
 from federation import algorithms
 from federation.algorithms import Algorithm, MatchKind
@@ -43,8 +46,9 @@ class ValidBatch:
     groups: list[Group]
 
 
-@dataclass(frozen=True)
-class ItemMatches:
+class ItemMatches(NamedTuple):
+    """One item's answer; a named tuple because a batch has thousands."""
+
     candidates: list[Candidate]
     truncated: bool = False
 
@@ -99,7 +103,10 @@ def match(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> li
         index = indexes.get(group.algorithm.name)
         if index is None:
             continue
-        for position, candidates in zip(group.positions, index.search(group.digests, group.max_distances), strict=True):
-            if candidates:
-                results[position] = _ranked(candidates, limits.max_hits_per_item)
+        digests: Sequence[bytes] | np.ndarray = group.digests
+        if group.algorithm.match_kind is MatchKind.EXACT:
+            # One array for the whole group, searched in every segment without per-digest objects.
+            digests = np.array(group.digests, dtype=f"S{group.algorithm.digest_size}")
+        for offset, candidates in index.hits(digests, group.max_distances).items():
+            results[group.positions[offset]] = _ranked(candidates, limits.max_hits_per_item)
     return results

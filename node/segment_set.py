@@ -52,13 +52,18 @@ class MergedIndex:
         return sum(len(index) - len(deleted) for _, index, deleted in self._parts)
 
     def search(self, digests: Sequence[bytes], max_distance: Sequence[int]) -> list[list[Candidate]]:
-        merged: list[list[Candidate]] = [[] for _ in digests]
+        found = self.hits(digests, max_distance)
+        return [found.get(position, []) for position in range(len(digests))]
+
+    def hits(self, digests: Sequence[bytes] | np.ndarray, max_distance: Sequence[int]) -> dict[int, list[Candidate]]:
+        merged: dict[int, list[Candidate]] = {}
         for segment_id, index, deleted in self._parts:
             base = segment_id << ROW_BITS
-            for found, candidates in zip(merged, index.search(digests, max_distance), strict=True):
-                for c in candidates:
-                    if c.record_id not in deleted:
-                        found.append(Candidate(base | c.record_id, c.distance, c.matched_share))
+            for position, candidates in index.hits(digests, max_distance).items():
+                kept = [Candidate(base | c.record_id, c.distance, c.matched_share)
+                        for c in candidates if c.record_id not in deleted]
+                if kept:
+                    merged.setdefault(position, []).extend(kept)
         return merged
 
 

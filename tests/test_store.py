@@ -164,8 +164,8 @@ def test_matcher_caps_hits_per_item() -> None:
         def __len__(self) -> int:
             return 3
 
-        def search(self, digests, max_distance):
-            return [[Candidate(3, 9), Candidate(1, 2), Candidate(2, 2)] for _ in digests]
+        def hits(self, digests, max_distance):
+            return {position: [Candidate(3, 9), Candidate(1, 2), Candidate(2, 2)] for position in range(len(digests))}
 
     limits = matcher.Limits(max_hits_per_item=2)
     valid = matcher.validate([QueryItem("md5", b"\x00" * 16)], limits)
