@@ -10,6 +10,7 @@ alert that survives kill -9 of the node once the answer has left.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import os
@@ -394,3 +395,24 @@ def test_filters_are_pure_rules_on_the_row_and_the_requester() -> None:
     assert not passes(chosen, _claims("NL"), _released(0, "r", "3"))
     assert not passes(chosen, _claims("DE"), _released(0, "r", "3", "S-OTHER"))
     assert passes(node_config.AlertSettings(), _claims("NL"), _released(0, "r", "", ""))
+
+
+async def test_pending_alerts_are_a_metric_until_the_webhook_takes_them(tmp_path: Path) -> None:
+    with receiving(accepting=False) as receiver:
+        settings = node_config.AlertSettings(webhook=receiver.url, webhook_secret=SECRET, retry_initial_s=0.02,
+                                             retry_max_s=0.05)
+        outbox = open_outbox(tmp_path / "store.sqlite", settings)
+        assert outbox is not None
+        registry = CollectorRegistry()
+        alerts = Alerts(outbox, settings, "FR", "FR", registry)
+        await alerts.record(_claims(), "r1", [_released(0, "FR-1"), _released(1, "FR-2")])
+        assert registry.get_sample_value("icse_node_alerts_pending") == 2
+        assert await outbox.deliver_due() == 0
+        receiver.accept()
+        stop = asyncio.Event()
+        delivering = asyncio.create_task(alerts.deliver_forever(stop))
+        await asyncio.to_thread(receiver.wait_accepted, 2)
+        stop.set()
+        await delivering
+        assert registry.get_sample_value("icse_node_alerts_pending") == 0
+        outbox.close()
