@@ -18,8 +18,9 @@ carries an id (its key) a receiver uses to drop such a repeat.
   Failures back off exponentially (capped, with jitter, so a desk coming back
   after an outage is not hit by every node at the same instant).
 - ``jsonl_path``, when given, also receives every event as a JSON line (with its
-  cursor), for tools that follow a file; a line lost to a crash between commit
-  and write is written again when the outbox is next opened.
+  cursor and key), for tools that follow a file; a line lost to a crash between
+  commit and write is written when the outbox is next opened with that file.
+  Events added while the outbox was opened without one are not written later.
 
 The file is created 0600 (its events name cases and officers), in WAL mode with
 ``synchronous=FULL``: a committed event survives a power cut, and another
@@ -197,7 +198,11 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
             if added and self._jsonl_path is not None:
-                self._feed_unfed()
+                try:
+                    self._feed_unfed()
+                except OSError as exc:  # the events are committed; the next open writes their lines
+                    log.warning("events recorded, JSON-lines file not written; written when next opened",
+                                extra={"path": str(self._jsonl_path), "reason": str(exc)})
         if added and self._wake is not None:
             loop, wake = self._wake
             with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to wake
@@ -271,8 +276,13 @@ class Outbox:
         try:
             while not stop.is_set():
                 wake.clear()
-                await self.deliver_due(stop)
-                delay = await asyncio.to_thread(self._until_next, poll_s)
+                try:
+                    await self.deliver_due(stop)
+                    delay = await asyncio.to_thread(self._until_next, poll_s)
+                except sqlite3.Error as exc:  # the file is unusable for now: say so, try again later
+                    log.error("outbox unreadable; delivery tries again", extra={"path": str(self.path),
+                                                                                 "reason": str(exc)})
+                    delay = poll_s
                 if delay > 0:
                     await _first_of(stop, wake, delay)
         finally:

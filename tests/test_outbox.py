@@ -232,3 +232,14 @@ def test_add_many_commits_together_and_counts_new_keys(tmp_path: Path) -> None:
     assert [json.loads(line)["key"] for line in (tmp_path / "alerts.jsonl").read_text().splitlines()] == [
         "a", "b", "c"]
     box.close()
+
+
+def test_an_unwritable_jsonl_file_does_not_lose_the_event(tmp_path: Path) -> None:
+    jsonl = tmp_path / "not-yet" / "alerts.jsonl"
+    box = Outbox(tmp_path / "alerts.db", jsonl_path=jsonl)
+    assert box.add("a", {"n": 1})  # committed, although its line could not be written
+    assert box.since(0)[0][1] == {"n": 1}
+    box.close()
+    jsonl.parent.mkdir()
+    Outbox(tmp_path / "alerts.db", jsonl_path=jsonl).close()
+    assert [json.loads(line)["key"] for line in jsonl.read_text().splitlines()] == ["a"]
