@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -177,6 +178,8 @@ def test_a_released_hit_becomes_one_alert_with_no_other_digest_of_the_request(ho
     assert alert["request_id"] == result["request_id"]
     assert alert["event_id"] == f"eu-1/{result['request_id']}/1/FR-A-3"
     assert alert["time"].endswith("Z")
+    outbox = Path(f"{holder.node.store_path}.alerts")
+    assert stat.S_IMODE(outbox.stat().st_mode) == 0o600, "alerts name cases and officers"
     holder.local.stop()  # the log and every file complete
     written = _written_bytes(holder.node.dir)
     assert any(name.endswith(".alerts") for name in written)
