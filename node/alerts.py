@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +64,20 @@ def alerts_path(store: Path) -> Path:
 
 
 def open_outbox(store: Path, settings: AlertSettings) -> Outbox | None:
-    """The node's outbox, with its webhook if one is configured; None when alerts are off."""
+    """The node's outbox, with its webhook if one is configured; None when alerts are off.
+    A file that cannot be opened stops the start (OSError, in words): the operator
+    is there to fix it, whereas a node serving without its alerts would go unnoticed."""
     if not settings.enabled:
         return None
     webhook = WebhookTarget(settings.webhook, settings.webhook_secret, min_backoff_s=settings.retry_initial_s,
                             max_backoff_s=settings.retry_max_s) if settings.webhook else None
     path = alerts_path(store)
-    make_private(path)
-    return Outbox(path, webhook=webhook, jsonl_path=None)
+    try:
+        make_private(path)
+        return Outbox(path, webhook=webhook, jsonl_path=None)
+    except sqlite3.Error as exc:
+        raise OSError(f"{path}: cannot open the alerts outbox ({exc}); move it aside to start "
+                      "with an empty one, or set [alerts] enabled = false") from None
 
 
 def passes(settings: AlertSettings, claims: QueryClaims, hit: ReleasedHit) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def run_alerts(args: argparse.Namespace) -> int:
             raise OSError(f"{path}: no alerts file (the node creates it when it starts serving"
                           f"{'' if config.alerts.enabled else '; [alerts] enabled = false in its configuration'})")
         outbox = Outbox(path)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, sqlite3.Error) as exc:
         print(f"icse-node: {exc}", file=sys.stderr)
         return 2
     try:

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from federation import tls
 from federation.files import atomic_write_text
+from federation.outbox import Outbox
 from federation.wire import SERVICE_NAME
 from node import db as sqlite_setup, readiness, reflection
 from node.alerts import Alerts, open_outbox
@@ -113,10 +114,11 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
     audit_db = await sqlite_setup.connect(audit_path(config.store))
     indexes = LiveIndexes(store, settings.poll_seconds)
     merger = Merger(config.store, MergePolicy(settings.merge_above, settings.small_segment_rows))
-    outbox = open_outbox(config.store, config.alerts)
+    outbox: Outbox | None = None
     stop_alerts = asyncio.Event()
     delivering: asyncio.Task[None] | None = None
     try:
+        outbox = open_outbox(config.store, config.alerts)
         loaded = await indexes.start()
         await asyncio.to_thread(readiness.warm_up)
         indexes.on_change.append(merger.consider)

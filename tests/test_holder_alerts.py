@@ -419,3 +419,21 @@ async def test_pending_alerts_are_a_metric_until_the_webhook_takes_them(tmp_path
         await delivering
         assert registry.get_sample_value("icse_node_alerts_pending") == 0
         outbox.close()
+
+
+def test_a_damaged_outbox_stops_the_start_in_words(pki: DevPki, tmp_path: Path) -> None:
+    local = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR")])
+    node = local["FR"]
+    node.write_config()
+    Path(f"{node.store_path}.alerts").write_bytes(b"this is not a database, " * 200)
+    node.start()
+    try:
+        with pytest.raises(RuntimeError, match="cannot open the alerts outbox"):
+            node.wait_ready()
+        assert node.process is not None and node.process.wait(30) == 2
+        assert "Traceback" not in node.log_path.read_text()
+        feed = subprocess.run(node.node_command("alerts", "--config", str(node.config_path)),
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert feed.returncode == 2 and "not a database" in feed.stderr and "Traceback" not in feed.stderr
+    finally:
+        node.stop()
