@@ -37,3 +37,8 @@ def test_the_demo_finds_the_clip_by_its_frames_and_shows_no_error(pki: DevPki, t
     assert "DE" in lines[video - 1] and "frames" in lines[video - 1], out
     assert "SERIES-CHARLIE" in out and "SERIES-DELTA" in out
     assert "4 of 5 file(s)" in out and "Complete answer" in out
+    # FR's desk hears, through its signed webhook, of each hit FR's node released: SERIES-ALPHA and -BRAVO.
+    desk = sorted(line for line in lines if line.startswith("FR's desk received: hit on FR-"))
+    assert len(desk) == 2 and "(2 alert(s) recorded by FR's node" in out, out
+    assert "SERIES-ALPHA" in "".join(desk) and "SERIES-BRAVO" in "".join(desk)
+    assert all("case DEMO-2026-0001" in line and "signature verified" in line for line in desk), desk
