@@ -29,9 +29,10 @@ from node.unix import stdout_closed
 if TYPE_CHECKING:
     from node import importer, store as store_module
 
-# node.server, node.importer, node.store and node.describe import numba (through
-# the indexes), which reads NUMBA_CACHE_DIR once, when first imported: they are
-# imported in main(), after the configuration says where the state directory is.
+# The search kernels (node.hamming_kernels, imported by the first PDQ search) import
+# numba, which reads NUMBA_CACHE_DIR once, when first imported: main() sets it as soon
+# as the configuration says where the state directory is, before serve's modules load.
+# Commands that search nothing (import, retract, stats) never import numba at all.
 
 err = Console(stderr=True, soft_wrap=True)
 

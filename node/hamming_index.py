@@ -13,7 +13,7 @@ Two indexes implement the ``Index`` protocol with compiled (numba) kernels:
 
 ``build_hamming_index`` picks between them by size.
 
-A batch is searched table by table, bucket by bucket (see ``_probe``), both
+A batch is searched table by table, bucket by bucket (see ``hamming_kernels.probe``), both
 cores in parallel. Measured on 2 cores at 10 M random hashes, distance 31:
 ~6,900 queries/s in batches of 10,000, ~2,700 in batches of 100, ~900 one
 at a time (tests/bench/bench_pdq_index.py).
@@ -27,34 +27,24 @@ plus 16 x 65,537 uint32 bucket offsets (4 MiB) whatever the size.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any, Self, cast
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Self
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import intrinsic
 
+from node.hamming_layout import BUCKETS, DIGEST_SIZE, MAX_RADIUS, TABLES
 from node.index import Candidate, hits_of
 
-DIGEST_SIZE = 32
-TABLES = 16  # substrings of 16 bits: a key indexes a 65,536-bucket offsets array directly
-BUCKETS = 1 << 16
-# Radius 2 probes 137 buckets per table and reaches ~3 % of the rows (d <= 47);
-# radius 3 would reach ~17 % of them by random access, slower than reading
-# every row in order, so larger distances scan.
-MAX_RADIUS = 2
+__all__ = ["BUCKETS", "DIGEST_SIZE", "MAX_RADIUS", "TABLES", "MultiIndexHammingIndex", "ScanHammingIndex",
+           "build_hamming_index", "load_hamming_index"]
+
+# Also TABLES, BUCKETS, MAX_RADIUS: node/hamming_layout.py, shared with the kernels.
 # See build_hamming_index.
 SCAN_BELOW = 20_000
-# A scan counts hits over blocks of rows and records them only in a block that has some.
-SCAN_BLOCK = 1024
 # First-pass output slots of a scanned query; a unit (query or table) that
 # finds more hits than its slots is searched again with exactly as many.
 FIRST_SLOTS = 32
-
-# Substring flip masks by weight: the first _PROBES[r] are those of weight <= r.
-_FLIPS = np.array([0] + [1 << i for i in range(16)]
-                  + [1 << i | 1 << j for i in range(16) for j in range(i + 1, 16)], dtype=np.int64)
-_PROBES = (1, 17, 137)
 
 # numba's default (workqueue) threading layer aborts the process when two
 # threads launch parallel kernels at once, and indexes are built in worker
@@ -63,144 +53,6 @@ _PROBES = (1, 17, 137)
 _LAUNCH = threading.Lock()
 
 
-def _ctpop(typingctx, x):
-    """POPCNT (LLVM ctpop) of a uint64, as an int64."""
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-    return types.int64(types.uint64), codegen
-
-
-# What compiled code calls: numba's stubs type an intrinsic as its typing
-# function, (typingctx, x), returning Never; kernels call it with x alone.
-_popcount = cast(Callable[[Any], int], intrinsic(_ctpop))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _distance(hashes, row, q0, q1, q2, q3):
-    # The query's words as scalars, so that they stay in registers.
-    return (_popcount(hashes[row, 0] ^ q0) + _popcount(hashes[row, 1] ^ q1)
-            + _popcount(hashes[row, 2] ^ q2) + _popcount(hashes[row, 3] ^ q3))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _substring(words, t):
-    # Bits 16 * (t % 4) .. of word t // 4 (column t of the row viewed as uint16).
-    return np.int64((words[t >> 2] >> np.uint64((t & 3) * 16)) & np.uint64(0xFFFF))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _row(positions, t, k):
-    # Rows are sorted by substring 0: table 0's bucket is a row range itself.
-    return k if t == 0 else np.int64(positions[t - 1, k])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _count_hits(hashes, positions, t, lo, hi, q0, q1, q2, q3, limit):
-    """How many rows of table t's entries lo:hi are within limit.
-
-    Nearly every bucket (or scan block) holds no hit. This loop has no stores,
-    so LLVM vectorises it (gathers, VPOPCNTQ) with many row loads in flight;
-    a bucket with hits is then gone through again, from L1, to record them.
-    """
-    hits = 0
-    if t == 0:
-        for row in range(lo, hi):
-            hits += _distance(hashes, row, q0, q1, q2, q3) <= limit
-    else:
-        for k in range(lo, hi):
-            hits += _distance(hashes, np.int64(positions[t - 1, k]), q0, q1, q2, q3) <= limit
-    return hits
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _reached_before(stored, query, t, radius):
-    """Whether a table before t also probed this hash (and so reported it)."""
-    for u in range(t):  # noqa: SIM110 - numba compiles this loop, not any() over a generator
-        if _popcount(np.uint64(_substring(stored, u) ^ _substring(query, u))) <= radius:
-            return True
-    return False
-
-
-@njit(cache=True, nogil=True)
-def _record(hashes, positions, t, lo, hi, queries, i, limit, found, slot, start,
-            out_query, out_row, out_dist):
-    """Record query i's hits among table t's entries lo:hi; the unit's new hit count.
-
-    Writes hit number n at start + n while n < slot; counts past it.
-    """
-    q0, q1, q2, q3 = queries[i, 0], queries[i, 1], queries[i, 2], queries[i, 3]
-    for k in range(lo, hi):
-        row = _row(positions, t, k)
-        distance = _distance(hashes, row, q0, q1, q2, q3)
-        # A hash can sit in probed buckets of several tables: report it from
-        # the first one only, which needs no visited set.
-        if distance <= limit and not _reached_before(hashes[row], queries[i], t, limit // TABLES):
-            if found < slot:
-                out_query[start + found] = i
-                out_row[start + found] = row
-                out_dist[start + found] = distance
-            found += 1
-    return found
-
-
-# Both search kernels run "units" in parallel: unit u writes up to slots[u]
-# hits from starts[u] and sets counts[u] to how many it found, even beyond.
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _scan(hashes, positions, queries, limits, units, starts, slots, out_query, out_row, out_dist, counts):
-    """Unit u: query units[u] against every stored row (as table 0's row ranges)."""
-    for u in prange(len(units)):
-        i = units[u]
-        q0, q1, q2, q3, limit = queries[i, 0], queries[i, 1], queries[i, 2], queries[i, 3], limits[i]
-        found = 0
-        for lo in range(0, len(hashes), SCAN_BLOCK):
-            hi = min(lo + SCAN_BLOCK, len(hashes))
-            if _count_hits(hashes, positions, 0, lo, hi, q0, q1, q2, q3, limit):
-                found = _record(hashes, positions, 0, lo, hi, queries, i, limit, found,
-                                slots[u], starts[u], out_query, out_row, out_dist)
-        counts[u] = found
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _probe(hashes, offsets, positions, queries, limits, units, starts, slots,
-           out_query, out_row, out_dist, counts):
-    """Unit u: table units[u] for every query (limits 0 .. 16 * (MAX_RADIUS + 1) - 1).
-
-    Bucket by bucket rather than query by query: a bucket's rows are random
-    accesses into hashes (what a search costs), and in a batch of thousands
-    a bucket is probed by several queries; taken together, its rows come from
-    memory once and from L1 for the others.
-    """
-    for u in prange(len(units)):
-        t = units[u]
-        # Counting sort of the batch's (bucket, query) probes of table t:
-        # probers[first[b]:first[b + 1]] are the queries that probe bucket b.
-        first = np.zeros(BUCKETS + 1, np.int64)
-        for i in range(len(queries)):
-            key = _substring(queries[i], t)
-            for f in range(_PROBES[limits[i] // TABLES]):
-                first[(key ^ _FLIPS[f]) + 1] += 1
-        first = np.cumsum(first)
-        fill = first.copy()
-        probers = np.empty(first[BUCKETS], np.int64)
-        for i in range(len(queries)):
-            key = _substring(queries[i], t)
-            for f in range(_PROBES[limits[i] // TABLES]):
-                bucket = key ^ _FLIPS[f]
-                probers[fill[bucket]] = i
-                fill[bucket] += 1
-        found = 0
-        for bucket in range(BUCKETS):
-            lo, hi = np.int64(offsets[t, bucket]), np.int64(offsets[t, bucket + 1])
-            for p in range(first[bucket], first[bucket + 1]):
-                i = probers[p]
-                limit = limits[i]
-                if _count_hits(hashes, positions, t, lo, hi,
-                               queries[i, 0], queries[i, 1], queries[i, 2], queries[i, 3], limit):
-                    found = _record(hashes, positions, t, lo, hi, queries, i, limit, found,
-                                    slots[u], starts[u], out_query, out_row, out_dist)
-        counts[u] = found
 
 
 def _fill_tables(hashes, offsets, positions):
@@ -220,7 +72,7 @@ def _fill_tables(hashes, offsets, positions):
             positions[t - 1] = np.argsort(column, kind="stable")
 
 
-def _collect(kernel, arguments: tuple, units: np.ndarray, slots_each: int) -> list[np.ndarray]:
+def _collect(kernel: str, arguments: tuple, units: np.ndarray, slots_each: int) -> list[np.ndarray]:
     """(query, row, distance) of every hit of kernel over units, in no particular order."""
     if not len(units):
         return [np.empty(0, np.int64)] * 3
@@ -238,13 +90,21 @@ def _collect(kernel, arguments: tuple, units: np.ndarray, slots_each: int) -> li
     return hits
 
 
-def _launch(kernel, arguments: tuple, units: np.ndarray, slots: np.ndarray):
+def _kernels() -> ModuleType:
+    """The compiled kernels, imported on the first search: numba takes ~0.6 s to import, and
+    ``icse-node import``, ``retract`` or ``stats`` build or read indexes but search none."""
+    from node import hamming_kernels  # noqa: PLC0415
+
+    return hamming_kernels
+
+
+def _launch(kernel: str, arguments: tuple, units: np.ndarray, slots: np.ndarray):
     starts = np.cumsum(slots) - slots
     total = int(slots.sum())
     query, row, dist = (np.empty(total, dtype=np.int64) for _ in range(3))
     counts = np.empty(len(units), dtype=np.int64)
     with _LAUNCH:
-        kernel(*arguments, units, starts, slots, query, row, dist, counts)
+        getattr(_kernels(), kernel)(*arguments, units, starts, slots, query, row, dist, counts)
     return query, row, dist, counts
 
 
@@ -333,7 +193,7 @@ class ScanHammingIndex:
 
     def _hits(self, queries: np.ndarray, limits: np.ndarray) -> list[np.ndarray]:
         """(query number, row, distance) of every hit."""
-        return _collect(_scan, (self._hashes, self._positions, queries, limits),
+        return _collect("scan", (self._hashes, self._positions, queries, limits),
                         np.flatnonzero(limits >= 0), FIRST_SLOTS)
 
 
@@ -374,7 +234,7 @@ class MultiIndexHammingIndex(ScanHammingIndex):
         if len(chosen):
             # Table 0 reports every exact duplicate: room for two hits a query in each table.
             query, row, dist = _collect(
-                _probe, (self._hashes, self._offsets, self._positions, queries[chosen], limits[chosen]),
+                "probe", (self._hashes, self._offsets, self._positions, queries[chosen], limits[chosen]),
                 np.arange(TABLES), 2 * len(chosen) + 64)
             hits = [np.concatenate(pair) for pair in zip(hits, (chosen[query], row, dist), strict=True)]
         return hits
