@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 import federation
 from federation import protocol
-from federation.query import QueryItem, query_sha256
+from federation.query import SINCE_GENERATION_FEATURE, QueryItem, query_sha256
 from federation.tokens import QueryClaims
 from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, items_from_pb, pb, rpc
 from node import matcher
@@ -67,7 +67,8 @@ class Refused(Exception):
 
 
 def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None, gateway: str, peer: str,
-           status: str, detail: str = "", references: Sequence[str] = ()) -> AuditEntry:
+           status: str, detail: str = "", references: Sequence[str] = (), since_generation: int = 0,
+           rows_searched: int = 0) -> AuditEntry:
     """The audit record of one call. Never the digests asked about."""
     return AuditEntry(
         time="",
@@ -86,6 +87,8 @@ def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None
         token_id=claims.token_id if claims else "",
         peer=peer,
         key_id=claims.key_id if claims else "",
+        since_generation=since_generation,
+        rows_searched=rows_searched,
     )
 
 
@@ -107,14 +110,14 @@ class NodeService(rpc.NodeServicer):
             raise Refused(code, str(exc), exc.claims, exc.gateway) from None
 
     async def _refuse(self, context: grpc.aio.ServicerContext, method: str, items: Sequence[QueryItem],
-                      refusal: Refused, started: float) -> NoReturn:
+                      refusal: Refused, started: float, since_generation: int = 0) -> NoReturn:
         claims = refusal.claims
         log.warning("refused", extra={
             "request_id": request_id(context), "rpc": method, "status": refusal.code.name,
             "reason": str(refusal), "gateway": claims.issuer if claims else refusal.gateway,
             "officer": claims.subject if claims else "", "peer": context.peer(), "items": len(items)})
         await self._audit.append(_entry(method, items, claims, refusal.gateway, context.peer(),
-                                        refusal.code.name, str(refusal)))
+                                        refusal.code.name, str(refusal), since_generation=since_generation))
         self._metrics.refused(method, refusal.code.name, time.perf_counter() - started)
         await context.abort(refusal.code, str(refusal))
 
@@ -124,27 +127,30 @@ class NodeService(rpc.NodeServicer):
         if isinstance(request, Malformed):
             await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest", started)
         items = items_from_pb(request)
+        since = request.since_generation
         try:
-            response, claims, references = await self._match(items, context)
+            response, claims, references, searched = await self._match(items, since, context)
         except Refused as refusal:
-            await self._refuse(context, "Match", items, refusal, started)
+            await self._refuse(context, "Match", items, refusal, started, since)
         except Exception as exc:  # noqa: BLE001 - a defect, not the caller's fault: audited INTERNAL, never UNKNOWN
-            await self._refuse(context, "Match", items, _internal(context, exc), started)
+            await self._refuse(context, "Match", items, _internal(context, exc), started, since)
         # The record is durable before the answer leaves; no record, no answer.
         await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
-                                        references=references))
+                                        references=references, since_generation=since, rows_searched=searched))
         elapsed = time.perf_counter() - started
         self._metrics.answered("Match", Counter(item.algorithm for item in items), len(references), elapsed)
         # No digests in the log: a no-hit item must leave no trace of what was asked.
         log.info("answered", extra={
             "request_id": request_id(context), "rpc": "Match", "gateway": claims.issuer,
             "officer": claims.subject, "org": claims.org, "requester_country": claims.country,
-            "case": claims.case, "items": len(items), "hits": len(references), "ms": round(elapsed * 1000, 1)})
+            "case": claims.case, "items": len(items), "hits": len(references), "since_generation": since,
+            "rows_searched": searched, "ms": round(elapsed * 1000, 1)})
         return response
 
-    async def _match(self, items: Sequence[QueryItem], context: grpc.aio.ServicerContext,
-                     ) -> tuple[pb.MatchResponse, QueryClaims, list[str]]:
-        claims = self._authorize(context, "Match", query_sha256(items))
+    async def _match(self, items: Sequence[QueryItem], since: int, context: grpc.aio.ServicerContext,
+                     ) -> tuple[pb.MatchResponse, QueryClaims, list[str], int]:
+        """The answer, its claims, the references released and how many rows were searched."""
+        claims = self._authorize(context, "Match", query_sha256(items, since))
         try:
             tier = self._admission.permit(claims)
             valid = matcher.validate(items, self._config.limits)
@@ -155,8 +161,14 @@ class NodeService(rpc.NodeServicer):
         except matcher.InvalidRequest as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), claims) from None
         current = await self._current(claims)
+        if since > current.generation:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"since_generation {since} is ahead of this node's store (generation {current.generation}): "
+                          "the store was replaced or restored from a backup; ask again with since_generation 0",
+                          claims)
         self._metrics.serving(current.generation, current.counts())
-        found = matcher.match(valid, current.indexes, self._config.limits)
+        searched = current.since(since)
+        found = matcher.match(valid, searched.indexes, self._config.limits)
         hit_ids = [c.record_id for m in found for c in m.candidates]
         records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
         results, references = [], []
@@ -167,8 +179,9 @@ class NodeService(rpc.NodeServicer):
                 results.append(pb.ItemResult(item=position, hits=hits, truncated=matches.truncated))
                 references += [hit.reference for hit in hits]
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
-                                    tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION)
-        return response, claims, references
+                                    tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION,
+                                    generation=current.generation)
+        return response, claims, references, searched.rows_searched
 
     async def _current(self, claims: QueryClaims | None) -> SegmentSet:
         try:
@@ -241,6 +254,7 @@ class NodeService(rpc.NodeServicer):
             max_distance=self._config.limits.max_distance,
             contact=self._config.contact,
             protocol_version=protocol.VERSION,
+            features=[SINCE_GENERATION_FEATURE],
         )
 
 
