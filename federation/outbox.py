@@ -1,0 +1,332 @@
+"""A durable outbox: events recorded once, delivered at least once, in their own SQLite file.
+
+An alert that a hit was released (node) or that an open case matched (gateway)
+must reach its desk even if the webhook is down for hours or the process is
+killed a moment after the event: it is first committed to this file, then
+delivered from it. Delivery resumes after a restart from what the file says
+(attempts, next attempt time, delivered or not), so nothing is lost and nothing
+already acknowledged is sent again, except the one event whose acknowledgement
+was in flight when the process died: delivery is at least once, and each event
+carries an id (its key) a receiver uses to drop such a repeat.
+
+- ``add`` is idempotent on a key: the same event recorded twice (a retried
+  request) is stored, fed and delivered once.
+- ``since`` is the feed: rows in the order they were added, after a cursor (the
+  row id; ids are never reused, so a cursor stays valid for good).
+- ``deliver_forever`` POSTs each pending event to a webhook, signed with
+  HMAC-SHA256 over the body; an event is marked delivered only on an HTTP 2xx.
+  Failures back off exponentially (capped, with jitter, so a desk coming back
+  after an outage is not hit by every node at the same instant).
+- ``jsonl_path``, when given, also receives every event as a JSON line (with its
+  cursor), for tools that follow a file; a line lost to a crash between commit
+  and write is written again when the outbox is next opened.
+
+The file is created 0600 (its events name cases and officers), in WAL mode with
+``synchronous=FULL``: a committed event survives a power cut, and another
+process can read the feed while this one writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import sqlite3
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("icse.outbox")
+
+SIGNATURE_HEADER = "X-ICSE-Signature"
+EVENT_ID_HEADER = "X-ICSE-Event-Id"
+TIMESTAMP_HEADER = "X-ICSE-Timestamp"
+BUSY_TIMEOUT_MS = 10_000
+# Events tried per delivery round; the rest wait for the next round.
+_BATCH = 100
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    event TEXT NOT NULL,
+    created TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    delivered TEXT,
+    last_error TEXT NOT NULL DEFAULT '',
+    fed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (next_attempt) WHERE delivered IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_unfed ON outbox (id) WHERE fed = 0;
+"""
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """Where and how events are POSTed. ``secret`` signs each body (never logged)."""
+
+    url: str
+    secret: bytes = field(repr=False)
+    timeout_s: float = 5.0
+    max_backoff_s: float = 300.0
+    # The first retry's delay; each later one doubles, up to ``max_backoff_s``.
+    min_backoff_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """Counts for an operator (and for metrics): nothing of the events themselves."""
+
+    total: int
+    pending: int
+    delivered: int
+    failing: int  # pending events that have failed at least once
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-ICSE-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: bytes, body: bytes, signature: str) -> bool:
+    """Whether ``signature`` is the header value ``sign`` gives (constant time)."""
+    return hmac.compare_digest(sign(secret, body), signature)
+
+
+def backoff(attempts: int, target: WebhookTarget, rng: random.Random | None = None) -> float:
+    """Seconds to wait after the ``attempts``-th failure: exponential from
+    ``min_backoff_s``, capped at ``max_backoff_s``, between half and all of it
+    ("equal jitter": never zero, never in lockstep with other senders)."""
+    ceiling = min(target.max_backoff_s, target.min_backoff_s * 2 ** min(max(attempts - 1, 0), 32))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+def _canonical(event: dict[str, object]) -> str:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _create_private(path: Path) -> None:
+    """``path`` created empty 0600 if missing (SQLite takes an empty file as a new
+    database, and gives its -wal/-shm files the mode of the database file);
+    an existing file of this user's with a wider mode is narrowed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for companion in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            status = companion.stat()
+            if stat.S_IMODE(status.st_mode) & 0o077 and status.st_uid == os.geteuid():
+                os.chmod(companion, stat.S_IMODE(status.st_mode) & 0o700)
+
+
+class _Rejected(Exception):
+    """The webhook answered, but not with a 2xx."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failure: following it would resend the signed body to
+    an address nobody configured (and urllib would turn the POST into a GET)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect())
+
+
+class Outbox:
+    """Events recorded durably and delivered at least once; see the module docstring.
+
+    Methods other than ``deliver_forever`` are synchronous and thread-safe: an
+    async caller that must not stall its loop on the commit's fsync runs
+    ``add`` in a worker thread (``asyncio.to_thread``).
+    """
+
+    def __init__(self, path: Path, *, webhook: WebhookTarget | None = None, jsonl_path: Path | None = None) -> None:
+        self.path = path
+        self._webhook = webhook
+        self._jsonl_path = jsonl_path
+        self._lock = threading.Lock()
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        _create_private(path)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._db.executescript(SCHEMA)
+            if jsonl_path is not None:
+                self._feed_unfed()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def add(self, key: str, event: dict[str, object]) -> bool:
+        """Records ``event`` under ``key``, committed before this returns; False
+        (and nothing changed) if ``key`` is already recorded."""
+        body = _canonical(event)
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO outbox (key, event, created, fed) VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                (key, body, created, 0 if self._jsonl_path is not None else 1))
+            added = cursor.rowcount == 1
+            if added and self._jsonl_path is not None:
+                self._feed_unfed()
+        if added and self._wake is not None:
+            loop, wake = self._wake
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to wake
+                loop.call_soon_threadsafe(wake.set)
+        return added
+
+    def since(self, cursor: int, limit: int = 1000) -> list[tuple[int, dict[str, object]]]:
+        """Up to ``limit`` events added after ``cursor`` (0: from the first), oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, event FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                                    (cursor, limit)).fetchall()
+        return [(row_id, json.loads(text)) for row_id, text in rows]
+
+    def key_of(self, cursor: int) -> str | None:
+        """The key recorded at ``cursor``, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT key FROM outbox WHERE id = ?", (cursor,)).fetchone()
+        return row[0] if row else None
+
+    def status(self) -> OutboxStatus:
+        with self._lock:
+            total, pending, failing = self._db.execute(
+                "SELECT count(*), count(*) FILTER (WHERE delivered IS NULL),"
+                " count(*) FILTER (WHERE delivered IS NULL AND attempts > 0) FROM outbox").fetchone()
+        return OutboxStatus(total=total, pending=pending, delivered=total - pending, failing=failing)
+
+    def attempts(self, key: str) -> tuple[int, bool]:
+        """(failed or made attempts so far, delivered?) of the event under ``key``."""
+        with self._lock:
+            row = self._db.execute("SELECT attempts, delivered IS NOT NULL FROM outbox WHERE key = ?",
+                                   (key,)).fetchone()
+        if row is None:
+            raise KeyError(key)
+        return int(row[0]), bool(row[1])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- JSON-lines mirror ---------------------------------------------------
+
+    def _feed_unfed(self) -> None:
+        """Appends events not yet in the JSON-lines file, then marks them (lock held)."""
+        assert self._jsonl_path is not None
+        rows = self._db.execute("SELECT id, key, event FROM outbox WHERE fed = 0 ORDER BY id").fetchall()
+        if not rows:
+            return
+        descriptor = os.open(self._jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(descriptor, "a", encoding="utf-8") as out:
+            for row_id, key, text in rows:
+                out.write(_canonical({"cursor": row_id, "key": key, **json.loads(text)}) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        self._db.executemany("UPDATE outbox SET fed = 1 WHERE id = ?", [(row[0],) for row in rows])
+
+    # -- webhook delivery -----------------------------------------------------
+
+    async def deliver_forever(self, stop: asyncio.Event, *, poll_s: float = 1.0) -> None:
+        """POSTs pending events to the webhook until ``stop`` is set; returns at
+        once without a webhook. A new ``add`` wakes it; otherwise it looks again
+        at the earliest retry time, and at least every ``poll_s``."""
+        if self._webhook is None:
+            return
+        wake = asyncio.Event()
+        self._wake = (asyncio.get_running_loop(), wake)
+        try:
+            while not stop.is_set():
+                wake.clear()
+                await self.deliver_due()
+                delay = await asyncio.to_thread(self._until_next, poll_s)
+                if delay > 0:
+                    await _first_of(stop, wake, delay)
+        finally:
+            self._wake = None
+
+    async def deliver_due(self) -> int:
+        """One round: tries every event due now (up to a batch); returns how many were delivered."""
+        target = self._webhook
+        if target is None:
+            return 0
+        due = await asyncio.to_thread(self._due)
+        delivered = 0
+        for row_id, key, body in due:
+            try:
+                await asyncio.to_thread(_post, target, key, body.encode())
+            except (_Rejected, OSError, ValueError) as exc:  # OSError covers URLError, timeouts, refused
+                await asyncio.to_thread(self._failed, row_id, target, str(exc))
+                log.warning("webhook delivery failed; will retry", extra={"event_id": key, "reason": str(exc)})
+            else:
+                await asyncio.to_thread(self._delivered, row_id)
+                delivered += 1
+        return delivered
+
+    def _due(self) -> list[tuple[int, str, str]]:
+        with self._lock:
+            return self._db.execute(
+                "SELECT id, key, event FROM outbox WHERE delivered IS NULL AND next_attempt <= ?"
+                " ORDER BY next_attempt, id LIMIT ?", (time.time(), _BATCH)).fetchall()
+
+    def _until_next(self, poll_s: float) -> float:
+        with self._lock:
+            row = self._db.execute("SELECT min(next_attempt) FROM outbox WHERE delivered IS NULL").fetchone()
+        if row[0] is None:
+            return poll_s
+        return max(0.0, min(poll_s, row[0] - time.time()))
+
+    def _failed(self, row_id: int, target: WebhookTarget, reason: str) -> None:
+        with self._lock:
+            (attempts,) = self._db.execute("SELECT attempts FROM outbox WHERE id = ?", (row_id,)).fetchone()
+            attempts += 1
+            self._db.execute("UPDATE outbox SET attempts = ?, next_attempt = ?, last_error = ? WHERE id = ?",
+                             (attempts, time.time() + backoff(attempts, target), reason[:500], row_id))
+
+    def _delivered(self, row_id: int) -> None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        with self._lock:
+            self._db.execute("UPDATE outbox SET delivered = ?, attempts = attempts + 1, last_error = ''"
+                             " WHERE id = ?", (now, row_id))
+
+
+def _post(target: WebhookTarget, key: str, body: bytes) -> None:
+    """One signed POST; returns on a 2xx, raises otherwise (runs in a worker thread)."""
+    request = urllib.request.Request(target.url, data=body, method="POST", headers={
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sign(target.secret, body),
+        EVENT_ID_HEADER: key,
+        TIMESTAMP_HEADER: str(int(time.time())),
+        "User-Agent": "icse-outbox/1",
+    })
+    try:
+        with _OPENER.open(request, timeout=target.timeout_s) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        raise _Rejected(f"HTTP {exc.code}") from None
+    if not 200 <= status < 300:
+        raise _Rejected(f"HTTP {status}")
+
+
+async def _first_of(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:
+    """Returns when ``stop`` or ``wake`` is set, or after ``timeout`` seconds."""
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

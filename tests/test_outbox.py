@@ -1,0 +1,275 @@
+"""The durable outbox against a real local HTTP receiver: exactly once per key
+after failures, signatures that verify, delivery resumed by a new process
+object over the same file, a private file, and a feed read by cursor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from federation import outbox as outbox_module
+from federation.outbox import Outbox, WebhookTarget, backoff, sign, verify
+
+SECRET = b"desk-shared-secret"
+
+
+@dataclass
+class Receiver:
+    """A webhook that refuses (HTTP 503) its first ``fail_first`` requests, then accepts."""
+
+    fail_first: int = 0
+    requests: list[tuple[Message, bytes]] = field(default_factory=list)  # headers: case-insensitive
+    accepted: list[str] = field(default_factory=list)  # event ids answered 2xx, in order
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    url: str = ""
+
+    def handle(self, headers: Message, body: bytes) -> int:
+        with self.changed:
+            self.requests.append((headers, body))
+            if len(self.requests) <= self.fail_first:
+                self.changed.notify_all()
+                return 503
+            self.accepted.append(headers["X-ICSE-Event-Id"])
+            self.changed.notify_all()
+            return 204
+
+    def wait_accepted(self, count: int, timeout: float = 30.0) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.accepted) >= count, timeout), self.accepted
+
+
+@contextlib.contextmanager
+def receiving(fail_first: int = 0) -> Iterator[Receiver]:
+    receiver = Receiver(fail_first)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(receiver.handle(self.headers, body))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    receiver.url = f"http://127.0.0.1:{server.server_port}/alerts"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield receiver
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _target(url: str) -> WebhookTarget:
+    return WebhookTarget(url, SECRET, timeout_s=5.0, max_backoff_s=0.2, min_backoff_s=0.02)
+
+
+async def _deliver_until(box: Outbox, receiver: Receiver, count: int) -> None:
+    """Runs delivery until the receiver accepted ``count`` events, then stops it cleanly."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(box.deliver_forever(stop, poll_s=0.05))
+    await asyncio.to_thread(receiver.wait_accepted, count)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+def test_add_is_idempotent_and_the_feed_reads_by_cursor(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "alerts.db")
+    assert box.add("r1:0:FR-1", {"reference": "FR-1"})
+    assert not box.add("r1:0:FR-1", {"reference": "FR-1", "changed": True})
+    assert box.add("r1:1:FR-2", {"reference": "FR-2"})
+    everything = box.since(0)
+    assert [event for _, event in everything] == [{"reference": "FR-1"}, {"reference": "FR-2"}]
+    first_cursor = everything[0][0]
+    assert box.since(first_cursor) == everything[1:]
+    assert box.since(everything[-1][0]) == []
+    assert box.since(0, limit=1) == everything[:1]
+    box.close()
+    # Another object (another process) over the same file sees the same feed.
+    again = Outbox(tmp_path / "alerts.db")
+    assert again.since(0) == everything
+    assert not again.add("r1:0:FR-1", {"reference": "FR-1"})
+    again.close()
+
+
+def test_outbox_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        box = Outbox(tmp_path / "alerts.db", jsonl_path=tmp_path / "alerts.jsonl")
+        box.add("k", {"case": "DE-2026-1"})
+        box.close()
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "alerts.db", tmp_path / "alerts.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_jsonl_mirror_carries_cursor_and_key_and_is_caught_up_on_open(tmp_path: Path) -> None:
+    jsonl = tmp_path / "alerts.jsonl"
+    box = Outbox(tmp_path / "alerts.db", jsonl_path=jsonl)
+    box.add("a", {"reference": "FR-1"})
+    box.add("a", {"reference": "FR-1"})
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines == [{"cursor": box.since(0)[0][0], "key": "a", "reference": "FR-1"}]
+    box.close()
+    # An event committed by an outbox without the mirror (as if the process died
+    # before writing the line) is written when the mirror is next opened.
+    plain = Outbox(tmp_path / "alerts.db")
+    plain.add("b", {"reference": "FR-2"})
+    plain.close()
+    with sqlite_connection(tmp_path / "alerts.db") as db:
+        db.execute("UPDATE outbox SET fed = 0 WHERE key = 'b'")
+    Outbox(tmp_path / "alerts.db", jsonl_path=jsonl).close()
+    assert [json.loads(line)["key"] for line in jsonl.read_text().splitlines()] == ["a", "b"]
+
+
+@contextlib.contextmanager
+def sqlite_connection(path: Path) -> Iterator[object]:
+    import sqlite3  # noqa: PLC0415 - only this helper pokes at the file directly
+
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+async def test_delivered_exactly_once_per_key_after_three_failures(tmp_path: Path) -> None:
+    with receiving(fail_first=3) as receiver:
+        box = Outbox(tmp_path / "alerts.db", webhook=_target(receiver.url))
+        assert box.add("req-1:0:FR-1", {"reference": "FR-1", "series": "S-ALPHA"})
+        assert not box.add("req-1:0:FR-1", {"reference": "FR-1", "series": "S-ALPHA"})
+        await _deliver_until(box, receiver, 1)
+        assert len(receiver.requests) == 4
+        assert receiver.accepted == ["req-1:0:FR-1"]
+        assert box.attempts("req-1:0:FR-1") == (4, True)
+        # A later round sends nothing more: a delivered event is never sent again.
+        assert await box.deliver_due() == 0
+        assert len(receiver.requests) == 4
+        box.close()
+
+
+async def test_signature_verifies_over_the_exact_body(tmp_path: Path) -> None:
+    with receiving() as receiver:
+        box = Outbox(tmp_path / "alerts.db", webhook=_target(receiver.url))
+        event = {"reference": "FR-7", "case": "DE-2026-0042", "note": "é"}
+        box.add("k7", event)
+        await _deliver_until(box, receiver, 1)
+        box.close()
+    headers, body = receiver.requests[0]
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-ICSE-Event-Id"] == "k7"
+    assert headers["X-ICSE-Timestamp"].isdigit()
+    assert verify(SECRET, body, headers["X-ICSE-Signature"])
+    assert not verify(b"another secret", body, headers["X-ICSE-Signature"])
+    assert not verify(SECRET, body + b" ", headers["X-ICSE-Signature"])
+    assert json.loads(body) == event
+    assert headers["X-ICSE-Signature"] == sign(SECRET, body)
+
+
+async def test_restart_resumes_with_persisted_attempts(tmp_path: Path) -> None:
+    path = tmp_path / "alerts.db"
+    with receiving(fail_first=2) as receiver:
+        first = Outbox(path, webhook=_target(receiver.url))
+        first.add("a", {"n": 1})
+        first.add("b", {"n": 2})
+        # One round: both fail (the receiver refuses its first two requests).
+        assert await first.deliver_due() == 0
+        assert first.attempts("a") == (1, False) and first.attempts("b") == (1, False)
+        first.close()  # the process ends here
+        second = Outbox(path, webhook=_target(receiver.url))
+        # The failures counted by the first process are still there.
+        assert second.attempts("a") == (1, False)
+        await _deliver_until(second, receiver, 2)
+        assert sorted(receiver.accepted) == ["a", "b"]
+        assert second.attempts("a") == (2, True) and second.attempts("b") == (2, True)
+        second.close()
+        third = Outbox(path, webhook=_target(receiver.url))
+        assert await third.deliver_due() == 0  # nothing delivered twice across restarts
+        third.close()
+    assert len(receiver.requests) == 4
+
+
+async def test_a_failing_event_waits_its_backoff_and_is_not_marked_delivered(tmp_path: Path) -> None:
+    with receiving(fail_first=1) as receiver:
+        target = WebhookTarget(receiver.url, SECRET, max_backoff_s=600.0, min_backoff_s=600.0)
+        box = Outbox(tmp_path / "alerts.db", webhook=target)
+        box.add("slow", {"n": 1})
+        assert await box.deliver_due() == 0
+        # Its next attempt is minutes away: the next round does not try it.
+        assert await box.deliver_due() == 0
+        assert len(receiver.requests) == 1
+        assert box.status().failing == 1 and box.status().delivered == 0
+        box.close()
+
+
+async def test_an_unreachable_webhook_counts_as_a_failure(tmp_path: Path) -> None:
+    with receiving() as receiver:
+        dead = receiver.url  # the port is closed once the receiver stops
+    box = Outbox(tmp_path / "alerts.db", webhook=_target(dead))
+    box.add("x", {"n": 1})
+    assert await box.deliver_due() == 0
+    assert box.attempts("x") == (1, False)
+    box.close()
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    target = WebhookTarget("http://127.0.0.1:9/", SECRET, max_backoff_s=300.0, min_backoff_s=1.0)
+    rng = random.Random(1)
+    for attempts, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (9, 256.0), (10, 300.0), (60, 300.0)):
+        delays = {backoff(attempts, target, rng) for _ in range(50)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempts, delays)
+        assert len(delays) > 1  # jittered, not lockstep
+
+
+def test_secret_is_not_in_the_target_repr() -> None:
+    assert "desk-shared-secret" not in repr(_target("http://127.0.0.1:9/"))
+
+
+@pytest.mark.parametrize("status", [301, 500])
+async def test_non_2xx_is_not_delivered(tmp_path: Path, status: int) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        box = Outbox(tmp_path / "alerts.db", webhook=_target(f"http://127.0.0.1:{server.server_port}/"))
+        box.add("r", {"n": 1})
+        assert await box.deliver_due() == 0
+        assert box.attempts("r") == (1, False)
+        box.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_module_names_its_headers() -> None:
+    assert (outbox_module.SIGNATURE_HEADER, outbox_module.EVENT_ID_HEADER, outbox_module.TIMESTAMP_HEADER) == (
+        "X-ICSE-Signature", "X-ICSE-Event-Id", "X-ICSE-Timestamp")
