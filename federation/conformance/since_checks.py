@@ -92,7 +92,7 @@ class SinceChecks:
             return None, "", why
         items = [QueryItem("md5", os.urandom(16))]
         status, message = await self.match(items, generation + 1_000_000)
-        return status == "FAILED_PRECONDITION", "FAILED_PRECONDITION", f"{status}: {message if status != OK else 'answered'}"
+        return status == "FAILED_PRECONDITION", "FAILED_PRECONDITION", _said(status, message)
 
     async def _unbound(self) -> tuple[bool | None, str, str]:
         generation, why = await self._generation()
@@ -100,4 +100,8 @@ class SinceChecks:
             return None, "", why
         items = [QueryItem("md5", os.urandom(16))]
         status, message = await self.match(items, max(generation, 1), qh_since=0)
-        return status == "PERMISSION_DENIED", "PERMISSION_DENIED", f"{status}: {message if status != OK else 'answered'}"
+        return status == "PERMISSION_DENIED", "PERMISSION_DENIED", _said(status, message)
+
+
+def _said(status: str, message: object) -> str:
+    return f"{status}: {message if status != OK else 'answered'}"
