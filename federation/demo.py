@@ -30,6 +30,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from federation import demo_watch
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 
@@ -214,8 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "icse-gateway query --case DEMO-2026-0001 --file … --hash md5:…",
         )
         print(f"\n(exit status {status}: 0 = at least one hit)")
+        watched = demo_watch.standing_query(federation, config, seized[3], countries[-1], args.workdir)
     print("All node processes stopped.")
-    return 0 if status == 0 else 1
+    return 0 if status == 0 and watched == 0 else 1
 
 
 if __name__ == "__main__":

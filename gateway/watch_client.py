@@ -25,7 +25,18 @@ from gateway.signing import Signer
 
 
 class CallFailed(Exception):
-    """A call that gave no usable answer; the message says why, in words."""
+    """A call that gave no usable answer; the message says why, in words.
+
+    ``refused``: the node said no (rate, quota, policy) — asking it again in the
+    same round would only be refused again."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+
+_REFUSALS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED,
+             grpc.StatusCode.UNAUTHENTICATED)
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,7 @@ class WatchClient:
                 items_to_pb(items, since), timeout=self._config.node_timeout,
                 metadata=(*tokens.bearer(token), (REQUEST_ID_KEY, uuid.uuid4().hex)))
         except grpc.aio.AioRpcError as error:
-            raise CallFailed(f"{error.code().name}: {error.details() or ''}") from None
+            raise CallFailed(f"{error.code().name}: {error.details() or ''}", error.code() in _REFUSALS) from None
         self._check(replica, answer.node_id, answer.protocol_version)
         previous = -1
         for result in answer.results:

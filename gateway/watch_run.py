@@ -46,6 +46,8 @@ class RoundReport:
     items: int = 0
     alerts: int = 0
     failures: list[str] = field(default_factory=list)
+    # Replicas that refused a re-ask (rate, quota, policy): not asked again this round.
+    refused: set[str] = field(default_factory=set)
 
 
 def alert_key(case: str, node_id: str, reference: str) -> str:
@@ -119,6 +121,8 @@ class Watcher:
         size = description.max_items_per_request or 20_000
         generations = []
         async with self._slots:
+            if replica.name in report.refused:
+                return
             for start in range(0, len(watched), size):
                 batch = watched[start:start + size]
                 items: Sequence[QueryItem] = [w.item for w in batch]
@@ -126,7 +130,10 @@ class Watcher:
                     answer = await self._client.match(replica, items, since, case)
                 except CallFailed as exc:
                     report.failures.append(f"{replica.name}: case {case}: {exc}")
-                    log.warning("re-ask failed", extra={"node": replica.name, "case": case, "reason": str(exc)})
+                    if exc.refused:
+                        report.refused.add(replica.name)
+                    log.warning("re-ask failed", extra={"node": replica.name, "case": case, "reason": str(exc),
+                                                        "skipped_this_round": exc.refused})
                     return
                 report.queries += 1
                 report.items += len(items)
@@ -173,7 +180,8 @@ async def serve(watcher: Watcher, outbox: Outbox, interval: float, *, once: bool
             log.info("round done", extra={
                 "cases": report.cases, "described": report.described, "changed": report.changed,
                 "queries": report.queries, "items": report.items, "alerts": report.alerts,
-                "failures": len(report.failures), "ms": round((time.monotonic() - started) * 1000, 1)})
+                "failures": len(report.failures), "refused_by": sorted(report.refused),
+                "ms": round((time.monotonic() - started) * 1000, 1)})
             if once:
                 if deliver:
                     await outbox.deliver_due()

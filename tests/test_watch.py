@@ -26,7 +26,9 @@ from federation.config import ConfigError
 from federation.localfed import LocalFederation, NodeSpec, environment
 from federation.outbox import verify
 from federation.pki import DevPki
-from gateway import watch_config
+from federation.query import QueryItem
+from gateway import watch_config, watch_run as run_module
+from gateway.watch_store import CaseStore, Watched
 from node.audit import audit_path
 from tests.support import import_rows, run_gateway, wait_until
 from tests.test_outbox import receiving
@@ -200,3 +202,23 @@ def test_the_example_watch_table_loads(tmp_path: Path) -> None:
     bad.write_text(f'[watch]\nwebhook = "https://desk.example/a"\nwebhook_secret_file = "{loose}"\n')
     with pytest.raises(ConfigError, match="readable by others"):
         watch_config.load(bad)
+
+
+def test_a_refusing_node_is_left_for_the_round_and_its_cases_stay_unasked(pki: DevPki, tmp_path: Path) -> None:
+    """FR's quota admits one item a day: one case is answered, the rest refused. The refusal ends
+    FR's part of the round (at most the calls already in flight are refused), and only the case
+    FR answered counts as asked there: the others are asked again next round."""
+    quota = {"policy": {"items_per_day": 1}}
+    fed = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR", tables=quota), NodeSpec("NL", "NL")])
+    with fed:
+        config = _config(fed, tmp_path, "http://127.0.0.1:9/unused")
+        with CaseStore(watch_config.load(config).store) as store:
+            store.add_many([(f"CASE-{n:02d}", [Watched(QueryItem("md5", n.to_bytes(16, "big")), "")])
+                            for n in range(30)])
+        _gateway("run", "--config", str(config), "--once")
+        with sqlite3.connect(f"file:{audit_path(fed['FR'].store_path)}?mode=ro", uri=True) as db:
+            statuses = [json.loads(row[0])["status"] for row in db.execute("SELECT entry FROM audit")
+                        if json.loads(row[0])["rpc"] == "Match"]
+        assert statuses.count("OK") == 1 and 1 <= statuses.count("RESOURCE_EXHAUSTED") <= run_module.CONCURRENCY
+        listed = json.loads(_gateway("list", "--config", str(config), "--format", "json").stdout)
+        assert sorted(c["nodes_asked"] for c in listed) == [1] * 29 + [2]
