@@ -37,3 +37,6 @@ def test_the_demo_finds_the_clip_by_its_frames_and_shows_no_error(pki: DevPki, t
     assert "DE" in lines[video - 1] and "frames" in lines[video - 1], out
     assert "SERIES-CHARLIE" in out and "SERIES-DELTA" in out
     assert "4 of 5 file(s)" in out and "Complete answer" in out
+    # The standing query: asked before DE imports the set, alerted once after it.
+    assert out.count("alert: case DEMO-2026-0002: DE holds") == 1 and "as DE-NEW-0001" in out, out
+    assert out.index("DE imports a new set") < out.index("alert: case DEMO-2026-0002"), out

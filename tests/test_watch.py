@@ -11,6 +11,7 @@ deletes a case's digests from the file's bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -185,6 +186,17 @@ def test_remove_deletes_a_cases_digests_from_the_files_bytes(local: LocalFederat
     assert [c["case"] for c in listed] == ["CASE-KEEP"]
     done = run_gateway("watch", "remove", "--config", str(config), "--case", "CASE-GONE")
     assert done.returncode == 2 and "no open case 'CASE-GONE'" in done.stderr
+    # A directory's files, hashed as a query hashes them (exact digests for files that are not media).
+    evidence = tmp_path / "evidence"
+    (evidence / "sub").mkdir(parents=True)
+    (evidence / "a.bin").write_bytes(b"first seized file")
+    (evidence / "sub" / "b.bin").write_bytes(b"second seized file")
+    _gateway("add", "--config", str(config), "--case", "CASE-DIR", "--dir", str(evidence))
+    listed = json.loads(_gateway("list", "--config", str(config), "--format", "json").stdout)
+    assert {c["case"]: c["digests"] for c in listed} == {"CASE-DIR": 6, "CASE-KEEP": 1}
+    with CaseStore(watch_config.load(config).store) as store:
+        watched = {w.item.tagged() for w in store.watched("CASE-DIR")}
+    assert f"sha256:{hashlib.sha256(b'second seized file').hexdigest()}" in watched
 
 
 def test_the_example_watch_table_loads(tmp_path: Path) -> None:
