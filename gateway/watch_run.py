@@ -117,12 +117,12 @@ class Watcher:
         """Re-asks one case on one replica; advances its generation only after a complete answer."""
         restricted = SINCE_GENERATION_FEATURE in description.features
         since = seen if restricted and seen is not None and 0 < seen <= description.generation else 0
-        watched = self._cases.watched(case)
         size = description.max_items_per_request or 20_000
         generations = []
-        async with self._slots:
+        async with self._slots:  # one case's digests in memory per slot, read when its turn comes
             if replica.name in report.refused:
                 return
+            watched = self._cases.watched(case)
             for start in range(0, len(watched), size):
                 batch = watched[start:start + size]
                 items: Sequence[QueryItem] = [w.item for w in batch]
