@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -234,3 +235,29 @@ def test_a_refusing_node_is_left_for_the_round_and_its_cases_stay_unasked(pki: D
         assert statuses.count("OK") == 1 and 1 <= statuses.count("RESOURCE_EXHAUSTED") <= run_module.CONCURRENCY
         listed = json.loads(_gateway("list", "--config", str(config), "--format", "json").stdout)
         assert sorted(c["nodes_asked"] for c in listed) == [1] * 29 + [2]
+
+
+def test_a_node_restored_to_an_older_generation_is_asked_about_every_row(pki: DevPki, tmp_path: Path) -> None:
+    """FR's store is replaced by one at a lower generation (a backup): asking it since the generation
+    remembered would be refused (FAILED_PRECONDITION), so the case is asked there since 0 and its hit found."""
+    fed = LocalFederation(tmp_path, pki, [NodeSpec("FR", "FR")])
+    for n in range(2):
+        import_rows(fed, "FR", [{"sha1": os.urandom(20).hex(), "reference": f"FR-OLD-{n}", "category": "1"}],
+                    tmp_path)
+    with fed:
+        config = _config(fed, tmp_path, "http://127.0.0.1:9/unused")
+        _gateway("add", "--config", str(config), "--case", "CASE-R", "--hash", f"sha256:{WANTED}")
+        _gateway("run", "--config", str(config), "--once")
+        assert _generation(fed, "FR") == 2
+        port = fed["FR"].port
+    fed["FR"].write_config(listen=f"127.0.0.1:{port}")  # the same replica, at the same address
+    for leftover in fed["FR"].dir.glob("store.sqlite*"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    import_rows(fed, "FR", [{"sha256": WANTED, "reference": "FR-RESTORED", "category": "1"}], tmp_path)
+    assert _generation(fed, "FR") == 1
+    with fed:
+        _gateway("run", "--config", str(config), "--once")
+        last = _audit(fed, "FR", "CASE-R")[-1]
+    assert (last["since_generation"], last["status"], last["references"]) == (0, "OK", ["FR-RESTORED"])
+    lines = (tmp_path / "watch-alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["reference"] for line in lines] == ["FR-RESTORED"]
