@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo lint test vectors bench bench-scale bench-triage load clean
+.PHONY: install stubs certs demo lint test vectors bench bench-scale bench-triage bench-watch load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -56,6 +56,11 @@ bench-scale: install
 # Extra flags: make bench-triage BENCH_TRIAGE_ARGS="--files 10000 --large 200 --images 200".
 bench-triage: install
 	$(PY) tests/bench/bench_triage.py $(BENCH_TRIAGE_ARGS)
+
+# Standing queries: alert latency after an import, rows a re-ask searches (import vs store size).
+# Extra flags: make bench-watch BENCH_WATCH_ARGS="--cases 100 --large 200000".
+bench-watch: install
+	$(PY) tests/bench/bench_watch.py $(BENCH_WATCH_ARGS)
 
 load: install
 	$(PY) tests/bench/load.py

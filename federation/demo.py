@@ -30,6 +30,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from federation import demo_watch
 from federation.demo_desk import Desk, describe as describe_alert
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
@@ -227,9 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{countries[0]}'s node; also sent to its desk's webhook)", flush=True)
         for alert in desk.wait(len(feed), timeout=30):
             print(f"{countries[0]}'s desk received: {describe_alert(alert)}", flush=True)
+        watched = demo_watch.standing_query(federation, config, seized[3], countries[-1], args.workdir)
     desk.close()
     print("All node processes stopped.")
-    return 0 if status == 0 else 1
+    return 0 if status == 0 and watched == 0 else 1
 
 
 if __name__ == "__main__":

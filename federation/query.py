@@ -14,9 +14,14 @@ escapes non-ASCII, JavaScript's ``JSON.stringify`` does not). It is, in order::
         u32be(len(algorithm_utf8)) algorithm_utf8   the name exactly as sent, no normalisation
         u32be(len(digest)) digest                   the raw digest bytes
         u32be(max_distance)
+    only when since_generation is not 0:
+        "since" 0x00 u64be(since_generation)    a Match restricted to rows published after it
 
 and ``qh`` is the lowercase hex SHA-256 of those bytes. Describe carries no
-items: its ``qh`` is the digest of zero items.
+items: its ``qh`` is the digest of zero items. The trailer is appended only
+for a non-zero ``since_generation``, so every digest of protocol 1.0 (which
+has no such field) is unchanged, and a token for a restricted query never
+verifies an unrestricted one (or one restricted otherwise).
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ from federation import protocol
 
 DOMAIN_TAG = f"icse.v{protocol.MAJOR}.match".encode("ascii") + b"\x00"
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 U32_MAX = 0xFFFF_FFFF
+U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+SINCE_TAG = b"since\x00"
+# The Describe feature name of a node that honours ``since_generation`` (PROTOCOL.md, "Features").
+SINCE_GENERATION_FEATURE = "match.since-generation"
 
 
 class QueryItem(NamedTuple):
@@ -47,11 +57,12 @@ class QueryItem(NamedTuple):
         return f"{self.algorithm}:{self.digest.hex()}"
 
 
-def canonical_bytes(items: Sequence[QueryItem]) -> bytes:
+def canonical_bytes(items: Sequence[QueryItem], since_generation: int = 0) -> bytes:
     """The exact bytes ``qh`` hashes (see the module docstring).
 
     ``ValueError`` for what the encoding cannot hold (a length or distance of
-    2^32 or more; protobuf's own limits keep real requests far below).
+    2^32 or more, a generation of 2^64 or more; protobuf's own limits keep real
+    requests far below).
     """
     pack = _U32.pack
     parts = [DOMAIN_TAG, pack(len(items))]
@@ -68,12 +79,16 @@ def canonical_bytes(items: Sequence[QueryItem]) -> bytes:
         if max_distance and not 0 <= max_distance <= U32_MAX:
             raise ValueError("query item does not fit the query digest's encoding")
         parts += (head, digest, pack(max_distance) if max_distance else zero)
+    if since_generation:
+        if not 0 < since_generation <= U64_MAX:
+            raise ValueError("since_generation does not fit the query digest's encoding")
+        parts += [SINCE_TAG, _U64.pack(since_generation)]
     return b"".join(parts)
 
 
-def query_sha256(items: Sequence[QueryItem]) -> str:
-    """``qh``: lowercase hex SHA-256 of ``canonical_bytes(items)``."""
-    return hashlib.sha256(canonical_bytes(items)).hexdigest()
+def query_sha256(items: Sequence[QueryItem], since_generation: int = 0) -> str:
+    """``qh``: lowercase hex SHA-256 of ``canonical_bytes(items, since_generation)``."""
+    return hashlib.sha256(canonical_bytes(items, since_generation)).hexdigest()
 
 
 # Describe's ``qh``: the digest of no items.

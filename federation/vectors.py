@@ -69,14 +69,17 @@ def items_from_json(entries: Sequence[dict[str, Any]]) -> list[QueryItem]:
     return items
 
 
-def _digest_case(name: str, note: str, groups: Sequence[tuple[QueryItem, int]]) -> dict[str, Any]:
+def _digest_case(name: str, note: str, groups: Sequence[tuple[QueryItem, int]],
+                 since_generation: int = 0) -> dict[str, Any]:
     items = [item for item, count in groups for _ in range(count)]
-    encoded = canonical_bytes(items)
+    encoded = canonical_bytes(items, since_generation)
     case: dict[str, Any] = {"name": name, "note": note, "items": [item_json(i, n) for i, n in groups]}
+    if since_generation:
+        case["since_generation"] = since_generation
     if len(encoded) <= 512:
         case["encoding_hex"] = encoded.hex()
     case["encoding_length"] = len(encoded)
-    case["qh"] = query_sha256(items)
+    case["qh"] = query_sha256(items, since_generation)
     return case
 
 
@@ -105,9 +108,14 @@ def query_digest_vectors() -> dict[str, Any]:
                      [(QueryItem("vpdq", b"\x5a" * (4096 * 32)), 1)]),
         _digest_case("max-items", "20000 items, the default max_items of a node",
                      [(QueryItem("md5", b"\xab" * 16), 20_000)]),
+        _digest_case("since-generation", "one-md5 asked only about rows published after generation 258: "
+                     "the trailer 'since' 0x00 u64be(258) follows the items", one, since_generation=258),
+        _digest_case("since-generation-u64", "the largest since_generation the wire carries (uint64)",
+                     one, since_generation=0xFFFF_FFFF_FFFF_FFFF),
     ]
     return {"description": "qh = lowercase hex SHA-256 of encoding; encoding = 'icse.v1.match' 0x00 u32be(count) "
-                           "then per item u32be(len(alg_utf8)) alg_utf8 u32be(len(digest)) digest u32be(max_distance)",
+                           "then per item u32be(len(alg_utf8)) alg_utf8 u32be(len(digest)) digest u32be(max_distance), "
+                           "then, only when since_generation is not 0, 'since' 0x00 u64be(since_generation)",
             "protocol_version": protocol.VERSION, "domain_tag_hex": b"icse.v1.match\x00".hex(), "cases": cases}
 
 

@@ -20,7 +20,7 @@ from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs 
 from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
-from gateway import config as gateway_config, filehash, interrupt, render, selfcheck
+from gateway import config as gateway_config, filehash, interrupt, render, selfcheck, watch_cli
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics
@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     hashp.add_argument("files", type=Path, nargs="+", metavar="FILE")
     hashp.add_argument("--format", choices=["table", "json"], default="table")
     hashp.add_argument("--dihedral", action="store_true", help="also the 7 rotations and flips (PDQ)")
+    watch_cli.add_parser(sub, _log_options)
     return parser
 
 
@@ -143,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "hash":
             return _hash(args.files, args.format, args.dihedral)
+        if args.command == "watch":
+            return watch_cli.main(args, _case)
         config = gateway_config.load(args.config)
         # Before any node is dialled: a certificate the nodes would refuse looks,
         # from here, exactly like a federation that is down.

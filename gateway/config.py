@@ -60,7 +60,7 @@ class GatewayConfig:
 
 def load(path: Path) -> GatewayConfig:
     doc = root(path)
-    doc.reject_unknown({"gateway", "tls", "signing", "requester", "nodes"})
+    doc.reject_unknown({"gateway", "tls", "signing", "requester", "nodes", "watch"})  # [watch]: gateway.watch_config
     gateway = doc.table("gateway")
     gateway.reject_unknown({"id", "federation", "node_timeout", "deadline"})
     federation = gateway.get("federation", str)

@@ -77,6 +77,10 @@ class AuditEntry:
     peer: str
     # ``kid`` of the key that signed the token (empty when none verified).
     key_id: str = ""
+    # Match restricted to rows published after this store generation (0: every row).
+    since_generation: int = 0
+    # Live rows in the segments the Match searched (what a restricted Match saves).
+    rows_searched: int = 0
 
 
 @dataclass(frozen=True)

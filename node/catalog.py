@@ -9,6 +9,13 @@ A tombstone (algorithm, key, before) hides that key in every segment whose id
 is below ``before``: the segments that existed (or were being written) when
 it was retracted. A later import of the same hash lands in a newer segment
 and is visible again, as it was when retracting deleted a row.
+
+Each segment records when its rows were first published (``born``): pairs
+``[first_row_id, generation]``, row ``r`` being born at the generation of the
+last pair whose first row is ``<= r``. A new segment's rows are all born at
+the generation its publication creates; a merged segment carries its inputs'
+births over, so a merge never makes old rows new to a ``Match`` restricted to
+rows published after a generation (PROTOCOL.md, "Match since a generation").
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import aiosqlite
 
 from node import db as sqlite_setup
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS segments (
     id INTEGER PRIMARY KEY,
@@ -34,7 +41,8 @@ CREATE TABLE IF NOT EXISTS segments (
     rows INTEGER NOT NULL DEFAULT 0,
     counts TEXT NOT NULL DEFAULT '{{}}',
     files TEXT NOT NULL DEFAULT '{{}}',
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    born TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS tombstones (
     algorithm TEXT NOT NULL,
@@ -48,6 +56,16 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0), ('schema_version', {SCHEMA_VERSION});
 """
+# Schema 2 recorded no births: its published rows are taken as born at the generation the
+# store had when it was opened by this version (a restricted Match may see them once more,
+# never miss them).
+UPGRADE_TO_3 = f"""
+ALTER TABLE segments ADD COLUMN born TEXT NOT NULL DEFAULT '[]';
+UPDATE segments SET born = json_array(json_array(1, (SELECT value FROM meta WHERE key = 'generation')))
+    WHERE state = 'published';
+UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';
+"""
+Births = tuple[tuple[int, int], ...]  # ((first_row_id, generation), ...), first rows increasing
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,8 @@ class SegmentEntry:
     rows: int
     counts: dict[str, int]
     files: dict[str, str]
+    # When the rows were first published; empty in an entry to publish: born now.
+    born: Births = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,20 @@ class Snapshot:
     tombstones: tuple[Tombstone, ...]
 
 
+async def _upgrade(db: aiosqlite.Connection) -> None:
+    """Schema 2 -> 3 (births), once, in one transaction (another process may be doing it too)."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(segments)")]
+        if columns and "born" not in columns:
+            for statement in filter(None, (part.strip() for part in UPGRADE_TO_3.split(";"))):
+                await db.execute(statement)
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")
+
+
 class Catalog:
     def __init__(self, db: aiosqlite.Connection, path: Path):
         self._db = db
@@ -88,6 +122,7 @@ class Catalog:
             if legacy:
                 raise ValueError(f"{path}: a store of the single-table format (schema 1); export it with the "
                                  "previous version (icse-node export) and import the file into a new store")
+            await _upgrade(db)
             await db.executescript(SCHEMA)
         except BaseException:
             await db.close()
@@ -111,9 +146,10 @@ class Catalog:
             try:
                 generation = await self.generation()
                 segments = tuple(
-                    SegmentEntry(row[0], row[1], json.loads(row[2]), json.loads(row[3]))
+                    SegmentEntry(row[0], row[1], json.loads(row[2]), json.loads(row[3]),
+                                 tuple((int(first), int(born)) for first, born in json.loads(row[4])))
                     for row in await self._db.execute_fetchall(
-                        "SELECT id, rows, counts, files FROM segments WHERE state = 'published' ORDER BY id"))
+                        "SELECT id, rows, counts, files, born FROM segments WHERE state = 'published' ORDER BY id"))
                 tombstones = tuple(Tombstone(a, bytes(k), b) for a, k, b in await self._db.execute_fetchall(
                     "SELECT algorithm, key, before FROM tombstones"))
             finally:
@@ -135,13 +171,19 @@ class Catalog:
             return cursor.lastrowid
 
     async def publish(self, written: Sequence[SegmentEntry], retire: Iterable[int] = ()) -> None:
-        """Makes finished segments live, and retires merged ones, in one transaction."""
+        """Makes finished segments live, and retires merged ones, in one transaction.
+
+        An entry without births is new: its rows are born at the generation this
+        publication creates."""
         retire = list(retire)
         async with self._write():
+            now = await self.generation() + 1
             for entry in written:
+                born = entry.born or ((1, now),)
                 await self._db.execute(
-                    "UPDATE segments SET state = 'published', rows = ?, counts = ?, files = ? WHERE id = ?",
-                    (entry.rows, json.dumps(entry.counts), json.dumps(entry.files), entry.segment_id))
+                    "UPDATE segments SET state = 'published', rows = ?, counts = ?, files = ?, born = ? WHERE id = ?",
+                    (entry.rows, json.dumps(entry.counts), json.dumps(entry.files),
+                     json.dumps([list(pair) for pair in born]), entry.segment_id))
             await self._db.executemany("UPDATE segments SET state = 'retired' WHERE id = ?",
                                        [(i,) for i in retire])
             # A tombstone below every live segment hides nothing any more.

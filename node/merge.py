@@ -6,7 +6,9 @@ against the inputs until then. A merge killed at any point leaves the inputs
 live and an unpublished directory that the next ``Store.open``/import removes.
 
 Its id is allocated *before* the tombstones are read, so a retraction made
-while it runs covers the merged segment too (see node.catalog).
+while it runs covers the merged segment too (see node.catalog). The merged
+segment carries over when each row was first published (its births), so a
+merge makes no old row new to a ``Match`` asked since a generation.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from federation import algorithms
 from node import segment_index
@@ -58,8 +60,9 @@ async def merge(store: Store, segment_ids: Sequence[int] | None = None) -> Merge
                 writer.abandon()
                 await store.catalog.forget([writer.segment_id])
                 return None
-            dropped = await asyncio.to_thread(_copy, writer, chosen)
-            written = await asyncio.to_thread(writer.finish)
+            born: list[tuple[int, int]] = []
+            dropped = await asyncio.to_thread(_copy, writer, chosen, born)
+            written = replace(await asyncio.to_thread(writer.finish), born=tuple(born))
             await store.publish([written] if written.rows else [], retire=[s.segment_id for s in chosen])
         except BaseException:
             writer.abandon()
@@ -79,18 +82,28 @@ async def merge(store: Store, segment_ids: Sequence[int] | None = None) -> Merge
     return result
 
 
-def _copy(writer: SegmentWriter, chosen: Sequence[LiveSegment]) -> int:
-    """Streams the live rows of ``chosen`` into ``writer``; how many were dropped."""
+def _copy(writer: SegmentWriter, chosen: Sequence[LiveSegment], born: list[tuple[int, int]]) -> int:
+    """Streams the live rows of ``chosen`` into ``writer``; how many were dropped.
+
+    ``born`` receives the births of the rows written (``(first row id, generation)``
+    runs, node.catalog): the writer numbers rows in the order added, so each row's
+    generation is looked up in its input segment and runs of one generation merged."""
     dropped = 0
     for item in chosen:
         for batch in item.segment.iter_rows("id", ROWS_PER_READ):
             groups: dict[str, list[tuple]] = {}
+            births: dict[str, list[int]] = {}
             for row_id, name, *rest in batch:
                 if row_id in item.deleted.get(name, ()):
                     dropped += 1
                 else:
                     groups.setdefault(name, []).append((name, bytes(rest[0]), *rest[1:]))
+                    births.setdefault(name, []).append(item.born_of(row_id))
             for name, rows in groups.items():
                 algorithm = algorithms.get(name)
+                first = writer.rows + 1
                 writer.add(algorithm, rows, segment_index.keys_of(algorithm, [r[1] for r in rows]))
+                for offset, generation in enumerate(births[name]):
+                    if not born or born[-1][1] != generation:
+                        born.append((first + offset, generation))
     return dropped

@@ -132,6 +132,8 @@ class Written:
     rows: int
     counts: dict[str, int]
     files: dict[str, str]  # file name -> checksum ("xxh3-128:hex")
+    # When its rows were first published (node.catalog), set by a merge; empty: born at publication.
+    born: tuple[tuple[int, int], ...] = ()
 
 
 class SegmentWriter:

@@ -8,19 +8,26 @@ segment and row: ``segment_id << 32 | row_id``.
 ``SegmentLoader`` maps a catalog snapshot: segments it already mapped are
 kept as the very same objects, so publishing one small segment costs mapping
 that segment only.
+
+``SegmentSet.since(generation)`` is the same search restricted to rows first
+published after a generation (node.catalog, births): a segment none of whose
+rows is newer is not searched at all, one whose rows are all newer is searched
+as it is, and only a merged segment holding both has its hits filtered by row.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from federation import algorithms
 from node import segment_index
-from node.catalog import Snapshot
+from node.catalog import Births, Snapshot
 from node.index import Candidate, Index
 from node.records import HashRecord, StoredRecord
 from node.segment import MappedSegment
@@ -36,20 +43,48 @@ def record_id(segment_id: int, row_id: int) -> int:
 class LiveSegment:
     segment: MappedSegment
     deleted: dict[str, frozenset[int]]  # algorithm -> row ids hidden by tombstones
+    born: Births = ()  # when its rows were first published (node.catalog); empty: unknown, taken as 0
 
     @property
     def segment_id(self) -> int:
         return self.segment.segment_id
 
+    @property
+    def newest(self) -> int:
+        """The latest generation at which any of its rows was first published."""
+        return max((generation for _, generation in self.born), default=0)
+
+    @property
+    def oldest(self) -> int:
+        return min((generation for _, generation in self.born), default=0)
+
+    @cached_property
+    def _firsts(self) -> list[int]:
+        return [first for first, _ in self.born]
+
+    def born_of(self, row_id: int) -> int:
+        """The generation at which this row was first published."""
+        at = bisect_right(self._firsts, row_id) - 1
+        return self.born[at][1] if at >= 0 else 0
+
+    def live_rows(self) -> int:
+        return sum(self.segment.counts.values()) - sum(len(rows) for rows in self.deleted.values())
+
+
+# One segment's index of one algorithm: (segment id, index, hidden row ids, and
+# the segment when only its rows born after ``after`` count, else None).
+Part = tuple[int, Index, frozenset[int], "LiveSegment | None"]
+
 
 class MergedIndex:
     """One algorithm over every segment: the ``Index`` the matcher searches."""
 
-    def __init__(self, parts: Sequence[tuple[int, Index, frozenset[int]]]):
+    def __init__(self, parts: Sequence[Part], after: int = 0):
         self._parts = parts
+        self._after = after
 
     def __len__(self) -> int:
-        return sum(len(index) - len(deleted) for _, index, deleted in self._parts)
+        return sum(len(index) - len(deleted) for _, index, deleted, _ in self._parts)
 
     def search(self, digests: Sequence[bytes], max_distance: Sequence[int]) -> list[list[Candidate]]:
         found = self.hits(digests, max_distance)
@@ -57,14 +92,23 @@ class MergedIndex:
 
     def hits(self, digests: Sequence[bytes] | np.ndarray, max_distance: Sequence[int]) -> dict[int, list[Candidate]]:
         merged: dict[int, list[Candidate]] = {}
-        for segment_id, index, deleted in self._parts:
+        for segment_id, index, deleted, mixed in self._parts:
             base = segment_id << ROW_BITS
             for position, candidates in index.hits(digests, max_distance).items():
-                kept = [Candidate(base | c.record_id, c.distance, c.matched_share)
-                        for c in candidates if c.record_id not in deleted]
+                kept = [Candidate(base | c.record_id, c.distance, c.matched_share) for c in candidates
+                        if c.record_id not in deleted and (mixed is None or mixed.born_of(c.record_id) > self._after)]
                 if kept:
                     merged.setdefault(position, []).extend(kept)
         return merged
+
+
+@dataclass(frozen=True)
+class Restricted:
+    """The indexes of the rows first published after ``after``, and how many live rows they search."""
+
+    after: int
+    indexes: dict[str, MergedIndex]
+    rows_searched: int
 
 
 @dataclass(frozen=True)
@@ -79,6 +123,21 @@ class SegmentSet:
             for name, count in live.segment.counts.items():
                 totals[name] = totals.get(name, 0) + count - len(live.deleted.get(name, ()))
         return {name: count for name, count in sorted(totals.items()) if count}
+
+    def since(self, generation: int) -> Restricted:
+        """The search restricted to rows first published after ``generation`` (0: every row)."""
+        if generation <= 0:
+            return Restricted(0, self.indexes, sum(live.live_rows() for live in self.segments))
+        parts: dict[str, list[Part]] = {}
+        searched = 0
+        for live in self.segments:
+            if live.newest <= generation:
+                continue  # nothing in it is newer: not searched at all
+            searched += live.live_rows()
+            mixed = live if live.oldest <= generation else None
+            for name, index in live.segment.indexes.items():
+                parts.setdefault(name, []).append((live.segment_id, index, live.deleted.get(name, frozenset()), mixed))
+        return Restricted(generation, {name: MergedIndex(p, generation) for name, p in parts.items()}, searched)
 
     def present(self, algorithm: str, keys: np.ndarray) -> np.ndarray:
         """Whether each key is live in some segment (not hidden by a tombstone)."""
@@ -122,6 +181,7 @@ class SegmentLoader:
     def load(self, snapshot: Snapshot) -> SegmentSet:
         """Blocking (maps files, verifies checksums): run it off the event loop."""
         mapped = {}
+        births = {entry.segment_id: entry.born for entry in snapshot.segments}
         for entry in snapshot.segments:
             segment = self._mapped.get(entry.segment_id)
             if segment is None:
@@ -129,11 +189,12 @@ class SegmentLoader:
             mapped[entry.segment_id] = segment
         # Segments no longer live are dropped, not closed: a query may still be reading one.
         self._mapped = mapped
-        live = tuple(LiveSegment(segment, _hidden(segment, snapshot)) for segment in mapped.values())
-        parts: dict[str, list[tuple[int, Index, frozenset[int]]]] = {}
+        live = tuple(LiveSegment(segment, _hidden(segment, snapshot), births[segment.segment_id])
+                     for segment in mapped.values())
+        parts: dict[str, list[Part]] = {}
         for item in live:
             for name, index in item.segment.indexes.items():
-                parts.setdefault(name, []).append((item.segment_id, index, item.deleted.get(name, frozenset())))
+                parts.setdefault(name, []).append((item.segment_id, index, item.deleted.get(name, frozenset()), None))
         return SegmentSet(snapshot.generation, live, {name: MergedIndex(p) for name, p in parts.items()})
 
 

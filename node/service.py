@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
@@ -21,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 import federation
 from federation import protocol
-from federation.query import QueryItem, query_sha256
+from federation.query import SINCE_GENERATION_FEATURE, QueryItem, query_sha256
 from federation.tokens import QueryClaims
 from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, items_from_pb, pb, rpc
 from node import matcher
@@ -68,7 +69,8 @@ class Refused(Exception):
 
 
 def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None, gateway: str, peer: str,
-           status: str, detail: str = "", references: Sequence[str] = ()) -> AuditEntry:
+           status: str, detail: str = "", references: Sequence[str] = (), since_generation: int = 0,
+           rows_searched: int = 0) -> AuditEntry:
     """The audit record of one call. Never the digests asked about."""
     return AuditEntry(
         time="",
@@ -87,7 +89,21 @@ def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None
         token_id=claims.token_id if claims else "",
         peer=peer,
         key_id=claims.key_id if claims else "",
+        since_generation=since_generation,
+        rows_searched=rows_searched,
     )
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What a Match released: the response, who asked, the references, the hits for the holder's alerts,
+    and how many stored rows the request searched (all of them, or those added since a generation)."""
+
+    response: pb.MatchResponse
+    claims: QueryClaims
+    references: list[str]
+    released: list[ReleasedHit]
+    rows_searched: int
 
 
 class NodeService(rpc.NodeServicer):
@@ -109,14 +125,14 @@ class NodeService(rpc.NodeServicer):
             raise Refused(code, str(exc), exc.claims, exc.gateway) from None
 
     async def _refuse(self, context: grpc.aio.ServicerContext, method: str, items: Sequence[QueryItem],
-                      refusal: Refused, started: float) -> NoReturn:
+                      refusal: Refused, started: float, since_generation: int = 0) -> NoReturn:
         claims = refusal.claims
         log.warning("refused", extra={
             "request_id": request_id(context), "rpc": method, "status": refusal.code.name,
             "reason": str(refusal), "gateway": claims.issuer if claims else refusal.gateway,
             "officer": claims.subject if claims else "", "peer": context.peer(), "items": len(items)})
         await self._audit.append(_entry(method, items, claims, refusal.gateway, context.peer(),
-                                        refusal.code.name, str(refusal)))
+                                        refusal.code.name, str(refusal), since_generation=since_generation))
         self._metrics.refused(method, refusal.code.name, time.perf_counter() - started)
         await context.abort(refusal.code, str(refusal))
 
@@ -127,29 +143,32 @@ class NodeService(rpc.NodeServicer):
             await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest", started)
         items = items_from_pb(request)
         rid = request_id(context)
+        since = request.since_generation
         try:
-            response, claims, references, released = await self._match(items, context)
+            answer = await self._match(items, since, context)
         except Refused as refusal:
-            await self._refuse(context, "Match", items, refusal, started)
+            await self._refuse(context, "Match", items, refusal, started, since)
         except Exception as exc:  # noqa: BLE001 - a defect, not the caller's fault: audited INTERNAL, never UNKNOWN
-            await self._refuse(context, "Match", items, _internal(context, exc), started)
+            await self._refuse(context, "Match", items, _internal(context, exc), started, since)
         # The record is durable before the answer leaves; no record, no answer.
+        claims, references = answer.claims, answer.references
         await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
-                                        references=references))
+                                        references=references, since_generation=since,
+                                        rows_searched=answer.rows_searched))
         if self._alerts is not None:  # the holder's desk hears of what was released; never fails the answer
-            await self._alerts.record(claims, rid, released)
+            await self._alerts.record(claims, rid, answer.released)
         elapsed = time.perf_counter() - started
         self._metrics.answered("Match", Counter(item.algorithm for item in items), len(references), elapsed)
         # No digests in the log: a no-hit item must leave no trace of what was asked.
         log.info("answered", extra={
             "request_id": rid, "rpc": "Match", "gateway": claims.issuer,
             "officer": claims.subject, "org": claims.org, "requester_country": claims.country,
-            "case": claims.case, "items": len(items), "hits": len(references), "ms": round(elapsed * 1000, 1)})
-        return response
+            "case": claims.case, "items": len(items), "hits": len(references), "since_generation": since,
+            "rows_searched": answer.rows_searched, "ms": round(elapsed * 1000, 1)})
+        return answer.response
 
-    async def _match(self, items: Sequence[QueryItem], context: grpc.aio.ServicerContext,
-                     ) -> tuple[pb.MatchResponse, QueryClaims, list[str], list[ReleasedHit]]:
-        claims = self._authorize(context, "Match", query_sha256(items))
+    async def _match(self, items: Sequence[QueryItem], since: int, context: grpc.aio.ServicerContext) -> _Answer:
+        claims = self._authorize(context, "Match", query_sha256(items, since))
         try:
             tier = self._admission.permit(claims)
             valid = matcher.validate(items, self._config.limits)
@@ -160,8 +179,14 @@ class NodeService(rpc.NodeServicer):
         except matcher.InvalidRequest as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc), claims) from None
         current = await self._current(claims)
+        if since > current.generation:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"since_generation {since} is ahead of this node's store (generation {current.generation}): "
+                          "the store was replaced or restored from a backup; ask again with since_generation 0",
+                          claims)
         self._metrics.serving(current.generation, current.counts())
-        found = matcher.match(valid, current.indexes, self._config.limits)
+        searched = current.since(since)
+        found = matcher.match(valid, searched.indexes, self._config.limits)
         hit_ids = [c.record_id for m in found for c in m.candidates]
         records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
         results, references, released = [], [], []
@@ -175,8 +200,9 @@ class NodeService(rpc.NodeServicer):
                                          records[c.record_id].record, c.distance, c.matched_share, tier.value)
                              for c in kept]
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
-                                    tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION)
-        return response, claims, references, released
+                                    tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION,
+                                    generation=current.generation)
+        return _Answer(response, claims, references, released, searched.rows_searched)
 
     async def _current(self, claims: QueryClaims | None) -> SegmentSet:
         try:
@@ -249,6 +275,7 @@ class NodeService(rpc.NodeServicer):
             max_distance=self._config.limits.max_distance,
             contact=self._config.contact,
             protocol_version=protocol.VERSION,
+            features=[SINCE_GENERATION_FEATURE],
         )
 
 

@@ -146,8 +146,8 @@ class Store:
         return SegmentWriter(directory_of(self.root, segment_id), segment_id)
 
     async def publish(self, written: Iterable[Written], retire: Iterable[int] = ()) -> None:
-        await self.catalog.publish([SegmentEntry(w.segment_id, w.rows, w.counts, w.files) for w in written],
-                                   retire)
+        await self.catalog.publish([SegmentEntry(w.segment_id, w.rows, w.counts, w.files, w.born)
+                                    for w in written], retire)
 
     async def add(self, batches: AsyncIterator[list[HashRecord]] | Iterable[list[HashRecord]]) -> ImportCounts:
         """``add_rows`` for ``HashRecord`` batches."""

@@ -33,7 +33,7 @@ from tests.support import wait_until_async
 ROOT = Path(__file__).resolve().parent.parent
 NOW = dt.datetime.now(dt.UTC)
 FIELDS = {"time", "gateway", "officer", "org", "country", "case", "rpc", "items", "algorithms", "hits",
-          "references", "status", "detail", "token_id", "peer", "key_id"}
+          "references", "status", "detail", "token_id", "peer", "key_id", "since_generation", "rows_searched"}
 
 
 def entry(n: int = 0, *, time: str = "", gateway: str = "eu-1", hits: int = 1) -> AuditEntry:

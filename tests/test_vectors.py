@@ -45,25 +45,37 @@ def test_vector_files_are_what_the_generator_writes() -> None:
             f"{name} is stale: run python -m federation.vectors --out protos/testvectors")
 
 
-def _spec_encoding(items: list[QueryItem]) -> bytes:
+def _spec_encoding(items: list[QueryItem], since_generation: int = 0) -> bytes:
     """PROTOCOL.md's encoding, written from the text alone."""
     out = b"icse.v1.match\x00" + struct.pack(">I", len(items))
     for item in items:
         name = item.algorithm.encode("utf-8")
         out += struct.pack(">I", len(name)) + name + struct.pack(">I", len(item.digest)) + item.digest
         out += struct.pack(">I", item.max_distance)
+    if since_generation:
+        out += b"since\x00" + struct.pack(">Q", since_generation)
     return out
 
 
 @pytest.mark.parametrize("case", _load("query_digest.json")["cases"], ids=lambda c: c["name"])
 def test_query_digest_vector(case: dict[str, Any]) -> None:
     items = vectors.items_from_json(case["items"])
-    encoded = query.canonical_bytes(items)
-    assert encoded == _spec_encoding(items)
+    since = case.get("since_generation", 0)
+    encoded = query.canonical_bytes(items, since)
+    assert encoded == _spec_encoding(items, since)
     assert len(encoded) == case["encoding_length"]
     if "encoding_hex" in case:
         assert encoded.hex() == case["encoding_hex"]
-    assert query.query_sha256(items) == hashlib.sha256(encoded).hexdigest() == case["qh"]
+    assert query.query_sha256(items, since) == hashlib.sha256(encoded).hexdigest() == case["qh"]
+
+
+def test_since_generation_zero_leaves_the_query_digest_of_protocol_1_0() -> None:
+    """0 is "every row", the 1.0 meaning: its qh is the 1.0 one, so 1.0 tokens and vectors stay valid."""
+    cases = {c["name"]: c for c in _load("query_digest.json")["cases"]}
+    one = vectors.items_from_json(cases["one-md5"]["items"])
+    assert query.query_sha256(one, 0) == cases["one-md5"]["qh"]
+    assert cases["since-generation"]["qh"] != cases["one-md5"]["qh"]
+    assert query.query_sha256(one, 259) != cases["since-generation"]["qh"]
 
 
 def test_query_digests_differ_where_a_json_rendering_would_not() -> None:

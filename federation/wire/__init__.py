@@ -20,12 +20,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Node"].full_name
 REQUEST_ID_KEY = "x-request-id"
 
 
-def items_to_pb(items: Iterable[QueryItem]) -> pb.MatchRequest:
+def items_to_pb(items: Iterable[QueryItem], since_generation: int = 0) -> pb.MatchRequest:
     return pb.MatchRequest(
         items=[
             pb.QueryItem(algorithm=i.algorithm, digest=i.digest, max_distance=i.max_distance)
             for i in items
-        ]
+        ],
+        since_generation=since_generation,
     )
 
 
