@@ -1,0 +1,245 @@
+"""Private exact matching, the gateway's side (PROTOCOL.md "Private exact matching").
+
+With a member whose Describe offers ``private.exact.v1``, exact digests (MD5,
+SHA-1, SHA-256) are never sent: per item the gateway sends the bucket (a short
+prefix of a hash of the digest) and an RFC 9497 blinded element; the node
+returns the evaluated element and its bucket's truncated OPRF outputs; here the
+evaluation is unblinded (``finalize``) and looked up in the bucket. Only for
+those local hits does the gateway ask the node to disclose, presenting the full
+output as proof, and the node's released hits join the same merge as plain
+Match answers. The node so learns bucket prefixes and counts, never a no-hit
+digest, and a hit only when it is disclosed.
+
+Perceptual hashes (PDQ, video frames) cannot be asked this way (a near match
+is not an equality test) and still go by plain Match, to every member; the
+member's status line says how each part was asked.
+
+The choice is per member and per query (:class:`PrivateMode`): ``auto`` asks
+privately wherever offered, ``always`` never sends an exact digest in clear (a
+member without the feature is reported as not asked, in words), ``never`` is
+the plain protocol. Whatever the way, the answer is a :class:`NodeAnswer`
+aligned with the query's items: the merge, the JSON result and the exit codes
+do not know the difference. Hedging, fail-over, deadlines and the breaker are
+the fan-out's (:mod:`gateway.fanout`); this module is the per-member strategy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from federation import algorithms, oprf, protocol, tokens
+from federation.query import (EMPTY_QUERY_SHA256, DiscloseItem, PrivateItem, QueryItem, disclose_sha256,
+                              private_match_sha256, query_sha256)
+from federation.wire import disclose_to_pb, items_to_pb, pb, private_items_to_pb
+from gateway.config import GatewayConfig, PrivateMode
+from gateway.fanout import Attempt, Federation, hit_info, ordinary, unpack
+from gateway.health import HealthPolicy
+from gateway.results import HitInfo, NodeAnswer, NodeStatus
+from gateway.signing import Signer
+
+FEATURE = "private.exact.v1"
+SUITE = "ristretto255-SHA512"
+EXACT = frozenset(a.name for a in algorithms.all_algorithms() if not a.perceptual)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a node's Describe says of its private exact matching."""
+
+    prefix_bits: int
+    key_id: str
+    output_bytes: int
+    algorithms: frozenset[str]
+    stored: int
+    covered: int
+    mean_bucket_size: float
+
+
+def offer_of(description: pb.DescribeResponse) -> Offer | None:
+    """The node's offer, or None when it offers none this gateway can use (another suite, no prefix)."""
+    if FEATURE not in description.features or not description.HasField("private_exact"):
+        return None
+    info = description.private_exact
+    if info.suite != SUITE or not 1 <= info.prefix_bits <= oprf.MAX_BUCKET_BITS or not 1 <= info.output_bytes <= 64:
+        return None
+    return Offer(info.prefix_bits, info.key_id, info.output_bytes, frozenset(info.algorithms) & EXACT,
+                 info.stored, info.covered, info.mean_bucket_size)
+
+
+@dataclass(frozen=True)
+class Blinded:
+    """One exact item made ready to ask privately. The blind never leaves this process."""
+
+    position: int  # in the query
+    input: bytes  # oprf.digest_input of the item
+    blind: bytes
+    item: PrivateItem  # what is sent: algorithm, bucket, prefix bits, blinded element
+
+
+def blind_items(items: Sequence[QueryItem], positions: Sequence[int], prefix_bits: int) -> list[Blinded]:
+    """Fresh blinds for the items at ``positions`` (fresh per node and attempt: nodes cannot link them)."""
+    blinded = []
+    for position in positions:
+        item = items[position]
+        data = oprf.digest_input(item.algorithm, item.digest)
+        blind, element = oprf.blind(data)
+        bucket = oprf.bucket_of(data, prefix_bits)
+        blinded.append(Blinded(position, data, blind, PrivateItem(item.algorithm, bucket, prefix_bits, element)))
+    return blinded
+
+
+def local_hits(blinded: Sequence[Blinded], response: pb.PrivateMatchResponse) -> list[tuple[Blinded, bytes]]:
+    """The items whose output is in their bucket, each with its full output (the proof to disclose).
+
+    ``ValueError`` for an answer that does not fit the request (count, sizes).
+    A truncated output may collide with another stored one: the node's
+    disclosure, which checks the full output, weeds those out.
+    """
+    width = response.output_bytes
+    if not 1 <= width <= oprf.OUTPUT_BYTES:
+        raise ValueError(f"output_bytes {width} is not 1..{oprf.OUTPUT_BYTES}")
+    if len(response.results) != len(blinded):
+        raise ValueError(f"{len(response.results)} private results for {len(blinded)} items")
+    found = []
+    for entry, result in zip(blinded, response.results, strict=True):
+        outputs = bytes(result.bucket_outputs)
+        if len(outputs) % width:
+            raise ValueError(f"bucket outputs of {len(outputs)} bytes are not whole {width}-byte outputs")
+        try:
+            output = oprf.finalize(entry.input, entry.blind, bytes(result.evaluated_element))
+        except oprf.OprfError as exc:
+            raise ValueError(f"evaluated element: {exc}") from None
+        head = output[:width]
+        if any(outputs[i:i + width] == head for i in range(0, len(outputs), width)):
+            found.append((entry, output))
+    return found
+
+
+def _answer(attempt: Attempt, hits: Sequence[tuple[HitInfo, ...]], truncated: Sequence[bool],
+            message: str) -> NodeAnswer:
+    node = attempt.node
+    return NodeAnswer(node.node_id, node.country, NodeStatus.HIT if any(hits) else NodeStatus.NO_HIT, message,
+                      hits=tuple(hits), truncated=tuple(truncated))
+
+
+class Chooser:
+    """The fan-out strategy: per member, private exact matching where offered (and wanted), plain Match otherwise.
+
+    What each replica offers is learnt from its Describe once per instance
+    (one run of the command) and asked again after any failed call, so a node
+    that changed its key or prefix length is described afresh.
+    """
+
+    def __init__(self, mode: PrivateMode):
+        self.mode = mode
+        self._offers: dict[tuple[str, str], Offer | None] = {}
+
+    async def __call__(self, attempt: Attempt) -> NodeAnswer:
+        items = attempt.query.items
+        exact = [p for p, item in enumerate(items) if item.algorithm in EXACT]
+        if self.mode is PrivateMode.NEVER or not exact:
+            return await ordinary(attempt)
+        key = (attempt.node.node_id, attempt.address)
+        try:
+            if key not in self._offers:
+                self._offers[key] = await self._describe(attempt)
+            offer = self._offers[key]
+            missing = sorted({items[p].algorithm for p in exact} - (offer.algorithms if offer else frozenset()))
+            if offer is None or missing:
+                if self.mode is PrivateMode.ALWAYS:
+                    return self._not_asked(attempt, offer, missing)
+                return await ordinary(attempt)
+            return await self._private(attempt, offer, exact)
+        except BaseException:
+            self._offers.pop(key, None)
+            raise
+
+    async def _describe(self, attempt: Attempt) -> Offer | None:
+        token = attempt.signer.token(attempt.node.node_id, "Describe", EMPTY_QUERY_SHA256, "")
+        response = await attempt.stub.Describe(pb.DescribeRequest(), timeout=attempt.remaining(),
+                                               metadata=tokens.bearer(token))
+        protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
+        return offer_of(response)
+
+    def _not_asked(self, attempt: Attempt, offer: Offer | None, missing: Sequence[str]) -> NodeAnswer:
+        node = attempt.node
+        why = (f"does not offer private exact matching ({FEATURE})" if offer is None
+               else f"offers no private matching for {', '.join(missing)}")
+        return NodeAnswer(node.node_id, node.country, NodeStatus.REFUSED,
+                          f"not asked: node {why}, and --private sends no exact digest in clear")
+
+    async def _private(self, attempt: Attempt, offer: Offer, exact: list[int]) -> NodeAnswer:
+        items = attempt.query.items
+        count = len(items)
+        exact_set = set(exact)
+        others = [p for p in range(count) if p not in exact_set]
+        hits: list[tuple[HitInfo, ...]] = [()] * count
+        truncated = [False] * count
+        plain = asyncio.ensure_future(self._plain_part(attempt, others)) if others else None
+        try:
+            blinded = await asyncio.to_thread(blind_items, items, exact, offer.prefix_bits)
+            request = [b.item for b in blinded]
+            response = await attempt.stub.PrivateMatch(
+                private_items_to_pb(request), timeout=attempt.remaining(),
+                metadata=attempt.metadata("PrivateMatch", private_match_sha256(request)))
+            protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
+            if response.node_id != attempt.node.node_id:
+                raise ValueError(f"answer is from node {response.node_id!r}")
+            found = await asyncio.to_thread(local_hits, blinded, response)
+            if found:
+                await self._disclose(attempt, response.key_id, found, hits, truncated)
+            if plain is not None:
+                for position, (item_hits, cut) in zip(others, await plain, strict=True):
+                    hits[position], truncated[position] = item_hits, cut
+        finally:
+            if plain is not None and not plain.done():
+                plain.cancel()
+        words = (f"private exact matching: {len(exact)} item(s) by bucket of {response.prefix_bits} bits "
+                 f"(~{offer.mean_bucket_size:,.0f} stored digests each)")
+        if response.covered < response.stored:
+            words += f"; its outputs cover {response.covered:,} of {response.stored:,} stored exact digests"
+        if others:
+            words += f"; {len(others)} perceptual item(s) in clear (they cannot be matched privately)"
+        self._offers[(attempt.node.node_id, attempt.address)] = Offer(
+            response.prefix_bits, response.key_id, response.output_bytes, offer.algorithms, response.stored,
+            response.covered, offer.mean_bucket_size)
+        return _answer(attempt, hits, truncated, words)
+
+    async def _plain_part(self, attempt: Attempt, positions: list[int]) -> list[tuple[tuple[HitInfo, ...], bool]]:
+        """The perceptual items by plain Match (their own token over just them), per position."""
+        items = [attempt.query.items[p] for p in positions]
+        response = await attempt.stub.Match(items_to_pb(items), timeout=attempt.remaining(),
+                                            metadata=attempt.metadata("Match", query_sha256(items)))
+        protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
+        hits, truncated = unpack(response, attempt.node, len(items))
+        return list(zip(hits, truncated, strict=True))
+
+    async def _disclose(self, attempt: Attempt, key_id: str, found: list[tuple[Blinded, bytes]],
+                        hits: list[tuple[HitInfo, ...]], truncated: list[bool]) -> None:
+        """Step 2: the local hits' details, released against their full outputs."""
+        request = [DiscloseItem(entry.item.algorithm, output) for entry, output in found]
+        response = await attempt.stub.Disclose(
+            disclose_to_pb(key_id, request), timeout=attempt.remaining(),
+            metadata=attempt.metadata("Disclose", disclose_sha256(key_id, request)))
+        protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
+        if response.node_id != attempt.node.node_id:
+            raise ValueError(f"answer is from node {response.node_id!r}")
+        previous = -1
+        for result in response.results:
+            if not previous < result.item < len(found):
+                raise ValueError(f"disclosed item position {result.item} out of order or range")
+            previous = result.item
+            position = found[result.item][0].position
+            hits[position] = tuple(hit_info(h) for h in result.hits)
+            truncated[position] = result.truncated
+
+
+def federation(config: GatewayConfig, signer: Signer, health: HealthPolicy | None = None) -> Federation:
+    """The fan-out as the configuration (and ``--private``/``--no-private``) wants members asked."""
+    return Federation(config, signer, health, strategy=Chooser(config.private))
+
+
+__all__ = ["EXACT", "FEATURE", "Blinded", "Chooser", "Offer", "blind_items", "federation", "local_hits",
+           "offer_of"]
