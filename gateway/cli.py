@@ -14,6 +14,7 @@ from typing import TypedDict
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
 
@@ -21,6 +22,7 @@ from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs 
 from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
+from federation.wire import pb
 from gateway import config as gateway_config, filehash, interrupt, private, render, selfcheck
 from gateway.config import PrivateMode
 from gateway.fanout import Federation
@@ -301,7 +303,7 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
     return EXIT_HIT if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
 
 
-def _private_row(info) -> dict[str, object] | None:
+def _private_row(info: pb.DescribeResponse | None) -> dict[str, object] | None:
     offer = private.offer_of(info) if info else None
     if offer is None:
         return None
@@ -309,7 +311,7 @@ def _private_row(info) -> dict[str, object] | None:
             "stored": offer.stored, "covered": offer.covered, "mean_bucket_size": round(offer.mean_bucket_size, 1)}
 
 
-def _private_cell(row: dict[str, object] | None) -> str:
+def _private_cell(row: dict[str, object] | None) -> Text | str:
     """Whether the node offers private exact matching, and each item's anonymity set there."""
     if row is None:
         return "-"

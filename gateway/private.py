@@ -30,8 +30,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from federation import algorithms, oprf, protocol, tokens
-from federation.query import (EMPTY_QUERY_SHA256, DiscloseItem, PrivateItem, QueryItem, disclose_sha256,
-                              private_match_sha256, query_sha256)
+from federation.query import (
+    EMPTY_QUERY_SHA256,
+    DiscloseItem,
+    PrivateItem,
+    QueryItem,
+    disclose_sha256,
+    private_match_sha256,
+    query_sha256,
+)
 from federation.wire import disclose_to_pb, items_to_pb, pb, private_items_to_pb
 from gateway.config import GatewayConfig, PrivateMode
 from gateway.fanout import Attempt, Federation, hit_info, ordinary, unpack
