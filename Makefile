@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo lint test vectors bench bench-scale bench-triage load clean
+.PHONY: install stubs certs demo lint test vectors bench bench-scale bench-triage bench-private load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -56,6 +56,11 @@ bench-scale: install
 # Extra flags: make bench-triage BENCH_TRIAGE_ARGS="--files 10000 --large 200 --images 200".
 bench-triage: install
 	$(PY) tests/bench/bench_triage.py $(BENCH_TRIAGE_ARGS)
+
+# Private vs ordinary exact matching, side by side (not part of `make test`); 1 M stored by default.
+# Extra flags: make bench-private BENCH_PRIVATE_ARGS="--stored 10000000".
+bench-private: install
+	$(PY) tests/bench/bench_private.py $(BENCH_PRIVATE_ARGS)
 
 load: install
 	$(PY) tests/bench/load.py
