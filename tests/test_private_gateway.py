@@ -5,14 +5,25 @@ through ``icse-gateway query``, real nodes over mutual TLS that offer it or not.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import random
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from federation import oprf
-from federation.query import QueryItem
-from federation.wire import pb
+from federation import oprf, tokens
+from federation.localfed import LocalFederation, NodeSpec
+from federation.pki import DevPki
+from federation.query import DiscloseItem, QueryItem, disclose_sha256, private_match_sha256
+from federation.wire import disclose_to_pb, pb, private_items_to_pb, rpc
 from gateway import private
+from tests.support import claims_for, gateway_client, import_rows, query_json, signing_key
 
 
 def _node_answer(key: bytes, blinded: list[private.Blinded], stored: list[bytes], width: int = 8,
@@ -84,3 +95,167 @@ def test_offer_is_only_taken_for_the_suite_this_gateway_speaks() -> None:
     assert private.offer_of(pb.DescribeResponse(features=[private.FEATURE], private_exact=other)) is None
     other.suite, other.prefix_bits = info.suite, 33
     assert private.offer_of(pb.DescribeResponse(features=[private.FEATURE], private_exact=other)) is None
+
+
+# --------------------------------------------------------------------------- real nodes over mutual TLS
+
+PRIVATE_NODES = ("FR", "DE")  # offer private exact matching
+PLAIN_NODE = "NL"  # does not
+
+
+@dataclass(frozen=True)
+class Mixed:
+    local: LocalFederation
+    config: Path  # every member
+    private_only: Path  # the members that offer private matching
+    shared: str  # sha256 hex held by FR (private) and NL (plain)
+    de_md5: str  # md5 hex held by DE only (private)
+    fr_sha1: str  # sha1 hex held by FR only
+    pdq: str  # a PDQ hash held by FR: asked in clear even of a private node
+
+
+@pytest.fixture(scope="module")
+def mixed(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
+    workdir = tmp_path_factory.mktemp("private-mixed")
+    rng = random.Random(14)
+    shared, de_md5, fr_sha1, pdq = rng.randbytes(32).hex(), rng.randbytes(16).hex(), rng.randbytes(20).hex(), \
+        rng.randbytes(32).hex()
+    specs = [NodeSpec(n, n, f"desk@police.example.{n.lower()}",
+                      tables={"private": {"enabled": True, "prefix_bits": 8}}) for n in PRIVATE_NODES]
+    local = LocalFederation(workdir, pki, [*specs, NodeSpec(PLAIN_NODE, PLAIN_NODE, "desk@police.example.nl")])
+    rows: dict[str, list[dict[str, str]]] = {
+        "FR": [{"sha256": shared, "reference": "FR-SHARED"}, {"sha1": fr_sha1, "reference": "FR-SHA1"},
+               {"pdq": pdq, "reference": "FR-PDQ"}],
+        "DE": [{"md5": de_md5, "reference": "DE-MD5", "category": "2"}],
+        "NL": [{"sha256": shared, "reference": "NL-SHARED"}],
+    }
+    for node_id, held in rows.items():
+        # Enough others that buckets are shared: 8-bit prefixes over a few hundred digests.
+        held += [{"sha256": rng.randbytes(32).hex(), "reference": f"{node_id}-{i}"} for i in range(300)]
+        import_rows(local, node_id, held, workdir)
+    with local:
+        config = local.write_gateway_config()
+        only = local.write_gateway_config(workdir / "private-only.toml", nodes=[local[n] for n in PRIVATE_NODES])
+        yield Mixed(local, config, only, shared, de_md5, fr_sha1, pdq)
+
+
+def _hits(result: dict) -> list[list[tuple[str, str]]]:
+    return [[(h["node"], h["reference"]) for h in item["hits"]] for item in result["items"]]
+
+
+def _nodes(result: dict) -> dict[str, dict]:
+    return {n["node"]: n for n in result["nodes"]}
+
+
+def test_mixed_federation_gives_one_merged_answer(mixed: Mixed) -> None:
+    unknown = os.urandom(32).hex()
+    code, result = query_json(mixed.config, "--case", "PRIV-1", "--hash", f"sha256:{mixed.shared}",
+                              "--hash", f"md5:{mixed.de_md5}", "--hash", f"sha256:{unknown}",
+                              "--hash", f"sha1:{mixed.fr_sha1}")
+    assert code == 0, result
+    assert _hits(result) == [[("FR", "FR-SHARED"), ("NL", "NL-SHARED")], [("DE", "DE-MD5")], [], [("FR", "FR-SHA1")]]
+    assert not result["partial"] and result["summary"]["nodes_answered"] == 3
+    nodes = _nodes(result)
+    for node_id in PRIVATE_NODES:  # asked privately: the status line says so
+        assert nodes[node_id]["message"].startswith("private exact matching: 4 item(s)"), nodes[node_id]
+    assert nodes[PLAIN_NODE]["message"] == ""  # asked in clear: it does not offer private matching
+    assert result["items"][1]["hits"][0]["category"] == "2"  # the node's released fields, as with Match
+
+
+def test_private_and_no_private_give_the_same_result(mixed: Mixed) -> None:
+    queries = {
+        "hits": ["--hash", f"sha256:{mixed.shared}", "--hash", f"md5:{mixed.de_md5}",
+                 "--hash", f"sha256:{os.urandom(32).hex()}"],
+        "no hit": ["--hash", f"sha256:{os.urandom(32).hex()}", "--hash", f"md5:{os.urandom(16).hex()}"],
+    }
+    for name, hashes in queries.items():
+        answers = {}
+        for flag in ("--private", "--no-private"):
+            code, result = query_json(mixed.private_only, "--case", "PRIV-2", flag, *hashes)
+            for volatile in ("request_id",):
+                result.pop(volatile)
+            messages = {n["node"]: n.pop("message") for n in result["nodes"]}
+            for node in result["nodes"]:
+                node.pop("latency_ms")
+            answers[flag] = (code, result, messages)
+        assert answers["--private"][:2] == answers["--no-private"][:2], name
+        assert answers["--private"][0] == (0 if name == "hits" else 1)
+        assert all(m.startswith("private exact matching") for m in answers["--private"][2].values())
+        assert set(answers["--no-private"][2].values()) == {""}
+
+
+def test_private_does_not_ask_a_node_without_it_in_clear(mixed: Mixed) -> None:
+    before = _audit(mixed.local, PLAIN_NODE)
+    code, result = query_json(mixed.config, "--case", "PRIV-3", "--private", "--hash", f"sha256:{mixed.shared}")
+    assert code == 0  # FR's hit, found privately
+    assert _hits(result) == [[("FR", "FR-SHARED")]]
+    nl = _nodes(result)[PLAIN_NODE]
+    assert nl["status"] == "refused" and result["partial"]
+    assert "does not offer private exact matching" in nl["message"] and "--private" in nl["message"]
+    # NL was asked nothing but its Describe: no Match reached it.
+    assert [r["rpc"] for r in _audit(mixed.local, PLAIN_NODE)[len(before):]] == ["Describe"]
+
+
+def test_perceptual_items_go_in_clear_and_the_status_line_says_so(mixed: Mixed) -> None:
+    code, result = query_json(mixed.config, "--case", "PRIV-4", "--hash", f"pdq:{mixed.pdq}",
+                              "--hash", f"sha1:{mixed.fr_sha1}")
+    assert code == 0
+    assert _hits(result) == [[("FR", "FR-PDQ")], [("FR", "FR-SHA1")]]
+    assert "1 perceptual item(s) in clear" in _nodes(result)["FR"]["message"]
+
+
+def test_the_node_learns_no_digest_it_does_not_hold_and_only_disclosed_hits(mixed: Mixed) -> None:
+    """The spy, from the gateway's side: after ``query --private``, FR's files (store, key,
+    audit, log) hold none of the unknown digests, in any encoding; its audit shows one
+    PrivateMatch of every item, one Disclose of the one local hit and no Match."""
+    node = mixed.local["FR"]
+    unknown = [os.urandom(32) for _ in range(20)]
+    before = _audit(mixed.local, "FR")
+    hashes = [a for d in unknown for a in ("--hash", f"sha256:{d.hex()}")]
+    code, result = query_json(mixed.config, "--case", "PRIV-5", "--private", "--hash", f"sha256:{mixed.shared}",
+                              *hashes)
+    assert code == 0 and _hits(result)[0][0] == ("FR", "FR-SHARED")
+    records = _audit(mixed.local, "FR")[len(before):]
+    assert [(r["rpc"], r["items"], r["hits"]) for r in records if r["rpc"] != "Describe"] == [
+        ("PrivateMatch", 21, 0), ("Disclose", 1, 1)]
+    assert records[-1]["references"] == ["FR-SHARED"]
+    blobs = b"".join(p.read_bytes() for p in node.dir.rglob("*") if p.is_file())
+    for digest in unknown:
+        for form in (digest, digest.hex().encode(), digest.hex().upper().encode(), base64.b64encode(digest)):
+            assert form not in blobs
+    # The control: the same kind of search finds a digest the node holds (it is in its store).
+    assert bytes.fromhex(mixed.shared) in blobs
+
+
+async def test_a_forged_proof_gets_nothing(mixed: Mixed) -> None:
+    """A gateway that skips step 1 and presents random 64-byte proofs is told nothing; the
+    proof found by step 1 (the control) releases the hit."""
+    pki, node = mixed.local.pki, mixed.local["FR"]
+    client = gateway_client(pki, node.address, "FR")
+    key = signing_key(pki)
+    data = oprf.digest_input("sha256", bytes.fromhex(mixed.shared))
+    async with client.channel() as channel:
+        stub = rpc.NodeStub(channel)
+
+        async def call(method: str, request: Any, qh: str) -> Any:
+            claims = replace(claims_for(pki, "FR", []), rpc=method, query_sha256=qh)
+            return await getattr(stub, method)(request, timeout=10, metadata=tokens.bearer(key.sign(claims)))
+
+        (entry,) = private.blind_items([QueryItem("sha256", bytes.fromhex(mixed.shared))], [0], 8)
+        answer = await call("PrivateMatch", private_items_to_pb([entry.item]), private_match_sha256([entry.item]))
+        ((_, proof),) = private.local_hits([entry], answer)
+        assert proof == oprf.finalize(data, entry.blind, answer.results[0].evaluated_element)
+        for output, expected in ((os.urandom(64), []), (proof[:32] + os.urandom(32), []), (proof, ["FR-SHARED"])):
+            items = [DiscloseItem("sha256", output)]
+            disclosed = await call("Disclose", disclose_to_pb(answer.key_id, items), disclose_sha256(answer.key_id,
+                                                                                                      items))
+            assert [h.reference for r in disclosed.results for h in r.hits] == expected
+
+
+def _audit(local: LocalFederation, node_id: str) -> list[dict]:
+    """The node's audit records, read through ``icse-node audit export`` as its operator would."""
+    done = subprocess.run(local[node_id].node_command("audit", "export", "--config",
+                                                      str(local[node_id].config_path)),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
