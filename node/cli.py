@@ -20,7 +20,7 @@ from rich.table import Table
 
 from federation import logs
 from federation.config import ConfigError
-from node import config as node_config, formats, lifeline, readiness, stderr_relay, vics
+from node import config as node_config, formats, lifeline, private_cli, readiness, stderr_relay, vics
 from node.audit_cli import add_audit_parser, run_audit
 from node.records import ImportAborted, Rejection
 from node.unix import stdout_closed
@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default: standard output)")
 
     add_audit_parser(sub)
+    private_cli.add_parser(sub)
 
     describe = sub.add_parser(
         "describe", help="version, listening state, counts, generation and audit head of this node",
@@ -146,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "compact":
             return asyncio.run(_compact(config))
+        if args.command == "private-key":
+            return private_cli.run(config, args.action, args.format)
         if args.command == "import":
             return asyncio.run(_import(config, args.files, args.format, args.strict))
         if args.command == "retract":

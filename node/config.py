@@ -25,6 +25,21 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class PrivateSettings:
+    """Private exact matching (the ``[private]`` table; PROTOCOL.md, "Private exact matching")."""
+
+    enabled: bool = False
+    # Bits of the bucket hash naming a bucket: fewer bits, larger anonymity sets and answers.
+    prefix_bits: int = 16
+    # Bytes of each output a bucket answer carries: more bytes, fewer false positives.
+    output_bytes: int = 4
+
+
+PREFIX_BITS = (8, 24)
+OUTPUT_BYTES = (3, 8)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     country: str
@@ -42,12 +57,13 @@ class NodeConfig:
     # HOST:PORT of the Prometheus endpoint; None: no endpoint.
     metrics_listen: str | None = None
     store_settings: StoreSettings = StoreSettings()
+    private: PrivateSettings = PrivateSettings()
 
 
 def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
     """Reads ``path``. Commands that only touch the store need no TLS or keys."""
     doc = root(path)
-    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics", "store"})
+    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics", "store", "private"})
     node = doc.table("node")
     node.reject_unknown({"id", "country", "federation", "listen", "store", "contact"})
     try:
@@ -91,6 +107,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         merge_above=_positive(store_table, "merge_above", defaults_store.merge_above),
         small_segment_rows=_positive(store_table, "small_segment_rows", defaults_store.small_segment_rows),
     )
+    private = _private(doc.table("private", required=False))
     return NodeConfig(
         node_id=node_id,
         country=country,
@@ -106,7 +123,22 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         max_concurrent=_positive(limits, "max_concurrent", 64),
         metrics_listen=metrics_listen,
         store_settings=store_settings,
+        private=private,
     )
+
+
+def _private(table: Table) -> PrivateSettings:
+    table.reject_unknown({"enabled", "prefix_bits", "output_bytes"})
+    defaults = PrivateSettings()
+    enabled = table.get("enabled", bool, defaults.enabled)
+    bits = table.get("prefix_bits", int, defaults.prefix_bits)
+    if not PREFIX_BITS[0] <= bits <= PREFIX_BITS[1]:
+        raise ConfigError(f"{table.where('prefix_bits')}: must be {PREFIX_BITS[0]} to {PREFIX_BITS[1]}, got {bits}")
+    width = table.get("output_bytes", int, defaults.output_bytes)
+    if not OUTPUT_BYTES[0] <= width <= OUTPUT_BYTES[1]:
+        raise ConfigError(f"{table.where('output_bytes')}: must be {OUTPUT_BYTES[0]} to {OUTPUT_BYTES[1]}, "
+                          f"got {width}")
+    return PrivateSettings(enabled, bits, width)
 
 
 def _tier(table: Table, key: str, value: object) -> Tier:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from federation import tls
 from federation.files import atomic_write_text
 from federation.wire import SERVICE_NAME
-from node import db as sqlite_setup, readiness, reflection
+from node import db as sqlite_setup, private_key, readiness, reflection
 from node.audit import AuditLog, audit_path
 from node.auth import Authenticator
 from node.config import NodeConfig, StoreSettings
@@ -31,6 +31,8 @@ from node.live_index import LiveIndexes
 from node.merge import MergePolicy, merge
 from node.metrics import NodeMetrics
 from node.policy import Admission
+from node.private_builder import PrivateBuilder
+from node.private_service import PrivateMode, PrivateService, handlers as private_handlers
 from node.segment_set import SegmentSet
 from node.service import MetadataLimits, NodeService, handlers
 from node.store import Store
@@ -112,20 +114,31 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
     audit_db = await sqlite_setup.connect(audit_path(config.store))
     indexes = LiveIndexes(store, settings.poll_seconds)
     merger = Merger(config.store, MergePolicy(settings.merge_above, settings.small_segment_rows))
+    private = PrivateMode(config.private, config.store)
+    builder = PrivateBuilder(config.store) if config.private.enabled else None
     try:
+        if builder is not None:  # the OPRF key exists before any import or merge of this run computes outputs
+            keys, created = await asyncio.to_thread(private_key.init, config.store)
+            log.info("private matching enabled", extra={"key_id": keys.active_id, "key_created": created,
+                                                        "prefix_bits": config.private.prefix_bits})
         loaded = await indexes.start()
         await asyncio.to_thread(readiness.warm_up)
         indexes.on_change.append(merger.consider)
         merger.consider(loaded)
+        if builder is not None:
+            indexes.on_change.append(builder.consider)
+            builder.start(loaded)
         auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
         audit = await AuditLog.open(audit_db)
         metrics = NodeMetrics()
         metrics.serving(loaded.generation, loaded.counts())
         metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
         service = NodeService(config, indexes, auth, Admission(config.policy), audit, metrics)
+        service.private_info = private.info
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent,
                                  interceptors=(MetadataLimits(service),))
-        server.add_generic_rpc_handlers((handlers(service),))
+        private_service = PrivateService(service, private, config)
+        server.add_generic_rpc_handlers((handlers(service), private_handlers(private_service)))
         checks = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
         reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
@@ -156,6 +169,8 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         if metrics_server is not None:
             metrics_server.shutdown()
     finally:
+        if builder is not None:
+            await builder.stop()
         await merger.stop()
         await indexes.stop()
         await audit_db.close()

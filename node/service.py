@@ -98,6 +98,8 @@ class NodeService(rpc.NodeServicer):
         self._auth = auth
         self._admission = admission
         self._audit = audit
+        # Describe's private_exact (node.private_service.PrivateMode.info), when the node offers it.
+        self.private_info: Callable[[SegmentSet], pb.PrivateInfo | None] | None = None
 
     def _authorize(self, context: grpc.aio.ServicerContext, method: str, digest: str) -> QueryClaims:
         try:
@@ -231,7 +233,10 @@ class NodeService(rpc.NodeServicer):
         await self._audit.append(_entry("Describe", [], claims, claims.issuer, context.peer(), "OK"))
         self._metrics.serving(current.generation, current.counts())
         self._metrics.answered("Describe", {}, 0, time.perf_counter() - started)
+        private = self.private_info(current) if self.private_info is not None else None
         return pb.DescribeResponse(
+            features=["private.exact.v1"] if private is not None else [],
+            private_exact=private,
             node_id=self._config.node_id,
             country=self._config.country,
             software_version=federation.__version__,
