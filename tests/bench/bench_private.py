@@ -28,6 +28,7 @@ import hashlib
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,8 +117,8 @@ def cpu_seconds(pid: int) -> float:
 async def measure(local: LocalFederation, mode: Mode, strategy: Strategy, items: list[QueryItem],
                   rounds: int) -> private.Offer | None:
     """``rounds`` batches asked with ``strategy``; returns the node's private offer (from its Describe)."""
-    config = gateway_config.load(local.write_gateway_config(node_timeout=TIMEOUT))
-    config = replace(config, deadline=TIMEOUT)
+    config = gateway_config.load(local.write_gateway_config(node_timeout=120))
+    config = replace(config, node_timeout=TIMEOUT, deadline=TIMEOUT)
     pid = local["FR"].process.pid  # type: ignore[union-attr]
     async with Federation(config, signer_for(config), NO_HEDGING, strategy=counted(strategy, mode)) as fed:
         (described,) = await fed.describe()
@@ -173,6 +174,12 @@ def main() -> int:
             "policy": dict(POLICY), "private": {"enabled": True, "prefix_bits": args.prefix_bits}})
         local = LocalFederation(workdir, pki, [spec])
         local["FR"].write_config()
+        # The key first, so that the import computes every stored digest's output.
+        done = subprocess.run(local["FR"].node_command("private-key", "init", "--config",
+                                                       str(local["FR"].config_path)),
+                              capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"icse-node private-key init failed: {done.stdout}{done.stderr}")
         source = workdir / "stored.csv"
         s.write_csv(source, [s.Source("sha256", stored, "SHA")])
         print(f"importing {args.stored:,} digests (OPRF outputs computed at import)...", flush=True)
