@@ -24,7 +24,7 @@ from federation.pki import DevPki
 from federation.query import DiscloseItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.wire import disclose_to_pb, pb, private_items_to_pb, rpc
 from gateway import private
-from tests.support import claims_for, gateway_client, import_rows, query_json, signing_key
+from tests.support import claims_for, gateway_client, import_rows, query_json, run_gateway, signing_key
 
 
 def _node_answer(key: bytes, blinded: list[private.Blinded], stored: list[bytes], width: int = 8,
@@ -141,10 +141,14 @@ def mixed(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix
         # Enough others that buckets are shared: 8-bit prefixes over a few hundred digests.
         held += [{"sha256": rng.randbytes(32).hex(), "reference": f"{node_id}-{i}"} for i in range(300)]
         import_rows(local, node_id, held, workdir)
-    with local:
+    # A generous bound on readiness (a ready file, not a sleep): the machine may be busy.
+    local.start(timeout=300)
+    try:
         config = local.write_gateway_config()
         only = local.write_gateway_config(workdir / "private-only.toml", nodes=[local[n] for n in PRIVATE_NODES])
         yield Mixed(local, config, only, shared, de_md5, fr_sha1, pdq)
+    finally:
+        local.stop()
 
 
 def _hits(result: dict) -> list[list[tuple[str, str]]]:
@@ -282,3 +286,28 @@ def test_the_conformance_kit_passes_a_node_offering_private_matching(mixed: Mixe
     private_checks = {name: outcome for name, outcome in outcomes.items() if name.startswith("private.")}
     assert len(private_checks) == 14 and set(private_checks.values()) == {"pass"}, done.stdout + done.stderr
     assert done.returncode == 0, done.stdout
+
+
+def test_the_configuration_chooses_the_mode_and_the_flags_override_it(mixed: Mixed, tmp_path: Path) -> None:
+    text = mixed.private_only.read_text()
+    never = tmp_path / "never.toml"
+    never.write_text(text.replace("[gateway]\n", '[gateway]\nprivate = "never"\n', 1))
+    hashes = ("--case", "PRIV-6", "--hash", f"md5:{mixed.de_md5}")
+    code, result = query_json(never, *hashes)
+    assert code == 0 and {n["message"] for n in result["nodes"]} == {""}  # in clear, as configured
+    code, result = query_json(never, "--private", *hashes)
+    assert code == 0 and all(n["message"].startswith("private exact matching") for n in result["nodes"])
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(text.replace("[gateway]\n", '[gateway]\nprivate = "sometimes"\n', 1))
+    done = run_gateway("query", "--config", str(wrong), *hashes)
+    assert done.returncode == 2 and '"auto", "always" or "never"' in done.stderr
+
+
+def test_nodes_shows_which_nodes_offer_private_matching(mixed: Mixed) -> None:
+    done = run_gateway("nodes", "--config", str(mixed.config), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    offers = {row["node"]: row["private"] for row in json.loads(done.stdout)["nodes"]}
+    assert offers[PLAIN_NODE] is None
+    for node_id in PRIVATE_NODES:
+        assert offers[node_id]["prefix_bits"] == 8 and offers[node_id]["algorithms"] == ["md5", "sha1", "sha256"]
+        assert offers[node_id]["covered"] == offers[node_id]["stored"] > 300
