@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from federation import oprf, tokens
-from federation.localfed import LocalFederation, NodeSpec, environment
+from federation.localfed import LocalFederation, LocalNode, NodeSpec, environment
 from federation.pki import DevPki
 from federation.query import DiscloseItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.wire import disclose_to_pb, pb, private_items_to_pb, rpc
@@ -273,17 +273,25 @@ def _audit(local: LocalFederation, node_id: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
-def test_the_conformance_kit_passes_a_node_offering_private_matching(mixed: Mixed) -> None:
-    pki, node = mixed.local.pki, mixed.local["FR"]
-    done = subprocess.run(
-        [sys.executable, "-m", "federation.conformance.cli", "node", "--address", node.address, "--node-id", "FR",
-         "--federation", pki.federation, "--ca", str(pki.ca_cert), "--cert", str(pki.gateway_cert("eu-1")),
-         "--key", str(pki.gateway_key("eu-1")), "--signing-key", str(pki.signing_key("eu-1")),
-         "--kid", pki.signing_kid("eu-1"), "--known", f"sha256:{mixed.shared}"],
+def _kit(pki: DevPki, node: LocalNode, known_sha256: str) -> subprocess.CompletedProcess[str]:
+    """``icse-conformance node`` against ``node``, as gateway eu-1, with a held digest."""
+    return subprocess.run(
+        [sys.executable, "-m", "federation.conformance.cli", "node", "--address", node.address, "--node-id",
+         node.node_id, "--federation", pki.federation, "--ca", str(pki.ca_cert),
+         "--cert", str(pki.gateway_cert("eu-1")), "--key", str(pki.gateway_key("eu-1")),
+         "--signing-key", str(pki.signing_key("eu-1")),
+         "--kid", pki.signing_kid("eu-1"), "--known", f"sha256:{known_sha256}"],
         capture_output=True, text=True, timeout=300, env=environment(), check=False)
-    outcomes = {words[1]: words[0] for line in done.stdout.splitlines()
-                if len(words := line.split()) >= 2 and words[0] in ("pass", "FAIL", "skip")}
-    private_checks = {name: outcome for name, outcome in outcomes.items() if name.startswith("private.")}
+
+
+def _outcomes(output: str) -> dict[str, str]:
+    return {words[1]: words[0] for line in output.splitlines()
+            if len(words := line.split()) >= 2 and words[0] in ("pass", "FAIL", "skip")}
+
+
+def test_the_conformance_kit_passes_a_node_offering_private_matching(mixed: Mixed) -> None:
+    done = _kit(mixed.local.pki, mixed.local["FR"], mixed.shared)
+    private_checks = {name: outcome for name, outcome in _outcomes(done.stdout).items() if name.startswith("private.")}
     assert len(private_checks) == 14 and set(private_checks.values()) == {"pass"}, done.stdout + done.stderr
     assert done.returncode == 0, done.stdout
 
@@ -311,3 +319,28 @@ def test_nodes_shows_which_nodes_offer_private_matching(mixed: Mixed) -> None:
     for node_id in PRIVATE_NODES:
         assert offers[node_id]["prefix_bits"] == 8 and offers[node_id]["algorithms"] == ["md5", "sha1", "sha256"]
         assert offers[node_id]["covered"] == offers[node_id]["stored"] > 300
+
+
+class _DisclosesAnything(LocalNode):
+    def node_command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tests.defective_private_node", *args]
+
+
+def test_the_conformance_kit_fails_a_node_that_discloses_on_a_forged_proof(pki: DevPki, tmp_path: Path) -> None:
+    node = _DisclosesAnything(NodeSpec("PL", "PL", tables={"private": {"enabled": True, "prefix_bits": 8}}),
+                              tmp_path, pki, ["eu-1"])
+    held = os.urandom(32).hex()
+    node.write_config()
+    source = tmp_path / "held.txt"
+    source.write_text(f"sha256:{held}\n")
+    assert node.import_file(source).returncode == 0
+    node.start()
+    try:
+        node.wait_ready(timeout=300)
+        done = _kit(pki, node, held)
+    finally:
+        node.stop()
+    outcomes = _outcomes(done.stdout)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert outcomes["private.forged-proof"] == "FAIL" and "1 result(s) released" in done.stdout
+    assert outcomes["private.known-found"] == "pass" and outcomes["private.consistent"] == "pass"

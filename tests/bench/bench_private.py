@@ -67,6 +67,8 @@ class Wire:
     sent: int = 0
     received: int = 0
     calls: dict[str, int] = field(default_factory=dict)
+    # Seconds spent waiting for each method's answers (the node's work and the network).
+    waited: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -84,7 +86,9 @@ class _CountingStub:
 
         async def call(request: Any, **kwargs: Any) -> Any:
             self._wire.sent += request.ByteSize()
+            started = time.perf_counter()
             response = await method(request, **kwargs)
+            self._wire.waited[name] = self._wire.waited.get(name, 0.0) + time.perf_counter() - started
             self._wire.received += response.ByteSize()
             self._wire.calls[name] = self._wire.calls.get(name, 0) + 1
             return response
@@ -96,6 +100,7 @@ class Mode:
     name: str
     latencies: list[float] = field(default_factory=list)
     node_cpu: float = 0.0
+    gateway_cpu: float = 0.0
     wire: Wire = field(default_factory=Wire)
     hits: int = 0
 
@@ -125,7 +130,7 @@ async def measure(local: LocalFederation, mode: Mode, strategy: Strategy, items:
         # Warm-up (and, for private mode, the Describe that learns the node's offer): not measured.
         await fed.match(items[:10], "BENCH-WARMUP", timeout=TIMEOUT, deadline=TIMEOUT)
         mode.wire = Wire()
-        before = cpu_seconds(pid)
+        before, gateway_before = cpu_seconds(pid), time.process_time()
         for _ in range(rounds):
             started = time.perf_counter()
             (answer,) = await fed.match(items, "BENCH-1", timeout=TIMEOUT, deadline=TIMEOUT)
@@ -134,6 +139,7 @@ async def measure(local: LocalFederation, mode: Mode, strategy: Strategy, items:
                 raise RuntimeError(f"{mode.name}: node did not answer: {answer.status.value} {answer.message}")
             mode.hits = sum(1 for h in answer.hits if h)
         mode.node_cpu = cpu_seconds(pid) - before
+        mode.gateway_cpu = time.process_time() - gateway_before
     return private.offer_of(described.description) if described.description else None
 
 
@@ -208,6 +214,7 @@ def main() -> int:
         ("digests/s (whole query)", lambda m: args.batch / statistics.median(m.latencies), "{:,.0f}"),
         ("node CPU per item", lambda m: m.node_cpu / per_item * 1e6, "{:,.1f} µs"),
         ("digests/s per node core", lambda m: per_item / m.node_cpu if m.node_cpu else float("inf"), "{:,.0f}"),
+        ("gateway CPU per item", lambda m: m.gateway_cpu / per_item * 1e6, "{:,.1f} µs"),
         ("bytes on the wire per item", lambda m: m.wire.total / per_item, "{:,.1f} B"),
         ("  of which sent", lambda m: m.wire.sent / per_item, "{:,.1f} B"),
         ("  of which received", lambda m: m.wire.received / per_item, "{:,.1f} B"),
@@ -216,8 +223,10 @@ def main() -> int:
         ordinary_value, private_value = value(modes["ordinary"]), value(modes["private"])
         share = private_value / ordinary_value if ordinary_value else float("nan")
         print(f"  {title:<34}{form.format(ordinary_value):>14}{form.format(private_value):>14}{share:>8.1f}x")
-    calls = ", ".join(f"{name} {count // args.rounds}" for name, count in sorted(modes["private"].wire.calls.items()))
-    print(f"  private calls per batch: {calls}")
+    for mode in modes.values():
+        calls = ", ".join(f"{name} x{count // args.rounds} ({mode.wire.waited[name] / args.rounds * 1000:,.0f} ms)"
+                          for name, count in sorted(mode.wire.calls.items()))
+        print(f"  {mode.name} calls per batch (time waiting for the node): {calls}")
     print(f"\nanonymity set per prefix length ({args.stored:,} stored; bucket bytes at {offer_bytes} B per output)")
     print(f"  {'bits':>4} {'mean':>12} {'smallest':>9} {'largest':>9} {'bucket B/item':>14}")
     for bits, mean, smallest, largest, size in bucket_table(stored, offer_bytes):
