@@ -18,7 +18,8 @@ def _disclose_anything(self: PrivateView, key_id: str, items: Sequence[tuple[str
     found: list[int | None] = []
     for name, _ in items:
         holding = next((h for h in self.by_key.get(key_id, ()) if h.algorithm == name), None)
-        found.append(None if holding is None else record_id(holding.segment_id, 0))
+        found.append(None if holding is None or not len(holding.part) else
+                     record_id(holding.segment_id, int(holding.part.ids[0])))
     return found
 
 
