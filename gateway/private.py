@@ -159,7 +159,8 @@ class Chooser:
                     return self._not_asked(attempt, offer, missing)
                 return await ordinary(attempt)
             return await self._private(attempt, offer, exact)
-        except BaseException:
+        except Exception:
+            # Described afresh next time (a cancelled hedge is no reason to).
             self._offers.pop(key, None)
             raise
 
