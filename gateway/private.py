@@ -29,6 +29,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import grpc
+
 from federation import algorithms, oprf, protocol, tokens
 from federation.query import (
     EMPTY_QUERY_SHA256,
@@ -49,6 +51,8 @@ from gateway.signing import Signer
 FEATURE = "private.exact.v1"
 SUITE = "ristretto255-SHA512"
 EXACT = frozenset(a.name for a in algorithms.all_algorithms() if not a.perceptual)
+# How a node refuses a private request built from a description it no longer fits.
+_STALE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 @dataclass(frozen=True)
@@ -149,8 +153,9 @@ class Chooser:
         if self.mode is PrivateMode.NEVER or not exact:
             return await ordinary(attempt)
         key = (attempt.node.node_id, attempt.address)
+        fresh = key not in self._offers
         try:
-            if key not in self._offers:
+            if fresh:
                 self._offers[key] = await self._describe(attempt)
             offer = self._offers[key]
             missing = sorted({items[p].algorithm for p in exact} - (offer.algorithms if offer else frozenset()))
@@ -159,6 +164,13 @@ class Chooser:
                     return self._not_asked(attempt, offer, missing)
                 return await ordinary(attempt)
             return await self._private(attempt, offer, exact)
+        except grpc.aio.AioRpcError as error:
+            self._offers.pop(key, None)
+            if fresh or error.code() not in _STALE:
+                raise
+            # Described earlier in this run, and since restarted with other buckets (or a
+            # rotated key): described afresh and asked once more, within the same attempt.
+            return await self(attempt)
         except Exception:
             # Described afresh next time (a cancelled hedge is no reason to).
             self._offers.pop(key, None)

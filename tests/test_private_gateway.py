@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ from federation.localfed import LocalFederation, LocalNode, NodeSpec, environmen
 from federation.pki import DevPki
 from federation.query import DiscloseItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.wire import disclose_to_pb, pb, private_items_to_pb, rpc
-from gateway import private
+from gateway import config as gateway_config, private
+from gateway.config import PrivateMode
+from gateway.signing import signer_for
 from tests.support import claims_for, gateway_client, import_rows, query_json, run_gateway, signing_key
 
 
@@ -348,3 +351,44 @@ def test_the_conformance_kit_fails_a_node_that_discloses_on_a_forged_proof(pki: 
     assert done.returncode == 1, done.stdout + done.stderr
     assert outcomes["private.forged-proof"] == "FAIL" and "1 result(s) released" in done.stdout, done.stdout
     assert outcomes["private.known-found"] == "pass" and outcomes["private.consistent"] == "pass"
+
+
+async def test_a_node_restarted_with_other_buckets_is_described_afresh(pki: DevPki, tmp_path: Path) -> None:
+    """One gateway run (a long triage, say) outlives a node's restart with another prefix length:
+    the request built from the old description is refused, and the gateway describes the node
+    again and asks once more, instead of reporting it refused for the rest of the run."""
+    with socket.socket() as probe:  # a fixed address, so the restarted node is the same replica
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    held = os.urandom(20)
+    first = LocalNode(NodeSpec("PL", "PL", tables={"private": {"enabled": True, "prefix_bits": 8}}),
+                      tmp_path, pki, ["eu-1"])
+    _init_key(first)
+    first.write_config(listen=f"127.0.0.1:{port}")
+    source = tmp_path / "held.txt"
+    source.write_text(f"sha1:{held.hex()}\n")
+    assert first.import_file(source).returncode == 0
+    local = LocalFederation(tmp_path, pki, [])
+    local.nodes["PL"] = first
+    first.start()
+    try:
+        first.wait_ready(timeout=300)
+        config = gateway_config.load(local.write_gateway_config())
+        async with private.federation(replace(config, private=PrivateMode.ALWAYS), signer_for(config)) as fed:
+            (answer,) = await fed.match([QueryItem("sha1", held)], "PRIV-7")
+            assert answer.status.answered and answer.hits[0], answer
+            assert "bucket of 8 bits" in answer.message
+            first.stop()
+            second = LocalNode(NodeSpec("PL", "PL", tables={"private": {"enabled": True, "prefix_bits": 10}}),
+                               tmp_path, pki, ["eu-1"])
+            second.write_config(listen=f"127.0.0.1:{port}")
+            second.start()
+            try:
+                second.wait_ready(timeout=300)
+                (answer,) = await fed.match([QueryItem("sha1", held)], "PRIV-8")
+            finally:
+                second.stop()
+        assert answer.status.answered and answer.hits[0], answer
+        assert "bucket of 10 bits" in answer.message
+    finally:
+        first.stop()
