@@ -234,14 +234,15 @@ async def test_a_forged_proof_gets_nothing(private_node: PrivateNode) -> None:
     assert real is not None
     rng = random.Random(5)
     forged = [DiscloseItem(algorithm, rng.randbytes(64)),  # random bytes
-              DiscloseItem(algorithm, real[:63] + bytes([real[63] ^ 1])),  # one bit off a real proof
+              DiscloseItem(algorithm, real[:63] + bytes([(real[63] + 1) % 256])),  # beside a real proof ...
+              DiscloseItem(algorithm, real[:63] + bytes([(real[63] - 1) % 256])),  # ... on either side
               DiscloseItem("sha256" if algorithm != "sha256" else "md5", real),  # a real proof, another algorithm
               DiscloseItem(algorithm, oprf.evaluate(oprf.generate_key(), oprf.digest_input(algorithm, digest)))]
     before = len(_audit(private_node.node))
     disclosed = await _disclose(private_node.client(), pki, response.key_id, forged)
     assert list(disclosed.results) == []
     (record,) = _audit(private_node.node)[before:]
-    assert (record["rpc"], record["items"], record["hits"], record["references"]) == ("Disclose", 4, 0, [])
+    assert (record["rpc"], record["items"], record["hits"], record["references"]) == ("Disclose", 5, 0, [])
     # The real proof, for contrast, releases the hit.
     assert len((await _disclose(private_node.client(), pki, response.key_id,
                                 [DiscloseItem(algorithm, real)])).results) == 1
