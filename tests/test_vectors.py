@@ -160,3 +160,28 @@ def test_protocol_md_states_the_values_the_code_computes() -> None:
     assert query.EMPTY_QUERY_SHA256 in text
     assert query.DOMAIN_TAG == b"icse.v1.match\x00" and '"icse.v1.match" 0x00' in text
     assert f"version **{vectors.protocol.VERSION}**" in text
+
+
+def test_private_request_digests_from_the_specification() -> None:
+    """oprf.json's PrivateMatch and Disclose encodings, rebuilt from PROTOCOL.md 12.5's text alone."""
+    document = _load("oprf.json")
+    u32 = struct.Struct(">I").pack
+    match = b"icse.v1.private-match\x00" + u32(len(document["digests"]))
+    disclose = b"icse.v1.disclose\x00" + u32(16) + document["key_id"].encode() + u32(len(document["digests"]))
+    for case in document["digests"]:
+        name = case["algorithm"].encode()
+        element = bytes.fromhex(case["blinded_element"])
+        match += u32(len(name)) + name + u32(case["bucket_16"]) + u32(16) + u32(len(element)) + element
+        output = bytes.fromhex(case["output"])
+        disclose += u32(len(name)) + name + u32(len(output)) + output
+        # The input and bucket, also from the text: A 0x00 D, and the first bits of SHA-256("icse.v1.bucket" 0x00 I).
+        data = name + b"\x00" + bytes.fromhex(case["digest_hex"])
+        assert case["input"] == data.hex()
+        assert case["bucket_32"] == int.from_bytes(hashlib.sha256(b"icse.v1.bucket\x00" + data).digest()[:4], "big")
+        assert case["bucket_16"] == case["bucket_32"] >> 16
+    assert document["private_match"] == {"canonical_hex": match.hex(), "qh": hashlib.sha256(match).hexdigest()}
+    assert document["disclose"] == {"key_id": document["key_id"], "canonical_hex": disclose.hex(),
+                                    "qh": hashlib.sha256(disclose).hexdigest()}
+    text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
+    assert '"icse.v1.private-match" 0x00' in text and '"icse.v1.disclose" 0x00' in text
+    assert '"icse.v1.bucket" 0x00' in text and '"icse.v1.oprf-key" 0x00' in text
