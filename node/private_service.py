@@ -82,8 +82,13 @@ class PrivateMode:
         return self._view
 
     def info(self, live: SegmentSet) -> pb.PrivateInfo | None:
-        """Describe's ``private_exact``; None when private matching is off (or has no key yet)."""
-        view = self.view(live) if self.settings.enabled else None
+        """Describe's ``private_exact``; None when private matching is off, has no key yet, or
+        its key file is damaged (logged: Describe itself must keep answering)."""
+        try:
+            view = self.view(live) if self.settings.enabled else None
+        except private_key.KeyFileError as exc:
+            log.error("private matching unavailable", extra={"reason": str(exc)})
+            return None
         if view is None:
             return None
         bits = self.settings.prefix_bits
@@ -233,7 +238,12 @@ class PrivateService:
 
     async def _view(self, claims: QueryClaims) -> tuple[SegmentSet, PrivateView]:
         current = await self._node._current(claims)
-        view = self._mode.view(current)
+        try:
+            view = self._mode.view(current)
+        except private_key.KeyFileError as exc:
+            log.error("private matching unavailable", extra={"reason": str(exc)})
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this node's OPRF key file is damaged; its operator must restore it", claims) from None
         if view is None:
             raise Refused(grpc.StatusCode.UNAVAILABLE,
                           "this node has no OPRF key yet (it is created when the node starts with private "

@@ -351,3 +351,11 @@ async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
         mode = (local[NODE].store_path.with_name("store.sqlite.oprf-key")).stat().st_mode & 0o777
         assert mode == 0o600
         assert key_file["active"] not in local[NODE].log_path.read_text()
+
+        # A damaged key file: Describe goes on (without private matching), PrivateMatch says why.
+        local[NODE].store_path.with_name("store.sqlite.oprf-key").write_text("{not json")
+        described = await _describe(client, pki)
+        assert not described.HasField("private_exact") and "private.exact.v1" not in described.features
+        error = await _refusal(_private_match(client, pki, asked.items))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "key file is damaged" in (error.details() or "")
+        assert "{not json" not in local[NODE].log_path.read_text()
