@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from federation import oprf, tokens
+from federation import buckets, oprf, tokens
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 from federation.query import DiscloseItem, PrivateItem, disclose_sha256, private_match_sha256
@@ -133,14 +133,12 @@ async def _disclose(client: Client, pki: DevPki, key_id: str, items: Sequence[Di
 
 
 def _found(asked: Asked, response: pb.PrivateMatchResponse) -> list[bytes | None]:
-    """The gateway's local membership test: the full output if its cut is in the bucket."""
-    width = response.output_bytes
+    """The gateway's local membership test: the full output if its fingerprint is in the bucket."""
     found: list[bytes | None] = []
     for data, blind, result in zip(asked.inputs, asked.blinds, response.results, strict=True):
         output = oprf.finalize(data, blind, result.evaluated_element)
-        bucket = result.bucket_outputs
-        cuts = {bucket[i:i + width] for i in range(0, len(bucket), width)}
-        found.append(output if output[:width] in cuts else None)
+        member = buckets.contains(result.bucket_outputs, response.bucket_encoding, response.fingerprint_bits, output)
+        found.append(output if member else None)
     return found
 
 
@@ -178,6 +176,7 @@ async def test_describe_offers_private_matching_and_covers_every_exact_digest(pr
     assert "private.exact.v1" in described.features
     info = described.private_exact
     assert (info.suite, info.prefix_bits, info.output_bytes) == ("ristretto255-SHA512", BITS, 8)
+    assert (info.bucket_encoding, info.fingerprint_bits) == (pb.PRIVATE_BUCKET_ENCODING_FIXED, 64)
     assert len(info.key_id) == 16 and info.stored == len(private_node.held) == info.covered
     assert info.mean_bucket_size == pytest.approx(len(private_node.held) / 2**BITS)
     assert sorted(info.algorithms) == ["md5", "sha1", "sha256"]
@@ -197,6 +196,8 @@ async def test_membership_is_decided_by_the_gateway_and_the_node_keeps_no_trace(
     audit_before = len(_audit(node))
     response = await _private_match(private_node.client(), pki, asked.items)
     assert len(response.results) == len(asked.items) and response.prefix_bits == BITS
+    assert (response.bucket_encoding, response.output_bytes, response.fingerprint_bits) == (
+        pb.PRIVATE_BUCKET_ENCODING_FIXED, 8, 64)
     found = _found(asked, response)
     assert all(found[:len(held)]), "every held digest is found by the gateway"
     assert not any(found[len(held):]), "no absent digest is found"
@@ -315,7 +316,8 @@ async def test_a_node_without_private_mode_says_so(federation: RunningFederation
 
 async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
                                                                    tmp_path: Path) -> None:
-    spec = NodeSpec(NODE, NODE, tables={"private": {"enabled": True, "prefix_bits": BITS}})
+    spec = NodeSpec(NODE, NODE, tables={"private": {"enabled": True, "prefix_bits": BITS, "encoding": "elias-fano",
+                                                    "fingerprint_bits": 20}})
     local = LocalFederation(tmp_path, pki, [spec])
     held = _rows(random.Random(3), 120, "ROT")
     assert local[NODE].import_file(_write_csv(tmp_path / "rows.csv", held)).returncode == 0
@@ -324,6 +326,8 @@ async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
         first = await wait_until_async(lambda: _covered(client, pki), 60, "outputs computed", interval=0.2)
         assert isinstance(first, pb.DescribeResponse)
         old_key = first.private_exact.key_id
+        assert (first.private_exact.bucket_encoding, first.private_exact.fingerprint_bits,
+                first.private_exact.output_bytes) == (pb.PRIVATE_BUCKET_ENCODING_ELIAS_FANO, 20, 0)
         asked = _ask([(a, d) for a, d, _ in held[:3]])
         before = await _private_match(client, pki, asked.items)
         old_proofs = _found(asked, before)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federation import oprf
+from federation import buckets, oprf
 from federation.config import ConfigError
 from node import config as node_config, private_arrays, private_key, private_view
 from node.merge import merge
@@ -31,10 +31,11 @@ def _records(rng: random.Random, count: int, prefix: str) -> list[HashRecord]:
     return out
 
 
-def _bucket(view: private_view.PrivateView, record: HashRecord, width: int = 8) -> set[bytes]:
+def _bucket(view: private_view.PrivateView, record: HashRecord) -> set[bytes]:
+    """The 8-byte output prefixes in the record's bucket (fixed encoding, 64-bit fingerprints)."""
     data = oprf.digest_input(record.algorithm, record.digest)
-    (found,) = view.bucket_outputs([oprf.bucket_of(data, BITS)], BITS, width)
-    return {found[i:i + width] for i in range(0, len(found), width)}
+    (found,) = view.bucket_outputs([oprf.bucket_of(data, BITS)], BITS, buckets.FIXED, 64)
+    return {found[i:i + 8] for i in range(0, len(found), 8)}
 
 
 def _proof(keys: private_key.PrivateKeys, record: HashRecord) -> bytes:
@@ -57,8 +58,12 @@ async def test_import_computes_outputs_that_answer_buckets_and_proofs(tmp_path: 
     for record in records[:50]:
         assert _proof(keys, record)[:8] in _bucket(view, record)
     # Every bucket together holds each output exactly once.
-    everything = view.bucket_outputs(list(range(2**BITS)), BITS, 8)
+    everything = view.bucket_outputs(list(range(2**BITS)), BITS, buckets.FIXED, 64)
     assert sum(len(b) for b in everything) == 400 * 8
+    # The Elias-Fano answer of every bucket holds the same fingerprints, in fewer bytes.
+    coded = view.bucket_outputs(list(range(2**BITS)), BITS, buckets.ELIAS_FANO, 24)
+    for fixed, compact in zip(everything, coded, strict=True):
+        assert (buckets.decode(compact, buckets.ELIAS_FANO, 24) == buckets.decode(fixed, buckets.FIXED, 64) >> 40).all()
     found = view.disclose(keys.active_id, [(r.algorithm, _proof(keys, r)) for r in records[:20]])
     rows = live.records([f for f in found if f is not None])
     assert [rows[f].record.reference for f in found if f is not None] == [r.reference for r in records[:20]]
@@ -167,6 +172,7 @@ def test_key_file_is_owner_only_and_never_quoted_in_errors(tmp_path: Path) -> No
 @pytest.mark.parametrize(("table", "message"), [
     ("prefix_bits = 7", "must be 8 to 24"), ("prefix_bits = 25", "must be 8 to 24"),
     ("output_bytes = 2", "must be 3 to 8"), ("enabled = 1", "expected bool"), ("bucket = 3", "bucket"),
+    ('encoding = "bloom"', "expected one of fixed, elias-fano"), ("fingerprint_bits = 15", "must be 16 to 48"),
 ])
 def test_private_settings_are_validated(tmp_path: Path, table: str, message: str) -> None:
     path = tmp_path / "node.toml"
@@ -181,5 +187,9 @@ def test_private_settings_defaults_and_bounds(tmp_path: Path) -> None:
     base = '[node]\nid = "FR"\ncountry = "FR"\nfederation = "x.test"\nstore = "s.sqlite"\n'
     path.write_text(base)
     assert node_config.load(path, for_serving=False).private == node_config.PrivateSettings(False, 16, 4)
+    assert node_config.PrivateSettings().bits == 32
     path.write_text(base + "[private]\nenabled = true\nprefix_bits = 24\noutput_bytes = 8\n")
     assert node_config.load(path, for_serving=False).private == node_config.PrivateSettings(True, 24, 8)
+    path.write_text(base + '[private]\nencoding = "elias-fano"\nfingerprint_bits = 20\n')
+    loaded = node_config.load(path, for_serving=False).private
+    assert (loaded.encoding, loaded.bits) == ("elias-fano", 20)

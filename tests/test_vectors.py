@@ -185,3 +185,31 @@ def test_private_request_digests_from_the_specification() -> None:
     text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
     assert '"icse.v1.private-match" 0x00' in text and '"icse.v1.disclose" 0x00' in text
     assert '"icse.v1.bucket" 0x00' in text and '"icse.v1.oprf-key" 0x00' in text
+
+
+def _spec_fingerprints(outputs: list[bytes], bits: int) -> list[int]:
+    return sorted(int.from_bytes(o[:8], "big") >> (64 - bits) for o in outputs)
+
+
+def _spec_elias_fano(values: list[int], bits: int) -> bytes:
+    """PROTOCOL.md 12.3's Elias-Fano form, written from the text with Python integers."""
+    n = len(values)
+    low = 0 if n == 0 or 2**bits <= n else (2**bits // n).bit_length() - 1
+    low_bits = "".join(format(v & (2**low - 1), f"0{low}b") for v in values) if low else ""
+    positions = {(v >> low) + i for i, v in enumerate(values)}
+    bitmap = "".join("1" if p in positions else "0" for p in range(max(positions) + 1)) if values else ""
+
+    def pack(text: str) -> bytes:
+        text += "0" * (-len(text) % 8)
+        return bytes(int(text[i:i + 8], 2) for i in range(0, len(text), 8))
+
+    return n.to_bytes(2, "big") + pack(low_bits) + pack(bitmap)
+
+
+def test_bucket_answers_from_the_specification() -> None:
+    document = _load("oprf.json")["bucket_answers"]
+    outputs = [bytes.fromhex(o) for o in document["outputs"]]
+    fixed, coded = document["answers"]
+    assert fixed["bucket_outputs_hex"] == b"".join(
+        v.to_bytes(4, "big") for v in _spec_fingerprints(outputs, 32)).hex()
+    assert coded["bucket_outputs_hex"] == _spec_elias_fano(_spec_fingerprints(outputs, 24), 24).hex()
