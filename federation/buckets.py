@@ -73,6 +73,69 @@ def encode(prefixes: np.ndarray, encoding: int, bits: int) -> bytes:
     return count.to_bytes(2, "big") + lows + highs
 
 
+def _low_bits_many(sizes: np.ndarray, bits: int) -> np.ndarray:
+    """``low_bits`` of every bucket size (exact: the quotients are below 2^53, so frexp's
+    exponent is their bit length)."""
+    sizes = sizes.astype(np.int64)
+    quotients = np.where(sizes > 0, (1 << bits) // np.maximum(sizes, 1), 0)
+    _, exponents = np.frexp(quotients.astype(np.float64))
+    return np.where((sizes > 0) & (quotients >= 2), exponents - 1, 0).astype(np.int64)
+
+
+def _pack_low_bits(offsets: np.ndarray, widths: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    """``size`` bytes holding each value's ``widths`` low bits (most significant first) at bit
+    ``offsets``; the fields do not overlap and are at most 48 bits wide. Written as big-endian
+    64-bit words: a field falls into one word or spills into the next."""
+    keep = widths > 0
+    offsets, widths, values = offsets[keep], widths[keep].astype(np.uint64), values[keep]
+    words = np.zeros(size // 8 + 2, dtype=np.uint64)
+    word, bit = offsets >> 6, (offsets & 63).astype(np.uint64)
+    end = bit + widths
+    fits = end <= 64
+    np.bitwise_or.at(words, word[fits], values[fits] << (np.uint64(64) - end[fits]))
+    spill = ~fits
+    np.bitwise_or.at(words, word[spill], values[spill] >> (end[spill] - np.uint64(64)))
+    np.bitwise_or.at(words, word[spill] + 1, values[spill] << (np.uint64(128) - end[spill]))
+    return words.astype(">u8").view(np.uint8)[:size]
+
+
+def encode_many(prefixes: np.ndarray, sizes: np.ndarray, encoding: int, bits: int) -> list[bytes]:
+    """``encode`` of consecutive buckets at once: ``prefixes`` holds each bucket's entries in
+    turn (sorted within it), ``sizes`` how many each has. Vectorised over all buckets: every
+    answer is written into one byte string, then cut (each is a whole number of bytes)."""
+    sizes = sizes.astype(np.int64)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    if encoding == FIXED:
+        width = bits // 8
+        blob = encode(prefixes, FIXED, bits)
+        return [blob[a * width:b * width] for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+    if len(sizes) and int(sizes.max()) > MAX_ENTRIES:
+        raise BucketError(f"a bucket of {int(sizes.max())} entries does not fit the encoding (at most {MAX_ENTRIES})")
+    values = prefixes >> np.uint64(64 - bits)
+    low = _low_bits_many(sizes, bits)
+    owner = np.repeat(np.arange(len(sizes)), sizes)  # the bucket of each entry
+    rank = np.arange(len(values)) - starts[owner]  # its place within the bucket
+    entry_low = low[owner]
+    highs = (values >> entry_low.astype(np.uint64)).astype(np.int64) + rank
+    last = np.full(len(sizes), -1, dtype=np.int64)
+    filled = sizes > 0
+    last[filled] = highs[ends[filled] - 1]
+    low_bytes = (sizes * low + 7) // 8
+    lengths = 2 + low_bytes + (last + 8) // 8
+    first_byte = np.cumsum(lengths) - lengths
+    size = int(lengths.sum())
+    masks = (np.uint64(1) << entry_low.astype(np.uint64)) - np.uint64(1)
+    out = _pack_low_bits((first_byte[owner] + 2) * 8 + rank * entry_low, entry_low, values & masks, size)
+    out[first_byte] = sizes >> 8  # the count, big-endian
+    out[first_byte + 1] = sizes & 0xFF
+    bitmap = np.zeros(size * 8, dtype=np.uint8)
+    bitmap[(first_byte[owner] + 2 + low_bytes[owner]) * 8 + highs] = 1  # bit (x >> L) + i of each bitmap
+    out |= np.packbits(bitmap)
+    packed = out.tobytes()
+    return [packed[a:a + n] for a, n in zip(first_byte.tolist(), lengths.tolist(), strict=True)]
+
+
 def decode(blob: bytes, encoding: int, bits: int) -> np.ndarray:
     """The fingerprints of one bucket answer (uint64, ascending); ``BucketError`` if malformed."""
     if encoding == FIXED:

@@ -184,14 +184,7 @@ def bucket_prefixes(parts: Sequence[tuple[PrivatePart, np.ndarray]], buckets: np
 
 def encode_buckets(prefixes: np.ndarray, sizes: np.ndarray, encoding: int, bits: int) -> list[bytes]:
     """Each bucket's answer (federation.buckets) from ``bucket_prefixes``."""
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    if encoding == buckets_module.FIXED:
-        width = bits // 8
-        blob = buckets_module.encode(prefixes, encoding, bits)
-        return [blob[s * width:e * width] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
-    return [buckets_module.encode(prefixes[s:e], encoding, bits)
-            for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+    return buckets_module.encode_many(prefixes, sizes, encoding, bits)
 
 
 def find_outputs(part: PrivatePart, wanted: Sequence[bytes]) -> list[int]:

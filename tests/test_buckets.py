@@ -67,3 +67,14 @@ def test_malformed_answers_are_refused(blob: bytes, encoding: int, message: str)
 def test_wire_enum_names_the_same_encodings() -> None:
     assert (pb.PRIVATE_BUCKET_ENCODING_FIXED, pb.PRIVATE_BUCKET_ENCODING_ELIAS_FANO) == (
         buckets.FIXED, buckets.ELIAS_FANO)
+
+
+@pytest.mark.parametrize(("encoding", "bits"), [(buckets.FIXED, 32), (buckets.ELIAS_FANO, 16),
+                                                (buckets.ELIAS_FANO, 24), (buckets.ELIAS_FANO, 48)])
+def test_many_buckets_at_once_encode_as_each_alone(encoding: int, bits: int) -> None:
+    rng = random.Random(bits)
+    groups = [_prefixes(rng, size) for size in [0, 1, 2, 3, 150, 0, 17, 600, 1, 0]]
+    sizes = np.array([len(g) for g in groups])
+    together = buckets.encode_many(np.concatenate(groups), sizes, encoding, bits)
+    assert together == [buckets.encode(g, encoding, bits) for g in groups]
+    assert buckets.encode_many(np.empty(0, np.uint64), np.zeros(0, np.int64), encoding, bits) == []
