@@ -156,6 +156,26 @@ def _audit(node) -> list[dict]:
         return [json.loads(row[0]) for row in db.execute("SELECT entry FROM audit ORDER BY seq")]
 
 
+def _memory_spy(pid: int, digests: Sequence[bytes]) -> list[str]:
+    """Which digests (raw, lower or upper hex) the live process holds anywhere in its readable memory."""
+    forms = {form: digest.hex()[:12] for digest in digests
+             for form in (digest, digest.hex().encode(), digest.hex().upper().encode())}
+    seen = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+        for line in maps:
+            span, permissions = line.split()[:2]
+            if not permissions.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                memory.seek(start)
+                data = memory.read(end - start)
+            except (OSError, OverflowError, ValueError):  # [vvar] and the like cannot be read
+                continue
+            seen.update(name for form, name in forms.items() if data and form in data)
+    return sorted(seen)
+
+
 def _spy(directory: Path, digests: Sequence[bytes]) -> list[str]:
     """Every (file, form) where one of the digests appears: raw bytes, lower or upper hex."""
     seen = []
@@ -213,6 +233,10 @@ async def test_membership_is_decided_by_the_gateway_and_the_node_keeps_no_trace(
     # ... and it would see one: the held digests are in the segments (and the imported files).
     assert any(s.startswith("store.sqlite.segments/") for s in _spy(node.dir, [held[0][1]]))
     assert "PrivateMatch" in node.log_path.read_text()  # the log file is the one the node writes
+    # The node process's memory holds none of the absent digests either (the first eight: a scan of
+    # its whole memory per digest form is slow), and would show a held one (its arrays are mapped).
+    pid = json.loads(node.ready_path.read_text())["pid"]
+    assert _memory_spy(pid, [held[0][1]] + [d for _, d in absent[:8]]) == [held[0][1].hex()[:12]]
 
     # Step 2: the proofs of the hits release them, and only now are they audited as hits.
     proofs = [DiscloseItem(a, out) for (a, _, _), out in zip(held, found, strict=False) if out is not None]
