@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation import identity, oprf, protocol, tls, tokens
+from federation import buckets, identity, oprf, protocol, tls, tokens
 from federation.pki import cert_pem, key_pem
 from federation.query import (
     DiscloseItem,
@@ -331,6 +332,15 @@ def oprf_vectors() -> dict[str, Any]:
         private_items.append(PrivateItem(algorithm, oprf.bucket_of(data, 16), 16, blinded))
         disclose_items.append(DiscloseItem(algorithm, output))
     key = oprf.key_id(secret)
+    # One bucket's answer, 12 fingerprints: the three outputs above and nine more under the same key.
+    outputs = [oprf.evaluate(secret, oprf.digest_input(a, d)) for a, d in PRIVATE_DIGESTS]
+    outputs += [oprf.evaluate(secret, oprf.digest_input("sha256", hashlib.sha256(bytes([i])).digest()))
+                for i in range(9)]
+    prefixes = np.array(sorted(int.from_bytes(o[:8], "big") for o in outputs), dtype=np.uint64)
+    answers = [{"encoding": "PRIVATE_BUCKET_ENCODING_FIXED", "fingerprint_bits": 32,
+                "bucket_outputs_hex": buckets.encode(prefixes, buckets.FIXED, 32).hex()},
+               {"encoding": "PRIVATE_BUCKET_ENCODING_ELIAS_FANO", "fingerprint_bits": 24,
+                "bucket_outputs_hex": buckets.encode(prefixes, buckets.ELIAS_FANO, 24).hex()}]
     return {
         "description": "Private exact matching (PROTOCOL.md, 'Private exact matching'). rfc9497_a_1_1: the RFC's "
                        "vectors for OPRF mode 0x00, ristretto255-SHA512. digests: the OPRF input of a digest "
@@ -345,6 +355,7 @@ def oprf_vectors() -> dict[str, Any]:
                           "qh": private_match_sha256(private_items)},
         "disclose": {"key_id": key, "canonical_hex": disclose_bytes(key, disclose_items).hex(),
                      "qh": disclose_sha256(key, disclose_items)},
+        "bucket_answers": {"outputs": [o.hex() for o in outputs], "answers": answers},
     }
 
 

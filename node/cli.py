@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compact":
             return asyncio.run(_compact(config))
         if args.command == "private-key":
-            return private_cli.run(config, args.action, args.format)
+            return private_cli.run(config, args.action, args.format, args.replace)
         if args.command == "import":
             return asyncio.run(_import(config, args.files, args.format, args.strict))
         if args.command == "retract":

@@ -33,10 +33,21 @@ class PrivateSettings:
     prefix_bits: int = 16
     # Bytes of each output a bucket answer carries: more bytes, fewer false positives.
     output_bytes: int = 4
+    # How bucket answers are written: "fixed" (output_bytes each) or "elias-fano"
+    # (fingerprints of fingerprint_bits bits, about 2 + fingerprint_bits - log2(bucket size) bits each).
+    encoding: str = "fixed"
+    fingerprint_bits: int = 24
+
+    @property
+    def bits(self) -> int:
+        """Bits of each fingerprint in a bucket answer."""
+        return 8 * self.output_bytes if self.encoding == "fixed" else self.fingerprint_bits
 
 
 PREFIX_BITS = (8, 24)
 OUTPUT_BYTES = (3, 8)
+FINGERPRINT_BITS = (16, 48)
+ENCODINGS = ("fixed", "elias-fano")
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
 
 
 def _private(table: Table) -> PrivateSettings:
-    table.reject_unknown({"enabled", "prefix_bits", "output_bytes"})
+    table.reject_unknown({"enabled", "prefix_bits", "output_bytes", "encoding", "fingerprint_bits"})
     defaults = PrivateSettings()
     enabled = table.get("enabled", bool, defaults.enabled)
     bits = table.get("prefix_bits", int, defaults.prefix_bits)
@@ -138,7 +149,14 @@ def _private(table: Table) -> PrivateSettings:
     if not OUTPUT_BYTES[0] <= width <= OUTPUT_BYTES[1]:
         raise ConfigError(f"{table.where('output_bytes')}: must be {OUTPUT_BYTES[0]} to {OUTPUT_BYTES[1]}, "
                           f"got {width}")
-    return PrivateSettings(enabled, bits, width)
+    encoding = table.get("encoding", str, defaults.encoding)
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"{table.where('encoding')}: expected one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    fingerprint = table.get("fingerprint_bits", int, defaults.fingerprint_bits)
+    if not FINGERPRINT_BITS[0] <= fingerprint <= FINGERPRINT_BITS[1]:
+        raise ConfigError(f"{table.where('fingerprint_bits')}: must be {FINGERPRINT_BITS[0]} to "
+                          f"{FINGERPRINT_BITS[1]}, got {fingerprint}")
+    return PrivateSettings(enabled, bits, width, encoding, fingerprint)
 
 
 def _tier(table: Table, key: str, value: object) -> Tier:

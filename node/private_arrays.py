@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from federation import oprf
+from federation import buckets as buckets_module, oprf
 from federation.algorithms import Algorithm
 from node import segment_index
 
@@ -145,17 +145,18 @@ class PrivatePart:
         return keys[where], np.array(self.raw())
 
 
-def bucket_outputs(parts: Sequence[tuple[PrivatePart, np.ndarray]], buckets: np.ndarray, bits: int,
-                   width: int) -> list[bytes]:
-    """For each bucket (``bits``-bit prefixes), the outputs of every part's live rows in it,
-    each cut to ``width`` bytes, sorted ascending, concatenated. ``parts`` pairs each
-    part with the row ids tombstones hide in it. Vectorised: one pass per part."""
+def bucket_prefixes(parts: Sequence[tuple[PrivatePart, np.ndarray]], buckets: np.ndarray, bits: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """For each bucket (``bits``-bit prefixes), the first 8 bytes (big-endian uint64) of the
+    outputs of every part's live rows in it: (all of them, grouped by bucket in request order
+    and sorted ascending within each; how many each bucket has). ``parts`` pairs each part
+    with the row ids tombstones hide in it. Vectorised: one pass per part."""
     count = len(buckets)
     shift = 32 - bits
     low = (buckets.astype(np.uint64) << shift).astype(np.uint32)
     high = (((buckets.astype(np.uint64) + 1) << shift) - 1).astype(np.uint32)
     item_chunks: list[np.ndarray] = []
-    output_chunks: list[np.ndarray] = []
+    prefix_chunks: list[np.ndarray] = []
     for part, hidden in parts:
         if not len(part):
             continue
@@ -172,19 +173,18 @@ def bucket_outputs(parts: Sequence[tuple[PrivatePart, np.ndarray]], buckets: np.
             live = ~np.isin(part.ids[positions], hidden)
             items, positions = items[live], positions[live]
         item_chunks.append(items)
-        output_chunks.append(part.raw()[positions, :width])
+        prefix_chunks.append(buckets_module.prefix64(part.raw()[positions]))
     if not item_chunks:
-        return [b""] * count
+        return np.empty(0, dtype=np.uint64), np.zeros(count, dtype=np.int64)
     items = np.concatenate(item_chunks)
-    cut = np.concatenate(output_chunks)
-    padded = np.zeros((len(cut), 8), dtype=np.uint8)
-    padded[:, :min(width, 8)] = cut[:, :8]
-    rank = padded.view(">u8").ravel()
-    order = np.lexsort((rank, items)) if width <= 8 else np.lexsort((*cut.T[::-1], items))
-    blob = np.ascontiguousarray(cut[order]).tobytes()
-    ends = np.cumsum(np.bincount(items, minlength=count)) * width
-    starts = np.concatenate(([0], ends[:-1]))
-    return [blob[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+    prefixes = np.concatenate(prefix_chunks)
+    order = np.lexsort((prefixes, items))
+    return prefixes[order], np.bincount(items, minlength=count)
+
+
+def encode_buckets(prefixes: np.ndarray, sizes: np.ndarray, encoding: int, bits: int) -> list[bytes]:
+    """Each bucket's answer (federation.buckets) from ``bucket_prefixes``."""
+    return buckets_module.encode_many(prefixes, sizes, encoding, bits)
 
 
 def find_outputs(part: PrivatePart, wanted: Sequence[bytes]) -> list[int]:

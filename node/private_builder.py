@@ -79,6 +79,7 @@ class PrivateBuilder:
         self._task: asyncio.Task[None] | None = None
         # What this builder added or dropped, until the node's view shows it (a refresh follows each change).
         self._done: set[tuple[int, str]] = set()
+        self._failure = ""  # the last failure logged: a lasting one is logged once, not every second
 
     def consider(self, live: SegmentSet) -> None:
         """Called after every refresh of the node's view (a new generation)."""
@@ -103,10 +104,13 @@ class PrivateBuilder:
             self._wake.clear()
             try:
                 await self.run_once()
+                self._failure = ""
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("computing OPRF outputs failed; trying again at the next change")
+            except Exception as exc:
+                if str(exc) != self._failure:
+                    log.exception("computing OPRF outputs failed; trying again at the next change")
+                self._failure = str(exc)
 
     async def run_once(self) -> bool:
         """One pass over the latest view; whether it changed anything."""

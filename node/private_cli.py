@@ -27,12 +27,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("action", choices=["init", "rotate", "show"])
     parser.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
     parser.add_argument("--format", default="table", choices=["table", "json"])
+    parser.add_argument("--replace", action="store_true",
+                        help="init: replace a damaged or lost key with a new one (every output is computed again; "
+                        "until then private answers cover nothing)")
 
 
-def run(config: NodeConfig, action: str, format_name: str) -> int:
+def run(config: NodeConfig, action: str, format_name: str, replace: bool = False) -> int:
     store = config.store
+    if replace and action != "init":
+        raise ValueError("--replace goes with init only")
     if action == "init":
-        keys, created = private_key.init(store)
+        keys, created = private_key.init(store, replace=replace)
         state = "created" if created else "already present"
     elif action == "rotate":
         keys = private_key.rotate(store)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import grpc
 
-from federation import algorithms, oprf, protocol
+from federation import algorithms, buckets, oprf, protocol
 from federation.query import DiscloseItem, PrivateItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.tokens import QueryClaims
 from federation.wire import SERVICE_NAME, disclose_items_from_pb, pb, private_items_from_pb
@@ -82,15 +82,34 @@ class PrivateMode:
         return self._view
 
     def info(self, live: SegmentSet) -> pb.PrivateInfo | None:
-        """Describe's ``private_exact``; None when private matching is off (or has no key yet)."""
-        view = self.view(live) if self.settings.enabled else None
+        """Describe's ``private_exact``; None when private matching is off, has no key yet, or
+        its key file is damaged (logged: Describe itself must keep answering)."""
+        try:
+            view = self.view(live) if self.settings.enabled else None
+        except private_key.KeyFileError as exc:
+            log.error("private matching unavailable", extra={"reason": str(exc)})
+            return None
         if view is None:
             return None
         bits = self.settings.prefix_bits
         return pb.PrivateInfo(suite=oprf.SUITE, prefix_bits=bits, key_id=view.key_id, stored=view.stored,
-                              covered=view.covered, output_bytes=self.settings.output_bytes,
+                              covered=view.covered, output_bytes=output_bytes(self.settings),
                               mean_bucket_size=private_view.mean_bucket_size(view.covered, bits),
-                              algorithms=list(private_view.EXACT))
+                              algorithms=list(private_view.EXACT),
+                              bucket_encoding=_WIRE_ENCODING[self.settings.encoding],
+                              fingerprint_bits=self.settings.bits)
+
+
+def encoding_of(settings: PrivateSettings) -> int:
+    return buckets.FIXED if settings.encoding == "fixed" else buckets.ELIAS_FANO
+
+
+_WIRE_ENCODING = {"fixed": pb.PRIVATE_BUCKET_ENCODING_FIXED, "elias-fano": pb.PRIVATE_BUCKET_ENCODING_ELIAS_FANO}
+
+
+def output_bytes(settings: PrivateSettings) -> int:
+    """``output_bytes`` on the wire: the fixed encoding's width, 0 with another encoding."""
+    return settings.output_bytes if settings.encoding == "fixed" else 0
 
 
 @dataclass(frozen=True)
@@ -233,7 +252,12 @@ class PrivateService:
 
     async def _view(self, claims: QueryClaims) -> tuple[SegmentSet, PrivateView]:
         current = await self._node._current(claims)
-        view = self._mode.view(current)
+        try:
+            view = self._mode.view(current)
+        except private_key.KeyFileError as exc:
+            log.error("private matching unavailable", extra={"reason": str(exc)})
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this node's OPRF key file is damaged; its operator must restore it", claims) from None
         if view is None:
             raise Refused(grpc.StatusCode.UNAVAILABLE,
                           "this node has no OPRF key yet (it is created when the node starts with private "
@@ -248,16 +272,18 @@ class PrivateService:
         current, view = await self._view(claims)
 
         def work() -> list[pb.PrivateResult]:
-            buckets = view.bucket_outputs([i.bucket for i in items], settings.prefix_bits, settings.output_bytes)
+            answers = view.bucket_outputs([i.bucket for i in items], settings.prefix_bits,
+                                          encoding_of(settings), settings.bits)
             return [pb.PrivateResult(evaluated_element=oprf.blind_evaluate(view.secret, item.blinded),
                                      bucket_outputs=found)
-                    for item, found in zip(items, buckets, strict=True)]
+                    for item, found in zip(items, answers, strict=True)]
 
         results = await asyncio.to_thread(work)
         response = pb.PrivateMatchResponse(
             node_id=self._config.node_id, country=self._config.country, results=results, key_id=view.key_id,
-            generation=current.generation, output_bytes=settings.output_bytes, prefix_bits=settings.prefix_bits,
-            stored=view.stored, covered=view.covered, protocol_version=protocol.VERSION)
+            generation=current.generation, output_bytes=output_bytes(settings), prefix_bits=settings.prefix_bits,
+            stored=view.stored, covered=view.covered, protocol_version=protocol.VERSION,
+            bucket_encoding=_WIRE_ENCODING[settings.encoding], fingerprint_bits=settings.bits)
         return Answer(response, claims)
 
     async def _disclose(self, key_id: str, items: Sequence[DiscloseItem],

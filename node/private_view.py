@@ -47,10 +47,13 @@ class PrivateView:
     active: tuple[Holding, ...]
     by_key: dict[str, tuple[Holding, ...]] = field(default_factory=dict)
 
-    def bucket_outputs(self, buckets: Sequence[int], bits: int, width: int) -> list[bytes]:
-        """Each bucket's live outputs under the active key (``private_arrays.bucket_outputs``)."""
-        return private_arrays.bucket_outputs([(h.part, h.hidden) for h in self.active],
-                                             np.array(buckets, dtype=np.uint32), bits, width)
+    def bucket_outputs(self, buckets: Sequence[int], bits: int, encoding: int, fingerprint_bits: int
+                       ) -> list[bytes]:
+        """Each bucket's answer under the active key: the fingerprints of its live outputs,
+        encoded (federation.buckets)."""
+        prefixes, sizes = private_arrays.bucket_prefixes([(h.part, h.hidden) for h in self.active],
+                                                         np.array(buckets, dtype=np.uint32), bits)
+        return private_arrays.encode_buckets(prefixes, sizes, encoding, fingerprint_bits)
 
     def disclose(self, key_id: str, items: Sequence[tuple[str, bytes]]) -> list[int | None]:
         """The record id of the live row whose output under ``key_id`` is each item's

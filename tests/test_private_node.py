@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from federation import oprf, tokens
+from federation import buckets, oprf, tokens
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 from federation.query import DiscloseItem, PrivateItem, disclose_sha256, private_match_sha256
@@ -133,14 +133,12 @@ async def _disclose(client: Client, pki: DevPki, key_id: str, items: Sequence[Di
 
 
 def _found(asked: Asked, response: pb.PrivateMatchResponse) -> list[bytes | None]:
-    """The gateway's local membership test: the full output if its cut is in the bucket."""
-    width = response.output_bytes
+    """The gateway's local membership test: the full output if its fingerprint is in the bucket."""
     found: list[bytes | None] = []
     for data, blind, result in zip(asked.inputs, asked.blinds, response.results, strict=True):
         output = oprf.finalize(data, blind, result.evaluated_element)
-        bucket = result.bucket_outputs
-        cuts = {bucket[i:i + width] for i in range(0, len(bucket), width)}
-        found.append(output if output[:width] in cuts else None)
+        member = buckets.contains(result.bucket_outputs, response.bucket_encoding, response.fingerprint_bits, output)
+        found.append(output if member else None)
     return found
 
 
@@ -156,6 +154,26 @@ async def _node_cli(config: Path, command: str, *args: str) -> str:
 def _audit(node) -> list[dict]:
     with sqlite3.connect(f"file:{audit_path(node.store_path)}?mode=ro", uri=True) as db:
         return [json.loads(row[0]) for row in db.execute("SELECT entry FROM audit ORDER BY seq")]
+
+
+def _memory_spy(pid: int, digests: Sequence[bytes]) -> list[str]:
+    """Which digests (raw, lower or upper hex) the live process holds anywhere in its readable memory."""
+    forms = {form: digest.hex()[:12] for digest in digests
+             for form in (digest, digest.hex().encode(), digest.hex().upper().encode())}
+    seen = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+        for line in maps:
+            span, permissions = line.split()[:2]
+            if not permissions.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                memory.seek(start)
+                data = memory.read(end - start)
+            except (OSError, OverflowError, ValueError):  # [vvar] and the like cannot be read
+                continue
+            seen.update(name for form, name in forms.items() if data and form in data)
+    return sorted(seen)
 
 
 def _spy(directory: Path, digests: Sequence[bytes]) -> list[str]:
@@ -178,6 +196,7 @@ async def test_describe_offers_private_matching_and_covers_every_exact_digest(pr
     assert "private.exact.v1" in described.features
     info = described.private_exact
     assert (info.suite, info.prefix_bits, info.output_bytes) == ("ristretto255-SHA512", BITS, 8)
+    assert (info.bucket_encoding, info.fingerprint_bits) == (pb.PRIVATE_BUCKET_ENCODING_FIXED, 64)
     assert len(info.key_id) == 16 and info.stored == len(private_node.held) == info.covered
     assert info.mean_bucket_size == pytest.approx(len(private_node.held) / 2**BITS)
     assert sorted(info.algorithms) == ["md5", "sha1", "sha256"]
@@ -197,6 +216,8 @@ async def test_membership_is_decided_by_the_gateway_and_the_node_keeps_no_trace(
     audit_before = len(_audit(node))
     response = await _private_match(private_node.client(), pki, asked.items)
     assert len(response.results) == len(asked.items) and response.prefix_bits == BITS
+    assert (response.bucket_encoding, response.output_bytes, response.fingerprint_bits) == (
+        pb.PRIVATE_BUCKET_ENCODING_FIXED, 8, 64)
     found = _found(asked, response)
     assert all(found[:len(held)]), "every held digest is found by the gateway"
     assert not any(found[len(held):]), "no absent digest is found"
@@ -212,6 +233,10 @@ async def test_membership_is_decided_by_the_gateway_and_the_node_keeps_no_trace(
     # ... and it would see one: the held digests are in the segments (and the imported files).
     assert any(s.startswith("store.sqlite.segments/") for s in _spy(node.dir, [held[0][1]]))
     assert "PrivateMatch" in node.log_path.read_text()  # the log file is the one the node writes
+    # The node process's memory holds none of the absent digests either (the first eight: a scan of
+    # its whole memory per digest form is slow), and would show a held one (its arrays are mapped).
+    pid = json.loads(node.ready_path.read_text())["pid"]
+    assert _memory_spy(pid, [held[0][1]] + [d for _, d in absent[:8]]) == [held[0][1].hex()[:12]]
 
     # Step 2: the proofs of the hits release them, and only now are they audited as hits.
     proofs = [DiscloseItem(a, out) for (a, _, _), out in zip(held, found, strict=False) if out is not None]
@@ -234,14 +259,15 @@ async def test_a_forged_proof_gets_nothing(private_node: PrivateNode) -> None:
     assert real is not None
     rng = random.Random(5)
     forged = [DiscloseItem(algorithm, rng.randbytes(64)),  # random bytes
-              DiscloseItem(algorithm, real[:63] + bytes([real[63] ^ 1])),  # one bit off a real proof
+              DiscloseItem(algorithm, real[:63] + bytes([(real[63] + 1) % 256])),  # beside a real proof ...
+              DiscloseItem(algorithm, real[:63] + bytes([(real[63] - 1) % 256])),  # ... on either side
               DiscloseItem("sha256" if algorithm != "sha256" else "md5", real),  # a real proof, another algorithm
               DiscloseItem(algorithm, oprf.evaluate(oprf.generate_key(), oprf.digest_input(algorithm, digest)))]
     before = len(_audit(private_node.node))
     disclosed = await _disclose(private_node.client(), pki, response.key_id, forged)
     assert list(disclosed.results) == []
     (record,) = _audit(private_node.node)[before:]
-    assert (record["rpc"], record["items"], record["hits"], record["references"]) == ("Disclose", 4, 0, [])
+    assert (record["rpc"], record["items"], record["hits"], record["references"]) == ("Disclose", 5, 0, [])
     # The real proof, for contrast, releases the hit.
     assert len((await _disclose(private_node.client(), pki, response.key_id,
                                 [DiscloseItem(algorithm, real)])).results) == 1
@@ -314,7 +340,8 @@ async def test_a_node_without_private_mode_says_so(federation: RunningFederation
 
 async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
                                                                    tmp_path: Path) -> None:
-    spec = NodeSpec(NODE, NODE, tables={"private": {"enabled": True, "prefix_bits": BITS}})
+    spec = NodeSpec(NODE, NODE, tables={"private": {"enabled": True, "prefix_bits": BITS, "encoding": "elias-fano",
+                                                    "fingerprint_bits": 20}})
     local = LocalFederation(tmp_path, pki, [spec])
     held = _rows(random.Random(3), 120, "ROT")
     assert local[NODE].import_file(_write_csv(tmp_path / "rows.csv", held)).returncode == 0
@@ -323,6 +350,8 @@ async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
         first = await wait_until_async(lambda: _covered(client, pki), 60, "outputs computed", interval=0.2)
         assert isinstance(first, pb.DescribeResponse)
         old_key = first.private_exact.key_id
+        assert (first.private_exact.bucket_encoding, first.private_exact.fingerprint_bits,
+                first.private_exact.output_bytes) == (pb.PRIVATE_BUCKET_ENCODING_ELIAS_FANO, 20, 0)
         asked = _ask([(a, d) for a, d, _ in held[:3]])
         before = await _private_match(client, pki, asked.items)
         old_proofs = _found(asked, before)
@@ -350,3 +379,11 @@ async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
         mode = (local[NODE].store_path.with_name("store.sqlite.oprf-key")).stat().st_mode & 0o777
         assert mode == 0o600
         assert key_file["active"] not in local[NODE].log_path.read_text()
+
+        # A damaged key file: Describe goes on (without private matching), PrivateMatch says why.
+        local[NODE].store_path.with_name("store.sqlite.oprf-key").write_text("{not json")
+        described = await _describe(client, pki)
+        assert not described.HasField("private_exact") and "private.exact.v1" not in described.features
+        error = await _refusal(_private_match(client, pki, asked.items))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "key file is damaged" in (error.details() or "")
+        assert "{not json" not in local[NODE].log_path.read_text()
