@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from federation import algorithms, oprf, protocol, tokens
+from federation import algorithms, buckets, oprf, protocol, tokens
 from federation.query import (
     EMPTY_QUERY_SHA256,
     DiscloseItem,
@@ -61,21 +61,38 @@ class Offer:
 
     prefix_bits: int
     key_id: str
-    output_bytes: int
+    # How its bucket answers are written (federation.buckets), and the bits of each fingerprint.
+    encoding: int
+    fingerprint_bits: int
     algorithms: frozenset[str]
     stored: int
     covered: int
     mean_bucket_size: float
 
 
+def fingerprint_bits(encoding: int, bits: int, output_bytes: int) -> int:
+    """The fingerprint width an answer states (a fixed-width answer may state only ``output_bytes``);
+    ``ValueError`` for an encoding or a width this gateway cannot read."""
+    if encoding not in (buckets.FIXED, buckets.ELIAS_FANO):
+        raise ValueError(f"bucket encoding {encoding} is not one this gateway reads")
+    bits = bits or (8 * output_bytes if encoding == buckets.FIXED else 0)
+    if not 1 <= bits <= 64 or (encoding == buckets.FIXED and bits % 8):
+        raise ValueError(f"fingerprints of {bits} bits in bucket encoding {encoding}")
+    return bits
+
+
 def offer_of(description: pb.DescribeResponse) -> Offer | None:
-    """The node's offer, or None when it offers none this gateway can use (another suite, no prefix)."""
+    """The node's offer, or None when it offers none this gateway can use (another suite or encoding)."""
     if FEATURE not in description.features or not description.HasField("private_exact"):
         return None
     info = description.private_exact
-    if info.suite != SUITE or not 1 <= info.prefix_bits <= oprf.MAX_BUCKET_BITS or not 1 <= info.output_bytes <= 64:
+    if info.suite != SUITE or not 1 <= info.prefix_bits <= oprf.MAX_BUCKET_BITS:
         return None
-    return Offer(info.prefix_bits, info.key_id, info.output_bytes, frozenset(info.algorithms) & EXACT,
+    try:
+        bits = fingerprint_bits(info.bucket_encoding, info.fingerprint_bits, info.output_bytes)
+    except ValueError:
+        return None
+    return Offer(info.prefix_bits, info.key_id, info.bucket_encoding, bits, frozenset(info.algorithms) & EXACT,
                  info.stored, info.covered, info.mean_bucket_size)
 
 
@@ -102,28 +119,23 @@ def blind_items(items: Sequence[QueryItem], positions: Sequence[int], prefix_bit
 
 
 def local_hits(blinded: Sequence[Blinded], response: pb.PrivateMatchResponse) -> list[tuple[Blinded, bytes]]:
-    """The items whose output is in their bucket, each with its full output (the proof to disclose).
+    """The items whose output's fingerprint is in their bucket, each with its full output (the proof to disclose).
 
-    ``ValueError`` for an answer that does not fit the request (count, sizes).
-    A truncated output may collide with another stored one: the node's
-    disclosure, which checks the full output, weeds those out.
+    ``ValueError`` for an answer that does not fit the request (count,
+    encoding, a bucket that does not decode, an element that is not one). A
+    fingerprint shared with another stored output is a false candidate: the
+    node's disclosure, which checks the full output, weeds those out.
     """
-    width = response.output_bytes
-    if not 1 <= width <= oprf.OUTPUT_BYTES:
-        raise ValueError(f"output_bytes {width} is not 1..{oprf.OUTPUT_BYTES}")
+    bits = fingerprint_bits(response.bucket_encoding, response.fingerprint_bits, response.output_bytes)
     if len(response.results) != len(blinded):
         raise ValueError(f"{len(response.results)} private results for {len(blinded)} items")
     found = []
     for entry, result in zip(blinded, response.results, strict=True):
-        outputs = bytes(result.bucket_outputs)
-        if len(outputs) % width:
-            raise ValueError(f"bucket outputs of {len(outputs)} bytes are not whole {width}-byte outputs")
         try:
             output = oprf.finalize(entry.input, entry.blind, bytes(result.evaluated_element))
         except oprf.OprfError as exc:
             raise ValueError(f"evaluated element: {exc}") from None
-        head = output[:width]
-        if any(outputs[i:i + width] == head for i in range(0, len(outputs), width)):
+        if buckets.contains(bytes(result.bucket_outputs), response.bucket_encoding, bits, output):
             found.append((entry, output))
     return found
 
@@ -223,8 +235,9 @@ class Chooser:
         if others:
             words += f"; {len(others)} perceptual item(s) in clear (they cannot be matched privately)"
         self._offers[(attempt.node.node_id, attempt.address)] = Offer(
-            response.prefix_bits, response.key_id, response.output_bytes, offer.algorithms, response.stored,
-            response.covered, offer.mean_bucket_size)
+            response.prefix_bits, response.key_id, response.bucket_encoding,
+            fingerprint_bits(response.bucket_encoding, response.fingerprint_bits, response.output_bytes),
+            offer.algorithms, response.stored, response.covered, offer.mean_bucket_size)
         return _answer(attempt, hits, truncated, words)
 
     async def _plain_part(self, attempt: Attempt, positions: list[int]) -> list[tuple[tuple[HitInfo, ...], bool]]:

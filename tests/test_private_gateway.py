@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from federation import oprf, tokens
+from federation import buckets, oprf, tokens
 from federation.localfed import LocalFederation, LocalNode, NodeSpec, environment
 from federation.pki import DevPki
 from federation.query import DiscloseItem, QueryItem, disclose_sha256, private_match_sha256
@@ -30,21 +31,26 @@ from gateway.signing import signer_for
 from tests.support import claims_for, gateway_client, import_rows, query_json, run_gateway, signing_key
 
 
-def _node_answer(key: bytes, blinded: list[private.Blinded], stored: list[bytes], width: int = 8,
-                 prefix_bits: int = 16) -> pb.PrivateMatchResponse:
+def _node_answer(key: bytes, blinded: list[private.Blinded], stored: list[bytes], bits: int = 32,
+                 prefix_bits: int = 16, encoding: int = buckets.FIXED) -> pb.PrivateMatchResponse:
     """What an honest node holding ``stored`` (OPRF inputs) answers: evaluations and each item's bucket."""
     outputs = {data: oprf.evaluate(key, data) for data in stored}
     results = []
     for entry in blinded:
-        bucket = sorted(o[:width] for d, o in outputs.items() if oprf.bucket_of(d, prefix_bits) == entry.item.bucket)
+        bucket = sorted(o for d, o in outputs.items() if oprf.bucket_of(d, prefix_bits) == entry.item.bucket)
+        prefixes = np.array([int.from_bytes(o[:8], "big") for o in bucket], dtype=np.uint64)
         results.append(pb.PrivateResult(evaluated_element=oprf.blind_evaluate(key, entry.item.blinded),
-                                        bucket_outputs=b"".join(bucket)))
-    return pb.PrivateMatchResponse(node_id="FR", results=results, key_id=oprf.key_id(key), output_bytes=width,
+                                        bucket_outputs=buckets.encode(prefixes, encoding, bits)))
+    return pb.PrivateMatchResponse(node_id="FR", results=results, key_id=oprf.key_id(key),
+                                   output_bytes=bits // 8 if encoding == buckets.FIXED else 0,
                                    prefix_bits=prefix_bits, stored=len(stored), covered=len(stored),
-                                   protocol_version="1.1")
+                                   protocol_version="1.1", bucket_encoding=encoding, fingerprint_bits=bits)
 
 
-def test_local_membership_finds_held_digests_only_and_proves_them_with_the_full_output() -> None:
+@pytest.mark.parametrize(("encoding", "bits"), [(buckets.FIXED, 32), (buckets.FIXED, 24), (buckets.ELIAS_FANO, 24),
+                                               (buckets.ELIAS_FANO, 40)])
+def test_local_membership_finds_held_digests_only_and_proves_them_with_the_full_output(encoding: int,
+                                                                                     bits: int) -> None:
     key = oprf.generate_key()
     held = [QueryItem("sha256", os.urandom(32)), QueryItem("md5", os.urandom(16))]
     # The same digest bytes under another algorithm are another input: not a hit.
@@ -55,7 +61,7 @@ def test_local_membership_finds_held_digests_only_and_proves_them_with_the_full_
     assert all(b.item.blinded != oprf.blind(b.input)[1] for b in blinded), "blinds must be fresh"
     stored = [oprf.digest_input(i.algorithm, i.digest) for i in held]
     stored += [oprf.digest_input("sha256", os.urandom(32)) for _ in range(50)]
-    found = private.local_hits(blinded, _node_answer(key, blinded, stored, prefix_bits=1))
+    found = private.local_hits(blinded, _node_answer(key, blinded, stored, bits, prefix_bits=1, encoding=encoding))
     assert [entry.position for entry, _ in found] == [0, 2]
     assert [output for _, output in found] == [oprf.evaluate(key, stored[0]), oprf.evaluate(key, stored[1])]
 
@@ -68,7 +74,7 @@ def test_items_carry_no_digest_and_their_bucket_is_the_digests_prefix() -> None:
     assert (entry.item.algorithm, entry.item.prefix_bits) == ("sha1", 16)
 
 
-@pytest.mark.parametrize("damage", ["count", "width", "ragged", "element"])
+@pytest.mark.parametrize("damage", ["count", "width", "ragged", "encoding", "short", "element"])
 def test_an_answer_that_does_not_fit_the_request_is_malformed(damage: str) -> None:
     key = oprf.generate_key()
     items = [QueryItem("md5", os.urandom(16)) for _ in range(3)]
@@ -77,9 +83,14 @@ def test_an_answer_that_does_not_fit_the_request_is_malformed(damage: str) -> No
     if damage == "count":
         del response.results[-1]
     elif damage == "width":
-        response.output_bytes = 65
+        response.fingerprint_bits = 65
     elif damage == "ragged":
         response.results[0].bucket_outputs += b"\x00"
+    elif damage == "encoding":
+        response.bucket_encoding = 7  # type: ignore[assignment]
+    elif damage == "short":
+        response.bucket_encoding, response.fingerprint_bits = buckets.ELIAS_FANO, 24
+        response.results[0].bucket_outputs = b"\x00"
     else:
         response.results[1].evaluated_element = bytes(32)
     with pytest.raises(ValueError):
@@ -87,17 +98,21 @@ def test_an_answer_that_does_not_fit_the_request_is_malformed(damage: str) -> No
 
 
 def test_offer_is_only_taken_for_the_suite_this_gateway_speaks() -> None:
-    info = pb.PrivateInfo(suite="ristretto255-SHA512", prefix_bits=16, key_id="00" * 8, output_bytes=8,
-                          stored=10, covered=10, mean_bucket_size=0.1, algorithms=["md5", "sha256", "pdq"])
+    info = pb.PrivateInfo(suite="ristretto255-SHA512", prefix_bits=16, key_id="00" * 8, output_bytes=0,
+                          stored=10, covered=10, mean_bucket_size=0.1, algorithms=["md5", "sha256", "pdq"],
+                          bucket_encoding=buckets.ELIAS_FANO, fingerprint_bits=24)
     offered = pb.DescribeResponse(features=[private.FEATURE], private_exact=info)
     offer = private.offer_of(offered)
     assert offer is not None and offer.algorithms == {"md5", "sha256"} and offer.prefix_bits == 16
+    assert (offer.encoding, offer.fingerprint_bits) == (buckets.ELIAS_FANO, 24)
     assert private.offer_of(pb.DescribeResponse(private_exact=info)) is None  # feature not listed
     other = pb.PrivateInfo()
     other.CopyFrom(info)
     other.suite = "P256-SHA256"
     assert private.offer_of(pb.DescribeResponse(features=[private.FEATURE], private_exact=other)) is None
     other.suite, other.prefix_bits = info.suite, 33
+    assert private.offer_of(pb.DescribeResponse(features=[private.FEATURE], private_exact=other)) is None
+    other.prefix_bits, other.bucket_encoding = 16, 5  # type: ignore[assignment]
     assert private.offer_of(pb.DescribeResponse(features=[private.FEATURE], private_exact=other)) is None
 
 
@@ -133,8 +148,11 @@ def mixed(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix
     rng = random.Random(14)
     shared, de_md5, fr_sha1, pdq = rng.randbytes(32).hex(), rng.randbytes(16).hex(), rng.randbytes(20).hex(), \
         rng.randbytes(32).hex()
-    specs = [NodeSpec(n, n, f"desk@police.example.{n.lower()}",
-                      tables={"private": {"enabled": True, "prefix_bits": 8}}) for n in PRIVATE_NODES]
+    # FR answers buckets in the fixed encoding, DE Elias-Fano coded.
+    settings = {"FR": {"enabled": True, "prefix_bits": 8},
+                "DE": {"enabled": True, "prefix_bits": 8, "encoding": "elias-fano", "fingerprint_bits": 24}}
+    specs = [NodeSpec(n, n, f"desk@police.example.{n.lower()}", tables={"private": settings[n]})
+             for n in PRIVATE_NODES]
     local = LocalFederation(workdir, pki, [*specs, NodeSpec(PLAIN_NODE, PLAIN_NODE, "desk@police.example.nl")])
     rows: dict[str, list[dict[str, str]]] = {
         "FR": [{"sha256": shared, "reference": "FR-SHARED"}, {"sha1": fr_sha1, "reference": "FR-SHA1"},

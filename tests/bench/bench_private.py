@@ -43,7 +43,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import numpy as np  # noqa: E402
 import scale_support as s  # noqa: E402
 
-from federation import oprf  # noqa: E402
+from federation import buckets, oprf  # noqa: E402
 from federation.localfed import LocalFederation, NodeSpec  # noqa: E402
 from federation.pki import DevPki  # noqa: E402
 from federation.query import QueryItem  # noqa: E402
@@ -108,7 +108,7 @@ class Mode:
 def counted(strategy: Strategy, mode: Mode) -> Strategy:
     """``strategy`` with every call's bytes added to ``mode.wire`` (as it is at the time of the call)."""
     async def ask(attempt: Attempt) -> NodeAnswer:
-        return await strategy(replace(attempt, stub=_CountingStub(attempt.stub, mode.wire)))
+        return await strategy(replace(attempt, stub=_CountingStub(attempt.stub, mode.wire)))  # type: ignore[arg-type]
     return ask
 
 
@@ -143,8 +143,20 @@ async def measure(local: LocalFederation, mode: Mode, strategy: Strategy, items:
     return private.offer_of(described.description) if described.description else None
 
 
-def bucket_table(stored: np.ndarray, output_bytes: int) -> list[tuple[int, float, int, int, float]]:
-    """Per prefix length 8..24: (bits, mean, smallest, largest bucket, bucket bytes on the wire)."""
+def answer_bytes(entries: float, offer: private.Offer) -> float:
+    """Bytes of one bucket answer of ``entries`` fingerprints in the node's encoding (federation.buckets):
+    fixed, ``bits / 8`` each; Elias-Fano, a 2-byte count, ``L`` low bits each and a high-part bitmap
+    of about two bits each, where ``L = floor(log2(2^bits / entries))``."""
+    if offer.encoding == buckets.FIXED:
+        return entries * offer.fingerprint_bits / 8
+    if entries < 1:
+        return 2 + entries * 2 / 8
+    low = buckets.low_bits(max(round(entries), 1), offer.fingerprint_bits)
+    return 2 + entries * (low + 2) / 8
+
+
+def bucket_table(stored: np.ndarray, offer: private.Offer) -> list[tuple[int, float, int, int, float]]:
+    """Per prefix length 8..24: (bits, mean, smallest, largest bucket, bucket answer bytes)."""
     # One bucket hash per stored digest (oprf.bucket_of's 32 bits), then every prefix length from it.
     tops = np.fromiter((int.from_bytes(hashlib.sha256(oprf.BUCKET_TAG + b"sha256\x00" + row.tobytes()).digest()[:4],
                                        "big") for row in stored), dtype=np.uint64, count=len(stored))
@@ -152,7 +164,7 @@ def bucket_table(stored: np.ndarray, output_bytes: int) -> list[tuple[int, float
     for bits in range(8, 25, 2):
         sizes = np.bincount((tops >> np.uint64(32 - bits)).astype(np.int64), minlength=1 << bits)
         mean = len(stored) / (1 << bits)
-        table.append((bits, mean, int(sizes.min()), int(sizes.max()), mean * output_bytes))
+        table.append((bits, mean, int(sizes.min()), int(sizes.max()), answer_bytes(mean, offer)))
     return table
 
 
@@ -163,6 +175,10 @@ def main() -> int:
     parser.add_argument("--known", type=float, default=0.01, help="share of the batch the node holds")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefix-bits", type=int, default=16)
+    parser.add_argument("--encoding", choices=["fixed", "elias-fano"], default="fixed",
+                        help="the node's bucket encoding (default: fixed, the node's default)")
+    parser.add_argument("--output-bytes", type=int, default=4, help="fixed encoding: bytes per output")
+    parser.add_argument("--fingerprint-bits", type=int, default=24, help="Elias-Fano: bits per fingerprint")
     args = parser.parse_args()
 
     stored = s.random_digests(args.stored, s.SHA_SEED)
@@ -177,7 +193,9 @@ def main() -> int:
         workdir = Path(tmp)
         pki = DevPki(workdir / "pki", "bench.icse.test", ["FR"], ["eu-1"]).create()
         spec = NodeSpec("FR", "FR", "bench@fr.example", tables={
-            "policy": dict(POLICY), "private": {"enabled": True, "prefix_bits": args.prefix_bits}})
+            "policy": dict(POLICY), "private": {
+                "enabled": True, "prefix_bits": args.prefix_bits, "encoding": args.encoding,
+                "output_bytes": args.output_bytes, "fingerprint_bits": args.fingerprint_bits}})
         local = LocalFederation(workdir, pki, [spec])
         local["FR"].write_config()
         # The key first, so that the import computes every stored digest's output.
@@ -199,14 +217,14 @@ def main() -> int:
                                         args.rounds))
         if offer is None:
             raise RuntimeError("the node does not offer private exact matching")
-        offer_bytes = offer.output_bytes
     for mode in modes.values():
         if mode.hits != len(known):
             raise RuntimeError(f"{mode.name} found {mode.hits} of {len(known)} held digests")
 
     per_item = args.batch * args.rounds
     print(f"\nexact matching, private vs ordinary: a batch of {args.batch:,} sha256 digests ({len(known):,} held) "
-          f"against {args.stored:,} stored; {args.rounds} rounds; prefix {args.prefix_bits} bits; "
+          f"against {args.stored:,} stored; {args.rounds} rounds; prefix {args.prefix_bits} bits; buckets "
+          f"{args.encoding}, {offer.fingerprint_bits}-bit fingerprints; "
           f"import {run.seconds:.0f} s ({args.stored / run.seconds:,.0f} rows/s); {os.cpu_count()} cores")
     print(f"  {'':<34}{'ordinary':>14}{'private':>14}{'ratio':>9}")
     rows = [
@@ -227,9 +245,10 @@ def main() -> int:
         calls = ", ".join(f"{name} x{count // args.rounds} ({mode.wire.waited[name] / args.rounds * 1000:,.0f} ms)"
                           for name, count in sorted(mode.wire.calls.items()))
         print(f"  {mode.name} calls per batch (time waiting for the node): {calls}")
-    print(f"\nanonymity set per prefix length ({args.stored:,} stored; bucket bytes at {offer_bytes} B per output)")
+    print(f"\nanonymity set per prefix length ({args.stored:,} stored; bucket answer bytes per item in the "
+          f"{args.encoding} encoding, {offer.fingerprint_bits}-bit fingerprints)")
     print(f"  {'bits':>4} {'mean':>12} {'smallest':>9} {'largest':>9} {'bucket B/item':>14}")
-    for bits, mean, smallest, largest, size in bucket_table(stored, offer_bytes):
+    for bits, mean, smallest, largest, size in bucket_table(stored, offer):
         print(f"  {bits:>4} {mean:>12,.1f} {smallest:>9,} {largest:>9,} {size:>14,.0f}")
     return 0
 
