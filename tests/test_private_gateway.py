@@ -298,14 +298,14 @@ def _audit(local: LocalFederation, node_id: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
-def _kit(pki: DevPki, node: LocalNode, known_sha256: str) -> subprocess.CompletedProcess[str]:
-    """``icse-conformance node`` against ``node``, as gateway eu-1, with a held digest."""
+def _kit(pki: DevPki, node: LocalNode, known: str) -> subprocess.CompletedProcess[str]:
+    """``icse-conformance node`` against ``node``, as gateway eu-1, with a held digest (``ALGO:HEX``)."""
     return subprocess.run(
         [sys.executable, "-m", "federation.conformance.cli", "node", "--address", node.address, "--node-id",
          node.node_id, "--federation", pki.federation, "--ca", str(pki.ca_cert),
          "--cert", str(pki.gateway_cert("eu-1")), "--key", str(pki.gateway_key("eu-1")),
          "--signing-key", str(pki.signing_key("eu-1")),
-         "--kid", pki.signing_kid("eu-1"), "--known", f"sha256:{known_sha256}"],
+         "--kid", pki.signing_kid("eu-1"), "--known", known],
         capture_output=True, text=True, timeout=300, env=environment(), check=False)
 
 
@@ -314,8 +314,10 @@ def _outcomes(output: str) -> dict[str, str]:
             if len(words := line.split()) >= 2 and words[0] in ("pass", "FAIL", "skip")}
 
 
-def test_the_conformance_kit_passes_a_node_offering_private_matching(mixed: Mixed) -> None:
-    done = _kit(mixed.local.pki, mixed.local["FR"], mixed.shared)
+@pytest.mark.parametrize("node_id", PRIVATE_NODES)  # fixed and Elias-Fano bucket answers
+def test_the_conformance_kit_passes_a_node_offering_private_matching(mixed: Mixed, node_id: str) -> None:
+    known = f"sha256:{mixed.shared}" if node_id == "FR" else f"md5:{mixed.de_md5}"
+    done = _kit(mixed.local.pki, mixed.local[node_id], known)
     private_checks = {name: outcome for name, outcome in _outcomes(done.stdout).items() if name.startswith("private.")}
     assert len(private_checks) == 14 and set(private_checks.values()) == {"pass"}, done.stdout + done.stderr
     assert done.returncode == 0, done.stdout
@@ -362,7 +364,7 @@ def test_the_conformance_kit_fails_a_node_that_discloses_on_a_forged_proof(pki: 
     node.start()
     try:
         node.wait_ready(timeout=300)
-        done = _kit(pki, node, held)
+        done = _kit(pki, node, f"sha256:{held}")
     finally:
         node.stop()
     outcomes = _outcomes(done.stdout)

@@ -16,7 +16,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from federation import oprf
+from federation import buckets, oprf
 from federation.query import DiscloseItem, PrivateItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.wire import disclose_to_pb, pb, private_items_to_pb
 
@@ -29,6 +29,18 @@ OK = "OK"
 INVALID = "INVALID_ARGUMENT"
 DENIED = "PERMISSION_DENIED"
 Check = Callable[[], Awaitable[tuple[bool | None, str, str]]]
+
+
+def _fingerprint_bits(answer: pb.PrivateInfo | pb.PrivateMatchResponse) -> int:
+    """The fingerprint width of a Describe or PrivateMatch answer (PROTOCOL.md 12.3);
+    ``AssertionError`` (the check's failure) for an encoding or width the protocol does not define."""
+    bits, encoding = answer.fingerprint_bits, answer.bucket_encoding
+    if encoding == buckets.FIXED:
+        if not (1 <= bits <= 64 and bits % 8 == 0 and answer.output_bytes * 8 == bits):
+            raise AssertionError(f"fixed encoding with fingerprint_bits {bits}, output_bytes {answer.output_bytes}")
+    elif encoding != buckets.ELIAS_FANO or not 1 <= bits <= 64:
+        raise AssertionError(f"bucket_encoding {encoding} with fingerprint_bits {bits}")
+    return bits
 
 
 class PrivateChecks:
@@ -75,17 +87,15 @@ class PrivateChecks:
             raise AssertionError(f"{len(answer.results)} results for 1 item")
         result = answer.results[0]
         output = oprf.finalize(data, blind, bytes(result.evaluated_element))
-        width, outputs = answer.output_bytes, bytes(result.bucket_outputs)
-        if not 1 <= width <= oprf.OUTPUT_BYTES or len(outputs) % width:
-            raise AssertionError(f"output_bytes {width}, bucket of {len(outputs)} bytes")
-        found = any(outputs[i:i + width] == output[:width] for i in range(0, len(outputs), width))
+        found = buckets.contains(bytes(result.bucket_outputs), answer.bucket_encoding,
+                                 _fingerprint_bits(answer), output)
         return output, bytes(result.evaluated_element), found, answer
 
     # ------------------------------------------------------------------ catalogue
 
     def catalogue(self) -> list[tuple[str, str, Check]]:
         checks: list[tuple[str, str, Check]] = [
-            ("private.offer", "Describe's PrivateInfo: suite, prefix_bits 1..32, output_bytes 1..64, key_id",
+            ("private.offer", "Describe's PrivateInfo: suite, prefix_bits 1..32, bucket encoding, key_id",
              self._offer_check),
             ("private.consistent", "the same digest blinded twice finalizes to the same output", self._consistent),
             ("private.known-found", "a held digest is in its bucket and disclosed against its output", self._known),
@@ -123,11 +133,18 @@ class PrivateChecks:
     async def _offer_check(self) -> tuple[bool, str, str]:
         info = await self.offer()
         assert info is not None
-        got = (f"suite {info.suite!r}, prefix_bits {info.prefix_bits}, output_bytes {info.output_bytes}, "
+        got = (f"suite {info.suite!r}, prefix_bits {info.prefix_bits}, bucket_encoding {info.bucket_encoding}, "
+               f"fingerprint_bits {info.fingerprint_bits}, output_bytes {info.output_bytes}, "
                f"key_id {info.key_id!r}, covered {info.covered} of {info.stored}")
-        ok = (info.suite == SUITE and 1 <= info.prefix_bits <= oprf.MAX_BUCKET_BITS
-              and 1 <= info.output_bytes <= oprf.OUTPUT_BYTES and bool(info.key_id) and info.covered <= info.stored)
-        return ok, f"suite {SUITE!r}, prefix_bits 1..32, output_bytes 1..64, a key_id, covered <= stored", got
+        try:
+            _fingerprint_bits(info)
+            encoded = True
+        except AssertionError:
+            encoded = False
+        ok = (info.suite == SUITE and 1 <= info.prefix_bits <= oprf.MAX_BUCKET_BITS and encoded
+              and bool(info.key_id) and info.covered <= info.stored)
+        return ok, (f"suite {SUITE!r}, prefix_bits 1..32, a known bucket_encoding with fingerprint_bits 1..64 "
+                    "(fixed: output_bytes = fingerprint_bits / 8), a key_id, covered <= stored"), got
 
     async def _consistent(self) -> tuple[bool, str, str]:
         item, bits = QueryItem("sha256", os.urandom(32)), await self._bits()
