@@ -143,20 +143,20 @@ async def measure(local: LocalFederation, mode: Mode, strategy: Strategy, items:
     return private.offer_of(described.description) if described.description else None
 
 
-def answer_bytes(entries: float, offer: private.Offer) -> float:
+def answer_bytes(entries: float, encoding: int, bits: int) -> float:
     """Bytes of one bucket answer of ``entries`` fingerprints in the node's encoding (federation.buckets):
     fixed, ``bits / 8`` each; Elias-Fano, a 2-byte count, ``L`` low bits each and a high-part bitmap
     of about two bits each, where ``L = floor(log2(2^bits / entries))``."""
-    if offer.encoding == buckets.FIXED:
-        return entries * offer.fingerprint_bits / 8
+    if encoding == buckets.FIXED:
+        return entries * bits / 8
     if entries < 1:
         return 2 + entries * 2 / 8
-    low = buckets.low_bits(max(round(entries), 1), offer.fingerprint_bits)
+    low = buckets.low_bits(max(round(entries), 1), bits)
     return 2 + entries * (low + 2) / 8
 
 
-def bucket_table(stored: np.ndarray, offer: private.Offer) -> list[tuple[int, float, int, int, float]]:
-    """Per prefix length 8..24: (bits, mean, smallest, largest bucket, bucket answer bytes)."""
+def bucket_table(stored: np.ndarray) -> list[tuple[int, float, int, int]]:
+    """Per prefix length 8..24: (bits, mean, smallest, largest bucket)."""
     # One bucket hash per stored digest (oprf.bucket_of's 32 bits), then every prefix length from it.
     tops = np.fromiter((int.from_bytes(hashlib.sha256(oprf.BUCKET_TAG + b"sha256\x00" + row.tobytes()).digest()[:4],
                                        "big") for row in stored), dtype=np.uint64, count=len(stored))
@@ -164,8 +164,21 @@ def bucket_table(stored: np.ndarray, offer: private.Offer) -> list[tuple[int, fl
     for bits in range(8, 25, 2):
         sizes = np.bincount((tops >> np.uint64(32 - bits)).astype(np.int64), minlength=1 << bits)
         mean = len(stored) / (1 << bits)
-        table.append((bits, mean, int(sizes.min()), int(sizes.max()), answer_bytes(mean, offer)))
+        table.append((bits, mean, int(sizes.min()), int(sizes.max())))
     return table
+
+
+def print_anonymity(stored: np.ndarray) -> None:
+    """The anonymity set per prefix length over ``stored``, and a bucket answer's bytes per item
+    (per the encoding's definition, for the bucket of mean size) in the node's encodings."""
+    print(f"\nanonymity set per prefix length (stored digests per bucket, of {len(stored):,}), and bucket answer "
+          "bytes per item: fixed 4-byte outputs / Elias-Fano with 24- and 32-bit fingerprints")
+    print(f"  {'bits':>4} {'mean':>12} {'smallest':>9} {'largest':>9} {'fixed 4 B':>10} {'EF 24':>8} {'EF 32':>8}")
+    for bits, mean, smallest, largest in bucket_table(stored):
+        sizes = [answer_bytes(mean, buckets.FIXED, 32), answer_bytes(mean, buckets.ELIAS_FANO, 24),
+                 answer_bytes(mean, buckets.ELIAS_FANO, 32)]
+        print(f"  {bits:>4} {mean:>12,.1f} {smallest:>9,} {largest:>9,} " + " ".join(
+            f"{size:>{w},.0f}" for size, w in zip(sizes, (10, 8, 8), strict=True)))
 
 
 def main() -> int:
@@ -179,9 +192,14 @@ def main() -> int:
                         help="the node's bucket encoding (default: fixed, the node's default)")
     parser.add_argument("--output-bytes", type=int, default=4, help="fixed encoding: bytes per output")
     parser.add_argument("--fingerprint-bits", type=int, default=24, help="Elias-Fano: bits per fingerprint")
+    parser.add_argument("--anonymity-only", action="store_true",
+                        help="only the anonymity table for --stored digests (no node, no import: seconds)")
     args = parser.parse_args()
 
     stored = s.random_digests(args.stored, s.SHA_SEED)
+    if args.anonymity_only:
+        print_anonymity(stored)
+        return 0
     rng = np.random.default_rng(5)
     known = stored[rng.choice(len(stored), int(args.batch * args.known), replace=False)]
     fresh = s.random_digests(args.batch - len(known), s.FRESH_SEED)
@@ -245,11 +263,7 @@ def main() -> int:
         calls = ", ".join(f"{name} x{count // args.rounds} ({mode.wire.waited[name] / args.rounds * 1000:,.0f} ms)"
                           for name, count in sorted(mode.wire.calls.items()))
         print(f"  {mode.name} calls per batch (time waiting for the node): {calls}")
-    print(f"\nanonymity set per prefix length ({args.stored:,} stored; bucket answer bytes per item in the "
-          f"{args.encoding} encoding, {offer.fingerprint_bits}-bit fingerprints)")
-    print(f"  {'bits':>4} {'mean':>12} {'smallest':>9} {'largest':>9} {'bucket B/item':>14}")
-    for bits, mean, smallest, largest, size in bucket_table(stored, offer):
-        print(f"  {bits:>4} {mean:>12,.1f} {smallest:>9,} {largest:>9,} {size:>14,.0f}")
+    print_anonymity(stored)
     return 0
 
 
