@@ -228,6 +228,8 @@ class Chooser:
         finally:
             if plain is not None and not plain.done():
                 plain.cancel()
+            elif plain is not None and not plain.cancelled():
+                plain.exception()  # retrieved: the private part's error is the one reported
         words = (f"private exact matching: {len(exact)} item(s) by bucket of {response.prefix_bits} bits "
                  f"(~{offer.mean_bucket_size:,.0f} stored digests each)")
         if response.covered < response.stored:
