@@ -412,3 +412,18 @@ async def test_a_node_restarted_with_other_buckets_is_described_afresh(pki: DevP
         assert "bucket of 10 bits" in answer.message
     finally:
         first.stop()
+
+
+def test_triage_of_a_hash_list_asks_privately_too(mixed: Mixed, tmp_path: Path) -> None:
+    """``query --hashes`` (directory triage's batches) takes the same choice: with --private, the
+    plain node is not asked and the private nodes' hits are found."""
+    listing = tmp_path / "hashes.txt"
+    listing.write_text(f"sha256:{mixed.shared}\nmd5:{mixed.de_md5}\nsha256:{os.urandom(32).hex()}\n")
+    before = _audit(mixed.local, PLAIN_NODE)
+    done = run_gateway("query", "--config", str(mixed.config), "--case", "PRIV-9", "--private", "--hashes",
+                       str(listing), "--no-cache", "--jsonl", str(tmp_path / "rows.jsonl"), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [sorted(r["countries"]) for r in rows] == [["FR"], ["DE"], []]
+    assert all(r["not_answered_by"] == [PLAIN_NODE] for r in rows)
+    assert {r["rpc"] for r in _audit(mixed.local, PLAIN_NODE)[len(before):]} == {"Describe"}
