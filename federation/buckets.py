@@ -173,3 +173,64 @@ def contains(blob: bytes, encoding: int, bits: int, output: bytes) -> bool:
     wanted = np.uint64(fingerprint(output, bits))
     at = int(np.searchsorted(values, wanted))
     return at < len(values) and values[at] == wanted
+
+
+def contains_many(blobs: list[bytes], encoding: int, bits: int, outputs: list[bytes]) -> list[bool]:
+    """``contains`` for many items at once (a gateway's whole batch): each output against its
+    own bucket answer. Vectorised: Elias-Fano answers are not decoded whole; only the entries
+    whose high part equals the output's are compared."""
+    if len(blobs) != len(outputs):
+        raise ValueError("one bucket answer per output")
+    if not blobs:
+        return []
+    wanted = np.array([fingerprint(o, bits) for o in outputs], dtype=np.uint64)
+    if encoding == FIXED:
+        members = []
+        for blob, value in zip(blobs, wanted.tolist(), strict=True):
+            values = decode(blob, FIXED, bits)
+            at = int(np.searchsorted(values, value))
+            members.append(at < len(values) and int(values[at]) == value)
+        return members
+    if encoding != ELIAS_FANO:
+        raise BucketError(f"unknown bucket encoding {encoding}")
+    if any(len(b) < 2 for b in blobs):
+        raise BucketError("Elias-Fano bucket shorter than its 2-byte count")
+    sizes = np.array([int.from_bytes(b[:2], "big") for b in blobs], dtype=np.int64)
+    low = _low_bits_many(sizes, bits)
+    low_bytes = (sizes * low + 7) // 8
+    lengths = np.array([len(b) for b in blobs], dtype=np.int64)
+    if (lengths < 2 + low_bytes).any():
+        raise BucketError("Elias-Fano bucket shorter than its low bits")
+    first_byte = np.cumsum(lengths) - lengths
+    everything = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    # The bitmaps alone, unpacked: their set bits, whose owner, rank and high part follow.
+    maps = [blob[2 + skip:] for blob, skip in zip(blobs, low_bytes.tolist(), strict=True)]
+    map_bits = np.array([len(m) for m in maps], dtype=np.int64) * 8
+    map_start = np.cumsum(map_bits) - map_bits
+    ones = np.flatnonzero(np.unpackbits(np.frombuffer(b"".join(maps), dtype=np.uint8)))
+    owner = np.searchsorted(map_start, ones, side="right") - 1
+    counted = np.bincount(owner, minlength=len(blobs))
+    if (counted != sizes).any():
+        raise BucketError("an Elias-Fano bucket's bitmap does not hold its count of entries")
+    rank = np.arange(len(ones)) - (np.cumsum(counted) - counted)[owner]
+    highs = (ones - map_start[owner]) - rank
+    target_high = (wanted >> low.astype(np.uint64)).astype(np.int64)
+    candidate = highs == target_high[owner]
+    found = np.zeros(len(blobs), dtype=bool)
+    who, where = owner[candidate], rank[candidate]
+    if len(who):
+        width = int(low[who].max())
+        lows = np.zeros(len(who), dtype=np.uint64)
+        if width:
+            column = np.arange(width)
+            entry_low = low[who]
+            valid = column < entry_low[:, None]
+            spots = np.where(valid, (first_byte[who] + 2)[:, None] * 8 + where[:, None] * entry_low[:, None] + column,
+                             0)
+            bit = (everything[spots >> 3] >> (7 - (spots & 7)).astype(np.uint8)) & 1
+            shift = np.where(valid, entry_low[:, None] - 1 - column, 0).astype(np.uint64)
+            lows = (np.where(valid, bit, 0).astype(np.uint64) << shift).sum(axis=1, dtype=np.uint64)
+        masks = (np.uint64(1) << low[who].astype(np.uint64)) - np.uint64(1)
+        hit = lows == (wanted[who] & masks)
+        found[who[hit]] = True
+    return found.tolist()

@@ -123,6 +123,25 @@ class InvalidPrivateRequest(ValueError):
     """A private request the node refuses to evaluate; the message names the bad item."""
 
 
+# A PrivateMatch answer must fit the node's 16 MiB message limit (node.server): buckets are
+# large when prefix_bits is small for the store's size, so the answer is measured first.
+MAX_ANSWER_BYTES = 15 * 1024 * 1024
+ITEM_OVERHEAD = 40  # the evaluated element and protobuf framing of one result
+
+
+class AnswerTooLarge(ValueError):
+    """The buckets asked for do not fit one answer; the message says how many items would."""
+
+
+def check_answer_size(answers: Sequence[bytes], limit: int = MAX_ANSWER_BYTES) -> None:
+    size = sum(len(a) for a in answers) + ITEM_OVERHEAD * len(answers)
+    if size > limit:
+        fits = max(1, len(answers) * limit // size)
+        raise AnswerTooLarge(f"the answer to these {len(answers):,} items would be {size:,} bytes, over this "
+                             f"node's {limit:,}-byte limit (its buckets are large): send at most about "
+                             f"{fits:,} items per request")
+
+
 def _counted(names: Iterable[str]) -> list[QueryItem]:
     """Items for a refusal's audit record: their algorithms and number, no digest (there is none)."""
     return [QueryItem(name, b"") for name in names]
@@ -274,11 +293,15 @@ class PrivateService:
         def work() -> list[pb.PrivateResult]:
             answers = view.bucket_outputs([i.bucket for i in items], settings.prefix_bits,
                                           encoding_of(settings), settings.bits)
+            check_answer_size(answers)  # before the scalar multiplications, which cost the most
             return [pb.PrivateResult(evaluated_element=oprf.blind_evaluate(view.secret, item.blinded),
                                      bucket_outputs=found)
                     for item, found in zip(items, answers, strict=True)]
 
-        results = await asyncio.to_thread(work)
+        try:
+            results = await asyncio.to_thread(work)
+        except AnswerTooLarge as exc:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), claims) from None
         response = pb.PrivateMatchResponse(
             node_id=self._config.node_id, country=self._config.country, results=results, key_id=view.key_id,
             generation=current.generation, output_bytes=output_bytes(settings), prefix_bits=settings.prefix_bits,

@@ -9,7 +9,7 @@ A segment is a directory ``seg-NNNNNNNN`` next to the catalog holding
   (XXH3-128) recorded in the catalog when the segment is published;
 - ``<algorithm>.private-<key id>.<array>.npy``: for exact algorithms, when the
   node has OPRF keys, the rows' OPRF outputs under each key (node.private_arrays),
-  written with the segment, or later by the serving node (``add_private``).
+  written with the segment, or later by the serving node (node.private_builder).
 
 A reader maps the arrays (``np.load(mmap_mode="r")``): a restart costs the
 page cache, not a rebuild. Each file's checksum is verified when a segment is

@@ -78,3 +78,28 @@ def test_many_buckets_at_once_encode_as_each_alone(encoding: int, bits: int) -> 
     together = buckets.encode_many(np.concatenate(groups), sizes, encoding, bits)
     assert together == [buckets.encode(g, encoding, bits) for g in groups]
     assert buckets.encode_many(np.empty(0, np.uint64), np.zeros(0, np.int64), encoding, bits) == []
+
+
+@pytest.mark.parametrize(("encoding", "bits"), [(buckets.FIXED, 32), (buckets.ELIAS_FANO, 16),
+                                                (buckets.ELIAS_FANO, 24), (buckets.ELIAS_FANO, 48)])
+def test_contains_many_agrees_with_contains(encoding: int, bits: int) -> None:
+    rng = random.Random(bits + encoding)
+    groups = [_prefixes(rng, size) for size in [0, 1, 2, 3, 150, 0, 17, 600, 1, 40]]
+    blobs = [buckets.encode(g, encoding, bits) for g in groups]
+    outputs = []
+    for group in groups:  # a present output (when the bucket has one), and an absent one
+        present = int(group[len(group) // 2]) if len(group) else rng.getrandbits(64)
+        outputs.append(present.to_bytes(8, "big") + rng.randbytes(56))
+    outputs += [rng.randbytes(64) for _ in groups]
+    found = buckets.contains_many(blobs + blobs, encoding, bits, outputs)
+    assert found == [buckets.contains(b, encoding, bits, o) for b, o in zip(blobs + blobs, outputs, strict=True)]
+    assert found[:10] == [len(g) > 0 for g in groups]
+    with pytest.raises(ValueError, match="one bucket answer per output"):
+        buckets.contains_many(blobs, encoding, bits, outputs)
+
+
+def test_contains_many_refuses_malformed_answers() -> None:
+    good = buckets.encode(_prefixes(random.Random(9), 5), buckets.ELIAS_FANO, 24)
+    for bad, message in [(good[:1], "count"), (b"\x00\x05", "low bits"), (good[:-1] + b"\x00", "bitmap")]:
+        with pytest.raises(buckets.BucketError, match=message):
+            buckets.contains_many([good, bad], buckets.ELIAS_FANO, 24, [bytes(64), bytes(64)])

@@ -13,7 +13,7 @@ import pytest
 
 from federation import buckets, oprf
 from federation.config import ConfigError
-from node import config as node_config, private_arrays, private_key, private_view
+from node import config as node_config, private_arrays, private_key, private_service, private_view
 from node.merge import merge
 from node.private_builder import PrivateBuilder
 from node.records import HashRecord
@@ -193,3 +193,9 @@ def test_private_settings_defaults_and_bounds(tmp_path: Path) -> None:
     path.write_text(base + '[private]\nencoding = "elias-fano"\nfingerprint_bits = 20\n')
     loaded = node_config.load(path, for_serving=False).private
     assert (loaded.encoding, loaded.bits) == ("elias-fano", 20)
+
+
+def test_an_answer_too_large_for_one_message_is_refused_in_words() -> None:
+    private_service.check_answer_size([b"x" * 1000] * 10, limit=10_400)  # 10 * (1000 + 40) fits
+    with pytest.raises(private_service.AnswerTooLarge, match="send at most about 9 items per request"):
+        private_service.check_answer_size([b"x" * 1000] * 10, limit=10_399)
