@@ -129,15 +129,39 @@ def local_hits(blinded: Sequence[Blinded], response: pb.PrivateMatchResponse) ->
     bits = fingerprint_bits(response.bucket_encoding, response.fingerprint_bits, response.output_bytes)
     if len(response.results) != len(blinded):
         raise ValueError(f"{len(response.results)} private results for {len(blinded)} items")
-    found = []
+    outputs = []
     for entry, result in zip(blinded, response.results, strict=True):
         try:
-            output = oprf.finalize(entry.input, entry.blind, bytes(result.evaluated_element))
+            outputs.append(oprf.finalize(entry.input, entry.blind, bytes(result.evaluated_element)))
         except oprf.OprfError as exc:
             raise ValueError(f"evaluated element: {exc}") from None
-        if buckets.contains(bytes(result.bucket_outputs), response.bucket_encoding, bits, output):
-            found.append((entry, output))
-    return found
+    members = buckets.contains_many([bytes(r.bucket_outputs) for r in response.results], response.bucket_encoding,
+                                    bits, outputs)
+    return [(entry, output) for entry, output, member in zip(blinded, outputs, members, strict=True) if member]
+
+
+def answer_bytes(entries: float, encoding: int, bits: int) -> float:
+    """About how many bytes a bucket answer of ``entries`` fingerprints takes (federation.buckets):
+    fixed, ``bits / 8`` each; Elias-Fano, a 2-byte count, ``L`` low bits each and a high-part
+    bitmap of about two bits each, where ``L = floor(log2(2^bits / entries))``."""
+    if encoding == buckets.FIXED:
+        return entries * bits / 8
+    if entries < 1:
+        return 2 + entries * 2 / 8
+    return 2 + entries * (buckets.low_bits(max(round(entries), 1), bits) + 2) / 8
+
+
+# What one PrivateMatch answer is kept under: well below the 16 MiB a message may
+# have (gateway.fanout's channels, and the node's own 15 MiB refusal), with room
+# for buckets twice the mean size.
+ANSWER_BUDGET = 6 * 1024 * 1024
+RESULT_OVERHEAD = 40  # the evaluated element and a result's framing
+
+
+def items_per_request(offer: Offer, budget: int = ANSWER_BUDGET) -> int:
+    """How many items one PrivateMatch may carry for its answer to stay within ``budget``."""
+    per_item = RESULT_OVERHEAD + 2 * answer_bytes(offer.mean_bucket_size, offer.encoding, offer.fingerprint_bits)
+    return max(1, int(budget // per_item))
 
 
 def _answer(attempt: Attempt, hits: Sequence[tuple[HitInfo, ...]], truncated: Sequence[bool],
@@ -155,8 +179,10 @@ class Chooser:
     that changed its key or prefix length is described afresh.
     """
 
-    def __init__(self, mode: PrivateMode):
+    def __init__(self, mode: PrivateMode, answer_budget: int = ANSWER_BUDGET):
         self.mode = mode
+        # Bytes one PrivateMatch answer is planned to stay within (items_per_request).
+        self.answer_budget = answer_budget
         self._offers: dict[tuple[str, str], Offer | None] = {}
 
     async def __call__(self, attempt: Attempt) -> NodeAnswer:
@@ -212,16 +238,16 @@ class Chooser:
         plain = asyncio.ensure_future(self._plain_part(attempt, others)) if others else None
         try:
             blinded = await asyncio.to_thread(blind_items, items, exact, offer.prefix_bits)
-            request = [b.item for b in blinded]
-            response = await attempt.stub.PrivateMatch(
-                private_items_to_pb(request), timeout=attempt.remaining(),
-                metadata=attempt.metadata("PrivateMatch", private_match_sha256(request)))
-            protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
-            if response.node_id != attempt.node.node_id:
-                raise ValueError(f"answer is from node {response.node_id!r}")
-            found = await asyncio.to_thread(local_hits, blinded, response)
-            if found:
-                await self._disclose(attempt, response.key_id, found, hits, truncated)
+            # Large buckets (few prefix bits for a large store) make large answers: asked in parts.
+            size = items_per_request(offer, self.answer_budget)
+            # Candidates by the key their outputs are under (a rotation may switch keys between parts).
+            found: dict[str, list[tuple[Blinded, bytes]]] = {}
+            for start in range(0, len(blinded), size):
+                response, part = await self._private_match(attempt, blinded[start:start + size])
+                found.setdefault(response.key_id, []).extend(part)
+            for key_id, candidates in found.items():
+                if candidates:
+                    await self._disclose(attempt, key_id, candidates, hits, truncated)
             if plain is not None:
                 for position, (item_hits, cut) in zip(others, await plain, strict=True):
                     hits[position], truncated[position] = item_hits, cut
@@ -241,6 +267,18 @@ class Chooser:
             fingerprint_bits(response.bucket_encoding, response.fingerprint_bits, response.output_bytes),
             offer.algorithms, response.stored, response.covered, offer.mean_bucket_size)
         return _answer(attempt, hits, truncated, words)
+
+    async def _private_match(self, attempt: Attempt,
+                             blinded: list[Blinded]) -> tuple[pb.PrivateMatchResponse, list[tuple[Blinded, bytes]]]:
+        """Step 1 for some items: the node's answer, and the items found in their buckets."""
+        request = [b.item for b in blinded]
+        response = await attempt.stub.PrivateMatch(
+            private_items_to_pb(request), timeout=attempt.remaining(),
+            metadata=attempt.metadata("PrivateMatch", private_match_sha256(request)))
+        protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
+        if response.node_id != attempt.node.node_id:
+            raise ValueError(f"answer is from node {response.node_id!r}")
+        return response, await asyncio.to_thread(local_hits, blinded, response)
 
     async def _plain_part(self, attempt: Attempt, positions: list[int]) -> list[tuple[tuple[HitInfo, ...], bool]]:
         """The perceptual items by plain Match (their own token over just them), per position."""

@@ -143,18 +143,6 @@ async def measure(local: LocalFederation, mode: Mode, strategy: Strategy, items:
     return private.offer_of(described.description) if described.description else None
 
 
-def answer_bytes(entries: float, encoding: int, bits: int) -> float:
-    """Bytes of one bucket answer of ``entries`` fingerprints in the node's encoding (federation.buckets):
-    fixed, ``bits / 8`` each; Elias-Fano, a 2-byte count, ``L`` low bits each and a high-part bitmap
-    of about two bits each, where ``L = floor(log2(2^bits / entries))``."""
-    if encoding == buckets.FIXED:
-        return entries * bits / 8
-    if entries < 1:
-        return 2 + entries * 2 / 8
-    low = buckets.low_bits(max(round(entries), 1), bits)
-    return 2 + entries * (low + 2) / 8
-
-
 def bucket_table(stored: np.ndarray) -> list[tuple[int, float, int, int]]:
     """Per prefix length 8..24: (bits, mean, smallest, largest bucket)."""
     # One bucket hash per stored digest (oprf.bucket_of's 32 bits), then every prefix length from it.
@@ -175,8 +163,8 @@ def print_anonymity(stored: np.ndarray) -> None:
           "bytes per item: fixed 4-byte outputs / Elias-Fano with 24- and 32-bit fingerprints")
     print(f"  {'bits':>4} {'mean':>12} {'smallest':>9} {'largest':>9} {'fixed 4 B':>10} {'EF 24':>8} {'EF 32':>8}")
     for bits, mean, smallest, largest in bucket_table(stored):
-        sizes = [answer_bytes(mean, buckets.FIXED, 32), answer_bytes(mean, buckets.ELIAS_FANO, 24),
-                 answer_bytes(mean, buckets.ELIAS_FANO, 32)]
+        sizes = [private.answer_bytes(mean, buckets.FIXED, 32), private.answer_bytes(mean, buckets.ELIAS_FANO, 24),
+                 private.answer_bytes(mean, buckets.ELIAS_FANO, 32)]
         print(f"  {bits:>4} {mean:>12,.1f} {smallest:>9,} {largest:>9,} " + " ".join(
             f"{size:>{w},.0f}" for size, w in zip(sizes, (10, 8, 8), strict=True)))
 
