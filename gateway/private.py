@@ -41,7 +41,7 @@ from federation.query import (
     private_match_sha256,
     query_sha256,
 )
-from federation.wire import disclose_to_pb, items_to_pb, pb, private_items_to_pb
+from federation.wire import REQUEST_ID_KEY, disclose_to_pb, items_to_pb, pb, private_items_to_pb
 from gateway.config import GatewayConfig, PrivateMode
 from gateway.fanout import Attempt, Federation, hit_info, ordinary, unpack
 from gateway.health import HealthPolicy
@@ -217,7 +217,8 @@ class Chooser:
     async def _describe(self, attempt: Attempt) -> Offer | None:
         token = attempt.signer.token(attempt.node.node_id, "Describe", EMPTY_QUERY_SHA256, "")
         response = await attempt.stub.Describe(pb.DescribeRequest(), timeout=attempt.remaining(),
-                                               metadata=tokens.bearer(token))
+                                               metadata=(*tokens.bearer(token),
+                                                         (REQUEST_ID_KEY, attempt.query.request_id)))
         protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
         return offer_of(response)
 
