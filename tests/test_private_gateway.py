@@ -261,6 +261,8 @@ def test_nodes_shows_which_nodes_offer_private_matching(mixed: Mixed) -> None:
     for node_id in PRIVATE_NODES:
         assert offers[node_id]["prefix_bits"] == 8 and offers[node_id]["algorithms"] == ["md5", "sha1", "sha256"]
         assert offers[node_id]["covered"] == offers[node_id]["stored"] > 300
+    table = run_gateway("nodes", "--config", str(mixed.config))
+    assert table.returncode == 0 and table.stdout.count("8-bit buckets, ~1 each") == 2, table.stdout
 
 
 class _DisclosesAnything(LocalNode):
