@@ -8,7 +8,7 @@ PROTOS := $(wildcard protos/icse/v1/*.proto)
 FEDERATION ?= dev.icse.test
 DEMO_NODES ?= FR,DE,NL,ES,IT,SE
 
-.PHONY: install stubs certs demo lint test vectors bench bench-scale bench-triage bench-watch load clean
+.PHONY: install stubs certs demo lint test vectors bench bench-scale bench-triage bench-watch bench-private load clean
 
 install: $(STAMP) $(STUBS)
 
@@ -61,6 +61,11 @@ bench-triage: install
 # Extra flags: make bench-watch BENCH_WATCH_ARGS="--cases 100 --large 200000".
 bench-watch: install
 	$(PY) tests/bench/bench_watch.py $(BENCH_WATCH_ARGS)
+
+# Private vs ordinary exact matching, side by side (not part of `make test`); 1 M stored by default.
+# Extra flags: make bench-private BENCH_PRIVATE_ARGS="--stored 10000000".
+bench-private: install
+	$(PY) tests/bench/bench_private.py $(BENCH_PRIVATE_ARGS)
 
 load: install
 	$(PY) tests/bench/load.py

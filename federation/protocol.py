@@ -16,6 +16,9 @@ MAJOR = 1
 MINOR = 1
 VERSION = f"{MAJOR}.{MINOR}"
 
+# Optional features a node lists in Describe (PROTOCOL.md, "Features").
+PRIVATE_EXACT_FEATURE = "private.exact.v1"
+
 _VERSION = re.compile(r"(0|[1-9][0-9]{0,3})\.(0|[1-9][0-9]{0,3})")
 
 

@@ -93,3 +93,63 @@ def query_sha256(items: Sequence[QueryItem], since_generation: int = 0) -> str:
 
 # Describe's ``qh``: the digest of no items.
 EMPTY_QUERY_SHA256 = query_sha256(())
+
+
+# Private exact matching (PROTOCOL.md, "Private exact matching"): the same
+# length-prefixed style over what a private request asks, with its own domain tag
+# so that no token for one kind of request verifies another.
+PRIVATE_MATCH_TAG = f"icse.v{protocol.MAJOR}.private-match".encode("ascii") + b"\x00"
+DISCLOSE_TAG = f"icse.v{protocol.MAJOR}.disclose".encode("ascii") + b"\x00"
+
+
+class PrivateItem(NamedTuple):
+    """One private membership question: the bucket and a blinded element (no digest)."""
+
+    algorithm: str
+    bucket: int
+    prefix_bits: int
+    blinded: bytes
+
+
+class DiscloseItem(NamedTuple):
+    """One disclosure request: the full OPRF output that proves a hit."""
+
+    algorithm: str
+    output: bytes
+
+
+def _field(data: bytes) -> list[bytes]:
+    if len(data) > U32_MAX:
+        raise ValueError("field does not fit the query digest's encoding")
+    return [_U32.pack(len(data)), data]
+
+
+def private_match_bytes(items: Sequence[PrivateItem]) -> bytes:
+    """``"icse.v1.private-match" 0x00 || u32be(n)`` then per item ``u32be(len(algorithm_utf8))
+    algorithm_utf8 || u32be(bucket) || u32be(prefix_bits) || u32be(len(blinded)) blinded``."""
+    parts = [PRIVATE_MATCH_TAG, _U32.pack(len(items))]
+    for item in items:
+        if not (0 <= item.bucket <= U32_MAX and 0 <= item.prefix_bits <= U32_MAX):
+            raise ValueError("private item does not fit the query digest's encoding")
+        parts += [*_field(item.algorithm.encode("utf-8")), _U32.pack(item.bucket), _U32.pack(item.prefix_bits),
+                  *_field(bytes(item.blinded))]
+    return b"".join(parts)
+
+
+def disclose_bytes(key_id: str, items: Sequence[DiscloseItem]) -> bytes:
+    """``"icse.v1.disclose" 0x00 || u32be(len(key_id_utf8)) key_id_utf8 || u32be(n)`` then per
+    item ``u32be(len(algorithm_utf8)) algorithm_utf8 || u32be(len(output)) output``."""
+    parts = [DISCLOSE_TAG, *_field(key_id.encode("utf-8")), _U32.pack(len(items))]
+    for item in items:
+        parts += [*_field(item.algorithm.encode("utf-8")), *_field(bytes(item.output))]
+    return b"".join(parts)
+
+
+def private_match_sha256(items: Sequence[PrivateItem]) -> str:
+    """``qh`` of a PrivateMatch request."""
+    return hashlib.sha256(private_match_bytes(items)).hexdigest()
+
+
+def disclose_sha256(key_id: str, items: Sequence[DiscloseItem]) -> str:
+    """``qh`` of a Disclose request."""
+    return hashlib.sha256(disclose_bytes(key_id, items)).hexdigest()

@@ -8,11 +8,13 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TypedDict
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
 
@@ -20,7 +22,9 @@ from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs 
 from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
-from gateway import config as gateway_config, filehash, interrupt, render, selfcheck, watch_cli
+from federation.wire import pb
+from gateway import config as gateway_config, filehash, interrupt, private, render, selfcheck, watch_cli
+from gateway.config import PrivateMode
 from gateway.fanout import Federation
 from gateway.merge import merge
 from gateway.metrics import GatewayMetrics
@@ -82,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--officer", help="requesting officer id (default: from config)")
     query.add_argument("--metrics-file", type=Path, metavar="PATH",
                        help="write Prometheus metrics of this query here (textfile collector format)")
+    privacy = query.add_mutually_exclusive_group()
+    privacy.add_argument("--private", dest="private", action="store_const", const=PrivateMode.ALWAYS,
+                         help="exact digests (MD5, SHA-1, SHA-256) only by private matching: a node sees a "
+                         "blinded value and a short bucket prefix, never the digest; a node that does not offer "
+                         "it is not asked. Default: private with every node that offers it (PDQ and video "
+                         "hashes always go in clear)")
+    privacy.add_argument("--no-private", dest="private", action="store_const", const=PrivateMode.NEVER,
+                         help="exact digests in clear to every node (plain Match)")
     tri = query.add_argument_group(
         "directory triage", "--dir hashes every file of a tree here, in parallel, and asks in batches "
         "(--timeout and --deadline apply to each batch); stdout then summarises, one row per file goes to the "
@@ -147,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "watch":
             return watch_cli.main(args, _case)
         config = gateway_config.load(args.config)
+        if getattr(args, "private", None) is not None:
+            config = replace(config, private=args.private)
         # Before any node is dialled: a certificate the nodes would refuse looks,
         # from here, exactly like a federation that is down.
         selfcheck.check_client(config.tls, selfcheck.ClientIdentity(config.federation, config.gateway_id))
@@ -226,7 +240,7 @@ def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) ->
 async def _query(config: gateway_config.GatewayConfig, args: argparse.Namespace, subjects: list[Subject],
                  skipped: list[Skipped], case: str) -> int:
     request_id = uuid.uuid4().hex
-    async with Federation(config, _signer(config, args.officer)) as federation:
+    async with private.federation(config, _signer(config, args.officer)) as federation:
         answers = await federation.match([s.item for s in subjects], case, args.timeout, args.deadline, request_id)
     result = merge(case, subjects, answers, skipped, request_id)
     if args.metrics_file:
@@ -252,6 +266,8 @@ class _NodeRow(TypedDict):
     version: str | None
     generation: int | None
     counts: dict[str, int]
+    # Private exact matching as the node offers it (None: not offered).
+    private: dict[str, object] | None
 
 
 async def _nodes(config, format_name: str, timeout: float | None) -> int:
@@ -270,21 +286,39 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
             "version": info.software_version if info else None,
             "generation": info.generation if info else None,
             "counts": {c.algorithm: c.count for c in info.counts} if info else {},
+            "private": _private_row(info),
         })
     if format_name == "json":
         print(json.dumps({"nodes": rows}, indent=2))
     else:
         table = Table(title="Federation nodes", title_justify="left")
-        for column in ("node", "replica", "status", "country", "version", "generation", "hashes", "ms", "message"):
+        for column in ("node", "replica", "status", "country", "version", "generation", "hashes", "private", "ms",
+                       "message"):
             table.add_column(column)
         for r in rows:
             counts = ", ".join(f"{a} {n:,}" for a, n in r["counts"].items())
             # What a node says about itself is data: shown literally (textsafe).
             table.add_row(cell(r["node"]), cell(r["replica"]), cell(r["status"]), cell(r["country"] or "-"),
                           cell(r["version"] or "-"), str(r["generation"] if r["generation"] is not None else "-"),
-                          cell(counts or "-"), f"{r['latency_ms']:.0f}", cell(r["message"]))
+                          cell(counts or "-"), _private_cell(r["private"]), f"{r['latency_ms']:.0f}",
+                          cell(r["message"]))
         _console().print(table)
     return EXIT_HIT if all(r["status"] == "ok" for r in rows) else EXIT_ERROR
+
+
+def _private_row(info: pb.DescribeResponse | None) -> dict[str, object] | None:
+    offer = private.offer_of(info) if info else None
+    if offer is None:
+        return None
+    return {"prefix_bits": offer.prefix_bits, "key_id": offer.key_id, "algorithms": sorted(offer.algorithms),
+            "stored": offer.stored, "covered": offer.covered, "mean_bucket_size": round(offer.mean_bucket_size, 1)}
+
+
+def _private_cell(row: dict[str, object] | None) -> Text | str:
+    """Whether the node offers private exact matching, and each item's anonymity set there."""
+    if row is None:
+        return "-"
+    return cell(f"{row['prefix_bits']}-bit buckets, ~{row['mean_bucket_size']:,.0f} each")
 
 
 def _hash(files: Sequence[Path], format_name: str, dihedral: bool) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from federation import identity
@@ -44,6 +45,19 @@ class Requester:
     country: str
 
 
+class PrivateMode(Enum):
+    """Whether exact digests go to a member by private matching (PROTOCOL.md "Private exact matching").
+
+    ``auto``: with every member whose Describe offers ``private.exact.v1``, in
+    clear with the others; ``always``: never in clear (a member without it is
+    not asked, and says so); ``never``: in clear with every member.
+    """
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     gateway_id: str
@@ -56,13 +70,15 @@ class GatewayConfig:
     # Overall budget of one query, whatever the nodes do.
     deadline: float
     nodes: tuple[NodeEntry, ...]
+    # Exact digests by private matching: per member when offered (``--private``/``--no-private`` override).
+    private: PrivateMode = PrivateMode.AUTO
 
 
 def load(path: Path) -> GatewayConfig:
     doc = root(path)
     doc.reject_unknown({"gateway", "tls", "signing", "requester", "nodes", "watch"})  # [watch]: gateway.watch_config
     gateway = doc.table("gateway")
-    gateway.reject_unknown({"id", "federation", "node_timeout", "deadline"})
+    gateway.reject_unknown({"id", "federation", "node_timeout", "deadline", "private"})
     federation = gateway.get("federation", str)
     gateway_id = _member_id(gateway, "id")
     node_timeout = gateway.get("node_timeout", float, 5.0)
@@ -71,6 +87,9 @@ def load(path: Path) -> GatewayConfig:
     deadline = gateway.get("deadline", float, max(node_timeout, 10.0))
     if not node_timeout <= deadline <= 300:
         raise ConfigError(f"{gateway.where('deadline')}: must be at least node_timeout and at most 300 seconds")
+    private = gateway.get("private", str, PrivateMode.AUTO.value)
+    if private not in {m.value for m in PrivateMode}:
+        raise ConfigError(f"{gateway.where('private')}: must be \"auto\", \"always\" or \"never\", got {private!r}")
     tls = doc.table("tls")
     tls.reject_unknown({"ca", "cert", "key"})
     signing = doc.table("signing")
@@ -102,6 +121,7 @@ def load(path: Path) -> GatewayConfig:
         node_timeout=node_timeout,
         deadline=deadline,
         nodes=nodes,
+        private=PrivateMode(private),
     )
 
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -51,7 +51,8 @@ class NodeDescription:
     replica: str = ""
 
 
-def _hit(message: pb.Hit) -> HitInfo:
+def hit_info(message: pb.Hit) -> HitInfo:
+    """A node's hit as the merge takes it."""
     return HitInfo(
         node_id=message.node_id,
         country=message.country,
@@ -66,7 +67,7 @@ def _hit(message: pb.Hit) -> HitInfo:
     )
 
 
-def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tuple, tuple]:
+def unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tuple, tuple]:
     """Per-item hits and truncation flags from a node's sparse answer."""
     if response.node_id != node.node_id:
         raise ValueError(f"answer is from node {response.node_id!r}")
@@ -77,13 +78,13 @@ def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tu
         if not previous < result.item < count:
             raise ValueError(f"item position {result.item} out of order or range")
         previous = result.item
-        hits[result.item] = tuple(_hit(h) for h in result.hits)
+        hits[result.item] = tuple(hit_info(h) for h in result.hits)
         truncated[result.item] = result.truncated
     return tuple(hits), tuple(truncated)
 
 
 @dataclass(frozen=True)
-class _Call:
+class Query:
     """One query as every node is asked it (each attempt signs its own token)."""
 
     request: pb.MatchRequest
@@ -91,6 +92,49 @@ class _Call:
     query_sha256: str  # computed once, signed into every node's token
     case: str
     request_id: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at one replica of one member: what a :data:`Strategy` needs to ask it.
+
+    A strategy may make several calls (private matching asks twice); each takes
+    its deadline from :meth:`remaining`, so together they stay within the one
+    budget that hedging, fail-over and the breaker reckon with.
+    """
+
+    node: NodeEntry
+    stub: rpc.NodeStub
+    address: str
+    query: Query
+    signer: Signer
+    ends: float  # time.monotonic() by which this attempt must be over
+
+    def remaining(self) -> float:
+        """Seconds left for this attempt's next call (a deadline of 0 fails that call at once)."""
+        return max(self.ends - time.monotonic(), 0.0)
+
+    def metadata(self, rpc_name: str, query_digest: str) -> tuple[tuple[str, str], ...]:
+        """A fresh token for one call (``rpc_name``, over ``query_digest``), and the request id."""
+        token = self.signer.token(self.node.node_id, rpc_name, query_digest, self.query.case)
+        return (*tokens.bearer(token), (REQUEST_ID_KEY, self.query.request_id))
+
+
+# How one member is asked one query: every call it makes, its answer aligned with
+# the query's items. A gRPC error it raises becomes that member's status line, a
+# ``ValueError`` (malformed answer) or ``protocol.IncompatibleProtocol`` an error one.
+Strategy = Callable[[Attempt], Awaitable[NodeAnswer]]
+
+
+async def ordinary(attempt: Attempt) -> NodeAnswer:
+    """The plain Match call: the node sees the digests (PROTOCOL.md "Match")."""
+    node, query = attempt.node, attempt.query
+    response = await attempt.stub.Match(query.request, timeout=attempt.remaining(),
+                                        metadata=attempt.metadata("Match", query.query_sha256))
+    protocol.check_compatible(response.protocol_version, f"node {node.node_id}")
+    hits, truncated = unpack(response, node, len(query.items))
+    return NodeAnswer(node.node_id, node.country, NodeStatus.HIT if response.results else NodeStatus.NO_HIT,
+                      hits=hits, truncated=truncated)
 
 
 @dataclass
@@ -138,9 +182,12 @@ class Federation:
     # Below this much budget a retry could not get an answer back anyway.
     RETRY_MIN_BUDGET = 0.25
 
-    def __init__(self, config: GatewayConfig, signer: Signer, health: HealthPolicy | None = None):
+    def __init__(self, config: GatewayConfig, signer: Signer, health: HealthPolicy | None = None,
+                 strategy: Strategy = ordinary):
         self._config = config
         self._signer = signer
+        # How each member is asked (gateway.private chooses per member between private and plain matching).
+        self._strategy = strategy
         credentials = tls.channel_credentials(config.tls)
         self._channels: list[grpc.aio.Channel] = []
         self._members: dict[str, _Member] = {}
@@ -173,13 +220,13 @@ class Federation:
     async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
                     deadline: float | None = None, request_id: str | None = None) -> list[NodeAnswer]:
         """Asks every node; ``request_id`` (sent to each node) links their log lines to ours."""
-        call = _Call(items_to_pb(items), items, query_sha256(items), case, request_id or uuid.uuid4().hex)
+        call = Query(items_to_pb(items), items, query_sha256(items), case, request_id or uuid.uuid4().hex)
         per_node = timeout or self._config.node_timeout
         ends = time.monotonic() + (deadline or self._config.deadline)
         return list(await asyncio.gather(*(self._ask(self._members[node.node_id], call, per_node, ends)
                                            for node in self._config.nodes)))
 
-    async def _ask(self, member: _Member, call: _Call, per_node: float, ends: float) -> NodeAnswer:
+    async def _ask(self, member: _Member, call: Query, per_node: float, ends: float) -> NodeAnswer:
         node = member.entry
         tried = _Tried(ReplicaRound([r.health for r in member.replicas], member.turn))
         member.turn = (member.turn + 1) % len(member.replicas)
@@ -198,7 +245,7 @@ class Federation:
                                          "ms": round(answer.latency_ms, 1), "detail": answer.message})
         return answer
 
-    async def _attempts(self, member: _Member, tried: _Tried, first: int, call: _Call, per_node: float,
+    async def _attempts(self, member: _Member, tried: _Tried, first: int, call: Query, per_node: float,
                         ends: float) -> NodeAnswer:
         """The (hedged) call; if unavailable, another replica while time allows, or one retry of the only one.
 
@@ -246,7 +293,7 @@ class Federation:
             parts.append(f"replica {replica.address}: {words}")
         return "; ".join(parts)
 
-    async def _hedged(self, member: _Member, tried: _Tried, index: int, call: _Call,
+    async def _hedged(self, member: _Member, tried: _Tried, index: int, call: Query,
                       timeout: float) -> tuple[NodeAnswer, int]:
         health = member.replicas[index].health
         delay = health.hedge_delay()
@@ -272,7 +319,7 @@ class Federation:
             for task in pending:
                 task.cancel()
 
-    async def _call(self, member: _Member, tried: _Tried, index: int, call: _Call,
+    async def _call(self, member: _Member, tried: _Tried, index: int, call: Query,
                     timeout: float) -> tuple[NodeAnswer, int]:
         """One RPC to one replica, with its own token and deadline; its outcome noted for that replica."""
         answer = await self._rpc(member.entry, member.replicas[index], call, timeout)
@@ -283,43 +330,23 @@ class Federation:
             tried.failures.append((index, answer))
         return answer, index
 
-    async def _rpc(self, node: NodeEntry, replica: _Replica, call: _Call, timeout: float) -> NodeAnswer:
+    async def _rpc(self, node: NodeEntry, replica: _Replica, call: Query, timeout: float) -> NodeAnswer:
         if timeout <= 0:
             return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent",
                               replica=replica.address)
-        items = call.items
-        token = self._signer.token(node.node_id, "Match", call.query_sha256, call.case)
+        attempt = Attempt(node, replica.stub, replica.address, call, self._signer, time.monotonic() + timeout)
         started = time.perf_counter()
         try:
-            response = await replica.stub.Match(
-                call.request, timeout=timeout,
-                metadata=(*tokens.bearer(token), (REQUEST_ID_KEY, call.request_id)),
-            )
+            answer = await self._strategy(attempt)
         except grpc.aio.AioRpcError as error:
-            return NodeAnswer(node.node_id, node.country, status_of(error),
-                              self._details(node, replica.address, error),
-                              (time.perf_counter() - started) * 1000, replica=replica.address)
-        latency = (time.perf_counter() - started) * 1000
-        try:
-            protocol.check_compatible(response.protocol_version, f"node {node.node_id}")
+            answer = NodeAnswer(node.node_id, node.country, status_of(error),
+                                self._details(node, replica.address, error))
         except protocol.IncompatibleProtocol as exc:
             # Its answer may mean something else under another major version: not used.
-            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, str(exc), latency,
-                              replica=replica.address)
-        try:
-            hits, truncated = _unpack(response, node, len(items))
+            answer = NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, str(exc))
         except ValueError as exc:
-            return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}", latency,
-                              replica=replica.address)
-        return NodeAnswer(
-            node_id=node.node_id,
-            country=node.country,
-            status=NodeStatus.HIT if response.results else NodeStatus.NO_HIT,
-            latency_ms=latency,
-            hits=hits,
-            truncated=truncated,
-            replica=replica.address,
-        )
+            answer = NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}")
+        return replace(answer, latency_ms=(time.perf_counter() - started) * 1000, replica=replica.address)
 
     def _details(self, node: NodeEntry, address: str, error: grpc.aio.AioRpcError) -> str:
         details = error.details() or ""

@@ -118,7 +118,7 @@ class Authenticator:
             raise AuthError(f"token is for {claims.rpc!r}, not {rpc!r}", denied=True)
         if claims.query_sha256 != query_sha256:
             raise AuthError("request items differ from those the token was signed for", denied=True)
-        if rpc == "Match" and not claims.case.strip():
+        if rpc in ("Match", "PrivateMatch", "Disclose") and not claims.case.strip():
             raise AuthError("a query needs a case reference ('case' claim)", denied=True)
         try:
             # Last: only tokens that pass every other check take a place in memory.

@@ -192,6 +192,17 @@ class Catalog:
                 "WHERE state IN ('published', 'building'))")
             await self._bump()
 
+    async def set_files(self, segment_id: int, files: dict[str, str]) -> bool:
+        """Replaces a published segment's file list (OPRF outputs added or dropped by the
+        serving node); False, changing nothing, if the segment is no longer published."""
+        async with self._write():
+            cursor = await self._db.execute("UPDATE segments SET files = ? WHERE id = ? AND state = 'published'",
+                                            (json.dumps(files), segment_id))
+            if cursor.rowcount != 1:
+                return False
+            await self._bump()
+        return True
+
     async def forget(self, segment_ids: Iterable[int]) -> None:
         """Drops the records of abandoned or retired segments (their directories are gone)."""
         async with self._write():

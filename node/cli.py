@@ -20,7 +20,7 @@ from rich.table import Table
 
 from federation import logs
 from federation.config import ConfigError
-from node import config as node_config, formats, lifeline, readiness, stderr_relay, vics
+from node import config as node_config, formats, lifeline, private_cli, readiness, stderr_relay, vics
 from node.alerts_cli import add_alerts_parser, run_alerts
 from node.audit_cli import add_audit_parser, run_audit
 from node.records import ImportAborted, Rejection
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
     add_alerts_parser(sub)
+    private_cli.add_parser(sub)
 
     describe = sub.add_parser(
         "describe", help="version, listening state, counts, generation and audit head of this node",
@@ -151,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "compact":
             return asyncio.run(_compact(config))
+        if args.command == "private-key":
+            return private_cli.run(config, args.action, args.format, args.replace)
         if args.command == "import":
             return asyncio.run(_import(config, args.files, args.format, args.strict))
         if args.command == "retract":

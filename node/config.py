@@ -47,6 +47,32 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class PrivateSettings:
+    """Private exact matching (the ``[private]`` table; PROTOCOL.md, "Private exact matching")."""
+
+    enabled: bool = False
+    # Bits of the bucket hash naming a bucket: fewer bits, larger anonymity sets and answers.
+    prefix_bits: int = 16
+    # Bytes of each output a bucket answer carries: more bytes, fewer false positives.
+    output_bytes: int = 4
+    # How bucket answers are written: "fixed" (output_bytes each) or "elias-fano"
+    # (fingerprints of fingerprint_bits bits, about 2 + fingerprint_bits - log2(bucket size) bits each).
+    encoding: str = "fixed"
+    fingerprint_bits: int = 24
+
+    @property
+    def bits(self) -> int:
+        """Bits of each fingerprint in a bucket answer."""
+        return 8 * self.output_bytes if self.encoding == "fixed" else self.fingerprint_bits
+
+
+PREFIX_BITS = (8, 24)
+OUTPUT_BYTES = (3, 8)
+FINGERPRINT_BITS = (16, 48)
+ENCODINGS = ("fixed", "elias-fano")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     country: str
@@ -65,12 +91,13 @@ class NodeConfig:
     metrics_listen: str | None = None
     store_settings: StoreSettings = StoreSettings()
     alerts: AlertSettings = AlertSettings()
+    private: PrivateSettings = PrivateSettings()
 
 
 def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
     """Reads ``path``. Commands that only touch the store need no TLS or keys."""
     doc = root(path)
-    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics", "store", "alerts"})
+    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics", "store", "alerts", "private"})
     node = doc.table("node")
     node.reject_unknown({"id", "country", "federation", "listen", "store", "contact"})
     try:
@@ -114,6 +141,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         merge_above=_positive(store_table, "merge_above", defaults_store.merge_above),
         small_segment_rows=_positive(store_table, "small_segment_rows", defaults_store.small_segment_rows),
     )
+    private = _private(doc.table("private", required=False))
     return NodeConfig(
         node_id=node_id,
         country=country,
@@ -130,6 +158,7 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         metrics_listen=metrics_listen,
         store_settings=store_settings,
         alerts=_alerts(doc.table("alerts", required=False), for_serving),
+        private=private,
     )
 
 
@@ -213,6 +242,27 @@ def _alerts(table: Table, for_serving: bool) -> AlertSettings:
         retry_initial_s=_positive(table, "retry_initial_ms", 1000) / 1000,
         retry_max_s=float(_positive(table, "retry_max_s", 300)),
     )
+
+
+def _private(table: Table) -> PrivateSettings:
+    table.reject_unknown({"enabled", "prefix_bits", "output_bytes", "encoding", "fingerprint_bits"})
+    defaults = PrivateSettings()
+    enabled = table.get("enabled", bool, defaults.enabled)
+    bits = table.get("prefix_bits", int, defaults.prefix_bits)
+    if not PREFIX_BITS[0] <= bits <= PREFIX_BITS[1]:
+        raise ConfigError(f"{table.where('prefix_bits')}: must be {PREFIX_BITS[0]} to {PREFIX_BITS[1]}, got {bits}")
+    width = table.get("output_bytes", int, defaults.output_bytes)
+    if not OUTPUT_BYTES[0] <= width <= OUTPUT_BYTES[1]:
+        raise ConfigError(f"{table.where('output_bytes')}: must be {OUTPUT_BYTES[0]} to {OUTPUT_BYTES[1]}, "
+                          f"got {width}")
+    encoding = table.get("encoding", str, defaults.encoding)
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"{table.where('encoding')}: expected one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    fingerprint = table.get("fingerprint_bits", int, defaults.fingerprint_bits)
+    if not FINGERPRINT_BITS[0] <= fingerprint <= FINGERPRINT_BITS[1]:
+        raise ConfigError(f"{table.where('fingerprint_bits')}: must be {FINGERPRINT_BITS[0]} to "
+                          f"{FINGERPRINT_BITS[1]}, got {fingerprint}")
+    return PrivateSettings(enabled, bits, width, encoding, fingerprint)
 
 
 def _tier(table: Table, key: str, value: object) -> Tier:

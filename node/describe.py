@@ -11,6 +11,8 @@ import socket
 from dataclasses import asdict, dataclass
 
 import federation
+from federation import oprf
+from node import private_key, private_view
 from node.audit import AuditLog, audit_path, connect
 from node.config import NodeConfig
 from node.store import Store
@@ -29,6 +31,21 @@ class Description:
     counts: dict[str, int]
     audit_records_head: int | None
     audit_head_hash: str | None
+    private: PrivateDescription | None = None
+
+
+@dataclass(frozen=True)
+class PrivateDescription:
+    """Private exact matching: the bucket prefix, the key, and the anonymity set."""
+
+    enabled: bool
+    prefix_bits: int
+    output_bytes: int
+    key_id: str | None  # None: no key yet
+    next_key_id: str | None  # a rotation under way
+    stored: int  # exact digests held
+    covered: int  # of which have outputs under the active key
+    anonymity_set: float  # covered / 2^prefix_bits: digests sharing one item's bucket
 
 
 def _listening(listen: str) -> bool | None:
@@ -45,8 +62,19 @@ def _listening(listen: str) -> bool | None:
 
 async def describe(config: NodeConfig) -> Description:
     async with await Store.open(config.store) as store:
-        counts = await store.counts()
+        live = await store.snapshot()
+        counts = live.counts()
         generation = await store.generation()
+    keys = private_key.load(config.store)
+    view = private_view.build(live, keys) if keys is not None else None
+    bits = config.private.prefix_bits
+    private = PrivateDescription(
+        enabled=config.private.enabled, prefix_bits=bits, output_bytes=config.private.output_bytes,
+        key_id=keys.active_id if keys else None,
+        next_key_id=oprf.key_id(keys.next) if keys and keys.next else None,
+        stored=sum(n for a, n in counts.items() if a in private_view.EXACT),
+        covered=view.covered if view else 0,
+        anonymity_set=private_view.mean_bucket_size(view.covered if view else 0, bits))
     audit = await connect(audit_path(config.store))
     try:
         head = await (await AuditLog.open(audit)).head()
@@ -66,6 +94,7 @@ async def describe(config: NodeConfig) -> Description:
         counts=counts,
         audit_records_head=head[0] if head else None,
         audit_head_hash=head[1] if head else None,
+        private=private,
     )
 
 
@@ -81,4 +110,12 @@ def render(description: Description, format_name: str) -> str:
         f"  audit head: seq {description.audit_records_head} hash {description.audit_head_hash}"
         if description.audit_records_head is not None else "  audit: empty",
     ]
+    private = description.private
+    if private is not None:
+        mode = "enabled" if private.enabled else "disabled"
+        lines.append(f"  private matching: {mode}, prefix {private.prefix_bits} bits, outputs cut to "
+                     f"{private.output_bytes} bytes, key id {private.key_id or 'none yet'}"
+                     + (f" (rotating to {private.next_key_id})" if private.next_key_id else ""))
+        lines.append(f"    anonymity set: {private.anonymity_set:,.1f} digests per bucket "
+                     f"({private.covered:,} of {private.stored:,} exact digests covered / 2^{private.prefix_bits})")
     return "\n".join(lines)

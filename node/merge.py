@@ -1,5 +1,8 @@
 """Merging segments: many small ones into one, dropping what tombstones hide.
 
+OPRF outputs (private exact matching) are carried over from the inputs, not
+computed again; only rows without one under a current key are evaluated.
+
 The merged segment is written beside the live ones and swapped in with one
 catalog transaction (the inputs retired, the output published); queries go on
 against the inputs until then. A merge killed at any point leaves the inputs
@@ -90,6 +93,10 @@ def _copy(writer: SegmentWriter, chosen: Sequence[LiveSegment], born: list[tuple
     generation is looked up in its input segment and runs of one generation merged."""
     dropped = 0
     for item in chosen:
+        for name, by_key in item.segment.private.items():  # outputs carried over, not computed again
+            for key_id, part in by_key.items():
+                if writer.computes(key_id) and name in item.segment.keys:
+                    writer.carry(name, key_id, *part.known(*item.segment.keys[name]))
         for batch in item.segment.iter_rows("id", ROWS_PER_READ):
             groups: dict[str, list[tuple]] = {}
             births: dict[str, list[int]] = {}

@@ -6,7 +6,10 @@ A segment is a directory ``seg-NNNNNNNN`` next to the catalog holding
   no secondary index (appending to it never slows down with size);
 - ``<algorithm>.<array>.npy``: that algorithm's index arrays (node.segment_index),
   each written to a temporary name, fsynced, renamed, with its checksum
-  (XXH3-128) recorded in the catalog when the segment is published.
+  (XXH3-128) recorded in the catalog when the segment is published;
+- ``<algorithm>.private-<key id>.<array>.npy``: for exact algorithms, when the
+  node has OPRF keys, the rows' OPRF outputs under each key (node.private_arrays),
+  written with the segment, or later by the serving node (node.private_builder).
 
 A reader maps the arrays (``np.load(mmap_mode="r")``): a restart costs the
 page cache, not a rebuild. Each file's checksum is verified when a segment is
@@ -38,8 +41,8 @@ import numpy as np
 import xxhash
 
 from federation import algorithms
-from federation.algorithms import Algorithm
-from node import db as sqlite_setup, segment_index
+from federation.algorithms import Algorithm, MatchKind
+from node import db as sqlite_setup, private_arrays, segment_index
 from node.index import Index
 from node.private_files import make_private_directory, open_private, open_private_append
 
@@ -107,6 +110,17 @@ def checksum(path: Path) -> str:
             return f"{CHECKSUM}:{xxhash.xxh3_128(data).hexdigest()}"
 
 
+def save_array(directory: Path, name: str, array: np.ndarray) -> str:
+    """Writes one array atomically (temporary file, fsync, rename); its checksum."""
+    final, temporary = directory / name, directory / f".{name}.tmp"
+    with open_private(temporary) as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    return checksum(final)
+
+
 def lock_is_free(directory: Path) -> bool:
     """Whether no live process is writing this segment (its lock can be taken)."""
     try:
@@ -141,9 +155,12 @@ class SegmentWriter:
     against other segments); ``finish`` drops repeats within the segment, builds
     each algorithm's index in bulk from sorted arrays and writes the files."""
 
-    def __init__(self, directory: Path, segment_id: int):
+    def __init__(self, directory: Path, segment_id: int, private: dict[str, bytes] | None = None):
         self.directory = directory
         self.segment_id = segment_id
+        # OPRF keys (by key id) whose outputs the segment gets; outputs already known (a merge's).
+        self._private = dict(private or {})
+        self._known: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
         make_private_directory(directory.parent)
         directory.mkdir(mode=0o700)  # every file of the segment is 0600 too
         self._lock = open_private(directory / LOCK_FILE, "w")
@@ -215,11 +232,31 @@ class SegmentWriter:
             for array_name, array in segment_index.build_arrays(algorithm, ids, videos or [], keys).items():
                 file_name = f"{name}.{array_name}.npy"
                 files[file_name] = self._save(file_name, array)
+            if algorithm.match_kind is MatchKind.EXACT:
+                for key_id, secret in sorted(self._private.items()):
+                    files.update(self.save_private(algorithm, key_id, secret, keys, ids))
         self._db.execute("COMMIT")
         self._db.close()
         _fsync_path(self.directory / ROWS_FILE)
         _fsync_path(self.directory)
         return Written(self.segment_id, sum(counts.values()), counts, files)
+
+    def computes(self, key_id: str) -> bool:
+        return key_id in self._private
+
+    def carry(self, algorithm: str, key_id: str, keys: np.ndarray, outputs: np.ndarray) -> None:
+        """Outputs already computed for these digest keys (a merge's inputs): not computed again."""
+        self._known.setdefault((algorithm, key_id), []).append((keys, outputs))
+
+    def save_private(self, algorithm: Algorithm, key_id: str, secret: bytes, keys: np.ndarray,
+                     ids: np.ndarray) -> dict[str, str]:
+        """Computes and writes one algorithm's OPRF arrays under one key; file name -> checksum."""
+        known = self._known.pop((algorithm.name, key_id), None)
+        arrays = private_arrays.build(algorithm, keys, ids, secret,
+                                      private_arrays.Known.gather(known) if known else None)
+        return {f"{algorithm.name}.{private_arrays.array_name(key_id, part)}.npy":
+                self._save(f"{algorithm.name}.{private_arrays.array_name(key_id, part)}.npy", array)
+                for part, array in arrays.items()}
 
     def _unique(self, keys: np.ndarray, ids: np.ndarray, videos: list[bytes] | None
                 ) -> tuple[np.ndarray, np.ndarray, list[bytes] | None]:
@@ -237,14 +274,7 @@ class SegmentWriter:
         return keys[keep], ids[keep], kept_videos
 
     def _save(self, name: str, array: np.ndarray) -> str:
-        """Writes one array atomically (temporary file, fsync, rename); its checksum."""
-        final, temporary = self.directory / name, self.directory / f".{name}.tmp"
-        with open_private(temporary) as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-        return checksum(final)
+        return save_array(self.directory, name, array)
 
     def abandon(self) -> None:
         """Removes the unfinished segment (an import that failed or changed nothing)."""
@@ -269,6 +299,9 @@ class MappedSegment:
     keys: dict[str, tuple[np.ndarray, np.ndarray]]  # algorithm -> (sorted keys, row ids)
     indexes: dict[str, Index]
     _rows: sqlite3.Connection = field(repr=False)
+    # OPRF outputs: algorithm -> key id -> arrays (node.private_arrays).
+    private: dict[str, dict[str, private_arrays.PrivatePart]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # file name -> checksum, as published
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -289,13 +322,21 @@ class MappedSegment:
                     f"{found[name][:26]}...): segment {segment_id} is damaged; the node will not serve a "
                     "partial hash set (restore the store from a backup)")
         arrays: dict[str, dict[str, np.ndarray]] = {}
+        private: dict[str, dict[str, dict[str, np.ndarray]]] = {}
         for name, path in paths.items():
             algorithm, array_name = name.removesuffix(".npy").split(".", 1)
-            arrays.setdefault(algorithm, {})[array_name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+            split = private_arrays.split_name(array_name)
+            if split is None:
+                arrays.setdefault(algorithm, {})[array_name] = mapped
+            else:
+                private.setdefault(algorithm, {}).setdefault(split[0], {})[split[1]] = mapped
         indexes = {name: segment_index.load_index(algorithms.get(name), parts) for name, parts in arrays.items()}
         keys = {name: (parts["keys"], parts["ids"]) for name, parts in arrays.items()}
+        parts = {name: {key_id: private_arrays.PrivatePart.from_arrays(found) for key_id, found in by_key.items()}
+                 for name, by_key in private.items()}
         rows = sqlite_setup.open_immutable(directory / ROWS_FILE)
-        return cls(segment_id, directory, dict(counts), keys, indexes, rows)
+        return cls(segment_id, directory, dict(counts), keys, indexes, rows, parts, dict(files))
 
     def find(self, algorithm: str, wanted: np.ndarray) -> np.ndarray:
         """Row id of each wanted key (``segment_index.keys_of``), -1 where absent."""

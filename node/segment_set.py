@@ -184,7 +184,7 @@ class SegmentLoader:
         births = {entry.segment_id: entry.born for entry in snapshot.segments}
         for entry in snapshot.segments:
             segment = self._mapped.get(entry.segment_id)
-            if segment is None:
+            if segment is None or segment.files != entry.files:  # new, or its OPRF outputs changed
                 segment = MappedSegment.open(self.root, entry.segment_id, entry.counts, entry.files)
             mapped[entry.segment_id] = segment
         # Segments no longer live are dropped, not closed: a query may still be reading one.

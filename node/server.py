@@ -24,7 +24,7 @@ from federation import tls
 from federation.files import atomic_write_text
 from federation.outbox import Outbox
 from federation.wire import SERVICE_NAME
-from node import db as sqlite_setup, readiness, reflection
+from node import db as sqlite_setup, private_key, readiness, reflection
 from node.alerts import Alerts, open_outbox
 from node.audit import AuditLog, audit_path
 from node.auth import Authenticator
@@ -33,6 +33,8 @@ from node.live_index import LiveIndexes
 from node.merge import MergePolicy, merge
 from node.metrics import NodeMetrics
 from node.policy import Admission
+from node.private_builder import PrivateBuilder
+from node.private_service import PrivateMode, PrivateService, handlers as private_handlers
 from node.segment_set import SegmentSet
 from node.service import MetadataLimits, NodeService, handlers
 from node.store import Store
@@ -117,12 +119,21 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
     outbox: Outbox | None = None
     stop_alerts = asyncio.Event()
     delivering: asyncio.Task[None] | None = None
+    private = PrivateMode(config.private, config.store)
+    builder = PrivateBuilder(config.store) if config.private.enabled else None
     try:
         outbox = open_outbox(config.store, config.alerts)
+        if builder is not None:  # the OPRF key exists before any import or merge of this run computes outputs
+            keys, created = await asyncio.to_thread(private_key.init, config.store)
+            log.info("private matching enabled", extra={"key_id": keys.active_id, "key_created": created,
+                                                        "prefix_bits": config.private.prefix_bits})
         loaded = await indexes.start()
         await asyncio.to_thread(readiness.warm_up)
         indexes.on_change.append(merger.consider)
         merger.consider(loaded)
+        if builder is not None:
+            indexes.on_change.append(builder.consider)
+            builder.start(loaded)
         auth = Authenticator(config.node_id, config.federation, config.gateway_keys, config.trusted_gateways)
         audit = await AuditLog.open(audit_db)
         metrics = NodeMetrics()
@@ -132,9 +143,11 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         # Alerts recorded by an earlier run and not yet delivered go first, before anything new.
         delivering = asyncio.get_running_loop().create_task(alerts.deliver_forever(stop_alerts))
         service = NodeService(config, indexes, auth, Admission(config.policy), audit, metrics, alerts)
+        service.private_info = private.info
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent,
                                  interceptors=(MetadataLimits(service),))
-        server.add_generic_rpc_handlers((handlers(service),))
+        private_service = PrivateService(service, private, config)
+        server.add_generic_rpc_handlers((handlers(service), private_handlers(private_service)))
         checks = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checks, server)
         reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
@@ -173,6 +186,8 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
                 await delivering
         if outbox is not None:
             outbox.close()
+        if builder is not None:
+            await builder.stop()
         await merger.stop()
         await indexes.stop()
         await audit_db.close()

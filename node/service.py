@@ -116,6 +116,8 @@ class NodeService(rpc.NodeServicer):
         self._auth = auth
         self._admission = admission
         self._audit = audit
+        # Describe's private_exact (node.private_service.PrivateMode.info), when the node offers it.
+        self.private_info: Callable[[SegmentSet], pb.PrivateInfo | None] | None = None
 
     def _authorize(self, context: grpc.aio.ServicerContext, method: str, digest: str) -> QueryClaims:
         try:
@@ -265,7 +267,9 @@ class NodeService(rpc.NodeServicer):
         await self._audit.append(_entry("Describe", [], claims, claims.issuer, context.peer(), "OK"))
         self._metrics.serving(current.generation, current.counts())
         self._metrics.answered("Describe", {}, 0, time.perf_counter() - started)
+        private = self.private_info(current) if self.private_info is not None else None
         return pb.DescribeResponse(
+            private_exact=private,
             node_id=self._config.node_id,
             country=self._config.country,
             software_version=federation.__version__,
@@ -275,7 +279,7 @@ class NodeService(rpc.NodeServicer):
             max_distance=self._config.limits.max_distance,
             contact=self._config.contact,
             protocol_version=protocol.VERSION,
-            features=[SINCE_GENERATION_FEATURE],
+            features=[SINCE_GENERATION_FEATURE, *([protocol.PRIVATE_EXACT_FEATURE] if private is not None else [])],
         )
 
 

@@ -25,7 +25,7 @@ from typing import TypeVar
 import numpy as np
 
 from federation import algorithms
-from node import segment_index
+from node import private_key, segment_index
 from node.catalog import Catalog, SegmentEntry
 from node.private_files import make_private_directory, open_private_append
 from node.records import HashRecord, StoredRecord
@@ -142,8 +142,10 @@ class Store:
             yield
 
     async def new_segment(self) -> SegmentWriter:
+        """A writer for a new segment; it computes OPRF outputs under the node's keys, if it has any."""
+        keys = private_key.load(self.path)
         segment_id = await self.catalog.allocate()
-        return SegmentWriter(directory_of(self.root, segment_id), segment_id)
+        return SegmentWriter(directory_of(self.root, segment_id), segment_id, keys.computed() if keys else None)
 
     async def publish(self, written: Iterable[Written], retire: Iterable[int] = ()) -> None:
         await self.catalog.publish([SegmentEntry(w.segment_id, w.rows, w.counts, w.files, w.born)

@@ -48,7 +48,10 @@ def test_our_node_passes_the_whole_catalogue(federation: RunningFederation) -> N
                             "--known", f"sha256:{federation.data.shared_sha256}"))
     table = _lines(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert set(table.values()) == {"pass"}, done.stdout
+    # This federation's nodes do not offer private matching: those checks are skipped (and run in
+    # tests/test_private_gateway.py against a node that offers it); every other check passes.
+    assert {o for n, o in table.items() if not n.startswith("private.")} == {"pass"}, done.stdout
+    assert {o for n, o in table.items() if n.startswith("private.")} == {"skip"}, done.stdout
     for name in ("token.replayed", "auth.key-of-another-gateway", "auth.legacy-qh", "match.hit-in-place",
                  "transport.reflection-v1", "describe.answer", "request.too-many"):
         assert table[name] == "pass"

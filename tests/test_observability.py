@@ -43,13 +43,15 @@ def test_node_metrics_count_queries_hits_refusals_and_index(observed: LocalFeder
     node = observed["NL"]
     assert node.metrics_port, "the node reports its metrics port when ready"
     config = observed.write_gateway_config()
-    code, _ = query_json(config, "--case", "M-1", "--hash", f"sha256:{KNOWN}", "--hash", "md5:" + "11" * 16)
+    # Plain Match (these metrics are Match's): a node offering private matching would otherwise be asked privately.
+    code, _ = query_json(config, "--no-private", "--case", "M-1", "--hash", f"sha256:{KNOWN}", "--hash",
+                         "md5:" + "11" * 16)
     assert code == 0
     bad = tmp_path / "bad.toml"  # a gateway the node does not trust: refused
     bad.write_text(config.read_text().replace('id = "eu-1"', 'id = "eu-2"', 1)
                    .replace("eu-1.pem", "eu-2.pem").replace("eu-1.key", "eu-2.key")
                    .replace("eu-1-signing.key", "eu-2-signing.key").replace('kid = "eu-1-1"', 'kid = "eu-2-1"'))
-    query_json(bad, "--case", "M-2", "--hash", f"sha256:{KNOWN}")
+    query_json(bad, "--no-private", "--case", "M-2", "--hash", f"sha256:{KNOWN}")
     metrics = _scrape(node.metrics_port)
     assert metrics[("icse_node_requests_total", (("rpc", "Match"), ("status", "OK")))] >= 1
     assert metrics[("icse_node_items_total", (("algorithm", "sha256"),))] >= 1

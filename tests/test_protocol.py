@@ -117,7 +117,7 @@ def test_reflection_answers_under_both_service_names(federation: RunningFederati
                 "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
         pool = descriptor_pool.DescriptorPool(database)
         node_service = pool.FindServiceByName(SERVICE_NAME)
-        assert [m.name for m in node_service.methods] == ["Match", "Describe"]
+        assert [m.name for m in node_service.methods] == ["Match", "Describe", "PrivateMatch", "Disclose"]
         assert "protocol_version" in pool.FindMessageTypeByName("icse.v1.DescribeResponse").fields_by_name
         v1 = pool.FindServiceByName("grpc.reflection.v1.ServerReflection")
         assert v1.methods[0].input_type.full_name == "grpc.reflection.v1.ServerReflectionRequest"

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from federation import protocol, tls, tokens
+from federation.conformance.private_kit import PrivateChecks
 from federation.conformance.report import Result, judged, skipped
 from federation.conformance.since_checks import SinceChecks
 from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
@@ -195,8 +196,10 @@ class NodeKit:
              self._shape([QueryItem("sha256", bytes(32), 3)], INVALID)),
             ("request.too-many", "one item more than Describe's max_items_per_request", self._too_many),
             *SinceChecks(self).catalogue(),
-            ("after.still-serving", "an honest query after the catalogue is answered", self._still_serving),
         ]
+        # Private exact matching (skipped when the node does not offer it), then a last honest query.
+        checks += PrivateChecks(self).catalogue()
+        checks.append(("after.still-serving", "an honest query after the catalogue is answered", self._still_serving))
         return checks
 
     # ------------------------------------------------------------------ functional

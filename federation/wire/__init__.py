@@ -12,7 +12,7 @@ try:
 except ImportError as exc:  # pragma: no cover - only on a checkout without `make stubs`
     raise ImportError("gRPC stubs are missing: run `make stubs` (or `make install`)") from exc
 
-from federation.query import QueryItem
+from federation.query import DiscloseItem, PrivateItem, QueryItem
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Node"].full_name
 # Call metadata carrying the gateway's request id: the node logs it, so one
@@ -34,4 +34,24 @@ def items_from_pb(request: pb.MatchRequest) -> Sequence[QueryItem]:
     return [QueryItem(i.algorithm, bytes(i.digest), i.max_distance) for i in request.items]
 
 
-__all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "items_from_pb", "items_to_pb", "pb", "rpc"]
+def private_items_from_pb(request: pb.PrivateMatchRequest) -> Sequence[PrivateItem]:
+    return [PrivateItem(i.algorithm, i.bucket, i.prefix_bits, bytes(i.blinded_element)) for i in request.items]
+
+
+def private_items_to_pb(items: Iterable[PrivateItem]) -> pb.PrivateMatchRequest:
+    return pb.PrivateMatchRequest(items=[
+        pb.PrivateItem(algorithm=i.algorithm, bucket=i.bucket, prefix_bits=i.prefix_bits, blinded_element=i.blinded)
+        for i in items])
+
+
+def disclose_items_from_pb(request: pb.DiscloseRequest) -> Sequence[DiscloseItem]:
+    return [DiscloseItem(i.algorithm, bytes(i.output)) for i in request.items]
+
+
+def disclose_to_pb(key_id: str, items: Iterable[DiscloseItem]) -> pb.DiscloseRequest:
+    return pb.DiscloseRequest(key_id=key_id, items=[pb.DiscloseItem(algorithm=i.algorithm, output=i.output)
+                                                    for i in items])
+
+
+__all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "disclose_items_from_pb", "disclose_to_pb", "items_from_pb",
+           "items_to_pb", "pb", "private_items_from_pb", "private_items_to_pb", "rpc"]

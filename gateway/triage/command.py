@@ -220,7 +220,7 @@ def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Ca
 
 
 async def _run(triage: Triage, config: GatewayConfig, signer: Signer) -> TriageResult:
-    from gateway.fanout import Federation  # noqa: PLC0415 - only the run talks to nodes
+    from gateway import private  # noqa: PLC0415 - only the run talks to nodes
 
-    async with Federation(config, signer) as federation:
+    async with private.federation(config, signer) as federation:
         return await triage.run(federation)
