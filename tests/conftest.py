@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +23,15 @@ COUNTRIES = ("FR", "DE", "NL", "ES", "IT")
 # environment): each node compiles its search kernels before it says it is
 # ready, and with a cache per node directory every start would compile again.
 os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="icse-test-numba-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """Fills that cache once, in one process, before any node starts: five nodes of a federation
+    starting together on a cold cache would each compile the kernels at the same time (over a
+    minute of CPU on a loaded 2-core machine, past the federation's readiness limit)."""
+    subprocess.run([sys.executable, "-c", "from node import readiness; readiness.warm_up()"],
+                   check=True, timeout=600)
 
 
 @pytest.fixture(scope="session")
