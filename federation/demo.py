@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from federation import demo_watch
+from federation.demo_desk import Desk, describe as describe_alert
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
 
@@ -190,9 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     seized, picture, footage = _seized_files(args.workdir, args.seed)
     pdq, vpdq = _hashes_of(picture)["pdq"], _hashes_of(footage)["vpdq"]
     sets = _hash_sets(countries, seized, pdq, vpdq, rng, args.workdir)
+    # The first country's victim-identification desk hears of every hit its node releases (its webhook).
+    desk = Desk(args.workdir)
+    alerts: dict[str, dict[str, object]] = {
+        "alerts": {"webhook": desk.url, "webhook_secret_file": str(desk.secret_file)}}
     federation = LocalFederation(
         args.workdir / "nodes", pki,
-        [NodeSpec(c, c, CONTACTS.get(c, f"icse@police.example.{c.lower()}")) for c in countries],
+        [NodeSpec(c, c, CONTACTS.get(c, f"icse@police.example.{c.lower()}"), tables=alerts if i == 0 else {})
+         for i, c in enumerate(countries)],
     )
     print(f"Importing synthetic hash sets into {len(countries)} country stores…", flush=True)
     for country in countries:
@@ -215,7 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "icse-gateway query --case DEMO-2026-0001 --file … --hash md5:…",
         )
         print(f"\n(exit status {status}: 0 = at least one hit)")
+        holder = federation[countries[0]]
+        feed = subprocess.run(holder.node_command("alerts", "--config", str(holder.config_path)),
+                              capture_output=True, text=True, timeout=60, check=False).stdout.splitlines()
+        print(f"\n$ icse-node alerts --config {countries[0]}/node.toml   ({len(feed)} alert(s) recorded by "
+              f"{countries[0]}'s node; also sent to its desk's webhook)", flush=True)
+        for alert in desk.wait(len(feed), timeout=30):
+            print(f"{countries[0]}'s desk received: {describe_alert(alert)}", flush=True)
         watched = demo_watch.standing_query(federation, config, seized[3], countries[-1], args.workdir)
+    desk.close()
     print("All node processes stopped.")
     return 0 if status == 0 and watched == 0 else 1
 

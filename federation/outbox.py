@@ -18,8 +18,9 @@ carries an id (its key) a receiver uses to drop such a repeat.
   Failures back off exponentially (capped, with jitter, so a desk coming back
   after an outage is not hit by every node at the same instant).
 - ``jsonl_path``, when given, also receives every event as a JSON line (with its
-  cursor), for tools that follow a file; a line lost to a crash between commit
-  and write is written again when the outbox is next opened.
+  cursor and key), for tools that follow a file; a line lost to a crash between
+  commit and write is written when the outbox is next opened with that file.
+  Events added while the outbox was opened without one are not written later.
 
 The file is created 0600 (its events name cases and officers), in WAL mode with
 ``synchronous=FULL``: a committed event survives a power cut, and another
@@ -43,6 +44,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,20 +176,43 @@ class Outbox:
     def add(self, key: str, event: dict[str, object]) -> bool:
         """Records ``event`` under ``key``, committed before this returns; False
         (and nothing changed) if ``key`` is already recorded."""
-        body = _canonical(event)
+        return self.add_many([(key, event)]) == 1
+
+    def add_many(self, events: Sequence[tuple[str, dict[str, object]]]) -> int:
+        """``add`` for several events in one transaction (one sync to disk, not
+        one each); returns how many keys were new."""
+        if not events:
+            return 0
         created = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        fed = 0 if self._jsonl_path is not None else 1
+        rows = [(key, _canonical(event), created, fed) for key, event in events]
         with self._lock:
-            cursor = self._db.execute(
-                "INSERT INTO outbox (key, event, created, fed) VALUES (?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                (key, body, created, 0 if self._jsonl_path is not None else 1))
-            added = cursor.rowcount == 1
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._db.total_changes
+                self._db.executemany("INSERT INTO outbox (key, event, created, fed) VALUES (?, ?, ?, ?)"
+                                     " ON CONFLICT (key) DO NOTHING", rows)
+                added = self._db.total_changes - before
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             if added and self._jsonl_path is not None:
-                self._feed_unfed()
+                try:
+                    self._feed_unfed()
+                except OSError as exc:  # the events are committed; the next open writes their lines
+                    log.warning("events recorded, JSON-lines file not written; written when next opened",
+                                extra={"path": str(self._jsonl_path), "reason": str(exc)})
         if added and self._wake is not None:
             loop, wake = self._wake
             with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to wake
                 loop.call_soon_threadsafe(wake.set)
         return added
+
+    @property
+    def webhook(self) -> WebhookTarget | None:
+        """Where ``deliver_forever`` sends events (None: recorded and fed only)."""
+        return self._webhook
 
     def since(self, cursor: int, limit: int = 1000) -> list[tuple[int, dict[str, object]]]:
         """Up to ``limit`` events added after ``cursor`` (0: from the first), oldest first."""
@@ -251,21 +276,29 @@ class Outbox:
         try:
             while not stop.is_set():
                 wake.clear()
-                await self.deliver_due()
-                delay = await asyncio.to_thread(self._until_next, poll_s)
+                try:
+                    await self.deliver_due(stop)
+                    delay = await asyncio.to_thread(self._until_next, poll_s)
+                except sqlite3.Error as exc:  # the file is unusable for now: say so, try again later
+                    log.error("outbox unreadable; delivery tries again", extra={"path": str(self.path),
+                                                                                 "reason": str(exc)})
+                    delay = poll_s
                 if delay > 0:
                     await _first_of(stop, wake, delay)
         finally:
             self._wake = None
 
-    async def deliver_due(self) -> int:
-        """One round: tries every event due now (up to a batch); returns how many were delivered."""
+    async def deliver_due(self, stop: asyncio.Event | None = None) -> int:
+        """One round: tries every event due now (up to a batch), ending early
+        when ``stop`` is set; returns how many were delivered."""
         target = self._webhook
         if target is None:
             return 0
         due = await asyncio.to_thread(self._due)
         delivered = 0
         for row_id, key, body in due:
+            if stop is not None and stop.is_set():
+                break
             try:
                 await asyncio.to_thread(_post, target, key, body.encode())
             except (_Rejected, OSError, ValueError) as exc:  # OSError covers URLError, timeouts, refused
@@ -280,7 +313,7 @@ class Outbox:
         with self._lock:
             return self._db.execute(
                 "SELECT id, key, event FROM outbox WHERE delivered IS NULL AND next_attempt <= ?"
-                " ORDER BY next_attempt, id LIMIT ?", (time.time(), _BATCH)).fetchall()
+                " ORDER BY id LIMIT ?", (time.time(), _BATCH)).fetchall()
 
     def _until_next(self, poll_s: float) -> float:
         with self._lock:

@@ -21,6 +21,7 @@ from rich.table import Table
 from federation import logs
 from federation.config import ConfigError
 from node import config as node_config, formats, lifeline, readiness, stderr_relay, vics
+from node.alerts_cli import add_alerts_parser, run_alerts
 from node.audit_cli import add_audit_parser, run_audit
 from node.records import ImportAborted, Rejection
 from node.unix import stdout_closed
@@ -103,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output file (default: standard output)")
 
     add_audit_parser(sub)
+    add_alerts_parser(sub)
 
     describe = sub.add_parser(
         "describe", help="version, listening state, counts, generation and audit head of this node",
@@ -128,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "audit":
         return run_audit(args)
+    if args.command == "alerts":
+        return run_alerts(args)
     try:
         if args.command == "serve":
             _tie_to_supervisor(args.parent_pid, args.stop_on_stdin_eof)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+import stat
+import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation import identity
@@ -25,6 +28,25 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    """Alerts to this node's own desk when it releases a hit (the ``[alerts]`` table)."""
+
+    # Recorded in the outbox beside the store (``icse-node alerts`` reads it) unless false.
+    enabled: bool = True
+    # Where each alert is POSTed, signed with ``webhook_secret``; "" for none (the feed only).
+    webhook: str = ""
+    webhook_secret: bytes = field(default=b"", repr=False)
+    # Only hits whose category is a whole number at least this; None: any category.
+    min_category: int | None = None
+    # Only hits of these series / asked from these countries; None: any.
+    series: frozenset[str] | None = None
+    requesting_countries: frozenset[str] | None = None
+    # Webhook retries: the first after this many seconds, doubling up to ``retry_max_s``.
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     country: str
@@ -42,12 +64,13 @@ class NodeConfig:
     # HOST:PORT of the Prometheus endpoint; None: no endpoint.
     metrics_listen: str | None = None
     store_settings: StoreSettings = StoreSettings()
+    alerts: AlertSettings = AlertSettings()
 
 
 def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
     """Reads ``path``. Commands that only touch the store need no TLS or keys."""
     doc = root(path)
-    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics", "store"})
+    doc.reject_unknown({"node", "tls", "trust", "limits", "policy", "metrics", "store", "alerts"})
     node = doc.table("node")
     node.reject_unknown({"id", "country", "federation", "listen", "store", "contact"})
     try:
@@ -106,6 +129,89 @@ def load(path: Path, *, for_serving: bool = True) -> NodeConfig:
         max_concurrent=_positive(limits, "max_concurrent", 64),
         metrics_listen=metrics_listen,
         store_settings=store_settings,
+        alerts=_alerts(doc.table("alerts", required=False), for_serving),
+    )
+
+
+_LOOPBACK_NAMES = {"localhost"}
+
+
+def _webhook_url(table: Table, url: str) -> str:
+    """HTTPS, or plain HTTP to this machine only: an alert names a case and an
+    officer, and must not cross a network unencrypted."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        raise ConfigError(f"{table.where('webhook')}: expected an https:// URL, got {url!r}")
+    if parsed.scheme == "http":
+        host = parsed.hostname
+        try:
+            loopback = host in _LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"{table.where('webhook')}: plain http:// is accepted only to this machine "
+                              f"(127.0.0.1, ::1, localhost); use https:// for {host!r}")
+    return url
+
+
+def _secret(table: Table) -> bytes:
+    """The webhook's shared secret, from a file only its owner may read. The
+    messages name the file, never its content."""
+    path = table.path_of("webhook_secret_file")
+    try:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError(f"{table.where('webhook_secret_file')}: {path} is not a regular file")
+        if stat.S_IMODE(status.st_mode) & 0o077:
+            raise ConfigError(f"{table.where('webhook_secret_file')}: {path} is readable by others "
+                              f"(mode {stat.S_IMODE(status.st_mode):04o}); run: chmod 600 {path}")
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{table.where('webhook_secret_file')}: cannot read {path}: "
+                          f"{exc.strerror or exc}") from None
+    if len(secret) < 16:
+        raise ConfigError(f"{table.where('webhook_secret_file')}: {path} holds {len(secret)} bytes; "
+                          "a webhook secret needs at least 16 (e.g. `head -c 32 /dev/urandom | base64`)")
+    return secret
+
+
+def _names(table: Table, key: str, check: str = "") -> frozenset[str] | None:
+    values = table.get(key, list, [])
+    if not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"{table.where(key)}: expected a list of non-empty strings")
+    if check == "country":
+        for value in values:
+            if len(value) != 2 or not value.isalpha() or not value.isupper():
+                raise ConfigError(f"{table.where(key)}: expected ISO 3166 alpha-2 codes like 'DE', got {value!r}")
+    return frozenset(values) if values else None
+
+
+def _alerts(table: Table, for_serving: bool) -> AlertSettings:
+    table.reject_unknown({"enabled", "webhook", "webhook_secret_file", "min_category", "series",
+                          "requesting_countries", "retry_initial_ms", "retry_max_s"})
+    webhook = table.get("webhook", str, "")
+    if webhook:
+        webhook = _webhook_url(table, webhook)
+        if "webhook_secret_file" not in table.data:
+            raise ConfigError(f"{table.where('webhook_secret_file')}: required with a webhook "
+                              "(every alert is signed with it)")
+    elif "webhook_secret_file" in table.data:
+        raise ConfigError(f"{table.where('webhook_secret_file')}: given without a webhook")
+    min_category = table.data.get("min_category")
+    if min_category is not None:
+        min_category = table.get("min_category", int)
+        if min_category < 0:
+            raise ConfigError(f"{table.where('min_category')}: must be 0 or more, got {min_category}")
+    return AlertSettings(
+        enabled=table.get("enabled", bool, True),
+        webhook=webhook,
+        # Only a serving node sends alerts: other commands need not read the secret.
+        webhook_secret=_secret(table) if webhook and for_serving else b"",
+        min_category=min_category,
+        series=_names(table, "series"),
+        requesting_countries=_names(table, "requesting_countries", "country"),
+        retry_initial_s=_positive(table, "retry_initial_ms", 1000) / 1000,
+        retry_max_s=float(_positive(table, "retry_max_s", 300)),
     )
 
 

@@ -22,8 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from federation import tls
 from federation.files import atomic_write_text
+from federation.outbox import Outbox
 from federation.wire import SERVICE_NAME
 from node import db as sqlite_setup, readiness, reflection
+from node.alerts import Alerts, open_outbox
 from node.audit import AuditLog, audit_path
 from node.auth import Authenticator
 from node.config import NodeConfig, StoreSettings
@@ -112,7 +114,11 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
     audit_db = await sqlite_setup.connect(audit_path(config.store))
     indexes = LiveIndexes(store, settings.poll_seconds)
     merger = Merger(config.store, MergePolicy(settings.merge_above, settings.small_segment_rows))
+    outbox: Outbox | None = None
+    stop_alerts = asyncio.Event()
+    delivering: asyncio.Task[None] | None = None
     try:
+        outbox = open_outbox(config.store, config.alerts)
         loaded = await indexes.start()
         await asyncio.to_thread(readiness.warm_up)
         indexes.on_change.append(merger.consider)
@@ -122,7 +128,10 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         metrics = NodeMetrics()
         metrics.serving(loaded.generation, loaded.counts())
         metrics_server = metrics.serve(config.metrics_listen) if config.metrics_listen else None
-        service = NodeService(config, indexes, auth, Admission(config.policy), audit, metrics)
+        alerts = Alerts(outbox, config.alerts, config.node_id, config.country, metrics.registry)
+        # Alerts recorded by an earlier run and not yet delivered go first, before anything new.
+        delivering = asyncio.get_running_loop().create_task(alerts.deliver_forever(stop_alerts))
+        service = NodeService(config, indexes, auth, Admission(config.policy), audit, metrics, alerts)
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=config.max_concurrent,
                                  interceptors=(MetadataLimits(service),))
         server.add_generic_rpc_handlers((handlers(service),))
@@ -156,6 +165,14 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
         if metrics_server is not None:
             metrics_server.shutdown()
     finally:
+        stop_alerts.set()
+        if delivering is not None:
+            # Stops between deliveries: one in flight finishes (within the webhook's timeout);
+            # one not acknowledged is sent again at the next start.
+            with contextlib.suppress(Exception):
+                await delivering
+        if outbox is not None:
+            outbox.close()
         await merger.stop()
         await indexes.stop()
         await audit_db.close()

@@ -25,6 +25,7 @@ from federation.query import SINCE_GENERATION_FEATURE, QueryItem, query_sha256
 from federation.tokens import QueryClaims
 from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, items_from_pb, pb, rpc
 from node import matcher
+from node.alerts import Alerts, ReleasedHit
 from node.audit import AuditEntry, AuditLog
 from node.auth import Authenticator, AuthError
 from node.config import NodeConfig
@@ -94,8 +95,9 @@ def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None
 
 class NodeService(rpc.NodeServicer):
     def __init__(self, config: NodeConfig, indexes: LiveIndexes, auth: Authenticator,
-                 admission: Admission, audit: AuditLog, metrics: NodeMetrics):
+                 admission: Admission, audit: AuditLog, metrics: NodeMetrics, alerts: Alerts | None = None):
         self._config = config
+        self._alerts = alerts
         self._metrics = metrics
         self._indexes = indexes
         self._auth = auth
@@ -128,8 +130,9 @@ class NodeService(rpc.NodeServicer):
             await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest", started)
         items = items_from_pb(request)
         since = request.since_generation
+        rid = request_id(context)
         try:
-            response, claims, references, searched = await self._match(items, since, context)
+            response, claims, references, released, searched = await self._match(items, since, context)
         except Refused as refusal:
             await self._refuse(context, "Match", items, refusal, started, since)
         except Exception as exc:  # noqa: BLE001 - a defect, not the caller's fault: audited INTERNAL, never UNKNOWN
@@ -137,19 +140,21 @@ class NodeService(rpc.NodeServicer):
         # The record is durable before the answer leaves; no record, no answer.
         await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
                                         references=references, since_generation=since, rows_searched=searched))
+        if self._alerts is not None:  # the holder's desk hears of what was released; never fails the answer
+            await self._alerts.record(claims, rid, released)
         elapsed = time.perf_counter() - started
         self._metrics.answered("Match", Counter(item.algorithm for item in items), len(references), elapsed)
         # No digests in the log: a no-hit item must leave no trace of what was asked.
         log.info("answered", extra={
-            "request_id": request_id(context), "rpc": "Match", "gateway": claims.issuer,
+            "request_id": rid, "rpc": "Match", "gateway": claims.issuer,
             "officer": claims.subject, "org": claims.org, "requester_country": claims.country,
             "case": claims.case, "items": len(items), "hits": len(references), "since_generation": since,
             "rows_searched": searched, "ms": round(elapsed * 1000, 1)})
         return response
 
     async def _match(self, items: Sequence[QueryItem], since: int, context: grpc.aio.ServicerContext,
-                     ) -> tuple[pb.MatchResponse, QueryClaims, list[str], int]:
-        """The answer, its claims, the references released and how many rows were searched."""
+                     ) -> tuple[pb.MatchResponse, QueryClaims, list[str], list[ReleasedHit], int]:
+        """The answer, its claims, the references and hits released, and how many rows were searched."""
         claims = self._authorize(context, "Match", query_sha256(items, since))
         try:
             tier = self._admission.permit(claims)
@@ -171,17 +176,20 @@ class NodeService(rpc.NodeServicer):
         found = matcher.match(valid, searched.indexes, self._config.limits)
         hit_ids = [c.record_id for m in found for c in m.candidates]
         records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
-        results, references = [], []
+        results, references, released = [], [], []
         for position, matches in enumerate(found):
-            hits = [self._hit(records[c.record_id], c.distance, c.matched_share, tier)
-                    for c in matches.candidates if c.record_id in records]
+            kept = [c for c in matches.candidates if c.record_id in records]
+            hits = [self._hit(records[c.record_id], c.distance, c.matched_share, tier) for c in kept]
             if hits:
                 results.append(pb.ItemResult(item=position, hits=hits, truncated=matches.truncated))
                 references += [hit.reference for hit in hits]
+                released += [ReleasedHit(position, items[position].algorithm, items[position].digest,
+                                         records[c.record_id].record, c.distance, c.matched_share, tier.value)
+                             for c in kept]
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
                                     tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION,
                                     generation=current.generation)
-        return response, claims, references, searched.rows_searched
+        return response, claims, references, released, searched.rows_searched
 
     async def _current(self, claims: QueryClaims | None) -> SegmentSet:
         try:

@@ -40,3 +40,8 @@ def test_the_demo_finds_the_clip_by_its_frames_and_shows_no_error(pki: DevPki, t
     # The standing query: asked before DE imports the set, alerted once after it.
     assert out.count("alert: case DEMO-2026-0002: DE holds") == 1 and "as DE-NEW-0001" in out, out
     assert out.index("DE imports a new set") < out.index("alert: case DEMO-2026-0002"), out
+    # FR's desk hears, through its signed webhook, of each hit FR's node released: SERIES-ALPHA and -BRAVO.
+    desk = sorted(line for line in lines if line.startswith("FR's desk received: hit on FR-"))
+    assert len(desk) == 2 and "(2 alert(s) recorded by FR's node" in out, out
+    assert "SERIES-ALPHA" in "".join(desk) and "SERIES-BRAVO" in "".join(desk)
+    assert all("case DEMO-2026-0001" in line and "signature verified" in line for line in desk), desk

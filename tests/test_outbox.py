@@ -12,8 +12,6 @@ import random
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,59 +19,9 @@ import pytest
 
 from federation import outbox as outbox_module
 from federation.outbox import Outbox, WebhookTarget, backoff, sign, verify
+from tests.webhook import Receiver, receiving
 
 SECRET = b"desk-shared-secret"
-
-
-@dataclass
-class Receiver:
-    """A webhook that refuses (HTTP 503) its first ``fail_first`` requests, then accepts."""
-
-    fail_first: int = 0
-    requests: list[tuple[Message, bytes]] = field(default_factory=list)  # headers: case-insensitive
-    accepted: list[str] = field(default_factory=list)  # event ids answered 2xx, in order
-    changed: threading.Condition = field(default_factory=threading.Condition)
-    url: str = ""
-
-    def handle(self, headers: Message, body: bytes) -> int:
-        with self.changed:
-            self.requests.append((headers, body))
-            if len(self.requests) <= self.fail_first:
-                self.changed.notify_all()
-                return 503
-            self.accepted.append(headers["X-ICSE-Event-Id"])
-            self.changed.notify_all()
-            return 204
-
-    def wait_accepted(self, count: int, timeout: float = 30.0) -> None:
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.accepted) >= count, timeout), self.accepted
-
-
-@contextlib.contextmanager
-def receiving(fail_first: int = 0) -> Iterator[Receiver]:
-    receiver = Receiver(fail_first)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(receiver.handle(self.headers, body))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    receiver.url = f"http://127.0.0.1:{server.server_port}/alerts"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def _target(url: str) -> WebhookTarget:
@@ -273,3 +221,25 @@ async def test_non_2xx_is_not_delivered(tmp_path: Path, status: int) -> None:
 def test_module_names_its_headers() -> None:
     assert (outbox_module.SIGNATURE_HEADER, outbox_module.EVENT_ID_HEADER, outbox_module.TIMESTAMP_HEADER) == (
         "X-ICSE-Signature", "X-ICSE-Event-Id", "X-ICSE-Timestamp")
+
+
+def test_add_many_commits_together_and_counts_new_keys(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "alerts.db", jsonl_path=tmp_path / "alerts.jsonl")
+    assert box.add("a", {"n": 1})
+    assert box.add_many([("a", {"n": 1}), ("b", {"n": 2}), ("c", {"n": 3}), ("b", {"n": 2})]) == 2
+    assert box.add_many([]) == 0
+    assert [event["n"] for _, event in box.since(0)] == [1, 2, 3]
+    assert [json.loads(line)["key"] for line in (tmp_path / "alerts.jsonl").read_text().splitlines()] == [
+        "a", "b", "c"]
+    box.close()
+
+
+def test_an_unwritable_jsonl_file_does_not_lose_the_event(tmp_path: Path) -> None:
+    jsonl = tmp_path / "not-yet" / "alerts.jsonl"
+    box = Outbox(tmp_path / "alerts.db", jsonl_path=jsonl)
+    assert box.add("a", {"n": 1})  # committed, although its line could not be written
+    assert box.since(0)[0][1] == {"n": 1}
+    box.close()
+    jsonl.parent.mkdir()
+    Outbox(tmp_path / "alerts.db", jsonl_path=jsonl).close()
+    assert [json.loads(line)["key"] for line in jsonl.read_text().splitlines()] == ["a"]

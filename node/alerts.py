@@ -1,0 +1,179 @@
+"""Alerts to this node's own desk: every hit it released, as it left.
+
+When FR's node releases a hit on one of FR's references to a DE investigator,
+FR's victim-identification desk should hear of it then, not when someone reads
+the audit log. Each released hit (after policy: what actually left the node)
+becomes one event in a durable outbox (``federation.outbox``), a SQLite file of
+its own beside the store's catalog and audit log (``alerts_path``), committed
+before the answer leaves; from there it is delivered to a webhook (signed,
+retried, at least once, across restarts) and read by ``icse-node alerts``.
+
+An event holds the reference, series and category of the row that hit, who
+asked (gateway, country, agency, officer, case, from the token the audit log
+records), when, how close (distance, matched share), the algorithm, the
+request id, and the one digest of the request that hit; never any other item
+of the request (an officer's no-hit digests must leave no trace here either).
+
+A failed outbox write does not fail the answer: the audit record of the call,
+with the same references, case and officer, is already durable (no record, no
+answer), so nothing is lost that the desk cannot recover; refusing the
+investigator because the desk's notification file is unwritable would turn an
+alerting fault into a matching outage. The failure is logged (without
+digests) and counted (``icse_node_alerts_failed``) so the operator sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from federation.outbox import Outbox, WebhookTarget
+from federation.tokens import QueryClaims
+from node.config import AlertSettings
+from node.private_files import make_private
+from node.records import HashRecord
+
+log = logging.getLogger("icse.node")
+
+EVENT_TYPE = "hit.released"
+
+
+@dataclass(frozen=True)
+class ReleasedHit:
+    """One hit as it left the node, with the request item it answered."""
+
+    item: int  # the item's position in the request
+    algorithm: str
+    digest: bytes  # the requester's digest of that item (not the stored one)
+    record: HashRecord  # the stored row that hit
+    distance: int
+    matched_share: float | None
+    tier: str  # release tier the requester was given ("hit" or "standard")
+
+
+def alerts_path(store: Path) -> Path:
+    """The outbox of alerts: its own file beside the store's catalog (and ``.audit``)."""
+    return store.with_name(store.name + ".alerts")
+
+
+def open_outbox(store: Path, settings: AlertSettings) -> Outbox | None:
+    """The node's outbox, with its webhook if one is configured; None when alerts are off.
+    A file that cannot be opened stops the start (OSError, in words): the operator
+    is there to fix it, whereas a node serving without its alerts would go unnoticed."""
+    if not settings.enabled:
+        return None
+    webhook = WebhookTarget(settings.webhook, settings.webhook_secret, min_backoff_s=settings.retry_initial_s,
+                            max_backoff_s=settings.retry_max_s) if settings.webhook else None
+    path = alerts_path(store)
+    try:
+        make_private(path)
+        return Outbox(path, webhook=webhook, jsonl_path=None)
+    except sqlite3.Error as exc:
+        raise OSError(f"{path}: cannot open the alerts outbox ({exc}); move it aside to start "
+                      "with an empty one, or set [alerts] enabled = false") from None
+
+
+def passes(settings: AlertSettings, claims: QueryClaims, hit: ReleasedHit) -> bool:
+    """Whether the desk asked to hear of this hit (its filters; pure)."""
+    if settings.requesting_countries is not None and claims.country not in settings.requesting_countries:
+        return False
+    if settings.series is not None and hit.record.series not in settings.series:
+        return False
+    if settings.min_category is not None:
+        category = hit.record.category.strip()
+        if not category.isdigit() or int(category) < settings.min_category:
+            return False
+    return True
+
+
+def event_key(claims: QueryClaims, request_id: str, hit: ReleasedHit) -> str:
+    """One alert per gateway's request, item and reference: a request the gateway
+    sends again (same request id) does not alert the desk twice."""
+    return f"{claims.issuer}/{request_id}/{hit.item}/{hit.record.reference}"
+
+
+def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit: ReleasedHit,
+          when: dt.datetime) -> dict[str, object]:
+    """The alert as the desk receives it (JSON object)."""
+    record = hit.record
+    return {
+        "type": EVENT_TYPE,
+        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "node_id": node_id,
+        "node_country": country,
+        "reference": record.reference,
+        "series": record.series,
+        "category": record.category,
+        "victim_identified": record.victim_identified,
+        "algorithm": hit.algorithm,
+        "digest": hit.digest.hex(),
+        "distance": hit.distance,
+        "matched_share": hit.matched_share,
+        "item": hit.item,
+        "released_tier": hit.tier,
+        "request_id": request_id,
+        "gateway": claims.issuer,
+        "requesting_country": claims.country,
+        "requesting_agency": claims.org,
+        "officer": claims.subject,
+        "case": claims.case,
+        "token_id": claims.token_id,
+    }
+
+
+class Alerts:
+    """Records released hits in the outbox; called by the service once per answered Match."""
+
+    def __init__(self, outbox: Outbox | None, settings: AlertSettings, node_id: str, country: str,
+                 registry: CollectorRegistry | None = None):
+        self._outbox = outbox
+        self._settings = settings
+        self._node_id = node_id
+        self._country = country
+        self.recorded = Counter("icse_node_alerts_recorded", "Alerts recorded in the outbox", registry=registry)
+        self.filtered = Counter("icse_node_alerts_filtered", "Released hits left out by the [alerts] filters",
+                                registry=registry)
+        self.failed = Counter("icse_node_alerts_failed",
+                              "Released hits whose alert could not be recorded (the answer still went)",
+                              registry=registry)
+        if outbox is not None and registry is not None:
+            pending = Gauge("icse_node_alerts_pending", "Alerts not yet delivered to the webhook",
+                            registry=registry)
+            pending.set_function(lambda: outbox.status().pending if outbox.webhook else 0)
+
+    async def record(self, claims: QueryClaims, request_id: str, released: Sequence[ReleasedHit]) -> None:
+        """Commits an alert per released hit the filters let through, before
+        returning; never raises (see the module docstring)."""
+        if self._outbox is None or not released:
+            return
+        when = dt.datetime.now(dt.UTC)
+        chosen = [hit for hit in released if passes(self._settings, claims, hit)]
+        self.filtered.inc(len(released) - len(chosen))
+        events = []
+        for hit in chosen:
+            key = event_key(claims, request_id, hit)
+            events.append((key, {"event_id": key, **event(self._node_id, self._country, claims, request_id,
+                                                          hit, when)}))
+        if not events:
+            return
+        try:
+            # In a worker thread: the commit syncs to disk, and the loop serves other calls meanwhile.
+            added = await asyncio.to_thread(self._outbox.add_many, events)
+        except Exception as exc:  # noqa: BLE001 - any failure: the answer still goes (module docstring)
+            self.failed.inc(len(events))
+            log.error("alert not recorded; the answer goes out, the audit log has the call", extra={
+                "request_id": request_id, "alerts": len(events), "reason": f"{type(exc).__name__}: {exc}"})
+            return
+        self.recorded.inc(added)
+
+    async def deliver_forever(self, stop: asyncio.Event) -> None:
+        """Delivers recorded alerts to the webhook until ``stop`` (nothing to do without one)."""
+        if self._outbox is not None:
+            await self._outbox.deliver_forever(stop)
