@@ -12,12 +12,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import grpc
 
 from federation import protocol, tls, tokens
-from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
-from federation.wire import REQUEST_ID_KEY, items_to_pb, pb, rpc
+from federation.query import EMPTY_QUERY_SHA256, PACKED_EXACT_FEATURE, QueryItem
+from federation.wire import REQUEST_ID_KEY, pb, rpc
+from gateway import packing
 from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth, ReplicaRound
 from gateway.outcomes import attempt_words, both_attempts, status_of, tls_words
@@ -66,8 +68,9 @@ def _hit(message: pb.Hit) -> HitInfo:
     )
 
 
-def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tuple, tuple]:
-    """Per-item hits and truncation flags from a node's sparse answer."""
+def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int,
+            form: packing.Form | None = None) -> tuple[tuple, tuple]:
+    """Per-item hits and truncation flags from a node's sparse answer, in the caller's item order."""
     if response.node_id != node.node_id:
         raise ValueError(f"answer is from node {response.node_id!r}")
     hits: list[tuple[HitInfo, ...]] = [()] * count
@@ -77,20 +80,29 @@ def _unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tu
         if not previous < result.item < count:
             raise ValueError(f"item position {result.item} out of order or range")
         previous = result.item
-        hits[result.item] = tuple(_hit(h) for h in result.hits)
-        truncated[result.item] = result.truncated
+        position = result.item if form is None else form.caller_position(result.item)
+        hits[position] = tuple(_hit(h) for h in result.hits)
+        truncated[position] = result.truncated
     return tuple(hits), tuple(truncated)
 
 
 @dataclass(frozen=True)
 class _Call:
-    """One query as every node is asked it (each attempt signs its own token)."""
+    """One query as every node is asked it (each attempt signs its own token for the form it sends)."""
 
-    request: pb.MatchRequest
     items: Sequence[QueryItem]
-    query_sha256: str  # computed once, signed into every node's token
     case: str
     request_id: str
+    pack_at_least: int = packing.PACK_AT_LEAST
+
+    # Each form is built once, when a first node is asked in it, and its query digest with it.
+    @cached_property
+    def plain(self) -> packing.Form:
+        return packing.plain(self.items)
+
+    @cached_property
+    def packed(self) -> packing.Form | None:
+        return packing.packed(self.items, self.pack_at_least)
 
 
 @dataclass
@@ -100,6 +112,8 @@ class _Replica:
     address: str
     stub: rpc.NodeStub
     health: NodeHealth
+    # What its last Describe listed (PROTOCOL.md "Features"); None until asked, or after a refusal.
+    features: frozenset[str] | None = None
 
 
 @dataclass
@@ -137,6 +151,8 @@ class Federation:
     RETRY_BACKOFF = 0.05
     # Below this much budget a retry could not get an answer back anyway.
     RETRY_MIN_BUDGET = 0.25
+    # Fewer exact items than this go unpacked (packing.PACK_AT_LEAST).
+    PACK_AT_LEAST = packing.PACK_AT_LEAST
 
     def __init__(self, config: GatewayConfig, signer: Signer, health: HealthPolicy | None = None):
         self._config = config
@@ -173,7 +189,7 @@ class Federation:
     async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
                     deadline: float | None = None, request_id: str | None = None) -> list[NodeAnswer]:
         """Asks every node; ``request_id`` (sent to each node) links their log lines to ours."""
-        call = _Call(items_to_pb(items), items, query_sha256(items), case, request_id or uuid.uuid4().hex)
+        call = _Call(items, case, request_id or uuid.uuid4().hex, self.PACK_AT_LEAST)
         per_node = timeout or self._config.node_timeout
         ends = time.monotonic() + (deadline or self._config.deadline)
         return list(await asyncio.gather(*(self._ask(self._members[node.node_id], call, per_node, ends)
@@ -288,14 +304,19 @@ class Federation:
             return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent",
                               replica=replica.address)
         items = call.items
-        token = self._signer.token(node.node_id, "Match", call.query_sha256, call.case)
         started = time.perf_counter()
+        form = await self._form(node, replica, call, timeout)
+        timeout -= time.perf_counter() - started
+        token = self._signer.token(node.node_id, "Match", form.query_sha256, call.case)
         try:
             response = await replica.stub.Match(
-                call.request, timeout=timeout,
+                form.request, timeout=timeout,
                 metadata=(*tokens.bearer(token), (REQUEST_ID_KEY, call.request_id)),
             )
         except grpc.aio.AioRpcError as error:
+            if form.order is not None and status_of(error) is NodeStatus.REFUSED:
+                # Perhaps no longer the software that offered packing: the next query asks Describe again.
+                replica.features = None
             return NodeAnswer(node.node_id, node.country, status_of(error),
                               self._details(node, replica.address, error),
                               (time.perf_counter() - started) * 1000, replica=replica.address)
@@ -307,7 +328,7 @@ class Federation:
             return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, str(exc), latency,
                               replica=replica.address)
         try:
-            hits, truncated = _unpack(response, node, len(items))
+            hits, truncated = _unpack(response, node, len(items), form)
         except ValueError as exc:
             return NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}", latency,
                               replica=replica.address)
@@ -320,6 +341,19 @@ class Federation:
             truncated=truncated,
             replica=replica.address,
         )
+
+    async def _form(self, node: NodeEntry, replica: _Replica, call: _Call, timeout: float) -> packing.Form:
+        """Packed for a replica that offers it (learnt from Describe once per replica), else plain.
+
+        Never packed for a node not known to offer it: a node that ignored the
+        packed groups would refuse the token (its query digest is over fewer
+        items), so asking blindly would cost a refusal, never a silent no-hit.
+        """
+        if call.packed is None:
+            return call.plain
+        if replica.features is None:
+            await self._describe_one(node, replica, timeout / 2)
+        return call.packed if PACKED_EXACT_FEATURE in (replica.features or ()) else call.plain
 
     def _details(self, node: NodeEntry, address: str, error: grpc.aio.AioRpcError) -> str:
         details = error.details() or ""
@@ -353,4 +387,5 @@ class Federation:
         except protocol.IncompatibleProtocol as exc:
             return NodeDescription(node.node_id, latency, failure=NodeStatus.ERROR, message=str(exc),
                                    replica=replica.address)
+        replica.features = frozenset(response.features)
         return NodeDescription(node.node_id, latency, response, replica=replica.address)

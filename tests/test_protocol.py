@@ -175,5 +175,5 @@ def test_which_stated_versions_a_gateway_uses(stated: str, usable: bool) -> None
 def test_an_incompatible_node_is_named_with_both_versions() -> None:
     with pytest.raises(protocol.IncompatibleProtocol) as caught:
         protocol.check_compatible("2.3", "node FR")
-    assert str(caught.value) == ("node FR speaks ICSE protocol 2.3, this software speaks 1.0: "
+    assert str(caught.value) == ("node FR speaks ICSE protocol 2.3, this software speaks 1.1: "
                                  "major versions 2 and 1 are incompatible, its answers are not used")
