@@ -1,10 +1,14 @@
 """A node as protocol 1.0 had it, for packed exact items: it lists no features in
 Describe and ignores ``MatchRequest.packed`` (field 3 unknown to it, as protobuf
 skips unknown fields). Runs the real node otherwise
-(``python -m tests.legacy_node serve --config ...``)."""
+(``python -m tests.legacy_node serve --config ...``).
+
+With ``ICSE_TEST_CLAIMS_PACKED=1`` in its environment it is a defective node
+instead: it lists ``match.packed-exact`` but still ignores the packed groups."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from node import cli, service
@@ -16,6 +20,7 @@ def _unknown_field(_request: object) -> list:
 
 
 if __name__ == "__main__":
-    service.FEATURES = []
+    if os.environ.get("ICSE_TEST_CLAIMS_PACKED") != "1":
+        service.FEATURES = []
     service.packed_from_pb = _unknown_field  # type: ignore[assignment]
     sys.exit(cli.main())

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from federation import tokens
-from federation.localfed import LocalFederation, LocalNode, NodeSpec
+from federation.localfed import LocalFederation, LocalNode, NodeSpec, environment
 from federation.pki import DevPki
 from federation.query import PACKED_EXACT_FEATURE, PackedGroup, QueryItem, canonical_bytes, query_sha256
 from federation.wire import items_to_pb, pb, request_to_pb, rpc
@@ -30,11 +30,19 @@ from gateway.signing import signer_for
 from tests.support import Client, claims_for, gateway_client, import_rows, signing_key
 
 MAX_ITEMS = 400
+PACKED_CHECKS = ("packed.same-answer", "packed.partial-digest", "packed.not-exact")
 
 
 class _LegacyNode(LocalNode):
     def node_command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "tests.legacy_node", *args]
+
+
+class _ClaimsPackedNode(_LegacyNode):
+    """Lists the feature but ignores packed groups: what the conformance kit must catch."""
+
+    def node_command(self, *args: str) -> list[str]:
+        return ["env", "ICSE_TEST_CLAIMS_PACKED=1", *super().node_command(*args)]
 
 
 @dataclass
@@ -233,3 +241,37 @@ async def test_a_small_batch_is_sent_unpacked_without_asking_describe(nodes: Nod
                              key=lambda a: a.node_id != "FR")
         assert [h.reference for h in answer.hits[0]] == ["SHA-1"]
         assert replica.features is None and not recorder.sent[0].packed
+
+
+def _kit(pki: DevPki, node: LocalNode, known: str) -> dict[str, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "federation.conformance.cli", "node", "--address", node.address,
+         "--node-id", node.node_id, "--federation", pki.federation, "--ca", str(pki.ca_cert),
+         "--cert", str(pki.gateway_cert("eu-1")), "--key", str(pki.gateway_key("eu-1")),
+         "--signing-key", str(pki.signing_key("eu-1")), "--kid", pki.signing_kid("eu-1"), "--known", known],
+        capture_output=True, text=True, timeout=300, env=environment(), check=False)
+    return {words[1]: words[0] for line in done.stdout.splitlines()
+            if len(words := line.split()) >= 2 and words[0] in ("pass", "FAIL", "skip")}
+
+
+def test_the_conformance_kit_checks_the_feature(nodes: Nodes) -> None:
+    known = f"sha256:{nodes.sha[5].hex()}"
+    ours = _kit(nodes.pki, nodes.local["FR"], known)
+    assert {name: ours[name] for name in PACKED_CHECKS} == dict.fromkeys(PACKED_CHECKS, "pass")
+    legacy = _kit(nodes.pki, nodes.local["DE"], known)
+    assert {name: legacy[name] for name in PACKED_CHECKS} == dict.fromkeys(PACKED_CHECKS, "skip")
+    assert legacy["match.hit-in-place"] == "pass"
+
+
+def test_the_conformance_kit_fails_a_node_that_lists_the_feature_and_ignores_packed_items(
+        nodes: Nodes, tmp_path: Path) -> None:
+    node = _ClaimsPackedNode(NodeSpec("NL", "NL"), tmp_path, nodes.pki, ["eu-1"])
+    node.start()
+    try:
+        node.wait_ready(120)
+        table = _kit(nodes.pki, node, f"sha256:{nodes.sha[5].hex()}")
+    finally:
+        node.stop()
+    assert table["packed.same-answer"] == "FAIL"
+    # Refusals of a bad group: it reads no group at all, so it answers.
+    assert table["packed.partial-digest"] == table["packed.not-exact"] == "FAIL"

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from federation import protocol, tls, tokens
+from federation.conformance.packed_checks import PackedChecks
 from federation.conformance.report import Result, judged, skipped
 from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
 from federation.wire import SERVICE_NAME, items_to_pb, pb
@@ -193,6 +194,7 @@ class NodeKit:
             ("request.distance-on-exact", "max_distance on an exact algorithm",
              self._shape([QueryItem("sha256", bytes(32), 3)], INVALID)),
             ("request.too-many", "one item more than Describe's max_items_per_request", self._too_many),
+            *PackedChecks(self).catalogue(),
             ("after.still-serving", "an honest query after the catalogue is answered", self._still_serving),
         ]
         return checks
