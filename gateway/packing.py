@@ -16,8 +16,9 @@ other; each node is asked in one form, with a token for that form.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -47,6 +48,8 @@ def plain(items: Sequence[QueryItem]) -> Form:
 def packed(items: Sequence[QueryItem], at_least: int = PACK_AT_LEAST) -> Form | None:
     """The packed form, or None when fewer than ``at_least`` items can be packed."""
     sizes = {a.name: size for a in algorithms.all_algorithms() if (size := packable(a.name))}
+    if len(items) >= max(at_least, 1) and (whole := _one_group(items, sizes)) is not None:
+        return Form(request_to_pb((), [whole]), query_sha256((), packed=[whole]))
     rest: list[int] = []
     groups: dict[str, list[int]] = {}
     for position, (name, digest, distance) in enumerate(items):
@@ -61,3 +64,16 @@ def packed(items: Sequence[QueryItem], at_least: int = PACK_AT_LEAST) -> Form | 
              for name, where in groups.items()]
     order = np.fromiter((p for where in (rest, *groups.values()) for p in where), dtype=np.int64, count=len(items))
     return Form(request_to_pb(unpacked, packs), query_sha256(unpacked, packed=packs), order)
+
+
+def _one_group(items: Sequence[QueryItem], sizes: Mapping[str, int]) -> PackedGroup | None:
+    """The whole batch as one group when it is one exact algorithm, well formed (the usual
+    batch: a disk's files hashed one way), found without a Python step per item; else None."""
+    names = set(map(itemgetter(0), items))
+    if len(names) != 1 or any(map(itemgetter(2), items)):
+        return None
+    name = names.pop()
+    digests = list(map(itemgetter(1), items))
+    if name not in sizes or set(map(len, digests)) != {sizes[name]}:
+        return None
+    return PackedGroup(name, b"".join(digests), sizes[name])
