@@ -6,9 +6,10 @@ of each algorithm concatenated into one ``PackedItems`` byte string, for nodes
 that list ``match.packed-exact`` in Describe. A 10,000-digest batch is then a
 few byte strings instead of 10,000 messages, on both sides of the wire.
 
-Packing reorders: the node's item list is the unpacked items (perceptual ones,
-and anything that is not a well-formed exact digest, which the node refuses in
-its usual words), then each packed group. ``Form.order`` maps a position of
+Packing reorders: the node's item list is the unpacked items (perceptual
+ones), then each packed group. A batch with an item the node will refuse (an
+unknown algorithm, a digest of the wrong size, a distance on an exact kind) is
+not packed: the refusal then names the item by the caller's own position. ``Form.order`` maps a position of
 that list back to the caller's position, and the query digest is computed over
 the list as sent. The same items signed for one form are not valid for the
 other; each node is asked in one form, with a token for that form.
@@ -55,6 +56,8 @@ def packed(items: Sequence[QueryItem], at_least: int = PACK_AT_LEAST) -> Form | 
     for position, (name, digest, distance) in enumerate(items):
         if not distance and len(digest) == sizes.get(name, -1):
             groups.setdefault(name, []).append(position)
+        elif name in sizes or not _well_formed(name, digest):
+            return None  # the node's refusal names a position: sent unpacked, it is the caller's
         else:
             rest.append(position)
     if sum(len(where) for where in groups.values()) < max(at_least, 1):
@@ -64,6 +67,14 @@ def packed(items: Sequence[QueryItem], at_least: int = PACK_AT_LEAST) -> Form | 
              for name, where in groups.items()]
     order = np.fromiter((p for where in (rest, *groups.values()) for p in where), dtype=np.int64, count=len(items))
     return Form(request_to_pb(unpacked, packs), query_sha256(unpacked, packed=packs), order)
+
+
+def _well_formed(name: str, digest: bytes) -> bool:
+    try:
+        algorithms.get(name).validate(digest)
+    except algorithms.DigestError:
+        return False
+    return True
 
 
 def _one_group(items: Sequence[QueryItem], sizes: Mapping[str, int]) -> PackedGroup | None:

@@ -130,6 +130,8 @@ def _group(name: str, where: list[int], items: Sequence[QueryItem], limits: Limi
 
 
 def _ranked(candidates: list[Candidate], cap: int) -> ItemMatches:
+    if len(candidates) == 1:  # an exact hit, mostly
+        return ItemMatches(candidates)
     if len(candidates) > 1:
         candidates = sorted(candidates, key=lambda c: (c.distance, c.record_id))
     return ItemMatches(candidates[:cap], truncated=len(candidates) > cap)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import NoReturn
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import DecodeError
 
 import federation
@@ -177,19 +178,20 @@ class NodeService(rpc.NodeServicer):
         found = matcher.hits(valid, current.indexes, self._config.limits)
         hit_ids = [c.record_id for m in found.values() for c in m.candidates]
         records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
-        results, references, released = [], [], []
+        response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
+                                    tier=_TIERS[tier], protocol_version=protocol.VERSION)
+        references, released = [], []
+        # Results are added in place (``add``): a message built apart and then put in a list is copied.
         for position, matches in found.items():
             kept = [c for c in matches.candidates if c.record_id in records]
-            hits = [self._hit(records[c.record_id], c.distance, c.matched_share, tier) for c in kept]
-            if hits:
-                results.append(pb.ItemResult(item=position, hits=hits, truncated=matches.truncated))
-                references += [hit.reference for hit in hits]
+            if kept:
+                hits = response.results.add(item=position, truncated=matches.truncated).hits
+                references += [self._hit(hits, records[c.record_id], c.distance, c.matched_share, tier)
+                               for c in kept]
                 asked = _item_at(items, packed, position)
                 released += [ReleasedHit(position, asked.algorithm, asked.digest,
                                          records[c.record_id].record, c.distance, c.matched_share, tier.value)
                              for c in kept]
-        response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
-                                    tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION)
         return response, claims, references, released
 
     async def _current(self, claims: QueryClaims | None) -> SegmentSet:
@@ -200,23 +202,23 @@ class NodeService(rpc.NodeServicer):
                           f"this node's store is damaged and it will not answer from part of it: {exc}",
                           claims) from None
 
-    def _hit(self, stored: StoredRecord, distance: int, share: float | None, tier: Tier) -> pb.Hit:
+    def _hit(self, hits: RepeatedCompositeFieldContainer[pb.Hit], stored: StoredRecord, distance: int,
+             share: float | None, tier: Tier) -> str:
+        """Adds the hit to ``hits`` (an ItemResult's repeated field); its reference."""
         record = stored.record
-        hit = pb.Hit(
-            reference=record.reference,
-            country=self._config.country,
-            node_id=self._config.node_id,
-            contact=self._config.contact,
-            distance=distance,
-            matched_share=share or 0.0,
-        )
+        hit = hits.add(reference=record.reference, country=self._config.country, node_id=self._config.node_id,
+                       contact=self._config.contact)
+        if distance:
+            hit.distance = distance
+        if share:
+            hit.matched_share = share
         if tier is Tier.STANDARD:
             hit.category = record.category
             hit.series = record.series
             hit.date_added = record.date_added
             if record.victim_identified is not None:
                 hit.victim_identified = record.victim_identified
-        return hit
+        return record.reference
 
     async def _refuse_malformed(self, context: grpc.aio.ServicerContext, method: str, message: str,
                                 started: float, why: str = "protobuf did not parse",

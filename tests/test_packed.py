@@ -275,3 +275,23 @@ def test_the_conformance_kit_fails_a_node_that_lists_the_feature_and_ignores_pac
     assert table["packed.same-answer"] == "FAIL"
     # Refusals of a bad group: it reads no group at all, so it answers.
     assert table["packed.partial-digest"] == table["packed.not-exact"] == "FAIL"
+
+
+async def test_a_batch_of_one_exact_algorithm_is_packed_whole(nodes: Nodes) -> None:
+    digests = [nodes.sha[n] if n % 4 == 0 else nodes.unknown(32) for n in range(60)]
+    asked = [QueryItem("sha256", d) for d in digests]
+    wanted = {n: [f"SHA-{n}"] for n in range(0, 60, 4)}
+    short = [*asked[:30], QueryItem("sha256", b"\x00" * 31), *asked[30:]]  # one malformed: not one whole group
+    config = gateway_config.load(nodes.local.write_gateway_config(nodes=[nodes.local["FR"]]))
+    async with Federation(config, signer_for(config)) as fed:
+        fed.PACK_AT_LEAST = 10
+        replica = fed._members["FR"].replicas[0]
+        replica.stub = recorder = _Recording(replica.stub)
+        (answer,) = await fed.match(asked, "CASE-PACKED")
+        assert {n: [h.reference for h in hits] for n, hits in enumerate(answer.hits) if hits} == wanted
+        (refused,) = await fed.match(short, "CASE-PACKED")
+    whole, plain = recorder.sent
+    assert not whole.items and [(g.algorithm, g.digests) for g in whole.packed] == [("sha256", b"".join(digests))]
+    # A batch the node refuses goes unpacked, so the refusal names the caller's position.
+    assert not plain.packed and len(plain.items) == len(short)
+    assert refused.status.value == "refused" and "item 30: sha256 digest must be 32 bytes" in refused.message
