@@ -120,7 +120,7 @@ def _packed_records(group: PackedGroup) -> memoryview:
     records = np.zeros((group.count, len(head) + group.size + 4), dtype=np.uint8)  # max_distance u32 0 at the end
     records[:, :len(head)] = head
     records[:, len(head):len(head) + group.size] = np.frombuffer(group.digests, np.uint8).reshape(-1, group.size)
-    return memoryview(records).cast("B")
+    return memoryview(records.data).cast("B")
 
 
 def _item_parts(items: Sequence[QueryItem], count: int) -> list[bytes]:

@@ -97,7 +97,7 @@ class _Zeros(Sequence[int]):
     def __len__(self) -> int:
         return self._count
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         if isinstance(index, slice):
             return [0] * len(range(*index.indices(self._count)))
         if not -self._count <= index < self._count:

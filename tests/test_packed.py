@@ -197,7 +197,7 @@ class _Recording:
         self._stub = stub
         self.sent: list[pb.MatchRequest] = []
 
-    def Match(self, request: pb.MatchRequest, **kwargs: object):  # noqa: N802 - the stub's method name
+    def Match(self, request: pb.MatchRequest, **kwargs: object):  # the stub's method name
         self.sent.append(request)
         return self._stub.Match(request, **kwargs)
 
