@@ -10,7 +10,7 @@ escapes non-ASCII, JavaScript's ``JSON.stringify`` does not). It is, in order::
 
     "icse.v1.match" 0x00                      domain tag; "v1" is the protocol's major version
     u32be(number of items)
-    per item, in request order:
+    per item, in request order (plain items, then packed groups' digests):
         u32be(len(algorithm_utf8)) algorithm_utf8   the name exactly as sent, no normalisation
         u32be(len(digest)) digest                   the raw digest bytes
         u32be(max_distance)
@@ -22,14 +22,26 @@ items: its ``qh`` is the digest of zero items. The trailer is appended only
 for a non-zero ``since_generation``, so every digest of protocol 1.0 (which
 has no such field) is unchanged, and a token for a restricted query never
 verifies an unrestricted one (or one restricted otherwise).
+
+Packed exact items (PROTOCOL.md "Packed exact items") are items too: a request's
+item list is its ``QueryItem`` s, then each packed group's digests in order, and
+the encoding above is of that list. A packed digest is encoded exactly as the
+``QueryItem(algorithm, digest, 0)`` it stands for, so the same items have the
+same ``qh`` packed or not, and a node that ignores packed groups (it does not
+offer the feature) computes another ``qh`` and refuses the token instead of
+answering "no hit" for digests it never saw. A group's bytes are built as one
+array (``numpy``), not item by item.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
+
+import numpy as np
 
 from federation import protocol
 
@@ -41,6 +53,8 @@ U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 SINCE_TAG = b"since\x00"
 # The Describe feature name of a node that honours ``since_generation`` (PROTOCOL.md, "Features").
 SINCE_GENERATION_FEATURE = "match.since-generation"
+# The Describe feature name of a node that accepts ``MatchRequest.packed`` (PROTOCOL.md, "Features").
+PACKED_EXACT_FEATURE = "match.packed-exact"
 
 
 class QueryItem(NamedTuple):
@@ -57,15 +71,81 @@ class QueryItem(NamedTuple):
         return f"{self.algorithm}:{self.digest.hex()}"
 
 
-def canonical_bytes(items: Sequence[QueryItem], since_generation: int = 0) -> bytes:
+@dataclass(frozen=True, slots=True)
+class PackedGroup:
+    """Exact digests of one algorithm as one byte string, each ``size`` bytes:
+    the items ``QueryItem(algorithm, digests[i*size:(i+1)*size], 0)``.
+
+    ``size`` is the algorithm's digest size, known to both sides from the
+    algorithm's name (``federation.algorithms``); it is not on the wire.
+    """
+
+    algorithm: str
+    digests: bytes
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or len(self.digests) % self.size:
+            raise ValueError(f"packed {self.algorithm[:32]!r} digests are {len(self.digests)} bytes, "
+                             f"not a whole number of {self.size}-byte digests")
+
+    @property
+    def count(self) -> int:
+        return len(self.digests) // self.size
+
+    def array(self) -> np.ndarray:
+        """The digests as a fixed-width byte-string array (a view of ``digests``, no copy)."""
+        return np.frombuffer(self.digests, dtype=f"S{self.size}")
+
+    def digest(self, offset: int) -> bytes:
+        return self.digests[offset * self.size:(offset + 1) * self.size]
+
+
+def item_count(items: Sequence[QueryItem], packed: Sequence[PackedGroup] = ()) -> int:
+    return len(items) + sum(group.count for group in packed)
+
+
+def canonical_bytes(items: Sequence[QueryItem], since_generation: int = 0, *,
+                    packed: Sequence[PackedGroup] = ()) -> bytes:
     """The exact bytes ``qh`` hashes (see the module docstring).
 
     ``ValueError`` for what the encoding cannot hold (a length or distance of
     2^32 or more, a generation of 2^64 or more; protobuf's own limits keep real
     requests far below).
     """
+    return b"".join(_encoded(items, packed, since_generation))
+
+
+def _encoded(items: Sequence[QueryItem], packed: Sequence[PackedGroup],
+             since_generation: int = 0) -> Iterator[bytes | memoryview]:
+    """The items (plain, then each packed group's), then the ``since`` trailer if any."""
+    yield b"".join(_item_parts(items, item_count(items, packed)))
+    for group in packed:
+        if group.count:
+            yield _packed_records(group)
+    if since_generation:
+        if not 0 < since_generation <= U64_MAX:
+            raise ValueError("since_generation does not fit the query digest's encoding")
+        yield SINCE_TAG + _U64.pack(since_generation)
+
+
+def _packed_records(group: PackedGroup) -> memoryview:
+    """A group's items, encoded as ``_item_parts`` would encode them one by one, as one array."""
+    name = group.algorithm.encode("utf-8")
+    if len(name) > U32_MAX or group.size > U32_MAX:
+        raise ValueError("query item does not fit the query digest's encoding")
+    head = np.frombuffer(_U32.pack(len(name)) + name + _U32.pack(group.size), dtype=np.uint8)
+    records = np.zeros((group.count, len(head) + group.size + 4), dtype=np.uint8)  # max_distance u32 0 at the end
+    records[:, :len(head)] = head
+    records[:, len(head):len(head) + group.size] = np.frombuffer(group.digests, np.uint8).reshape(-1, group.size)
+    return memoryview(records.data).cast("B")
+
+
+def _item_parts(items: Sequence[QueryItem], count: int) -> list[bytes]:
     pack = _U32.pack
-    parts = [DOMAIN_TAG, pack(len(items))]
+    if count > U32_MAX:
+        raise ValueError("query item does not fit the query digest's encoding")
+    parts = [DOMAIN_TAG, pack(count)]
     # The bytes before a digest repeat for every item of one kind: encoded once per (name, length).
     heads: dict[tuple[str, int], bytes] = {}
     zero = pack(0)
@@ -79,16 +159,16 @@ def canonical_bytes(items: Sequence[QueryItem], since_generation: int = 0) -> by
         if max_distance and not 0 <= max_distance <= U32_MAX:
             raise ValueError("query item does not fit the query digest's encoding")
         parts += (head, digest, pack(max_distance) if max_distance else zero)
-    if since_generation:
-        if not 0 < since_generation <= U64_MAX:
-            raise ValueError("since_generation does not fit the query digest's encoding")
-        parts += [SINCE_TAG, _U64.pack(since_generation)]
-    return b"".join(parts)
+    return parts
 
 
-def query_sha256(items: Sequence[QueryItem], since_generation: int = 0) -> str:
-    """``qh``: lowercase hex SHA-256 of ``canonical_bytes(items, since_generation)``."""
-    return hashlib.sha256(canonical_bytes(items, since_generation)).hexdigest()
+def query_sha256(items: Sequence[QueryItem], since_generation: int = 0, *,
+                 packed: Sequence[PackedGroup] = ()) -> str:
+    """``qh``: lowercase hex SHA-256 of ``canonical_bytes(items, since_generation, packed=packed)``."""
+    digest = hashlib.sha256()
+    for part in _encoded(items, packed, since_generation):
+        digest.update(part)
+    return digest.hexdigest()
 
 
 # Describe's ``qh``: the digest of no items.

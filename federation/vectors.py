@@ -9,7 +9,9 @@ through those code paths, so PROTOCOL.md, the vectors and the code cannot drift.
 
 How to read a vector's items: ``digest_hex`` is the digest; ``digest_fill``
 ``{"byte": "5a", "length": n}`` is that byte ``n`` times; ``repeat: n`` means
-the item occurs ``n`` times in a row.
+the item occurs ``n`` times in a row. A case's ``packed`` lists packed exact
+groups (``MatchRequest.packed``): ``digests_hex`` (or ``digests_fill``) is the
+group's byte string; its items follow the case's ``items`` in the item list.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from federation import buckets, identity, oprf, protocol, tls, tokens
 from federation.pki import cert_pem, key_pem
 from federation.query import (
     DiscloseItem,
+    PackedGroup,
     PrivateItem,
     QueryItem,
     canonical_bytes,
@@ -51,6 +54,11 @@ NOW = 1767229200  # 2026-01-01T01:00:00Z: the moment every token vector is check
 VALID_FROM = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 VALID_TO = dt.datetime(2036, 1, 1, tzinfo=dt.UTC)
 ITEMS = [QueryItem("sha256", bytes(range(32))), QueryItem("pdq", bytes.fromhex("f0" * 32), 31)]
+PACKED = [PackedGroup("sha256", bytes(range(32)) + bytes(range(32, 64)), 32), PackedGroup("md5", b"\x11" * 16, 16)]
+
+
+def _listed(group: PackedGroup) -> list[QueryItem]:
+    return [QueryItem(group.algorithm, group.digest(n)) for n in range(group.count)]
 
 
 def seeded_key(label: str) -> ed25519.Ed25519PrivateKey:
@@ -80,17 +88,37 @@ def items_from_json(entries: Sequence[dict[str, Any]]) -> list[QueryItem]:
     return items
 
 
+def packed_json(group: tuple[str, bytes]) -> dict[str, Any]:
+    """A packed group as (algorithm name, concatenated digests)."""
+    name, digests = group
+    if len(digests) > 64 and len(set(digests)) == 1:
+        return {"algorithm": name, "digests_fill": {"byte": digests[:1].hex(), "length": len(digests)}}
+    return {"algorithm": name, "digests_hex": digests.hex()}
+
+
+def packed_from_json(entries: Sequence[dict[str, Any]]) -> list[tuple[str, bytes]]:
+    """The inverse of ``packed_json`` over a list: (algorithm name, concatenated digests) per group."""
+    out = []
+    for entry in entries:
+        fill = entry.get("digests_fill")
+        out.append((entry["algorithm"],
+                    bytes.fromhex(fill["byte"]) * fill["length"] if fill else bytes.fromhex(entry["digests_hex"])))
+    return out
+
+
 def _digest_case(name: str, note: str, groups: Sequence[tuple[QueryItem, int]],
-                 since_generation: int = 0) -> dict[str, Any]:
+                 packed: Sequence[PackedGroup] = (), since_generation: int = 0) -> dict[str, Any]:
     items = [item for item, count in groups for _ in range(count)]
-    encoded = canonical_bytes(items, since_generation)
+    encoded = canonical_bytes(items, since_generation, packed=packed)
     case: dict[str, Any] = {"name": name, "note": note, "items": [item_json(i, n) for i, n in groups]}
+    if packed:
+        case["packed"] = [packed_json((g.algorithm, g.digests)) for g in packed]
     if since_generation:
         case["since_generation"] = since_generation
     if len(encoded) <= 512:
         case["encoding_hex"] = encoded.hex()
     case["encoding_length"] = len(encoded)
-    case["qh"] = query_sha256(items, since_generation)
+    case["qh"] = query_sha256(items, since_generation, packed=packed)
     return case
 
 
@@ -123,6 +151,11 @@ def query_digest_vectors() -> dict[str, Any]:
                      "the trailer 'since' 0x00 u64be(258) follows the items", one, since_generation=258),
         _digest_case("since-generation-u64", "the largest since_generation the wire carries (uint64)",
                      one, since_generation=0xFFFF_FFFF_FFFF_FFFF),
+        _digest_case("packed", "a PDQ item, then packed groups of two sha256 and one md5 digests: the same "
+                     "encoding and qh as the five items listed one by one (see packed-listed)",
+                     [(ITEMS[1], 1)], PACKED),
+        _digest_case("packed-listed", "the item list of the packed case, every item a QueryItem",
+                     [(ITEMS[1], 1), *((i, 1) for g in PACKED for i in _listed(g))]),
     ]
     return {"description": "qh = lowercase hex SHA-256 of encoding; encoding = 'icse.v1.match' 0x00 u32be(count) "
                            "then per item u32be(len(alg_utf8)) alg_utf8 u32be(len(digest)) digest u32be(max_distance), "
@@ -292,10 +325,29 @@ def request_vectors() -> dict[str, Any]:
          "item 0: sha256 is matched exactly; max_distance must be 0"),
         ("vpdq-partial-frame", [QueryItem("vpdq", bytes(33))], "INVALID_ARGUMENT", ""),
     ]
+    out = [{"name": n, "items": _grouped(items), "expected": {"status": s, "message": m}} for n, items, s, m in cases]
+    # Packed exact items (feature match.packed-exact). A group that is not whole digests of an exact
+    # algorithm is refused before the token is judged: it stands for no items a token could be signed for.
+    one = [QueryItem("pdq", bytes(32), 31)]
+    for name, items, packed, status, message in [
+        ("packed-mixed", one, [("sha256", bytes(64)), ("md5", bytes(16))], "OK", ""),
+        ("packed-only", [], [("sha1", bytes(20) * 3)], "OK", ""),
+        ("packed-too-many", one, [("md5", b"\xab" * 16 * 20_000)], "INVALID_ARGUMENT",
+         "request has 20001 items; this node accepts at most 20000"),
+        ("packed-partial-digest", one, [("sha256", bytes(33))], "INVALID_ARGUMENT",
+         "request is not a valid icse.v1.MatchRequest (packed group 0: "),
+        ("packed-perceptual", one, [("pdq", bytes(32))], "INVALID_ARGUMENT",
+         "request is not a valid icse.v1.MatchRequest (packed group 0: 'pdq' is not an exact algorithm"),
+        ("packed-unknown", one, [("crc32", bytes(4))], "INVALID_ARGUMENT",
+         "request is not a valid icse.v1.MatchRequest (packed group 0: 'crc32' is not an exact algorithm"),
+    ]:
+        out.append({"name": name, "items": _grouped(items), "packed": [packed_json(g) for g in packed],
+                    "expected": {"status": status, "message": message}})
     return {"description": "status after authentication, with the default limits (max_items 20000, max_distance 31); "
-                           "'message' is how the refusal's message starts (empty: only the status is fixed)",
-            "cases": [{"name": n, "items": _grouped(items), "expected": {"status": s, "message": m}}
-                      for n, items, s, m in cases]}
+                           "'message' is how the refusal's message starts (empty: only the status is fixed); "
+                           "a packed group that is not whole digests of an exact algorithm is refused before "
+                           "the token is judged",
+            "cases": out}
 
 
 def _grouped(items: Sequence[QueryItem]) -> list[dict[str, Any]]:

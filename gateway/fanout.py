@@ -12,12 +12,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import grpc
 
 from federation import protocol, tls, tokens
-from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
-from federation.wire import REQUEST_ID_KEY, items_to_pb, pb, rpc
+from federation.query import EMPTY_QUERY_SHA256, PACKED_EXACT_FEATURE, QueryItem
+from federation.wire import REQUEST_ID_KEY, pb, rpc
+from gateway import packing
 from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth, ReplicaRound
 from gateway.outcomes import attempt_words, both_attempts, status_of, tls_words
@@ -67,8 +69,9 @@ def hit_info(message: pb.Hit) -> HitInfo:
     )
 
 
-def unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tuple, tuple]:
-    """Per-item hits and truncation flags from a node's sparse answer."""
+def unpack(response: pb.MatchResponse, node: NodeEntry, count: int,
+           form: packing.Form | None = None) -> tuple[tuple, tuple]:
+    """Per-item hits and truncation flags from a node's sparse answer, in the caller's item order."""
     if response.node_id != node.node_id:
         raise ValueError(f"answer is from node {response.node_id!r}")
     hits: list[tuple[HitInfo, ...]] = [()] * count
@@ -78,20 +81,29 @@ def unpack(response: pb.MatchResponse, node: NodeEntry, count: int) -> tuple[tup
         if not previous < result.item < count:
             raise ValueError(f"item position {result.item} out of order or range")
         previous = result.item
-        hits[result.item] = tuple(hit_info(h) for h in result.hits)
-        truncated[result.item] = result.truncated
+        position = result.item if form is None else form.caller_position(result.item)
+        hits[position] = tuple(hit_info(h) for h in result.hits)
+        truncated[position] = result.truncated
     return tuple(hits), tuple(truncated)
 
 
 @dataclass(frozen=True)
 class Query:
-    """One query as every node is asked it (each attempt signs its own token)."""
+    """One query as every node is asked it (each attempt signs its own token for the form it sends)."""
 
-    request: pb.MatchRequest
     items: Sequence[QueryItem]
-    query_sha256: str  # computed once, signed into every node's token
     case: str
     request_id: str
+    pack_at_least: int = packing.PACK_AT_LEAST
+
+    # Each form is built once, when a first node is asked in it, and its query digest with it.
+    @cached_property
+    def plain(self) -> packing.Form:
+        return packing.plain(self.items)
+
+    @cached_property
+    def packed(self) -> packing.Form | None:
+        return packing.packed(self.items, self.pack_at_least)
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,8 @@ class Attempt:
     query: Query
     signer: Signer
     ends: float  # time.monotonic() by which this attempt must be over
+    # The form of Match this replica takes (packed when it offers it; asks Describe once per replica).
+    form: Callable[[], Awaitable[packing.Form]]
 
     def remaining(self) -> float:
         """Seconds left for this attempt's next call (a deadline of 0 fails that call at once)."""
@@ -129,10 +143,11 @@ Strategy = Callable[[Attempt], Awaitable[NodeAnswer]]
 async def ordinary(attempt: Attempt) -> NodeAnswer:
     """The plain Match call: the node sees the digests (PROTOCOL.md "Match")."""
     node, query = attempt.node, attempt.query
-    response = await attempt.stub.Match(query.request, timeout=attempt.remaining(),
-                                        metadata=attempt.metadata("Match", query.query_sha256))
+    form = await attempt.form()
+    response = await attempt.stub.Match(form.request, timeout=attempt.remaining(),
+                                        metadata=attempt.metadata("Match", form.query_sha256))
     protocol.check_compatible(response.protocol_version, f"node {node.node_id}")
-    hits, truncated = unpack(response, node, len(query.items))
+    hits, truncated = unpack(response, node, len(query.items), form)
     return NodeAnswer(node.node_id, node.country, NodeStatus.HIT if response.results else NodeStatus.NO_HIT,
                       hits=hits, truncated=truncated)
 
@@ -144,6 +159,8 @@ class _Replica:
     address: str
     stub: rpc.NodeStub
     health: NodeHealth
+    # What its last Describe listed (PROTOCOL.md "Features"); None until asked, or after a refusal.
+    features: frozenset[str] | None = None
 
 
 @dataclass
@@ -181,6 +198,8 @@ class Federation:
     RETRY_BACKOFF = 0.05
     # Below this much budget a retry could not get an answer back anyway.
     RETRY_MIN_BUDGET = 0.25
+    # Fewer exact items than this go unpacked (packing.PACK_AT_LEAST).
+    PACK_AT_LEAST = packing.PACK_AT_LEAST
 
     def __init__(self, config: GatewayConfig, signer: Signer, health: HealthPolicy | None = None,
                  strategy: Strategy = ordinary):
@@ -220,7 +239,7 @@ class Federation:
     async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
                     deadline: float | None = None, request_id: str | None = None) -> list[NodeAnswer]:
         """Asks every node; ``request_id`` (sent to each node) links their log lines to ours."""
-        call = Query(items_to_pb(items), items, query_sha256(items), case, request_id or uuid.uuid4().hex)
+        call = Query(items, case, request_id or uuid.uuid4().hex, self.PACK_AT_LEAST)
         per_node = timeout or self._config.node_timeout
         ends = time.monotonic() + (deadline or self._config.deadline)
         return list(await asyncio.gather(*(self._ask(self._members[node.node_id], call, per_node, ends)
@@ -334,11 +353,16 @@ class Federation:
         if timeout <= 0:
             return NodeAnswer(node.node_id, node.country, NodeStatus.TIMED_OUT, "query deadline spent",
                               replica=replica.address)
-        attempt = Attempt(node, replica.stub, replica.address, call, self._signer, time.monotonic() + timeout)
+        ends = time.monotonic() + timeout
+        attempt = Attempt(node, replica.stub, replica.address, call, self._signer, ends,
+                          lambda: self._form(node, replica, call, ends))
         started = time.perf_counter()
         try:
             answer = await self._strategy(attempt)
         except grpc.aio.AioRpcError as error:
+            if status_of(error) is NodeStatus.REFUSED and PACKED_EXACT_FEATURE in (replica.features or ()):
+                # Perhaps no longer the software that offered packing: the next query asks Describe again.
+                replica.features = None
             answer = NodeAnswer(node.node_id, node.country, status_of(error),
                                 self._details(node, replica.address, error))
         except protocol.IncompatibleProtocol as exc:
@@ -347,6 +371,19 @@ class Federation:
         except ValueError as exc:
             answer = NodeAnswer(node.node_id, node.country, NodeStatus.ERROR, f"malformed answer: {exc}")
         return replace(answer, latency_ms=(time.perf_counter() - started) * 1000, replica=replica.address)
+
+    async def _form(self, node: NodeEntry, replica: _Replica, call: Query, ends: float) -> packing.Form:
+        """Packed for a replica that offers it (learnt from Describe once per replica), else plain.
+
+        Never packed for a node not known to offer it: a node that ignored the
+        packed groups would refuse the token (its query digest is over fewer
+        items), so asking blindly would cost a refusal, never a silent no-hit.
+        """
+        if call.packed is None:
+            return call.plain
+        if replica.features is None:
+            await self._describe_one(node, replica, max(ends - time.monotonic(), 0.0) / 2)
+        return call.packed if PACKED_EXACT_FEATURE in (replica.features or ()) else call.plain
 
     def _details(self, node: NodeEntry, address: str, error: grpc.aio.AioRpcError) -> str:
         details = error.details() or ""
@@ -380,4 +417,5 @@ class Federation:
         except protocol.IncompatibleProtocol as exc:
             return NodeDescription(node.node_id, latency, failure=NodeStatus.ERROR, message=str(exc),
                                    replica=replica.address)
+        replica.features = frozenset(response.features)
         return NodeDescription(node.node_id, latency, response, replica=replica.address)

@@ -3,6 +3,10 @@
 Knows nothing of gRPC or SQLite; the service feeds it items and indexes and
 turns its candidates into hits. Items are grouped by algorithm once, so each
 index is searched a single time per batch.
+
+Packed exact items (``PackedGroup``) arrive as one byte string per algorithm
+and stay one array from the wire to the index: a batch's items cost Python
+objects only where they hit.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 from federation import algorithms
 from federation.algorithms import Algorithm, MatchKind
-from federation.query import QueryItem
+from federation.query import PackedGroup, QueryItem, item_count
 from node.index import Candidate, Index
 
 
@@ -32,12 +36,13 @@ class Limits:
 
 @dataclass(frozen=True)
 class Group:
-    """The items of one algorithm in a batch, with their positions in it."""
+    """The items of one algorithm in a batch, with their positions in it
+    (a packed group: an array of digests and a range of positions)."""
 
     algorithm: Algorithm
-    positions: list[int]
-    digests: list[bytes]
-    max_distances: list[int]
+    positions: Sequence[int]
+    digests: Sequence[bytes] | np.ndarray
+    max_distances: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,51 @@ class ItemMatches(NamedTuple):
     truncated: bool = False
 
 
-def validate(items: Sequence[QueryItem], limits: Limits) -> ValidBatch:
-    if not items:
+def validate(items: Sequence[QueryItem], limits: Limits, packed: Sequence[PackedGroup] = ()) -> ValidBatch:
+    """The batch grouped by algorithm, or ``InvalidRequest``. ``packed`` groups follow ``items``
+    in the item list and are whole digests of an exact algorithm (``federation.wire.packed_from_pb``)."""
+    count = item_count(items, packed)
+    if not count:
         raise InvalidRequest("request has no items")
-    if len(items) > limits.max_items:
-        raise InvalidRequest(f"request has {len(items)} items; this node accepts at most {limits.max_items}")
+    if count > limits.max_items:
+        raise InvalidRequest(f"request has {count} items; this node accepts at most {limits.max_items}")
     positions: dict[str, list[int]] = {}
     for position, item in enumerate(items):
         positions.setdefault(item.algorithm, []).append(position)
     groups = [_group(name, where, items, limits) for name, where in positions.items()]
-    return ValidBatch(len(items), groups)
+    start = len(items)
+    for packed_group in packed:
+        if packed_group.count:
+            groups.append(_packed(packed_group, start))
+        start += packed_group.count
+    return ValidBatch(count, groups)
+
+
+def _packed(group: PackedGroup, start: int) -> Group:
+    try:
+        algorithm = algorithms.get(group.algorithm)
+    except algorithms.DigestError as exc:
+        raise InvalidRequest(f"item {start}: {exc}") from None
+    if algorithm.match_kind is not MatchKind.EXACT or algorithm.digest_size != group.size:
+        raise InvalidRequest(f"item {start}: {group.algorithm} items cannot be packed")
+    return Group(algorithm, range(start, start + group.count), group.array(), _Zeros(group.count))
+
+
+class _Zeros(Sequence[int]):
+    """``max_distance`` 0 for each of a packed group's items, without a list of them."""
+
+    def __init__(self, count: int):
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [0] * len(range(*index.indices(self._count)))
+        if not -self._count <= index < self._count:
+            raise IndexError(index)
+        return 0
 
 
 def _group(name: str, where: list[int], items: Sequence[QueryItem], limits: Limits) -> Group:
@@ -90,6 +130,8 @@ def _group(name: str, where: list[int], items: Sequence[QueryItem], limits: Limi
 
 
 def _ranked(candidates: list[Candidate], cap: int) -> ItemMatches:
+    if len(candidates) == 1:  # an exact hit, mostly
+        return ItemMatches(candidates)
     if len(candidates) > 1:
         candidates = sorted(candidates, key=lambda c: (c.distance, c.record_id))
     return ItemMatches(candidates[:cap], truncated=len(candidates) > cap)
@@ -97,16 +139,23 @@ def _ranked(candidates: list[Candidate], cap: int) -> ItemMatches:
 
 def match(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> list[ItemMatches]:
     """Per item in request order, its best candidates up to the per-item cap."""
-    no_hit = ItemMatches([])
-    results = [no_hit] * batch.size
+    results = [ItemMatches([])] * batch.size
+    for position, matches in hits(batch, indexes, limits).items():
+        results[position] = matches
+    return results
+
+
+def hits(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> dict[int, ItemMatches]:
+    """``match`` for the items that have any candidate, by position: no-hit items cost nothing."""
+    found: dict[int, ItemMatches] = {}
     for group in batch.groups:
         index = indexes.get(group.algorithm.name)
         if index is None:
             continue
-        digests: Sequence[bytes] | np.ndarray = group.digests
-        if group.algorithm.match_kind is MatchKind.EXACT:
+        digests = group.digests
+        if group.algorithm.match_kind is MatchKind.EXACT and not isinstance(digests, np.ndarray):
             # One array for the whole group, searched in every segment without per-digest objects.
-            digests = np.array(group.digests, dtype=f"S{group.algorithm.digest_size}")
+            digests = np.array(digests, dtype=f"S{group.algorithm.digest_size}")
         for offset, candidates in index.hits(digests, group.max_distances).items():
-            results[group.positions[offset]] = _ranked(candidates, limits.max_hits_per_item)
-    return results
+            found[group.positions[offset]] = _ranked(candidates, limits.max_hits_per_item)
+    return dict(sorted(found.items()))

@@ -327,18 +327,16 @@ class PrivateService:
         found = await asyncio.to_thread(view.disclose, key_id, [(i.algorithm, i.output) for i in items])
         wanted = [rid for rid in found if rid is not None]
         records = await asyncio.to_thread(current.records, wanted) if wanted else {}
-        results, references, released = [], [], []
+        response = pb.DiscloseResponse(node_id=self._config.node_id, country=self._config.country,
+                                       tier=_TIERS[tier], protocol_version=protocol.VERSION)
+        references, released = [], []
         for position, rid in enumerate(found):
             if rid is not None and rid in records:
                 stored = records[rid]
-                hit = self._node._hit(stored, 0, None, tier)
-                results.append(pb.ItemResult(item=position, hits=[hit]))
-                references.append(hit.reference)
+                references.append(self._node._hit(response.results.add(item=position).hits, stored, 0, None, tier))
                 # A proven exact hit: the stored digest is the requester's.
                 released.append(ReleasedHit(position, items[position].algorithm, stored.record.digest,
                                             stored.record, 0, None, tier.value))
-        response = pb.DiscloseResponse(node_id=self._config.node_id, country=self._config.country,
-                                       results=results, tier=_TIERS[tier], protocol_version=protocol.VERSION)
         return Answer(response, claims, tuple(references), tuple(released))
 
 

@@ -18,13 +18,21 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import DecodeError
 
 import federation
 from federation import protocol
-from federation.query import SINCE_GENERATION_FEATURE, QueryItem, query_sha256
+from federation.query import (
+    PACKED_EXACT_FEATURE,
+    SINCE_GENERATION_FEATURE,
+    PackedGroup,
+    QueryItem,
+    item_count,
+    query_sha256,
+)
 from federation.tokens import QueryClaims
-from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, items_from_pb, pb, rpc
+from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, BadPacking, items_from_pb, packed_from_pb, pb, rpc
 from node import matcher
 from node.alerts import Alerts, ReleasedHit
 from node.audit import AuditEntry, AuditLog
@@ -41,6 +49,8 @@ log = logging.getLogger("icse.node")
 
 _TIERS = {Tier.HIT: pb.RELEASE_TIER_HIT, Tier.STANDARD: pb.RELEASE_TIER_STANDARD}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The optional protocol features this node offers, listed in Describe (PROTOCOL.md, "Features").
+FEATURES = [SINCE_GENERATION_FEATURE, PACKED_EXACT_FEATURE]
 
 
 def request_id(context: grpc.aio.ServicerContext) -> str:
@@ -70,7 +80,7 @@ class Refused(Exception):
 
 def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None, gateway: str, peer: str,
            status: str, detail: str = "", references: Sequence[str] = (), since_generation: int = 0,
-           rows_searched: int = 0) -> AuditEntry:
+           rows_searched: int = 0, packed: Sequence[PackedGroup] = ()) -> AuditEntry:
     """The audit record of one call. Never the digests asked about."""
     return AuditEntry(
         time="",
@@ -80,8 +90,8 @@ def _entry(rpc_name: str, items: Sequence[QueryItem], claims: QueryClaims | None
         country=claims.country if claims else "",
         case=claims.case if claims else "",
         rpc=rpc_name,
-        items=len(items),
-        algorithms=tuple(sorted({i.algorithm[:16] for i in items})[:8]),
+        items=item_count(items, packed),
+        algorithms=tuple(sorted({i.algorithm[:16] for i in items} | {g.algorithm[:16] for g in packed if g.count})[:8]),
         hits=len(references),
         references=tuple(references),
         status=status,
@@ -127,14 +137,17 @@ class NodeService(rpc.NodeServicer):
             raise Refused(code, str(exc), exc.claims, exc.gateway) from None
 
     async def _refuse(self, context: grpc.aio.ServicerContext, method: str, items: Sequence[QueryItem],
-                      refusal: Refused, started: float, since_generation: int = 0) -> NoReturn:
+                      refusal: Refused, started: float, since_generation: int = 0,
+                      packed: Sequence[PackedGroup] = ()) -> NoReturn:
         claims = refusal.claims
         log.warning("refused", extra={
             "request_id": request_id(context), "rpc": method, "status": refusal.code.name,
             "reason": str(refusal), "gateway": claims.issuer if claims else refusal.gateway,
-            "officer": claims.subject if claims else "", "peer": context.peer(), "items": len(items)})
+            "officer": claims.subject if claims else "", "peer": context.peer(),
+            "items": item_count(items, packed)})
         await self._audit.append(_entry(method, items, claims, refusal.gateway, context.peer(),
-                                        refusal.code.name, str(refusal), since_generation=since_generation))
+                                        refusal.code.name, str(refusal), since_generation=since_generation,
+                                        packed=packed))
         self._metrics.refused(method, refusal.code.name, time.perf_counter() - started)
         await context.abort(refusal.code, str(refusal))
 
@@ -144,37 +157,45 @@ class NodeService(rpc.NodeServicer):
         if isinstance(request, Malformed):
             await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest", started)
         items = items_from_pb(request)
+        try:
+            packed = packed_from_pb(request)
+        except BadPacking as exc:
+            await self._refuse_malformed(context, "Match", "icse.v1.MatchRequest", started, str(exc), items)
         rid = request_id(context)
         since = request.since_generation
         try:
-            answer = await self._match(items, since, context)
+            answer = await self._match(items, packed, since, context)
         except Refused as refusal:
-            await self._refuse(context, "Match", items, refusal, started, since)
+            await self._refuse(context, "Match", items, refusal, started, since, packed)
         except Exception as exc:  # noqa: BLE001 - a defect, not the caller's fault: audited INTERNAL, never UNKNOWN
-            await self._refuse(context, "Match", items, _internal(context, exc), started, since)
+            await self._refuse(context, "Match", items, _internal(context, exc), started, since, packed)
         # The record is durable before the answer leaves; no record, no answer.
         claims, references = answer.claims, answer.references
         await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
                                         references=references, since_generation=since,
-                                        rows_searched=answer.rows_searched))
+                                        rows_searched=answer.rows_searched, packed=packed))
         if self._alerts is not None:  # the holder's desk hears of what was released; never fails the answer
             await self._alerts.record(claims, rid, answer.released)
         elapsed = time.perf_counter() - started
-        self._metrics.answered("Match", Counter(item.algorithm for item in items), len(references), elapsed)
+        asked = Counter(item.algorithm for item in items)
+        for group in packed:
+            asked[group.algorithm] += group.count
+        self._metrics.answered("Match", asked, len(references), elapsed)
         # No digests in the log: a no-hit item must leave no trace of what was asked.
         log.info("answered", extra={
             "request_id": rid, "rpc": "Match", "gateway": claims.issuer,
             "officer": claims.subject, "org": claims.org, "requester_country": claims.country,
-            "case": claims.case, "items": len(items), "hits": len(references), "since_generation": since,
-            "rows_searched": answer.rows_searched, "ms": round(elapsed * 1000, 1)})
+            "case": claims.case, "items": item_count(items, packed), "hits": len(references),
+            "since_generation": since, "rows_searched": answer.rows_searched, "ms": round(elapsed * 1000, 1)})
         return answer.response
 
-    async def _match(self, items: Sequence[QueryItem], since: int, context: grpc.aio.ServicerContext) -> _Answer:
-        claims = self._authorize(context, "Match", query_sha256(items, since))
+    async def _match(self, items: Sequence[QueryItem], packed: Sequence[PackedGroup], since: int,
+                     context: grpc.aio.ServicerContext) -> _Answer:
+        claims = self._authorize(context, "Match", query_sha256(items, since, packed=packed))
         try:
             tier = self._admission.permit(claims)
-            valid = matcher.validate(items, self._config.limits)
-            self._admission.consume(claims, len(items))
+            valid = matcher.validate(items, self._config.limits, packed)
+            self._admission.consume(claims, valid.size)
         except PolicyRefusal as exc:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.exhausted else grpc.StatusCode.PERMISSION_DENIED
             raise Refused(code, str(exc), claims) from None
@@ -188,22 +209,24 @@ class NodeService(rpc.NodeServicer):
                           claims)
         self._metrics.serving(current.generation, current.counts())
         searched = current.since(since)
-        found = matcher.match(valid, searched.indexes, self._config.limits)
-        hit_ids = [c.record_id for m in found for c in m.candidates]
+        found = matcher.hits(valid, searched.indexes, self._config.limits)
+        hit_ids = [c.record_id for m in found.values() for c in m.candidates]
         records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
-        results, references, released = [], [], []
-        for position, matches in enumerate(found):
+        response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
+                                    tier=_TIERS[tier], protocol_version=protocol.VERSION,
+                                    generation=current.generation)
+        references, released = [], []
+        # Results are added in place (``add``): a message built apart and then put in a list is copied.
+        for position, matches in found.items():
             kept = [c for c in matches.candidates if c.record_id in records]
-            hits = [self._hit(records[c.record_id], c.distance, c.matched_share, tier) for c in kept]
-            if hits:
-                results.append(pb.ItemResult(item=position, hits=hits, truncated=matches.truncated))
-                references += [hit.reference for hit in hits]
-                released += [ReleasedHit(position, items[position].algorithm, items[position].digest,
+            if kept:
+                hits = response.results.add(item=position, truncated=matches.truncated).hits
+                references += [self._hit(hits, records[c.record_id], c.distance, c.matched_share, tier)
+                               for c in kept]
+                asked = _item_at(items, packed, position)
+                released += [ReleasedHit(position, asked.algorithm, asked.digest,
                                          records[c.record_id].record, c.distance, c.matched_share, tier.value)
                              for c in kept]
-        response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
-                                    tier=_TIERS[tier], results=results, protocol_version=protocol.VERSION,
-                                    generation=current.generation)
         return _Answer(response, claims, references, released, searched.rows_searched)
 
     async def _current(self, claims: QueryClaims | None) -> SegmentSet:
@@ -214,33 +237,34 @@ class NodeService(rpc.NodeServicer):
                           f"this node's store is damaged and it will not answer from part of it: {exc}",
                           claims) from None
 
-    def _hit(self, stored: StoredRecord, distance: int, share: float | None, tier: Tier) -> pb.Hit:
+    def _hit(self, hits: RepeatedCompositeFieldContainer[pb.Hit], stored: StoredRecord, distance: int,
+             share: float | None, tier: Tier) -> str:
+        """Adds the hit to ``hits`` (an ItemResult's repeated field); its reference."""
         record = stored.record
-        hit = pb.Hit(
-            reference=record.reference,
-            country=self._config.country,
-            node_id=self._config.node_id,
-            contact=self._config.contact,
-            distance=distance,
-            matched_share=share or 0.0,
-        )
+        hit = hits.add(reference=record.reference, country=self._config.country, node_id=self._config.node_id,
+                       contact=self._config.contact)
+        if distance:
+            hit.distance = distance
+        if share:
+            hit.matched_share = share
         if tier is Tier.STANDARD:
             hit.category = record.category
             hit.series = record.series
             hit.date_added = record.date_added
             if record.victim_identified is not None:
                 hit.victim_identified = record.victim_identified
-        return hit
+        return record.reference
 
     async def _refuse_malformed(self, context: grpc.aio.ServicerContext, method: str, message: str,
-                                started: float) -> NoReturn:
+                                started: float, why: str = "protobuf did not parse",
+                                items: Sequence[QueryItem] = ()) -> NoReturn:
         try:
             gateway = self._auth.peer_gateway(context.auth_context())
-            refusal = Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"request is not a valid {message} (protobuf did not parse)", gateway=gateway)
+            refusal = Refused(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {message} ({why})",
+                              gateway=gateway)
         except AuthError as exc:
             refusal = Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        await self._refuse(context, method, [], refusal, started)
+        await self._refuse(context, method, items, refusal, started)
 
     async def refuse_early(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode,
                            message: str) -> NoReturn:
@@ -279,7 +303,7 @@ class NodeService(rpc.NodeServicer):
             max_distance=self._config.limits.max_distance,
             contact=self._config.contact,
             protocol_version=protocol.VERSION,
-            features=[SINCE_GENERATION_FEATURE, *([protocol.PRIVATE_EXACT_FEATURE] if private is not None else [])],
+            features=[*FEATURES, *([protocol.PRIVATE_EXACT_FEATURE] if private is not None else [])],
         )
 
 
@@ -333,6 +357,18 @@ class MetadataLimits(grpc.aio.ServerInterceptor):
                 (True, True): grpc.stream_stream_rpc_method_handler}
         behaviour = refuse_stream if handler.response_streaming else refuse
         return make[handler.request_streaming, handler.response_streaming](behaviour)
+
+
+def _item_at(items: Sequence[QueryItem], packed: Sequence[PackedGroup], position: int) -> QueryItem:
+    """The item at ``position`` of the request's item list (``items``, then the packed groups)."""
+    if position < len(items):
+        return items[position]
+    position -= len(items)
+    for group in packed:
+        if position < group.count:
+            return QueryItem(group.algorithm, group.digest(position))
+        position -= group.count
+    raise IndexError("item position beyond the request")
 
 
 def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> Refused:

@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from federation import query, tls, vectors
+from federation import query, tls, vectors, wire
 from federation.query import QueryItem
 from node import matcher
 from node.auth import Authenticator, AuthError
@@ -57,16 +57,33 @@ def _spec_encoding(items: list[QueryItem], since_generation: int = 0) -> bytes:
     return out
 
 
+def _spec_items(items: list[QueryItem], packed: list[tuple[str, bytes]]) -> list[QueryItem]:
+    """PROTOCOL.md "Packed exact items", from the text alone: the item list is the items, then each
+    group's digests (of the algorithm's size) as items with max_distance 0."""
+    sizes = {"md5": 16, "sha1": 20, "sha256": 32}
+    listed = list(items)
+    for name, digests in packed:
+        size = sizes[name]
+        listed += [QueryItem(name, digests[at:at + size], 0) for at in range(0, len(digests), size)]
+    return listed
+
+
+def _packed(case: dict[str, Any]) -> list[query.PackedGroup]:
+    return [query.PackedGroup(name, digests, wire.packable(name))
+            for name, digests in vectors.packed_from_json(case.get("packed", []))]
+
+
 @pytest.mark.parametrize("case", _load("query_digest.json")["cases"], ids=lambda c: c["name"])
 def test_query_digest_vector(case: dict[str, Any]) -> None:
     items = vectors.items_from_json(case["items"])
+    packed = _packed(case)
     since = case.get("since_generation", 0)
-    encoded = query.canonical_bytes(items, since)
-    assert encoded == _spec_encoding(items, since)
+    encoded = query.canonical_bytes(items, since, packed=packed)
+    assert encoded == _spec_encoding(_spec_items(items, vectors.packed_from_json(case.get("packed", []))), since)
     assert len(encoded) == case["encoding_length"]
     if "encoding_hex" in case:
         assert encoded.hex() == case["encoding_hex"]
-    assert query.query_sha256(items, since) == hashlib.sha256(encoded).hexdigest() == case["qh"]
+    assert query.query_sha256(items, since, packed=packed) == hashlib.sha256(encoded).hexdigest() == case["qh"]
 
 
 def test_since_generation_zero_leaves_the_query_digest_of_protocol_1_0() -> None:
@@ -78,8 +95,14 @@ def test_since_generation_zero_leaves_the_query_digest_of_protocol_1_0() -> None
     assert query.query_sha256(one, 259) != cases["since-generation"]["qh"]
 
 
+def test_packed_items_have_the_digest_of_their_item_list() -> None:
+    cases = {c["name"]: c for c in _load("query_digest.json")["cases"]}
+    assert cases["packed"]["encoding_hex"] == cases["packed-listed"]["encoding_hex"]
+    assert cases["packed"]["qh"] == cases["packed-listed"]["qh"]
+
+
 def test_query_digests_differ_where_a_json_rendering_would_not() -> None:
-    cases = {c["name"]: c["qh"] for c in _load("query_digest.json")["cases"]}
+    cases = {c["name"]: c["qh"] for c in _load("query_digest.json")["cases"] if c["name"] != "packed-listed"}
     assert len(set(cases.values())) == len(cases)
     assert cases["describe"] == query.EMPTY_QUERY_SHA256
 
@@ -156,11 +179,17 @@ def test_accepted_token_vector_is_refused_when_replayed(clock, tmp_path: Path) -
 @pytest.mark.parametrize("case", _load("requests.json")["cases"], ids=lambda c: c["name"])
 def test_request_vector(case: dict[str, Any]) -> None:
     items = vectors.items_from_json(case["items"])
+    request = wire.items_to_pb(items)
+    request.packed.extend(wire.pb.PackedItems(algorithm=name, digests=digests)
+                          for name, digests in vectors.packed_from_json(case.get("packed", [])))
+    request = wire.pb.MatchRequest.FromString(request.SerializeToString())  # as a node receives it
     try:
-        matcher.validate(items, matcher.Limits())
+        matcher.validate(wire.items_from_pb(request), matcher.Limits(), wire.packed_from_pb(request))
         verdict = ("OK", "")
     except matcher.InvalidRequest as exc:
         verdict = ("INVALID_ARGUMENT", str(exc))
+    except wire.BadPacking as exc:  # the node's words for it (node.service, before the token is judged)
+        verdict = ("INVALID_ARGUMENT", f"request is not a valid icse.v1.MatchRequest ({exc})")
     expected = case["expected"]
     assert verdict[0] == expected["status"]
     assert verdict[1].startswith(expected["message"]), verdict[1]

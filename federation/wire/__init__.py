@@ -12,7 +12,9 @@ try:
 except ImportError as exc:  # pragma: no cover - only on a checkout without `make stubs`
     raise ImportError("gRPC stubs are missing: run `make stubs` (or `make install`)") from exc
 
-from federation.query import DiscloseItem, PrivateItem, QueryItem
+from federation import algorithms
+from federation.algorithms import MatchKind
+from federation.query import DiscloseItem, PackedGroup, PrivateItem, QueryItem
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Node"].full_name
 # Call metadata carrying the gateway's request id: the node logs it, so one
@@ -53,5 +55,50 @@ def disclose_to_pb(key_id: str, items: Iterable[DiscloseItem]) -> pb.DiscloseReq
                                                     for i in items])
 
 
-__all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "disclose_items_from_pb", "disclose_to_pb", "items_from_pb",
-           "items_to_pb", "pb", "private_items_from_pb", "private_items_to_pb", "rpc"]
+def packable(name: str) -> int:
+    """The digest size of an algorithm whose items may be packed (exact, fixed size), else 0."""
+    try:
+        algorithm = algorithms.get(name)
+    except algorithms.DigestError:
+        return 0
+    return algorithm.digest_size if algorithm.match_kind is MatchKind.EXACT and algorithm.max_frames == 1 else 0
+
+
+class BadPacking(ValueError):
+    """A packed group that cannot be read as items; the message says why, in words."""
+
+
+def packed_from_pb(request: pb.MatchRequest) -> list[PackedGroup]:
+    """The request's packed groups (``BadPacking`` if one cannot be split into digests).
+
+    Checked before anything else because the query digest is defined over the
+    items a group stands for: a group that is not whole digests of an exact
+    algorithm has no items, so no digest a token could have been signed for.
+    """
+    groups = []
+    for number, group in enumerate(request.packed):
+        size = packable(group.algorithm)
+        if not size:
+            raise BadPacking(f"packed group {number}: {group.algorithm[:32]!r} is not an exact algorithm with a "
+                             f"fixed digest size (packed items are for {', '.join(packable_names())})")
+        try:
+            groups.append(PackedGroup(group.algorithm, group.digests, size))
+        except ValueError as exc:
+            raise BadPacking(f"packed group {number}: {exc}") from None
+    return groups
+
+
+def packable_names() -> list[str]:
+    return [a.name for a in algorithms.all_algorithms() if packable(a.name)]
+
+
+def request_to_pb(items: Iterable[QueryItem], packed: Iterable[PackedGroup] = ()) -> pb.MatchRequest:
+    """A Match request of these items followed by these packed groups (in that order: the item list)."""
+    request = items_to_pb(items)
+    request.packed.extend(pb.PackedItems(algorithm=g.algorithm, digests=g.digests) for g in packed)
+    return request
+
+
+__all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "BadPacking", "disclose_items_from_pb", "disclose_to_pb", "items_from_pb",
+           "items_to_pb", "packable", "packed_from_pb", "pb", "private_items_from_pb", "private_items_to_pb",
+           "request_to_pb", "rpc"]
