@@ -64,7 +64,7 @@ def mixed(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mix
     shared, de_md5, fr_sha1, pdq = rng.randbytes(32).hex(), rng.randbytes(16).hex(), rng.randbytes(20).hex(), \
         rng.randbytes(32).hex()
     # FR answers buckets in the fixed encoding, DE Elias-Fano coded.
-    settings = {"FR": {"enabled": True, "prefix_bits": 8},
+    settings = {"FR": {"enabled": True, "prefix_bits": 8, "encoding": "fixed"},
                 "DE": {"enabled": True, "prefix_bits": 8, "encoding": "elias-fano", "fingerprint_bits": 24}}
     specs = [NodeSpec(n, n, f"desk@police.example.{n.lower()}", tables={"private": settings[n]})
              for n in PRIVATE_NODES]

@@ -70,7 +70,7 @@ def _write_csv(path: Path, rows: Sequence[tuple[str, bytes, str]]) -> Path:
 def private_node(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateNode]:
     workdir = tmp_path_factory.mktemp("private")
     spec = NodeSpec(NODE, NODE, "desk@police.example.nl", tables={
-        "private": {"enabled": True, "prefix_bits": BITS, "output_bytes": 8},
+        "private": {"enabled": True, "prefix_bits": BITS, "encoding": "fixed", "output_bytes": 8},
         "policy": {"items_per_day": QUOTA}})
     local = LocalFederation(workdir, pki, [spec])
     held = _rows(random.Random(14), 300, "NL-PRIV")

@@ -187,7 +187,8 @@ def test_private_settings_defaults_and_bounds(tmp_path: Path) -> None:
     base = '[node]\nid = "FR"\ncountry = "FR"\nfederation = "x.test"\nstore = "s.sqlite"\n'
     path.write_text(base)
     assert node_config.load(path, for_serving=False).private == node_config.PrivateSettings(False, 16, 4)
-    assert node_config.PrivateSettings().bits == 32
+    assert node_config.PrivateSettings().bits == 24  # Elias-Fano fingerprints by default
+    assert node_config.PrivateSettings(encoding="fixed").bits == 32
     path.write_text(base + "[private]\nenabled = true\nprefix_bits = 24\noutput_bytes = 8\n")
     assert node_config.load(path, for_serving=False).private == node_config.PrivateSettings(True, 24, 8)
     path.write_text(base + '[private]\nencoding = "elias-fano"\nfingerprint_bits = 20\n')
