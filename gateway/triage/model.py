@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+from gateway import filehash
 from gateway.filehash import FileHashes
 from gateway.results import HitInfo, NodeAnswer
 
@@ -42,6 +43,44 @@ class Hashed:
     # False when the file changed while it was read: the hashes are not cached.
     stable: bool = True
     notes: tuple[str, ...] = ()
+    # The hashes as :func:`gateway.filehash.hashes_text` renders them, encoded where they were
+    # computed (a hashing process) or read (the cache), so the run's main process does not encode them.
+    text: str | None = None
+
+
+class Done(NamedTuple):
+    """A file's hashing as the run's main process takes it: plain values, no object tree.
+
+    What a hashing process sends back per file (a named tuple of plain values
+    pickles in about a microsecond; a tree of dataclasses with a path in tens);
+    the main process puts it in the row and asks the nodes ``items`` without
+    decoding anything.
+    """
+
+    size: int
+    mtime_ns: int
+    # Why the file could not be read; "" when it was.
+    reason: str
+    # The hashes as :func:`gateway.filehash.hashes_text` renders them; None when not read.
+    text: str | None
+    # What to ask the nodes: (algorithm, digest, max_distance, variant) per hash.
+    items: tuple[tuple[str, bytes, int, str], ...]
+    # Some perceptual hash was not sent (the row's ``not_sent`` is not empty).
+    skipped: bool
+    stable: bool
+    notes: tuple[str, ...]
+
+
+def compact(hashed: Hashed, max_distance: int) -> Done:
+    """A :class:`Hashed` as the main process takes it."""
+    hashes = hashed.hashes
+    if hashes is None:
+        return Done(hashed.size, hashed.mtime_ns, hashed.reason, None, (), False, hashed.stable, hashed.notes)
+    items = tuple((s.item.algorithm, s.item.digest, s.item.max_distance, s.variant)
+                  for s in filehash.subjects(hashes, max_distance))
+    text = hashed.text if hashed.text is not None else filehash.hashes_text(hashes)
+    return Done(hashed.size, hashed.mtime_ns, hashed.reason, text, items, bool(hashes.skipped), hashed.stable,
+                hashed.notes)
 
 
 @dataclass
@@ -69,6 +108,11 @@ class FileRow:
     not_answered_by: set[str] = field(default_factory=set)
     truncated_by: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    # While a run holds the row, its hashes may be only here, as the hashing process rendered them
+    # (:func:`gateway.filehash.hashes_text`), with ``not_sent`` saying whether some hash was not sent;
+    # a row read back from the store has ``hashes`` too.
+    hashes_text: str | None = None
+    not_sent: bool = False
 
     @property
     def known(self) -> bool:
