@@ -23,14 +23,6 @@ HASH_VERSION = 2
 _PER_QUERY = 500
 
 
-def _parsed(record: str, task: Task) -> tuple[filehash.FileHashes, str] | None:
-    """A cache record read back; None (hash the file again) when it cannot be."""
-    try:
-        return filehash.hashes_from_json(json.loads(record), task.real), record
-    except (ValueError, KeyError, TypeError, IndexError):
-        return None
-
-
 def default_cache_path() -> Path:
     """Where the cache lives unless ``--cache`` says otherwise."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -75,11 +67,16 @@ class HashCache:
         return os.fsencode(task.path) + b"\0" + os.fsencode(task.real)
 
     def get(self, task: Task, dihedral: bool) -> filehash.FileHashes | None:
-        found = self.get_many([task], dihedral)[0]
-        return found[0] if found is not None else None
+        record = self.get_many([task], dihedral)[0]
+        if record is None:
+            return None
+        try:
+            return filehash.hashes_from_json(json.loads(record), task.real)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
 
-    def get_many(self, tasks: Sequence[Task], dihedral: bool) -> list[tuple[filehash.FileHashes, str] | None]:
-        """Per task, its cached hashes and their text, or None: one query for them all."""
+    def get_many(self, tasks: Sequence[Task], dihedral: bool) -> list[str | None]:
+        """Per task, its cached record (:func:`gateway.filehash.hashes_text`) or None: one query for them all."""
         found: dict[bytes, tuple[int, int, str]] = {}
         keys = [self.key(task) for task in tasks]
         for start in range(0, len(keys), _PER_QUERY):
@@ -88,11 +85,11 @@ class HashCache:
                 f"SELECT path, size, mtime_ns, record FROM hashes WHERE variant = ? AND path IN "
                 f"({','.join('?' * len(part))})", (self.variant(dihedral), *part))
             found.update((path, (size, mtime_ns, record)) for path, size, mtime_ns, record in cursor)
-        hashes: list[tuple[filehash.FileHashes, str] | None] = []
+        records: list[str | None] = []
         for key, task in zip(keys, tasks, strict=True):
             entry = found.get(key)
-            hashes.append(_parsed(entry[2], task) if entry and entry[:2] == (task.size, task.mtime_ns) else None)
-        return hashes
+            records.append(entry[2] if entry and entry[:2] == (task.size, task.mtime_ns) else None)
+        return records
 
     def put(self, task: Task, dihedral: bool, hashed: Hashed) -> None:
         self.put_many([(task, hashed)], dihedral)

@@ -7,10 +7,13 @@ neither, so neither imports the other.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from federation import algorithms
 from gateway import filehash
 from gateway.filehash import FileHashes
 from gateway.results import HitInfo, NodeAnswer
@@ -81,6 +84,30 @@ def compact(hashed: Hashed, max_distance: int) -> Done:
     text = hashed.text if hashed.text is not None else filehash.hashes_text(hashes)
     return Done(hashed.size, hashed.mtime_ns, hashed.reason, text, items, bool(hashes.skipped), hashed.stable,
                 hashed.notes)
+
+
+@functools.lru_cache(maxsize=4)
+def _kinds(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The exact kinds' names and the perceptual kinds' names, for the registry holding ``names``."""
+    kinds = [algorithms.get(name) for name in names]
+    return tuple(a.name for a in kinds if not a.perceptual), tuple(a.name for a in kinds if a.perceptual)
+
+
+def from_record(text: str, real: str, size: int, mtime_ns: int, max_distance: int) -> Done:
+    """A cache record (:func:`gateway.filehash.hashes_text`) as the main process takes it.
+
+    A record of exact digests alone — most of a device — is read without building
+    its :class:`FileHashes`. ``ValueError``, ``KeyError``, ``TypeError`` or
+    ``IndexError`` for a damaged record (the file is then hashed again).
+    """
+    entry = json.loads(text)
+    exact, perceptual = _kinds(algorithms.names())
+    if any(entry.get(name) is not None for name in perceptual):
+        hashes = filehash.hashes_from_json(entry, real)
+        return compact(Hashed(hashes, size, mtime_ns, text=text), max_distance)
+    items = tuple((name, bytes.fromhex(entry[name]), 0, "") for name in exact if entry.get(name) is not None)
+    skipped = [(s["algorithm"], s["reason"]) for s in entry["not_sent"]]
+    return Done(size, mtime_ns, "", text, items, bool(skipped), True, ())
 
 
 @dataclass

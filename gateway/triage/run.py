@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rich.console import Console
 
 from federation.query import QueryItem
-from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
 from gateway.triage import sources
@@ -45,6 +44,7 @@ from gateway.triage.model import (
     NodeTally,
     Task,
     compact,
+    from_record,
 )
 from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
@@ -235,11 +235,15 @@ class Triage:
             if listed:
                 self._finish(listed)
             cached: list[tuple[int, Task | None, Done]] = []
-            for (index, task), found in zip(tasks, self._lookup([t for _, t in tasks]), strict=True):
-                if found is not None:
-                    hashed = Hashed(found[0], task.size, task.mtime_ns, text=found[1])
-                    cached.append((index, task, compact(hashed, self.max_distance)))
-                    continue
+            for (index, task), record in zip(tasks, self._lookup([t for _, t in tasks]), strict=True):
+                if record is not None:
+                    try:
+                        found = from_record(record, task.real, task.size, task.mtime_ns, self.max_distance)
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        pass  # a damaged record: the file is hashed again
+                    else:
+                        cached.append((index, task, found))
+                        continue
                 chunk.append((index, task))
                 size += task.size
                 if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES:
@@ -291,9 +295,9 @@ class Triage:
             self._finish([(index, task, outcome) for (index, task), outcome in zip(chunk, outcomes, strict=True)])
         self._cached(lambda cache: cache.commit())
 
-    def _lookup(self, tasks: list[Task]) -> list[tuple[filehash.FileHashes, str] | None]:
-        """Per task, its cached hashes (and their text), or None: one cache query for them all."""
-        found: list[tuple[filehash.FileHashes, str] | None] = [None] * len(tasks)
+    def _lookup(self, tasks: list[Task]) -> list[str | None]:
+        """Per task, its cache record, or None: one cache query for them all."""
+        found: list[str | None] = [None] * len(tasks)
         if not tasks:
             return found
 
