@@ -66,6 +66,8 @@ CHUNK_FILES = 64
 CHUNK_BYTES = 32 << 20
 # A partly filled batch is sent after this long when the querier is idle.
 FLUSH_AFTER = 2.0
+# Seconds between commits of the hash cache (and at the end, or on Ctrl-C): what a killed run loses at most.
+CACHE_COMMIT_EVERY = 1.0
 # Hashing waits when this many batches are waiting for the nodes (bounded memory).
 PENDING_BATCHES = 8
 # The first batch is this small, so that the first answer comes early.
@@ -127,6 +129,7 @@ class Triage:
         self._wake = asyncio.Event()
         self._stop_walk = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
+        self._committed = time.monotonic()
         self._apart = Apart(dihedral, hasher, file_timeout, worker_memory)
         self._progress: LiveProgress | None = None
         self._known = self._hits = 0
@@ -159,6 +162,7 @@ class Triage:
             try:
                 await self._dispatch(entries)
                 await walker
+                self._cached(lambda cache: cache.commit())  # all is hashed: kept, whatever the nodes do
                 self._hashing_over = True
                 self._wake.set()
                 progress.update(description="querying")
@@ -293,7 +297,9 @@ class Triage:
                 self._finish([(index, task, compact(await self._apart.hash(task), self.max_distance))])
         else:
             self._finish([(index, task, outcome) for (index, task), outcome in zip(chunk, outcomes, strict=True)])
-        self._cached(lambda cache: cache.commit())
+        if time.monotonic() - self._committed >= CACHE_COMMIT_EVERY:
+            self._committed = time.monotonic()
+            self._cached(lambda cache: cache.commit())
 
     def _lookup(self, tasks: list[Task]) -> list[str | None]:
         """Per task, its cache record, or None: one cache query for them all."""
