@@ -79,8 +79,11 @@ def compact(hashed: Hashed, max_distance: int) -> Done:
     hashes = hashed.hashes
     if hashes is None:
         return Done(hashed.size, hashed.mtime_ns, hashed.reason, None, (), False, hashed.stable, hashed.notes)
-    items = tuple((s.item.algorithm, s.item.digest, s.item.max_distance, s.variant)
-                  for s in filehash.subjects(hashes, max_distance))
+    # As filehash.subjects orders them: the exact digests (never a distance), then the perceptual hashes.
+    items = tuple((name, digest, 0, "") for name, digest in hashes.exact.items())
+    if hashes.perceptual:
+        items += tuple((s.item.algorithm, s.item.digest, s.item.max_distance, s.variant)
+                       for s in filehash.subjects(hashes, max_distance)[len(hashes.exact):])
     text = hashed.text if hashed.text is not None else filehash.hashes_text(hashes)
     return Done(hashed.size, hashed.mtime_ns, hashed.reason, text, items, bool(hashes.skipped), hashed.stable,
                 hashed.notes)

@@ -296,7 +296,8 @@ class Triage:
             for index, task in chunk:
                 self._finish([(index, task, compact(await self._apart.hash(task), self.max_distance))])
         else:
-            self._finish([(index, task, outcome) for (index, task), outcome in zip(chunk, outcomes, strict=True)])
+            self._finish([(index, task, Done._make(outcome))
+                          for (index, task), outcome in zip(chunk, outcomes, strict=True)])
         if time.monotonic() - self._committed >= CACHE_COMMIT_EVERY:
             self._committed = time.monotonic()
             self._cached(lambda cache: cache.commit())

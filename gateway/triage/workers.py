@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
+from typing import Any
 
 from gateway import filehash
-from gateway.triage.model import Done, Hashed, Task, compact
+from gateway.triage.model import Hashed, Task, compact
 from gateway.triage.walk import kind_of, reason_of
 
 Hasher = Callable[..., filehash.FileHashes]
@@ -121,9 +122,10 @@ def hash_chunk(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = No
 
 
 def hash_many(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = None,
-              max_distance: int = 0) -> list[Done]:
-    """:func:`hash_chunk`, answered compactly: what the run's main process takes without decoding anything."""
-    return [compact(hashed, max_distance) for hashed in hash_chunk(tasks, dihedral, hasher)]
+              max_distance: int = 0) -> list[tuple[Any, ...]]:
+    """:func:`hash_chunk`, answered compactly: per file the fields of a :class:`Done` (``Done._make``
+    takes them back), as a plain tuple, which pickles in half the time of the named one."""
+    return [tuple(compact(hashed, max_distance)) for hashed in hash_chunk(tasks, dihedral, hasher)]
 
 
 def exact_only(task: Task, why: str) -> Hashed:
