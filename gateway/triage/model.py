@@ -54,10 +54,11 @@ class Hashed:
 class Done(NamedTuple):
     """A file's hashing as the run's main process takes it: plain values, no object tree.
 
-    What a hashing process sends back per file (a named tuple of plain values
-    pickles in about a microsecond; a tree of dataclasses with a path in tens);
-    the main process puts it in the row and asks the nodes ``items`` without
-    decoding anything.
+    What a hashing process sends back per file, as a plain tuple of these
+    fields (it pickles in a few microseconds; a tree of dataclasses holding a
+    path took tens, in the one process every file goes through); the main
+    process puts it in the row and asks the nodes ``items`` without decoding
+    anything.
     """
 
     size: int
