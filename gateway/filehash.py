@@ -17,7 +17,10 @@ name. :func:`hashes_json` is the one rendering of a file's hashes, used by
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,10 @@ from gateway import media
 from gateway.media import PerceptualHash, VideoHash
 from gateway.results import Skipped, Subject
 
-CHUNK = 1 << 20
+# Bytes per read: large reads keep a large file at disk speed (hashlib releases the GIL on them);
+# the buffer is allocated once per thread, so a small file costs no allocation of that size.
+CHUNK = 8 << 20
+_buffers = threading.local()
 
 # Image kinds: decoded RGB pixels and whether rotations/flips are wanted -> the hash.
 IMAGE_HASHERS: dict[str, Callable[[np.ndarray, bool], PerceptualHash]] = {
@@ -50,13 +56,17 @@ def exact_digests(path: Path) -> dict[str, bytes]:
 
 
 def _read(path: Path) -> tuple[dict[str, bytes], bytes]:
-    """The exact digests and the file's first bytes, from one pass of 1 MiB reads."""
+    """The exact digests and the file's first bytes, from one pass of large reads into one reused buffer."""
     hashers = [(a.name, hashlib.new(a.hashlib_name)) for a in algorithms.all_algorithms() if a.hashlib_name]
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(CHUNK))
     head = b""
     with path.open("rb", buffering=0) as handle:
-        while chunk := handle.read(CHUNK):
+        while count := handle.readinto(view):
+            chunk = view[:count]
             if not head:
-                head = chunk[: media.HEAD_BYTES]
+                head = bytes(chunk[: media.HEAD_BYTES])
             for _, hasher in hashers:
                 hasher.update(chunk)
     return {name: hasher.digest() for name, hasher in hashers}, head
@@ -175,7 +185,15 @@ def hashes_json(hashes: FileHashes | None) -> dict[str, Any]:
     ``not_sent`` lists what was not sent and why. Nothing is lost:
     :func:`hashes_from_json` reads it back.
     """
-    entry: dict[str, Any] = {}
+    if hashes is not None and not hashes.perceptual and not hashes.unsent:
+        # Most files of a device: exact digests only. Every other field is as for no hashes at all.
+        entry = dict(_no_hashes(algorithms.names()))
+        for name, exact in hashes.exact.items():
+            if name in entry:
+                entry[name] = exact.hex()
+        entry["not_sent"] = [{"algorithm": s.algorithm, "reason": s.reason} for s in hashes.skipped]
+        return entry
+    entry = {}
     for algorithm in algorithms.all_algorithms():
         name = algorithm.name
         value = hashes.perceptual.get(name) if hashes else None
@@ -198,6 +216,19 @@ def hashes_json(hashes: FileHashes | None) -> dict[str, Any]:
                 entry[f"{name}_dihedral"] = {variant: digest.hex() for variant, digest in shown.variants}
     entry["not_sent"] = [{"algorithm": s.algorithm, "reason": s.reason} for s in (hashes.skipped if hashes else ())]
     return entry
+
+
+@functools.lru_cache(maxsize=4)
+def _no_hashes(names: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`hashes_json` of no hashes, for the registry holding ``names`` (copied, never changed)."""
+    del names  # the cache key: a registry with other kinds has other fields
+    return hashes_json(None)
+
+
+def hashes_text(hashes: FileHashes) -> str:
+    """:func:`hashes_json` as compact JSON text: what the triage stores and caches, encoded once
+    (in the hashing process); ASCII, so that a reason holding an undecodable file name survives."""
+    return json.dumps(hashes_json(hashes), separators=(",", ":"))
 
 
 def hashes_from_json(entry: dict[str, Any], path: str) -> FileHashes:

@@ -128,8 +128,17 @@ def read_head(path: Path) -> bytes:
         return handle.read(HEAD_BYTES)
 
 
-def _signed(head: bytes, signatures: tuple[tuple[int, bytes], ...]) -> bool:
-    return any(head.startswith(magic, offset) for offset, magic in signatures)
+def _by_offset(signatures: tuple[tuple[int, bytes], ...]) -> tuple[tuple[int, tuple[bytes, ...]], ...]:
+    """Signatures grouped by offset: one ``startswith`` per offset (this runs for every file of a device)."""
+    offsets = sorted({offset for offset, _ in signatures})
+    return tuple((offset, tuple(magic for at, magic in signatures if at == offset)) for offset in offsets)
+
+
+_IMAGE_SIGNED = _by_offset(_IMAGE_SIGNATURES)
+
+
+def _signed(head: bytes, grouped: tuple[tuple[int, tuple[bytes, ...]], ...]) -> bool:
+    return any(head.startswith(magics, offset) for offset, magics in grouped)
 
 
 def video_demuxer(head: bytes) -> str | None:
@@ -162,7 +171,7 @@ def claimed_content(path: Path, head: bytes | None = None) -> Content | None:
             head = read_head(path)
         except OSError:
             return None
-    if _signed(head, _IMAGE_SIGNATURES):
+    if _signed(head, _IMAGE_SIGNED):
         return Content.IMAGE
     if video_demuxer(head) is not None:
         return Content.VIDEO

@@ -855,3 +855,38 @@ async def test_the_html_page_lists_a_page_of_files_and_links_the_complete_listin
     assert body.count("<tr>") == 50
     assert "The first 50 of 120 files" in page and '<a href="all.csv">all.csv</a>' in page
     assert len((out / "all.csv").read_text().splitlines()) == 121
+
+
+async def test_a_cached_run_gives_the_same_rows_and_hashes_a_damaged_record_again(tmp_path: Path) -> None:
+    """The cached re-run reads records back without the hashing processes: every row must come out as the
+    first run wrote it (digests, what was not sent and why), and a record that does not parse is hashed again."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    rng = random.Random(12)
+    for i in range(150):
+        (tree / f"f{i:03d}.bin").write_bytes(rng.randbytes(10 + i))
+    (tree / "empty.bin").write_bytes(b"")
+    (tree / "noise.jpg").write_bytes(rng.randbytes(300))  # says image, does not decode: a reason in not_sent
+    draw.save_jpeg(draw.drawing(4, (96, 80)), tree / "pic.jpg")
+    nodes = [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")]
+
+    async def once() -> tuple[triage.TriageResult, dict[str, dict]]:
+        cache = triage.HashCache(tmp_path / "c.sqlite")
+        result = await triage.Triage(str(tree), "CACHED", nodes, jobs=2, cache=cache).run(_NoHits())
+        cache.close()
+        try:
+            return result, {Path(r.path).name: report.file_json(r) for r in result.store.rows()}
+        finally:
+            result.store.close()
+
+    first_result, first = await once()
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        db.execute("UPDATE hashes SET record = ? WHERE path = ?", ('{"md5": "not hex"', os.fsencode(tree / "f007.bin")))
+    second_result, second = await once()
+    assert first_result.hashed_now == len(first) == 153 and first_result.cache_hits == 0
+    assert second_result.hashed_now == 1 and second_result.cache_hits == 152
+    assert second_result.items_queried == first_result.items_queried == 153 * 3 + 1  # pic.jpg adds its PDQ
+    assert not second["f007.bin"]["from_cache"] and second["f008.bin"]["from_cache"]
+    assert second["pic.jpg"]["pdq"] and "does not decode" in second["noise.jpg"]["not_sent"][0]["reason"]
+    without = lambda rows: {name: {k: v for k, v in row.items() if k != "from_cache"} for name, row in rows.items()}  # noqa: E731
+    assert without(second) == without(first)

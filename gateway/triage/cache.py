@@ -11,13 +11,16 @@ import datetime as dt
 import json
 import os
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import filehash
-from gateway.triage.model import Hashed, Task
+from gateway.triage.model import Done, Hashed, Task
 
 # Bumped when what hash_file computes changes: older cache entries are ignored.
 HASH_VERSION = 2
+# Paths looked up per query (SQLite allows 999 parameters in older builds).
+_PER_QUERY = 500
 
 
 def default_cache_path() -> Path:
@@ -64,23 +67,44 @@ class HashCache:
         return os.fsencode(task.path) + b"\0" + os.fsencode(task.real)
 
     def get(self, task: Task, dihedral: bool) -> filehash.FileHashes | None:
-        row = self._db.execute(
-            "SELECT record FROM hashes WHERE path = ? AND variant = ? AND size = ? AND mtime_ns = ?",
-            (self.key(task), self.variant(dihedral), task.size, task.mtime_ns)).fetchone()
-        if row is None:
+        record = self.get_many([task], dihedral)[0]
+        if record is None:
             return None
         try:
-            return filehash.hashes_from_json(json.loads(row[0]), task.real)
+            return filehash.hashes_from_json(json.loads(record), task.real)
         except (ValueError, KeyError, TypeError, IndexError):
             return None
 
+    def get_many(self, tasks: Sequence[Task], dihedral: bool) -> list[str | None]:
+        """Per task, its cached record (:func:`gateway.filehash.hashes_text`) or None: one query for them all."""
+        found: dict[bytes, tuple[int, int, str]] = {}
+        keys = [self.key(task) for task in tasks]
+        for start in range(0, len(keys), _PER_QUERY):
+            part = keys[start : start + _PER_QUERY]
+            cursor = self._db.execute(
+                f"SELECT path, size, mtime_ns, record FROM hashes WHERE variant = ? AND path IN "
+                f"({','.join('?' * len(part))})", (self.variant(dihedral), *part))
+            found.update((path, (size, mtime_ns, record)) for path, size, mtime_ns, record in cursor)
+        records: list[str | None] = []
+        for key, task in zip(keys, tasks, strict=True):
+            entry = found.get(key)
+            records.append(entry[2] if entry and entry[:2] == (task.size, task.mtime_ns) else None)
+        return records
+
     def put(self, task: Task, dihedral: bool, hashed: Hashed) -> None:
-        assert hashed.hashes is not None
-        self._db.execute(
-            "INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
-            (self.key(task), self.variant(dihedral), hashed.size, hashed.mtime_ns,
-             json.dumps(filehash.hashes_json(hashed.hashes), separators=(",", ":")),
-             dt.datetime.now(dt.UTC).isoformat(timespec="seconds")))
+        self.put_many([(task, hashed)], dihedral)
+
+    def put_many(self, entries: Sequence[tuple[Task, Hashed | Done]], dihedral: bool) -> None:
+        """Caches what was hashed: one statement for all."""
+        variant, now = self.variant(dihedral), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        rows = []
+        for task, hashed in entries:
+            text = hashed.text
+            if text is None:
+                assert isinstance(hashed, Hashed) and hashed.hashes is not None
+                text = filehash.hashes_text(hashed.hashes)
+            rows.append((self.key(task), variant, hashed.size, hashed.mtime_ns, text, now))
+        self._db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def commit(self) -> None:
         """Makes what was put so far durable (a Ctrl-C after this keeps it)."""

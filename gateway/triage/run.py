@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,19 +27,30 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rich.console import Console
 
 from federation.query import QueryItem
-from gateway import filehash
 from gateway.merge import merge
 from gateway.results import NodeAnswer, Subject
 from gateway.triage import sources
 from gateway.triage.apart import Apart, watch
 from gateway.triage.cache import HashCache
 from gateway.triage.digests import Digests
-from gateway.triage.model import DEFAULT_BATCH, HASHED, UNREADABLE, FileRow, Hashed, Match, NodeTally, Task
+from gateway.triage.model import (
+    DEFAULT_BATCH,
+    HASHED,
+    UNREADABLE,
+    Done,
+    FileRow,
+    Hashed,
+    Match,
+    NodeTally,
+    Task,
+    compact,
+    from_record,
+)
 from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
 from gateway.triage.store import RowStore
 from gateway.triage.walk import walk
-from gateway.triage.workers import Hasher, hash_chunk, new_pool, stop_pool
+from gateway.triage.workers import Hasher, hash_many, new_pool, stop_pool
 
 if TYPE_CHECKING:
     from gateway.config import NodeEntry
@@ -49,10 +62,12 @@ LISTED = "digests read from a list: the file itself was not read here"
 
 # Files per task sent to a worker, and bytes: small files go in groups, to
 # keep the per-task overhead low; a large file goes alone.
-CHUNK_FILES = 32
+CHUNK_FILES = 64
 CHUNK_BYTES = 32 << 20
 # A partly filled batch is sent after this long when the querier is idle.
 FLUSH_AFTER = 2.0
+# Seconds between commits of the hash cache (and at the end, or on Ctrl-C): what a killed run loses at most.
+CACHE_COMMIT_EVERY = 1.0
 # Hashing waits when this many batches are waiting for the nodes (bounded memory).
 PENDING_BATCHES = 8
 # The first batch is this small, so that the first answer comes early.
@@ -108,11 +123,13 @@ class Triage:
         self.done = 0
         self._walked = False
         self._hashing_over = False
-        self._pending: list[tuple[int, Subject]] = []
+        # Hashes waiting to be asked: (row index, item, PDQ variant or "").
+        self._pending: list[tuple[int, QueryItem, str]] = []
         self._pending_since: float | None = None
         self._wake = asyncio.Event()
         self._stop_walk = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
+        self._committed = time.monotonic()
         self._apart = Apart(dihedral, hasher, file_timeout, worker_memory)
         self._progress: LiveProgress | None = None
         self._known = self._hits = 0
@@ -135,7 +152,6 @@ class Triage:
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
         loop = asyncio.get_running_loop()
         entries: asyncio.Queue[list[Task | FileRow | Digests] | None] = asyncio.Queue(sources.WALK_QUEUE)
-        self._pool = new_pool(self.jobs, self.worker_memory)
         with LiveProgress(self.console, self.show_progress) as progress:
             self._progress = progress
             walker = loop.run_in_executor(None, sources.feed, self.entries(self.exclude, self._stop_walk), entries,
@@ -146,6 +162,7 @@ class Triage:
             try:
                 await self._dispatch(entries)
                 await walker
+                self._cached(lambda cache: cache.commit())  # all is hashed: kept, whatever the nodes do
                 self._hashing_over = True
                 self._wake.set()
                 progress.update(description="querying")
@@ -166,15 +183,14 @@ class Triage:
                 self._apart.close(finished)
                 self._cached(lambda cache: cache.commit())
         if finished:
-            for index in sorted(self._live):  # none is left, unless a hash was never answered
-                self._final(index)
+            self._final(list(self._live))  # none is left, unless a hash was never answered
             self.store.commit()
         self.result.finished = dt.datetime.now(dt.UTC)
         return self.result
 
     # -- walking and hashing
 
-    async def _dispatch(self, entries: asyncio.Queue) -> None:
+    async def _dispatch(self, entries: asyncio.Queue[list[Task | FileRow | Digests] | None]) -> None:
         slots = asyncio.Semaphore(self.jobs * 2)
         running = self._running
         chunk: list[tuple[int, Task]] = []
@@ -197,29 +213,49 @@ class Triage:
             work.add_done_callback(done)
             chunk, size = [], 0
 
-        async for entry, idle in sources.flatten(entries):
-            index = self._next_index
-            self._next_index += 1
-            if isinstance(entry, FileRow):
-                self.store.add(index, entry)
-                continue
-            if isinstance(entry, Digests):  # from a digest list: nothing to read, only to ask
-                self._live[index] = FileRow(entry.name, HASHED, size=entry.size, notes=[LISTED])
-                self.total += 1
-                self._finish(index, None, Hashed(entry.hashes, entry.size or 0, 0))
-                continue
-            self._live[index] = FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns)
+        # A group of entries at a time (what the walk hands over): one cache query, one store write, one update.
+        while (group := await entries.get()) is not None:
+            idle = entries.empty()
+            listed: list[tuple[int, Task | None, Done]] = []
+            tasks: list[tuple[int, Task]] = []
+            others: list[tuple[int, FileRow]] = []
+            for entry in group:
+                index = self._next_index
+                self._next_index += 1
+                if isinstance(entry, FileRow):
+                    others.append((index, entry))
+                elif isinstance(entry, Digests):  # from a digest list: nothing to read, only to ask
+                    self._live[index] = FileRow(entry.name, HASHED, size=entry.size, notes=[LISTED])
+                    hashed = Hashed(entry.hashes, entry.size or 0, 0)
+                    listed.append((index, None, compact(hashed, self.max_distance)))
+                else:
+                    self._live[index] = FileRow(entry.path, HASHED, size=entry.size, mtime_ns=entry.mtime_ns)
+                    tasks.append((index, entry))
+            if others:
+                self.store.add_many(others)
+            self.total += len(listed) + len(tasks)
             self.peak_live = max(self.peak_live, len(self._live))
-            self.total += 1
             self._update(total=self.total)
-            cached = self._lookup(entry)
-            if cached is not None:
-                self.result.cache_hits += 1
-                self._finish(index, entry, Hashed(cached, entry.size, entry.mtime_ns), from_cache=True)
-                continue
-            chunk.append((index, entry))
-            size += entry.size
-            if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES or idle:
+            if listed:
+                self._finish(listed)
+            cached: list[tuple[int, Task | None, Done]] = []
+            for (index, task), record in zip(tasks, self._lookup([t for _, t in tasks]), strict=True):
+                if record is not None:
+                    try:
+                        found = from_record(record, task.real, task.size, task.mtime_ns, self.max_distance)
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        pass  # a damaged record: the file is hashed again
+                    else:
+                        cached.append((index, task, found))
+                        continue
+                chunk.append((index, task))
+                size += task.size
+                if len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES:
+                    await submit()
+            if cached:
+                self.result.cache_hits += len(cached)
+                self._finish(cached, from_cache=True)
+            if chunk and idle:
                 await submit()
         self._walked = True
         self._update(description="hashing")
@@ -243,11 +279,12 @@ class Triage:
 
     async def _hash(self, chunk: list[tuple[int, Task]]) -> None:
         loop = asyncio.get_running_loop()
+        if self._pool is None:  # started with the first file to hash: a fully cached run needs none
+            self._pool = new_pool(self.jobs, self.worker_memory)
         pool = self._pool
-        assert pool is not None
         try:
-            outcomes = await loop.run_in_executor(pool, hash_chunk, [t for _, t in chunk], self.dihedral,
-                                                  self.hasher)
+            outcomes = await loop.run_in_executor(pool, hash_many, [t for _, t in chunk], self.dihedral,
+                                                  self.hasher, self.max_distance)
         except BrokenProcessPool:
             if self._closing:
                 return
@@ -257,20 +294,25 @@ class Triage:
                 self._pool = new_pool(self.jobs, self.worker_memory)
                 stop_pool(pool)
             for index, task in chunk:
-                self._finish(index, task, await self._apart.hash(task))
+                self._finish([(index, task, compact(await self._apart.hash(task), self.max_distance))])
         else:
-            for (index, task), outcome in zip(chunk, outcomes, strict=True):
-                self._finish(index, task, outcome)
-        self._cached(lambda cache: cache.commit())
+            self._finish([(index, task, Done._make(outcome))
+                          for (index, task), outcome in zip(chunk, outcomes, strict=True)])
+        if time.monotonic() - self._committed >= CACHE_COMMIT_EVERY:
+            self._committed = time.monotonic()
+            self._cached(lambda cache: cache.commit())
 
-    def _lookup(self, task: Task) -> filehash.FileHashes | None:
-        found: list[filehash.FileHashes | None] = [None]
+    def _lookup(self, tasks: list[Task]) -> list[str | None]:
+        """Per task, its cache record, or None: one cache query for them all."""
+        found: list[str | None] = [None] * len(tasks)
+        if not tasks:
+            return found
 
         def get(cache: HashCache) -> None:
-            found[0] = cache.get(task, self.dihedral)
+            found[:] = cache.get_many(tasks, self.dihedral)
 
         self._cached(get)
-        return found[0]
+        return found
 
     def _cached(self, action: Callable[[HashCache], None]) -> None:
         """A cache write; on failure (disk full, locked) the run goes on without the cache."""
@@ -283,37 +325,49 @@ class Triage:
                                "going on without it", style="yellow", markup=False, soft_wrap=True)
             self.cache = None
 
-    def _finish(self, index: int, task: Task | None, outcome: Hashed, from_cache: bool = False) -> None:
-        row = self._live[index]
-        if task is not None:
-            row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
-        row.notes += outcome.notes
-        self.done += 1
-        if outcome.hashes is None:
-            row.status, row.reason = UNREADABLE, outcome.reason
-            self._final(index)
-        else:
-            row.hashes = outcome.hashes
-            row.from_cache = from_cache
+    def _finish(self, outcomes: list[tuple[int, Task | None, Done]], from_cache: bool = False) -> None:
+        """Files read (or found in the cache): their hashes wait for the nodes; a file with none is final."""
+        rows, pending, unanswered = self._live, self._pending, self._unanswered
+        was_empty = not pending
+        final: list[int] = []
+        new: list[tuple[Task, Done]] = []
+        for index, task, outcome in outcomes:
+            row = rows[index]
+            if task is not None:
+                row.size, row.mtime_ns = outcome.size, outcome.mtime_ns
+            if outcome.notes:
+                row.notes += outcome.notes
+            if outcome.text is None:
+                row.status, row.reason = UNREADABLE, outcome.reason
+                final.append(index)
+                continue
+            row.hashes_text, row.not_sent, row.from_cache = outcome.text, outcome.skipped, from_cache
             if not from_cache and task is not None:
                 self.result.hashed_now += 1
-                if self.cache is not None and outcome.stable:
-                    self._cached(lambda cache: cache.put(task, self.dihedral, outcome))
-            subjects = filehash.subjects(outcome.hashes, self.max_distance)
-            self._unanswered[index] = len(subjects)
-            if not subjects:
-                self._final(index)
-            if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending += [(index, s) for s in subjects]
-            if len(self._pending) >= self._batch_size():
-                self._wake.set()
+                if outcome.stable:
+                    new.append((task, outcome))
+            if not outcome.items:
+                final.append(index)
+                continue
+            unanswered[index] = len(outcome.items)
+            pending += [(index, QueryItem(a, d, m), v) for a, d, m, v in outcome.items]
+        self.done += len(outcomes)
+        if new and self.cache is not None:
+            self._cached(lambda cache: cache.put_many(new, self.dihedral))
+        if final:
+            self._final(final)
+        if was_empty and pending:
+            self._pending_since = time.monotonic()
+        if len(pending) >= self._batch_size():
+            self._wake.set()
         self._update(completed=self.done, cached=self.result.cache_hits)
 
-    def _final(self, index: int) -> None:
-        """The row at ``index`` is complete: to the store, out of memory."""
-        self._unanswered.pop(index, None)
-        self.store.add(index, self._live.pop(index))
+    def _final(self, indices: list[int]) -> None:
+        """The rows at ``indices`` are complete: to the store, out of memory."""
+        rows = self._live
+        for index in indices:
+            self._unanswered.pop(index, None)
+        self.store.add_many([(index, rows.pop(index)) for index in sorted(indices)])
 
     # -- querying
 
@@ -351,26 +405,37 @@ class Triage:
             self._drained.set()
             await self._ask(federation, taken)
 
-    async def _ask(self, federation: MatchingFederation, taken: list[tuple[int, Subject]]) -> None:
-        subjects = [s for _, s in taken]
-        answers = await federation.match([s.item for s in subjects], self.case, self.timeout, self.deadline)
-        merged = merge(self.case, subjects, answers)
+    async def _ask(self, federation: MatchingFederation, taken: list[tuple[int, QueryItem, str]]) -> None:
+        answers = await federation.match([item for _, item, _ in taken], self.case, self.timeout, self.deadline)
         rows = self._live
-        for (index, subject), outcome in zip(taken, merged.items, strict=True):
-            row = rows[index]
-            if outcome.hits:
-                self._known += not row.matches
-                self._hits += len(outcome.hits)
-                row.matches += [Match(subject.item.algorithm, subject.variant, hit) for hit in outcome.hits]
-            row.truncated_by.update(outcome.truncated_by)
+        # Only the items some node found (or cut short) are merged: a no-hit item needs no work of its own.
+        replied = [a for a in answers if a.status.answered]
+        found = sorted({position for answer in replied for column in (answer.hits, answer.truncated)
+                        if any(column) for position, value in enumerate(column) if value})
+        if found:
+            picked = [_picked(answer, found) if answer.status.answered else answer for answer in answers]
+            subjects = [Subject(taken[p][1], rows[taken[p][0]].path, taken[p][2]) for p in found]
+            merged = merge(self.case, subjects, picked)
+            for position, outcome in zip(found, merged.items, strict=True):
+                index, item, variant = taken[position]
+                row = rows[index]
+                if outcome.hits:
+                    self._known += not row.matches
+                    self._hits += len(outcome.hits)
+                    row.matches += [Match(item.algorithm, variant, hit) for hit in outcome.hits]
+                row.truncated_by.update(outcome.truncated_by)
         missing = [a.node_id for a in answers if not a.status.answered]
         if missing:
-            for index in {index for index, _ in taken}:
+            for index in {index for index, _, _ in taken}:
                 rows[index].not_answered_by.update(missing)
-        for index, _ in taken:
-            self._unanswered[index] -= 1
-            if not self._unanswered[index]:
-                self._final(index)
+        unanswered = self._unanswered
+        final = []
+        for index, count in Counter(index for index, _, _ in taken).items():
+            unanswered[index] -= count
+            if not unanswered[index]:
+                final.append(index)
+        if final:
+            self._final(final)
         for answer in answers:
             tally = self.result.nodes.get(answer.node_id)
             if tally is None:
@@ -387,6 +452,12 @@ class Triage:
             if "description" not in fields and not self._walked and "total" in fields:
                 fields["description"] = "hashing (walking)"
             self._progress.update(**fields)
+
+
+def _picked(answer: NodeAnswer, positions: list[int]) -> NodeAnswer:
+    """``answer`` for the items at ``positions`` only."""
+    return dataclasses.replace(answer, hits=tuple(answer.hits[p] for p in positions),
+                               truncated=tuple(answer.truncated[p] for p in positions))
 
 
 def _cpu_count() -> int:

@@ -24,9 +24,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
+from typing import Any
 
 from gateway import filehash
-from gateway.triage.model import Hashed, Task
+from gateway.triage.model import Hashed, Task, compact
 from gateway.triage.walk import kind_of, reason_of
 
 Hasher = Callable[..., filehash.FileHashes]
@@ -97,6 +98,7 @@ def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed
             if read_error.errno == errno.ENOENT:
                 return Hashed(None, before.st_size, before.st_mtime_ns, "vanished while it was being read")
             return Hashed(None, before.st_size, before.st_mtime_ns, reason_of(read_error))
+    text = filehash.hashes_text(hashes)  # encoded here, in parallel, not in the run's main process
     try:
         after = os.stat(real, follow_symlinks=False)
         stable = (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
@@ -104,7 +106,7 @@ def hash_one(task: Task, dihedral: bool, hasher: Hasher | None = None) -> Hashed
         stable = False
     if not stable:
         notes = ("changed or vanished while it was being read: its hashes may not match its content now",)
-    return Hashed(hashes, before.st_size, before.st_mtime_ns, stable=stable, notes=notes)
+    return Hashed(hashes, before.st_size, before.st_mtime_ns, stable=stable, notes=notes, text=text)
 
 
 def hash_chunk(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = None) -> list[Hashed]:
@@ -117,6 +119,13 @@ def hash_chunk(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = No
         finally:
             _on_file(0.0)
     return done
+
+
+def hash_many(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = None,
+              max_distance: int = 0) -> list[tuple[Any, ...]]:
+    """:func:`hash_chunk`, answered compactly: per file the fields of a :class:`Done` (``Done._make``
+    takes them back), as a plain tuple, which pickles in half the time of the named one."""
+    return [tuple(compact(hashed, max_distance)) for hashed in hash_chunk(tasks, dihedral, hasher)]
 
 
 def exact_only(task: Task, why: str) -> Hashed:

@@ -100,9 +100,9 @@ def small_tree(root: Path, files: int) -> Path:
     return root
 
 
-def large_tree(root: Path, files: int) -> Path:
+def large_tree(root: Path, files: int, total: int = TOTAL_BYTES) -> Path:
     rng = random.Random(2)
-    size = TOTAL_BYTES // max(files, 1)
+    size = total // max(files, 1)
     root.mkdir(parents=True, exist_ok=True)
     block = rng.randbytes(size)
     for i in range(files):
@@ -145,7 +145,10 @@ def row(label: str, files: int, size: int, m: Measure | None, base: Measure | No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=100_000, help="small files (default 100,000)")
-    parser.add_argument("--large", type=int, default=2_000, help="large files (default 2,000; 50 MB in all)")
+    parser.add_argument("--large", type=int, default=2_000, help="large files (default 2,000; --large-mb in all)")
+    parser.add_argument("--large-mb", type=int, default=TOTAL_BYTES >> 20,
+                        help=f"MiB in all of the large files (default {TOTAL_BYTES >> 20}; the start of a run, "
+                        "about a second, weighs less on a larger total)")
     parser.add_argument("--images", type=int, default=5_000, help="drawn JPEG images (default 5,000)")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
@@ -158,7 +161,7 @@ def main() -> None:
         local = LocalFederation(work / "nodes", pki, [NodeSpec("FR", "FR", "bench")])
         started = time.perf_counter()
         trees = {"small files": small_tree(work / "small", args.files),
-                 "large files": large_tree(work / "large", args.large),
+                 "large files": large_tree(work / "large", args.large, args.large_mb << 20),
                  "drawn images": image_tree(work / "images", args.images)}
         print(f"trees generated in {time.perf_counter() - started:.1f} s")
         with local:
