@@ -6,7 +6,7 @@
     store = "watch-cases.sqlite"         # the agency's open cases (default: beside this file)
     alerts = "watch-alerts.sqlite"       # the durable alert outbox (default: beside this file)
     alerts_jsonl = "watch-alerts.jsonl"  # one JSON line per alert (default: beside this file)
-    interval = 60                        # seconds between rounds (default 60, at least 1)
+    interval = 20                        # seconds between rounds (default 20, at least 1)
     webhook = "https://desk.example/alerts"   # optional
     webhook_secret_file = "webhook.secret"    # required with webhook: HMAC key, kept 0600
     webhook_retry_min = 1.0              # first retry delay, doubling up to webhook_retry_max
@@ -25,7 +25,9 @@ from pathlib import Path
 from federation.config import ConfigError, root
 from federation.outbox import WebhookTarget
 
-DEFAULT_INTERVAL = 60.0
+# A new hit is alerted within one interval plus the case's turn in a round (a round of 1,000 cases
+# took 25-35 s on a loaded 2-core machine): 20 s keeps that under a minute.
+DEFAULT_INTERVAL = 20.0
 KEYS = {"store", "alerts", "alerts_jsonl", "interval", "webhook", "webhook_secret_file", "webhook_retry_min",
         "webhook_retry_max"}
 

@@ -203,7 +203,7 @@ def test_remove_deletes_a_cases_digests_from_the_files_bytes(local: LocalFederat
 def test_the_example_watch_table_loads(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "gateway" / "examples" / "federation.toml"
     settings = watch_config.load(example)
-    assert settings.interval == 60 and settings.webhook is None
+    assert settings.interval == 20 and settings.webhook is None
     assert settings.store == Path("/var/lib/icse-gateway/watch-cases.sqlite")
     bad = tmp_path / "federation.toml"
     bad.write_text('[watch]\ninterval = 0.5\n')

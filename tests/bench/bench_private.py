@@ -176,8 +176,8 @@ def main() -> int:
     parser.add_argument("--known", type=float, default=0.01, help="share of the batch the node holds")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefix-bits", type=int, default=16)
-    parser.add_argument("--encoding", choices=["fixed", "elias-fano"], default="fixed",
-                        help="the node's bucket encoding (default: fixed, the node's default)")
+    parser.add_argument("--encoding", choices=["fixed", "elias-fano"], default="elias-fano",
+                        help="the node's bucket encoding (default: elias-fano, the node's default)")
     parser.add_argument("--output-bytes", type=int, default=4, help="fixed encoding: bytes per output")
     parser.add_argument("--fingerprint-bits", type=int, default=24, help="Elias-Fano: bits per fingerprint")
     parser.add_argument("--anonymity-only", action="store_true",
