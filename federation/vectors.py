@@ -27,26 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from federation import buckets, identity, oprf, protocol, tls, tokens
+from federation import identity, protocol, tls, tokens, vectors_private
 from federation.pki import cert_pem, key_pem
-from federation.query import (
-    DiscloseItem,
-    PackedGroup,
-    PrivateItem,
-    QueryItem,
-    canonical_bytes,
-    disclose_bytes,
-    disclose_sha256,
-    private_match_bytes,
-    private_match_sha256,
-    query_sha256,
-)
+from federation.query import PackedGroup, QueryItem, canonical_bytes, query_sha256
 
 FEDERATION = "vectors.icse.test"
 NODE = "FR"
@@ -360,68 +348,10 @@ def _grouped(items: Sequence[QueryItem]) -> list[dict[str, Any]]:
     return out
 
 
-# RFC 9497 Appendix A.1.1 inputs (OPRF, ristretto255-SHA512): the outputs are computed below and
-# tests/test_oprf.py compares them with the RFC's printed values.
-RFC_SEED = bytes.fromhex("a3" * 32)
-RFC_KEY_INFO = b"test key"
-RFC_BLIND = bytes.fromhex("64d37aed22a27f5191de1c1d69fadb899d8862b58eb4220029e036ec4c1f6706")
-PRIVATE_DIGESTS = [("md5", bytes(range(16))), ("sha1", bytes(range(20))), ("sha256", bytes(range(32)))]
-
-
-def oprf_vectors() -> dict[str, Any]:
-    """RFC 9497's own vectors, then the federation's use of them: digest inputs, buckets,
-    outputs (under the RFC's key and blind) and the private requests' ``qh``."""
-    secret, _ = oprf.derive_key_pair(RFC_SEED, RFC_KEY_INFO)
-    rfc = []
-    for data in (b"\x00", b"\x5a" * 17):
-        blind, blinded = oprf.blind(data, RFC_BLIND)
-        evaluated = oprf.blind_evaluate(secret, blinded)
-        rfc.append({"input": data.hex(), "blind": blind.hex(), "blinded_element": blinded.hex(),
-                    "evaluation_element": evaluated.hex(), "output": oprf.finalize(data, blind, evaluated).hex()})
-    digests = []
-    private_items, disclose_items = [], []
-    for algorithm, digest in PRIVATE_DIGESTS:
-        data = oprf.digest_input(algorithm, digest)
-        blind, blinded = oprf.blind(data, RFC_BLIND)
-        evaluated = oprf.blind_evaluate(secret, blinded)
-        output = oprf.evaluate(secret, data)
-        digests.append({"algorithm": algorithm, "digest_hex": digest.hex(), "input": data.hex(),
-                        "bucket_32": oprf.bucket_of(data, 32), "bucket_16": oprf.bucket_of(data, 16),
-                        "blind": blind.hex(), "blinded_element": blinded.hex(),
-                        "evaluation_element": evaluated.hex(), "output": output.hex()})
-        private_items.append(PrivateItem(algorithm, oprf.bucket_of(data, 16), 16, blinded))
-        disclose_items.append(DiscloseItem(algorithm, output))
-    key = oprf.key_id(secret)
-    # One bucket's answer, 12 fingerprints: the three outputs above and nine more under the same key.
-    outputs = [oprf.evaluate(secret, oprf.digest_input(a, d)) for a, d in PRIVATE_DIGESTS]
-    outputs += [oprf.evaluate(secret, oprf.digest_input("sha256", hashlib.sha256(bytes([i])).digest()))
-                for i in range(9)]
-    prefixes = np.array(sorted(int.from_bytes(o[:8], "big") for o in outputs), dtype=np.uint64)
-    answers = [{"encoding": "PRIVATE_BUCKET_ENCODING_FIXED", "fingerprint_bits": 32,
-                "bucket_outputs_hex": buckets.encode(prefixes, buckets.FIXED, 32).hex()},
-               {"encoding": "PRIVATE_BUCKET_ENCODING_ELIAS_FANO", "fingerprint_bits": 24,
-                "bucket_outputs_hex": buckets.encode(prefixes, buckets.ELIAS_FANO, 24).hex()}]
-    return {
-        "description": "Private exact matching (PROTOCOL.md, 'Private exact matching'). rfc9497_a_1_1: the RFC's "
-                       "vectors for OPRF mode 0x00, ristretto255-SHA512. digests: the OPRF input of a digest "
-                       "(algorithm, 0x00, raw digest), its buckets (16 and 32 bits of SHA-256('icse.v1.bucket' 0x00 "
-                       "input)) and output, under the RFC's key and blind. private_match / disclose: the exact "
-                       "bytes whose SHA-256 is a private request's qh, for the digests above.",
-        "rfc9497_a_1_1": {"seed": RFC_SEED.hex(), "key_info": RFC_KEY_INFO.hex(), "sk_sm": secret.hex(),
-                          "vectors": rfc},
-        "key_id": key,
-        "digests": digests,
-        "private_match": {"canonical_hex": private_match_bytes(private_items).hex(),
-                          "qh": private_match_sha256(private_items)},
-        "disclose": {"key_id": key, "canonical_hex": disclose_bytes(key, disclose_items).hex(),
-                     "qh": disclose_sha256(key, disclose_items)},
-        "bucket_answers": {"outputs": [o.hex() for o in outputs], "answers": answers},
-    }
-
-
 def documents() -> dict[str, dict[str, Any]]:
     return {"query_digest.json": query_digest_vectors(), "thumbprints.json": thumbprint_vectors(),
-            "tokens.json": token_vectors(), "requests.json": request_vectors(), "oprf.json": oprf_vectors()}
+            "tokens.json": token_vectors(), "requests.json": request_vectors(),
+            "oprf.json": vectors_private.oprf_vectors()}
 
 
 def render(document: dict[str, Any]) -> str:

@@ -20,10 +20,11 @@ from federation import protocol, tls, tokens
 from federation.query import EMPTY_QUERY_SHA256, PACKED_EXACT_FEATURE, QueryItem
 from federation.wire import REQUEST_ID_KEY, pb, rpc
 from gateway import packing
+from gateway.answers import unpack
 from gateway.config import GatewayConfig, NodeEntry
 from gateway.health import HealthPolicy, NodeHealth, ReplicaRound
 from gateway.outcomes import attempt_words, both_attempts, status_of, tls_words
-from gateway.results import HitInfo, NodeAnswer, NodeStatus
+from gateway.results import NodeAnswer, NodeStatus
 from gateway.signing import Signer
 
 log = logging.getLogger("icse.gateway")
@@ -51,40 +52,6 @@ class NodeDescription:
     message: str = ""
     # The address asked (a member with replicas is described once per replica).
     replica: str = ""
-
-
-def hit_info(message: pb.Hit) -> HitInfo:
-    """A node's hit as the merge takes it."""
-    return HitInfo(
-        node_id=message.node_id,
-        country=message.country,
-        reference=message.reference,
-        contact=message.contact,
-        category=message.category,
-        victim_identified=message.victim_identified if message.HasField("victim_identified") else None,
-        series=message.series,
-        date_added=message.date_added,
-        distance=message.distance,
-        matched_share=message.matched_share or None,
-    )
-
-
-def unpack(response: pb.MatchResponse, node: NodeEntry, count: int,
-           form: packing.Form | None = None) -> tuple[tuple, tuple]:
-    """Per-item hits and truncation flags from a node's sparse answer, in the caller's item order."""
-    if response.node_id != node.node_id:
-        raise ValueError(f"answer is from node {response.node_id!r}")
-    hits: list[tuple[HitInfo, ...]] = [()] * count
-    truncated = [False] * count
-    previous = -1
-    for result in response.results:
-        if not previous < result.item < count:
-            raise ValueError(f"item position {result.item} out of order or range")
-        previous = result.item
-        position = result.item if form is None else form.caller_position(result.item)
-        hits[position] = tuple(hit_info(h) for h in result.hits)
-        truncated[position] = result.truncated
-    return tuple(hits), tuple(truncated)
 
 
 @dataclass(frozen=True)

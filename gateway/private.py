@@ -42,8 +42,9 @@ from federation.query import (
     query_sha256,
 )
 from federation.wire import REQUEST_ID_KEY, disclose_to_pb, items_to_pb, pb, private_items_to_pb
+from gateway.answers import hit_info, unpack
 from gateway.config import GatewayConfig, PrivateMode
-from gateway.fanout import Attempt, Federation, hit_info, ordinary, unpack
+from gateway.fanout import Attempt, Federation, ordinary
 from gateway.health import HealthPolicy
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.signing import Signer

@@ -31,12 +31,13 @@ from node.auth import Authenticator
 from node.config import NodeConfig, StoreSettings
 from node.live_index import LiveIndexes
 from node.merge import MergePolicy, merge
+from node.metadata_limits import MetadataLimits
 from node.metrics import NodeMetrics
 from node.policy import Admission
 from node.private_builder import PrivateBuilder
 from node.private_service import PrivateMode, PrivateService, handlers as private_handlers
 from node.segment_set import SegmentSet
-from node.service import MetadataLimits, NodeService, handlers
+from node.service import NodeService, handlers
 from node.store import Store
 
 log = logging.getLogger("icse.node")
@@ -44,7 +45,7 @@ log = logging.getLogger("icse.node")
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    # Generous, so that an excess of metadata reaches service.MetadataLimits and is refused in words;
+    # Generous, so that an excess of metadata reaches metadata_limits.MetadataLimits and is refused in words;
     # beyond this gRPC refuses it itself (RESOURCE_EXHAUSTED, its message possibly empty).
     ("grpc.max_metadata_size", 128 * 1024),
     ("grpc.absolute_max_metadata_size", 128 * 1024),

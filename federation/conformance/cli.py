@@ -14,6 +14,7 @@ from cryptography import x509
 from federation import identity, tls, tokens
 from federation.algorithms import DigestError, parse_tagged
 from federation.conformance import gateway_kit, node_kit, report
+from federation.conformance.target import NodeTarget
 from federation.query import QueryItem
 
 
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _node_target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> node_kit.NodeTarget:
+def _node_target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> NodeTarget:
     files = tls.TlsFiles(args.ca, args.cert, args.key)
     uris = _cert_uris(args.cert)
     gateway = next((g for u in uris if (g := identity.gateway_id_from_uri(args.federation, u))), None)
@@ -75,7 +76,7 @@ def _node_target(args: argparse.Namespace, parser: argparse.ArgumentParser) -> n
         except DigestError as exc:
             parser.error(f"--known: {exc}")
         known = QueryItem(algorithm.name, digest)
-    return node_kit.NodeTarget(
+    return NodeTarget(
         address=args.address, node_id=args.node_id,
         tls_name=args.tls_name or identity.node_tls_name(args.federation, args.node_id), files=files,
         gateway_id=gateway, key=tokens.SigningKey.load(args.signing_key, args.kid), other_key=other, known=known,

@@ -14,7 +14,6 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -27,6 +26,7 @@ from federation.conformance.packed_checks import PackedChecks
 from federation.conformance.private_kit import PrivateChecks
 from federation.conformance.report import Result, judged, skipped
 from federation.conformance.since_checks import SinceChecks
+from federation.conformance.target import NodeTarget
 from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
 from federation.wire import SERVICE_NAME, items_to_pb, pb
 
@@ -35,21 +35,6 @@ UNAUTH = grpc.StatusCode.UNAUTHENTICATED.name
 DENIED = grpc.StatusCode.PERMISSION_DENIED.name
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.name
 REFLECTION = {"v1": "grpc.reflection.v1.ServerReflection", "v1alpha": "grpc.reflection.v1alpha.ServerReflection"}
-
-
-@dataclass(frozen=True)
-class NodeTarget:
-    """The node under test and the gateway identity the kit speaks with."""
-
-    address: str
-    node_id: str
-    tls_name: str
-    files: tls.TlsFiles  # the federation CA, a gateway certificate the node trusts, its key
-    gateway_id: str
-    key: tokens.SigningKey  # that gateway's signing key (its kid in the node's key set)
-    other_key: tokens.SigningKey | None = None  # a key the node trusts that belongs to ANOTHER gateway
-    known: QueryItem | None = None  # an item the node holds, for the hit check
-    timeout: float = 10.0
 
 
 def _random_items() -> list[QueryItem]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from federation.conformance.target import Kit
 from federation.query import PACKED_EXACT_FEATURE, PackedGroup, QueryItem
 from federation.wire import packable, pb, request_to_pb
-
-if TYPE_CHECKING:
-    from federation.conformance.node_kit import NodeKit
 
 Check = Callable[[], Awaitable[tuple[bool | None, str, str]]]
 OK = "OK"
@@ -28,7 +26,7 @@ def _answer(response: pb.MatchResponse) -> list[tuple[int, list[str]]]:
 
 
 class PackedChecks:
-    def __init__(self, kit: NodeKit):
+    def __init__(self, kit: Kit):
         self.kit = kit
 
     def catalogue(self) -> list[tuple[str, str, Check]]:

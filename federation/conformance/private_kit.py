@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from federation import buckets, oprf, protocol
+from federation.conformance.target import Kit
 from federation.query import DiscloseItem, PrivateItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.wire import disclose_to_pb, pb, private_items_to_pb
-
-if TYPE_CHECKING:
-    from federation.conformance.node_kit import NodeKit
 
 FEATURE = protocol.PRIVATE_EXACT_FEATURE
 SUITE = "ristretto255-SHA512"
@@ -46,7 +44,7 @@ def _fingerprint_bits(answer: pb.PrivateInfo | pb.PrivateMatchResponse) -> int:
 class PrivateChecks:
     """The private-matching part of the node catalogue; it calls through the node kit's channel and signer."""
 
-    def __init__(self, kit: NodeKit):
+    def __init__(self, kit: Kit):
         self.kit = kit
         self._offer: pb.PrivateInfo | None = None
         self._described = False

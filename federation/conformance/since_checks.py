@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from federation.conformance.target import Kit
 from federation.query import SINCE_GENERATION_FEATURE, QueryItem, query_sha256
 from federation.wire import items_to_pb, pb
-
-if TYPE_CHECKING:
-    from federation.conformance.node_kit import NodeKit
 
 Check = Callable[[], Awaitable[tuple[bool | None, str, str]]]
 OK = "OK"
 
 
 class SinceChecks:
-    def __init__(self, kit: NodeKit):
+    def __init__(self, kit: Kit):
         self.kit = kit
 
     def catalogue(self) -> list[tuple[str, str, Check]]:
