@@ -171,6 +171,9 @@ def test_the_node_learns_no_digest_it_does_not_hold_and_only_disclosed_hits(mixe
     assert [(r["rpc"], r["items"], r["hits"]) for r in records if r["rpc"] != "Describe"] == [
         ("PrivateMatch", 21, 0), ("Disclose", 1, 1)]
     assert records[-1]["references"] == ["FR-SHARED"]
+    # The holder's desk hears of the hit released by Disclose, as of one released by Match.
+    alerts = [a for a in _alerts(mixed.local, "FR") if a["case"] == "PRIV-5"]
+    assert [(a["reference"], a["digest"]) for a in alerts] == [("FR-SHARED", mixed.shared)], alerts
     blobs = b"".join(p.read_bytes() for p in node.dir.rglob("*") if p.is_file())
     for digest in unknown:
         for form in (digest, digest.hex().encode(), digest.hex().upper().encode(), base64.b64encode(digest)):
@@ -202,6 +205,14 @@ async def test_a_forged_proof_gets_nothing(mixed: Mixed) -> None:
             disclosed = await call("Disclose", disclose_to_pb(answer.key_id, items), disclose_sha256(answer.key_id,
                                                                                                       items))
             assert [h.reference for r in disclosed.results for h in r.hits] == expected
+
+
+def _alerts(local: LocalFederation, node_id: str) -> list[dict]:
+    """The node's holder alerts, read through ``icse-node alerts`` as its desk would."""
+    done = subprocess.run(local[node_id].node_command("alerts", "--config", str(local[node_id].config_path)),
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
 def _audit(local: LocalFederation, node_id: str) -> list[dict]:
