@@ -244,7 +244,7 @@ class PrivateService:
                       asked: Counter[str], started: float, detail: str = "") -> None:
         """The audit record (durable before the answer leaves), metrics and a log line: counts only."""
         claims = answer.claims
-        await self._node._audit.append(AuditEntry(
+        await self._node.recorded(context, AuditEntry(
             time="", gateway=claims.issuer, officer=claims.subject, org=claims.org, country=claims.country,
             case=claims.case, rpc=method, items=items, algorithms=tuple(sorted(a[:16] for a in asked)[:8]),
             hits=len(answer.references), references=answer.references, status="OK", detail=detail,

@@ -145,9 +145,12 @@ class NodeService(rpc.NodeServicer):
             "reason": str(refusal), "gateway": claims.issuer if claims else refusal.gateway,
             "officer": claims.subject if claims else "", "peer": context.peer(),
             "items": item_count(items, packed)})
-        await self._audit.append(_entry(method, items, claims, refusal.gateway, context.peer(),
-                                        refusal.code.name, str(refusal), since_generation=since_generation,
-                                        packed=packed))
+        try:
+            await self._audit.append(_entry(method, items, claims, refusal.gateway, context.peer(),
+                                            refusal.code.name, str(refusal), since_generation=since_generation,
+                                            packed=packed))
+        except Exception:  # the refusal still goes out; the log says its record is missing
+            log.exception("audit append failed", extra={"request_id": request_id(context), "rpc": method})
         self._metrics.refused(method, refusal.code.name, time.perf_counter() - started)
         await context.abort(refusal.code, str(refusal))
 
@@ -171,7 +174,7 @@ class NodeService(rpc.NodeServicer):
             await self._refuse(context, "Match", items, _internal(context, exc), started, since, packed)
         # The record is durable before the answer leaves; no record, no answer.
         claims, references = answer.claims, answer.references
-        await self._audit.append(_entry("Match", items, claims, claims.issuer, context.peer(), "OK",
+        await self.recorded(context, _entry("Match", items, claims, claims.issuer, context.peer(), "OK",
                                         references=references, since_generation=since,
                                         rows_searched=answer.rows_searched, packed=packed))
         if self._alerts is not None:  # the holder's desk hears of what was released; never fails the answer
@@ -228,6 +231,19 @@ class NodeService(rpc.NodeServicer):
                                          records[c.record_id].record, c.distance, c.matched_share, tier.value)
                              for c in kept]
         return _Answer(response, claims, references, released, searched.rows_searched)
+
+    async def recorded(self, context: grpc.aio.ServicerContext, entry: AuditEntry) -> None:
+        """Appends the record of an answered call. A node that cannot record a call does not
+        answer it: INTERNAL, in words (the cause, a full disk say, goes to the node's log)."""
+        try:
+            await self._audit.append(entry)
+        except Exception:  # whatever failed, the answer must not leave unrecorded
+            rid = request_id(context)
+            log.exception("audit append failed", extra={"request_id": rid, "rpc": entry.rpc})
+            self._metrics.refused(entry.rpc, grpc.StatusCode.INTERNAL.name, 0.0)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"this node could not record the call in its audit log, so it does not answer it "
+                                f"(request id {rid}); its operator can find the cause in the node's log")
 
     async def _current(self, claims: QueryClaims | None) -> SegmentSet:
         try:
@@ -288,7 +304,7 @@ class NodeService(rpc.NodeServicer):
             current = await self._current(claims)
         except Refused as refusal:
             await self._refuse(context, "Describe", [], refusal, started)
-        await self._audit.append(_entry("Describe", [], claims, claims.issuer, context.peer(), "OK"))
+        await self.recorded(context, _entry("Describe", [], claims, claims.issuer, context.peer(), "OK"))
         self._metrics.serving(current.generation, current.counts())
         self._metrics.answered("Describe", {}, 0, time.perf_counter() - started)
         private = self.private_info(current) if self.private_info is not None else None

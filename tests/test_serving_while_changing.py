@@ -145,3 +145,25 @@ def test_systemd_is_told_ready_and_stopping_over_its_notify_socket(
         assert node.process.wait(60) == 0
     os.unlink(address)
     os.rmdir(directory)
+
+
+async def test_a_call_the_audit_log_cannot_record_is_not_answered_and_says_so(
+        single: LocalFederation, tmp_path: Path) -> None:
+    node = single[NODE]
+    assert node.import_file(_hash_file(tmp_path / "set.txt", 10)).returncode == 0
+    single.start()
+    assert (await _ask(single, "00" * 32))[:2] == ("OK", 0), "the node answers"
+    # Another writer holds the audit log past the node's busy timeout (as a full or read-only disk would
+    # fail every write): the call cannot be recorded, so it is not answered.
+    holder = sqlite3.connect(f"{node.store_path}.audit", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        status, _, message = await _ask(single, "00" * 32, timeout=60)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert status == "INTERNAL", (status, message)
+    assert message.startswith("this node could not record the call in its audit log, so it does not answer it")
+    assert "<class" not in message and "Unexpected" not in message
+    assert "database is locked" in node.log_path.read_text(), "the cause is in the node's log"
+    assert (await _ask(single, "00" * 32))[:2] == ("OK", 0), "once the log can be written, the node answers"
