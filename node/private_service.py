@@ -34,7 +34,7 @@ import grpc
 from federation import algorithms, buckets, oprf, protocol
 from federation.query import DiscloseItem, PrivateItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.tokens import QueryClaims
-from federation.wire import SERVICE_NAME, disclose_items_from_pb, pb, private_items_from_pb
+from federation.wire import disclose_items_from_pb, pb, private_items_from_pb
 from node import private_key, private_view
 from node.alerts import ReleasedHit
 from node.audit import AuditEntry
@@ -42,7 +42,7 @@ from node.config import NodeConfig, PrivateSettings
 from node.policy import PolicyRefusal
 from node.private_view import PrivateView
 from node.segment_set import SegmentSet
-from node.service import _TIERS, Malformed, NodeService, Refused, _internal, _lenient, request_id
+from node.service import _TIERS, Malformed, NodeService, Refused, _internal, request_id, unary_handlers
 
 log = logging.getLogger("icse.node")
 
@@ -341,13 +341,7 @@ class PrivateService:
 
 
 def handlers(service: PrivateService) -> grpc.GenericRpcHandler:
-    """The private RPCs' handlers, served beside node.service's (lenient request parsing)."""
-    methods = {
-        "PrivateMatch": grpc.unary_unary_rpc_method_handler(
-            service.PrivateMatch, request_deserializer=_lenient(pb.PrivateMatchRequest.FromString),
-            response_serializer=pb.PrivateMatchResponse.SerializeToString),
-        "Disclose": grpc.unary_unary_rpc_method_handler(
-            service.Disclose, request_deserializer=_lenient(pb.DiscloseRequest.FromString),
-            response_serializer=pb.DiscloseResponse.SerializeToString),
-    }
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+    """The private RPCs' handlers, served beside node.service's."""
+    return unary_handlers({
+        "PrivateMatch": (service.PrivateMatch, pb.PrivateMatchRequest, pb.PrivateMatchResponse),
+        "Disclose": (service.Disclose, pb.DiscloseRequest, pb.DiscloseResponse)})

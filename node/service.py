@@ -13,9 +13,9 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -355,15 +355,16 @@ def _lenient(parse):
     return deserialize
 
 
+def unary_handlers(methods: dict[str, tuple[Callable[..., Awaitable[Any]], Any, Any]]) -> grpc.GenericRpcHandler:
+    """Handlers of the Node service's unary methods, ``name: (behaviour, request class, response class)``
+    (what the generated registration does, with lenient request parsing: see ``_lenient``)."""
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        name: grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=_lenient(request.FromString),
+                                                  response_serializer=response.SerializeToString)
+        for name, (behaviour, request, response) in methods.items()})
+
+
 def handlers(service: NodeService) -> grpc.GenericRpcHandler:
-    """The Node service's method handlers (what the generated registration
-    does, with lenient request parsing)."""
-    methods = {
-        "Match": grpc.unary_unary_rpc_method_handler(
-            service.Match, request_deserializer=_lenient(pb.MatchRequest.FromString),
-            response_serializer=pb.MatchResponse.SerializeToString),
-        "Describe": grpc.unary_unary_rpc_method_handler(
-            service.Describe, request_deserializer=_lenient(pb.DescribeRequest.FromString),
-            response_serializer=pb.DescribeResponse.SerializeToString),
-    }
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+    """The Node service's Match and Describe."""
+    return unary_handlers({"Match": (service.Match, pb.MatchRequest, pb.MatchResponse),
+                           "Describe": (service.Describe, pb.DescribeRequest, pb.DescribeResponse)})
