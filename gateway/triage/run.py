@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import os
 import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from rich.console import Console
 
 from federation.query import QueryItem
-from gateway.merge import merge
-from gateway.results import NodeAnswer, Subject
+from gateway.results import NodeAnswer
 from gateway.triage import sources
+from gateway.triage.answers import apply
 from gateway.triage.apart import Apart, watch
 from gateway.triage.cache import HashCache
 from gateway.triage.digests import Digests
@@ -40,7 +38,6 @@ from gateway.triage.model import (
     Done,
     FileRow,
     Hashed,
-    Match,
     NodeTally,
     Task,
     compact,
@@ -407,35 +404,11 @@ class Triage:
 
     async def _ask(self, federation: MatchingFederation, taken: list[tuple[int, QueryItem, str]]) -> None:
         answers = await federation.match([item for _, item, _ in taken], self.case, self.timeout, self.deadline)
-        rows = self._live
-        # Only the items some node found (or cut short) are merged: a no-hit item needs no work of its own.
-        replied = [a for a in answers if a.status.answered]
-        found = sorted({position for answer in replied for column in (answer.hits, answer.truncated)
-                        if any(column) for position, value in enumerate(column) if value})
-        if found:
-            picked = [_picked(answer, found) if answer.status.answered else answer for answer in answers]
-            subjects = [Subject(taken[p][1], rows[taken[p][0]].path, taken[p][2]) for p in found]
-            merged = merge(self.case, subjects, picked)
-            for position, outcome in zip(found, merged.items, strict=True):
-                index, item, variant = taken[position]
-                row = rows[index]
-                if outcome.hits:
-                    self._known += not row.matches
-                    self._hits += len(outcome.hits)
-                    row.matches += [Match(item.algorithm, variant, hit) for hit in outcome.hits]
-                row.truncated_by.update(outcome.truncated_by)
-        missing = [a.node_id for a in answers if not a.status.answered]
-        if missing:
-            for index in {index for index, _, _ in taken}:
-                rows[index].not_answered_by.update(missing)
-        unanswered = self._unanswered
-        final = []
-        for index, count in Counter(index for index, _, _ in taken).items():
-            unanswered[index] -= count
-            if not unanswered[index]:
-                final.append(index)
-        if final:
-            self._final(final)
+        applied = apply(self.case, taken, answers, self._live, self._unanswered)
+        self._known += applied.known
+        self._hits += applied.hits
+        if applied.final:
+            self._final(applied.final)
         for answer in answers:
             tally = self.result.nodes.get(answer.node_id)
             if tally is None:
@@ -452,12 +425,6 @@ class Triage:
             if "description" not in fields and not self._walked and "total" in fields:
                 fields["description"] = "hashing (walking)"
             self._progress.update(**fields)
-
-
-def _picked(answer: NodeAnswer, positions: list[int]) -> NodeAnswer:
-    """``answer`` for the items at ``positions`` only."""
-    return dataclasses.replace(answer, hits=tuple(answer.hits[p] for p in positions),
-                               truncated=tuple(answer.truncated[p] for p in positions))
 
 
 def _cpu_count() -> int:
