@@ -101,7 +101,7 @@ async def test_concurrent_appends_and_verify_serialise(log: AuditLog) -> None:
 
 async def test_a_cancelled_caller_still_leaves_its_record(log: AuditLog) -> None:
     task = asyncio.create_task(log.append(entry(1)))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the append has started, not a wait for time to pass
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

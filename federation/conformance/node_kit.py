@@ -26,7 +26,7 @@ from federation.conformance.packed_checks import PackedChecks
 from federation.conformance.private_kit import PrivateChecks
 from federation.conformance.report import Result, judged, skipped
 from federation.conformance.since_checks import SinceChecks
-from federation.conformance.target import NodeTarget
+from federation.conformance.target import NodeTarget, only_hit_at
 from federation.query import EMPTY_QUERY_SHA256, QueryItem, query_sha256
 from federation.wire import SERVICE_NAME, items_to_pb, pb
 
@@ -245,9 +245,7 @@ class NodeKit:
         expected = "OK, one result: item 1, with hits that carry a reference"
         if status != OK:
             return False, expected, f"{status}: {answer}"
-        got = "; ".join(f"item {r.item}: {len(r.hits)} hit(s)" for r in answer.results) or "no results"
-        ok = ([r.item for r in answer.results] == [1] and bool(answer.results[0].hits)
-              and all(h.reference for h in answer.results[0].hits))
+        ok, got = only_hit_at(answer.results, 1)
         return ok, expected, got
 
     async def _replay(self) -> tuple[bool, str, str]:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from federation import buckets, oprf, protocol
-from federation.conformance.target import Kit
+from federation.conformance.target import Kit, only_hit_at
 from federation.query import DiscloseItem, PrivateItem, QueryItem, disclose_sha256, private_match_sha256
 from federation.wire import disclose_to_pb, pb, private_items_to_pb
 
@@ -164,9 +164,7 @@ class PrivateChecks:
         status, disclosed = await self.disclose(answer.key_id, [DiscloseItem(known.algorithm, output)])
         if status != OK:
             return False, expected, f"Disclose: {status}: {disclosed}"
-        got = "; ".join(f"item {r.item}: {len(r.hits)} hit(s)" for r in disclosed.results) or "nothing disclosed"
-        ok = ([r.item for r in disclosed.results] == [0] and bool(disclosed.results[0].hits)
-              and all(h.reference for h in disclosed.results[0].hits))
+        ok, got = only_hit_at(disclosed.results, 0, "nothing disclosed")
         return ok, expected, got
 
     async def _unknown(self) -> tuple[bool, str, str]:

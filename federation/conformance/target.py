@@ -9,8 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
 from federation import tls, tokens
 from federation.query import QueryItem
+from federation.wire import pb
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,12 @@ class Kit(Protocol):
                    metadata: tuple[tuple[str, str], ...] = ()) -> tuple[str, bytes | str]: ...
 
     async def describe(self, token: str | None) -> tuple[str, Any]: ...
+
+
+def only_hit_at(results: RepeatedCompositeFieldContainer[pb.ItemResult], item: int,
+                nothing: str = "no results") -> tuple[bool, str]:
+    """Whether ``results`` (a Match or Disclose answer's) are one result, at ``item``, whose hits all
+    carry a reference; and what they are, in words."""
+    got = "; ".join(f"item {r.item}: {len(r.hits)} hit(s)" for r in results) or nothing
+    ok = [r.item for r in results] == [item] and bool(results[0].hits) and all(h.reference for h in results[0].hits)
+    return ok, got

@@ -11,7 +11,8 @@ import datetime as dt
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway import filehash
@@ -117,3 +118,41 @@ class HashCache:
         finally:
             self._db.close()
 
+
+
+class RunCache:
+    """What one run does with the cache (or with none): lookups and writes a group at a time,
+    a commit at most once a second and when hashing is over (what a killed run loses), and,
+    once the cache fails (disk full, locked), no cache at all: the run goes on, saying so."""
+
+    COMMIT_EVERY = 1.0
+
+    def __init__(self, cache: HashCache | None, dihedral: bool, warn: Callable[[str], None]):
+        self._cache, self._dihedral, self._warn = cache, dihedral, warn
+        self._committed = time.monotonic()
+
+    def get_many(self, tasks: Sequence[Task]) -> list[str | None]:
+        """Per task, its cache record, or None: one cache query for them all."""
+        found: list[str | None] = [None] * len(tasks)
+        if tasks:
+            self._use(lambda cache: found.__setitem__(slice(None), cache.get_many(tasks, self._dihedral)))
+        return found
+
+    def put_many(self, done: Sequence[tuple[Task, Done]]) -> None:
+        if done:
+            self._use(lambda cache: cache.put_many(done, self._dihedral))
+
+    def commit(self, *, if_due: bool = False) -> None:
+        if if_due and time.monotonic() - self._committed < self.COMMIT_EVERY:
+            return
+        self._committed = time.monotonic()
+        self._use(lambda cache: cache.commit())
+
+    def _use(self, action: Callable[[HashCache], None]) -> None:
+        if self._cache is None:
+            return
+        try:
+            action(self._cache)
+        except sqlite3.Error as exc:
+            self._warn(f"icse-gateway: hash cache {self._cache.path} failed ({exc}): going on without it")
+            self._cache = None

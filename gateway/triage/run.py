@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,7 +27,7 @@ from gateway.results import NodeAnswer
 from gateway.triage import sources
 from gateway.triage.answers import apply
 from gateway.triage.apart import Apart, watch
-from gateway.triage.cache import HashCache
+from gateway.triage.cache import HashCache, RunCache
 from gateway.triage.digests import Digests
 from gateway.triage.model import (
     DEFAULT_BATCH,
@@ -47,7 +45,7 @@ from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
 from gateway.triage.store import RowStore
 from gateway.triage.walk import walk
-from gateway.triage.workers import Hasher, hash_many, new_pool, stop_pool
+from gateway.triage.workers import Hasher, hash_many, new_pool, stop_pool, usable_cpus
 
 if TYPE_CHECKING:
     from gateway.config import NodeEntry
@@ -63,8 +61,6 @@ CHUNK_FILES = 64
 CHUNK_BYTES = 32 << 20
 # A partly filled batch is sent after this long when the querier is idle.
 FLUSH_AFTER = 2.0
-# Seconds between commits of the hash cache (and at the end, or on Ctrl-C): what a killed run loses at most.
-CACHE_COMMIT_EVERY = 1.0
 # Hashing waits when this many batches are waiting for the nodes (bounded memory).
 PENDING_BATCHES = 8
 # The first batch is this small, so that the first answer comes early.
@@ -96,9 +92,8 @@ class Triage:
         # What to look at; by default, the tree under ``root``.
         self.entries = entries or (lambda exclude, stop: walk(root, exclude, stop))
         self.case = case
-        self.jobs = jobs or _cpu_count()
+        self.jobs = jobs or usable_cpus()
         self.batch = batch
-        self.cache = cache
         self.dihedral = dihedral
         self.max_distance = max_distance
         self.timeout = timeout
@@ -109,6 +104,8 @@ class Triage:
         self.file_timeout = file_timeout
         self.worker_memory = worker_memory
         self.console = console or Console(stderr=True)
+        self.cache = RunCache(cache, dihedral, lambda words: self.console.print(
+            words, style="yellow", markup=False, soft_wrap=True))
         self.show_progress = progress
         self.result = TriageResult(
             case=case, root=root, started=dt.datetime.now(dt.UTC), store=self.store,
@@ -126,7 +123,6 @@ class Triage:
         self._wake = asyncio.Event()
         self._stop_walk = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
-        self._committed = time.monotonic()
         self._apart = Apart(dihedral, hasher, file_timeout, worker_memory)
         self._progress: LiveProgress | None = None
         self._known = self._hits = 0
@@ -159,7 +155,7 @@ class Triage:
             try:
                 await self._dispatch(entries)
                 await walker
-                self._cached(lambda cache: cache.commit())  # all is hashed: kept, whatever the nodes do
+                self.cache.commit()  # all is hashed: kept, whatever the nodes do
                 self._hashing_over = True
                 self._wake.set()
                 progress.update(description="querying")
@@ -178,7 +174,7 @@ class Triage:
                 else:
                     stop_pool(self._pool)
                 self._apart.close(finished)
-                self._cached(lambda cache: cache.commit())
+                self.cache.commit()
         if finished:
             self._final(list(self._live))  # none is left, unless a hash was never answered
             self.store.commit()
@@ -236,7 +232,7 @@ class Triage:
             if listed:
                 self._finish(listed)
             cached: list[tuple[int, Task | None, Done]] = []
-            for (index, task), record in zip(tasks, self._lookup([t for _, t in tasks]), strict=True):
+            for (index, task), record in zip(tasks, self.cache.get_many([t for _, t in tasks]), strict=True):
                 if record is not None:
                     try:
                         found = from_record(record, task.real, task.size, task.mtime_ns, self.max_distance)
@@ -295,32 +291,7 @@ class Triage:
         else:
             self._finish([(index, task, Done._make(outcome))
                           for (index, task), outcome in zip(chunk, outcomes, strict=True)])
-        if time.monotonic() - self._committed >= CACHE_COMMIT_EVERY:
-            self._committed = time.monotonic()
-            self._cached(lambda cache: cache.commit())
-
-    def _lookup(self, tasks: list[Task]) -> list[str | None]:
-        """Per task, its cache record, or None: one cache query for them all."""
-        found: list[str | None] = [None] * len(tasks)
-        if not tasks:
-            return found
-
-        def get(cache: HashCache) -> None:
-            found[:] = cache.get_many(tasks, self.dihedral)
-
-        self._cached(get)
-        return found
-
-    def _cached(self, action: Callable[[HashCache], None]) -> None:
-        """A cache write; on failure (disk full, locked) the run goes on without the cache."""
-        if self.cache is None:
-            return
-        try:
-            action(self.cache)
-        except sqlite3.Error as exc:
-            self.console.print(f"icse-gateway: hash cache {self.cache.path} failed ({exc}): "
-                               "going on without it", style="yellow", markup=False, soft_wrap=True)
-            self.cache = None
+        self.cache.commit(if_due=True)
 
     def _finish(self, outcomes: list[tuple[int, Task | None, Done]], from_cache: bool = False) -> None:
         """Files read (or found in the cache): their hashes wait for the nodes; a file with none is final."""
@@ -349,8 +320,7 @@ class Triage:
             unanswered[index] = len(outcome.items)
             pending += [(index, QueryItem(a, d, m), v) for a, d, m, v in outcome.items]
         self.done += len(outcomes)
-        if new and self.cache is not None:
-            self._cached(lambda cache: cache.put_many(new, self.dihedral))
+        self.cache.put_many(new)
         if final:
             self._final(final)
         if was_empty and pending:
@@ -425,11 +395,3 @@ class Triage:
             if "description" not in fields and not self._walked and "total" in fields:
                 fields["description"] = "hashing (walking)"
             self._progress.update(**fields)
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-

@@ -181,3 +181,11 @@ def stop_pool(pool: ProcessPoolExecutor | None) -> None:
     for process in processes:
         process.join(5)
 
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: the default number of hashing processes."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -45,6 +44,7 @@ from gateway.watch_store import CaseStore, Watched
 from node.audit import audit_path
 from node.records import HashRecord
 from node.store import Store
+from tests.support import wait_until
 
 
 def _rows(digests: list[bytes], prefix: str) -> list[list[HashRecord]]:
@@ -77,15 +77,6 @@ def _alerted(feed: Path, reference: str) -> bool:
     return feed.exists() and f'"reference":"{reference}"' in feed.read_text()
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Polls an observable outcome (a line in a file); the deadline only bounds a failure."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise TimeoutError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.02)
-
-
 def _one_import(local: LocalFederation, node_id: str, other: str, rows: int, size: int, digest: bytes,
                 reference: str, feed: Path, log: Path, cases: int, rng: random.Random) -> str:
     """Imports ``size`` rows (one of them a watched digest) into a running node; the table line."""
@@ -97,9 +88,9 @@ def _one_import(local: LocalFederation, node_id: str, other: str, rows: int, siz
     records += [HashRecord("sha256", rng.randbytes(32), f"{reference}-{i}", "1") for i in range(1, size)]
     asyncio.run(_add(path, records))
     ended = time.perf_counter()
-    _wait(lambda: _alerted(feed, reference), 600, f"the alert of {reference}")
+    wait_until(lambda: _alerted(feed, reference), 600, f"the alert of {reference}")
     latency = time.perf_counter() - ended
-    _wait(lambda: any(r["queries"] for r in _rounds(log)[rounds:]), 600, "the round that re-asked every case")
+    wait_until(lambda: any(r["queries"] for r in _rounds(log)[rounds:]), 600, "the round that re-asked every case")
     round_s = next(r for r in _rounds(log)[rounds:] if r["queries"])["ms"] / 1000
     reasks = _audit(path, before)
     searched = statistics.median(e["rows_searched"] for e in reasks)
@@ -152,7 +143,7 @@ def main() -> int:
                     stdout=sink, stderr=sink, env=environment())
             try:
                 started = time.perf_counter()
-                _wait(lambda: any(r["queries"] and not r["failures"] for r in _rounds(log)), 1800,
+                wait_until(lambda: any(r["queries"] and not r["failures"] for r in _rounds(log)), 1800,
                       "the first, complete round")
                 print(f"first round (every case asked everywhere, since 0): {time.perf_counter() - started:.1f} s "
                       f"(includes the process start)")
