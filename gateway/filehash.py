@@ -55,14 +55,19 @@ def exact_digests(path: Path) -> dict[str, bytes]:
     return _read(path)[0]
 
 
-def _read(path: Path) -> tuple[dict[str, bytes], bytes]:
+def exact_and_head(path: Path | str) -> tuple[dict[str, bytes], bytes]:
+    """The exact digests and the file's first bytes (:data:`gateway.media.HEAD_BYTES`), in one pass."""
+    return _read(path)
+
+
+def _read(path: Path | str) -> tuple[dict[str, bytes], bytes]:
     """The exact digests and the file's first bytes, from one pass of large reads into one reused buffer."""
     hashers = [(a.name, hashlib.new(a.hashlib_name)) for a in algorithms.all_algorithms() if a.hashlib_name]
     view: memoryview | None = getattr(_buffers, "view", None)
     if view is None:
         view = _buffers.view = memoryview(bytearray(CHUNK))
     head = b""
-    with path.open("rb", buffering=0) as handle:
+    with open(path, "rb", buffering=0) as handle:
         while count := handle.readinto(view):
             chunk = view[:count]
             if not head:

@@ -8,6 +8,7 @@ with PDQ, consecutive near-identical frames dropped — vPDQ's recipe.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,7 @@ def video_demuxer(head: bytes) -> str | None:
     return None
 
 
-def claimed_content(path: Path, head: bytes | None = None) -> Content | None:
+def claimed_content(path: Path | str, head: bytes | None = None) -> Content | None:
     """What the file's name or first bytes say it is (image or video), whether or not it decodes.
 
     A decoder that does not recognise a file says only "not mine": this tells
@@ -161,14 +162,14 @@ def claimed_content(path: Path, head: bytes | None = None) -> Content | None:
     neither is not opened as media at all. ``head`` is the file's first bytes
     when the caller has read them already.
     """
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()  # Path.suffix, for a str too
     if suffix in IMAGE_SUFFIXES:
         return Content.IMAGE
     if suffix in VIDEO_SUFFIXES:
         return Content.VIDEO
     if head is None:
         try:
-            head = read_head(path)
+            head = read_head(Path(path))
         except OSError:
             return None
     if _signed(head, _IMAGE_SIGNED):

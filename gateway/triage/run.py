@@ -13,18 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 
+from federation import algorithms
 from federation.query import QueryItem
 from gateway.results import NodeAnswer
-from gateway.triage import sources
+from gateway.triage import bulk, scan, sources
 from gateway.triage.answers import apply
 from gateway.triage.apart import Apart, watch
 from gateway.triage.cache import HashCache, RunCache
@@ -44,7 +47,7 @@ from gateway.triage.model import (
 from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
 from gateway.triage.store import RowStore
-from gateway.triage.walk import walk
+from gateway.triage.walk import Files, walk_files
 from gateway.triage.workers import Hasher, hash_many, new_pool, stop_pool, usable_cpus
 
 if TYPE_CHECKING:
@@ -52,13 +55,16 @@ if TYPE_CHECKING:
 
 # What a run looks at, given what to leave out and when to stop: a tree (:func:`walk`),
 # a list of paths, digests read from a list.
-Entries = Callable[[frozenset[str], threading.Event], Iterable[Task | FileRow | Digests]]
+Entries = Callable[[frozenset[str], threading.Event], Iterable[Task | FileRow | Digests | Files]]
 LISTED = "digests read from a list: the file itself was not read here"
 
 # Files per task sent to a worker, and bytes: small files go in groups, to
 # keep the per-task overhead low; a large file goes alone.
 CHUNK_FILES = 64
 CHUNK_BYTES = 32 << 20
+# Files of a walked directory per task: as many as make CHUNK_BYTES at the sizes seen so far,
+# within these bounds (a few large files balance over the workers; many small ones cost one task).
+SCAN_FIRST, SCAN_MOST = 8, 256
 # A partly filled batch is sent after this long when the querier is idle.
 FLUSH_AFTER = 2.0
 # Hashing waits when this many batches are waiting for the nodes (bounded memory).
@@ -90,7 +96,7 @@ class Triage:
                  entries: Entries | None = None):
         self.root = root
         # What to look at; by default, the tree under ``root``.
-        self.entries = entries or (lambda exclude, stop: walk(root, exclude, stop))
+        self.entries = entries or (lambda exclude, stop: walk_files(root, exclude, stop))
         self.case = case
         self.jobs = jobs or usable_cpus()
         self.batch = batch
@@ -134,17 +140,20 @@ class Triage:
         self._drained = asyncio.Event()
         # Rows not final yet (being hashed, or some hash not answered), and how many of
         # their hashes are still to be answered: all that is held in memory.
-        self._live: dict[int, FileRow] = {}
+        self._live = bulk.Rows()
         self._unanswered: dict[int, int] = {}
         self._next_index = 0
         self.peak_live = 0
+        # Files per scanning task, and the files and bytes scanned so far (what sets it).
+        self._per_scan = min(SCAN_FIRST, batch)
+        self._scanned_files = self._scanned_bytes = 0
 
     # -- public
 
     async def run(self, federation: MatchingFederation) -> TriageResult:
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
         loop = asyncio.get_running_loop()
-        entries: asyncio.Queue[list[Task | FileRow | Digests] | None] = asyncio.Queue(sources.WALK_QUEUE)
+        entries: asyncio.Queue[list[Task | FileRow | Digests | Files] | None] = asyncio.Queue(sources.WALK_QUEUE)
         with LiveProgress(self.console, self.show_progress) as progress:
             self._progress = progress
             walker = loop.run_in_executor(None, sources.feed, self.entries(self.exclude, self._stop_walk), entries,
@@ -176,18 +185,20 @@ class Triage:
                 self._apart.close(finished)
                 self.cache.commit()
         if finished:
-            self._final(list(self._live))  # none is left, unless a hash was never answered
+            self._final(self._live.indices())  # none is left, unless a hash was never answered
             self.store.commit()
         self.result.finished = dt.datetime.now(dt.UTC)
         return self.result
 
     # -- walking and hashing
 
-    async def _dispatch(self, entries: asyncio.Queue[list[Task | FileRow | Digests] | None]) -> None:
+    async def _dispatch(self, entries: asyncio.Queue[list[Task | FileRow | Digests | Files] | None]) -> None:
         slots = asyncio.Semaphore(self.jobs * 2)
         running = self._running
         chunk: list[tuple[int, Task]] = []
         size = 0
+        parts: list[tuple[str, list[str], int]] = []  # (directory, names, index of the first)
+        count = 0
 
         def done(work: asyncio.Task[None]) -> None:
             running.discard(work)
@@ -206,6 +217,19 @@ class Triage:
             work.add_done_callback(done)
             chunk, size = [], 0
 
+        async def submit_parts() -> None:
+            nonlocal parts, count
+            await slots.acquire()
+            try:
+                await self._room()
+            except BaseException:
+                slots.release()
+                raise
+            work = asyncio.create_task(self._scan(parts))
+            running.add(work)
+            work.add_done_callback(done)
+            parts, count = [], 0
+
         # A group of entries at a time (what the walk hands over): one cache query, one store write, one update.
         while (group := await entries.get()) is not None:
             idle = entries.empty()
@@ -214,6 +238,18 @@ class Triage:
             others: list[tuple[int, FileRow]] = []
             for entry in group:
                 index = self._next_index
+                if isinstance(entry, Files):  # a directory's files, to be looked at in a worker
+                    self._next_index += len(entry.names)
+                    self.total += len(entry.names)
+                    at = 0
+                    while at < len(entry.names):
+                        take = max(1, self._per_scan - count)
+                        parts.append((entry.directory, entry.names[at : at + take], index + at))
+                        count += len(parts[-1][1])
+                        at += take
+                        if count >= self._per_scan:
+                            await submit_parts()
+                    continue
                 self._next_index += 1
                 if isinstance(entry, FileRow):
                     others.append((index, entry))
@@ -227,7 +263,7 @@ class Triage:
             if others:
                 self.store.add_many(others)
             self.total += len(listed) + len(tasks)
-            self.peak_live = max(self.peak_live, len(self._live))
+            self.peak_live = max(self.peak_live, self._live.held())
             self._update(total=self.total)
             if listed:
                 self._finish(listed)
@@ -250,10 +286,14 @@ class Triage:
                 self._finish(cached, from_cache=True)
             if chunk and idle:
                 await submit()
+            if parts and idle:
+                await submit_parts()
         self._walked = True
         self._update(description="hashing")
         if chunk:
             await submit()
+        if parts:
+            await submit_parts()
         while running:
             for outcome in await asyncio.gather(*list(running), return_exceptions=True):
                 if isinstance(outcome, BaseException):
@@ -293,6 +333,78 @@ class Triage:
                           for (index, task), outcome in zip(chunk, outcomes, strict=True)])
         self.cache.commit(if_due=True)
 
+    async def _scan(self, parts: list[tuple[str, list[str], int]]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pool is None:
+            self._pool = new_pool(self.jobs, self.worker_memory)
+        pool = self._pool
+        cache = self.cache.readable()
+        try:
+            found = await loop.run_in_executor(pool, scan.scan, [(d, names) for d, names, _ in parts], self.dihedral,
+                                               self.hasher, self.max_distance, *(cache or (None, "")))
+        except BrokenProcessPool:
+            if self._closing:
+                return
+            # As for a chunk of tasks: a fresh pool, and these files one by one, apart.
+            if self._pool is pool:
+                self._pool = new_pool(self.jobs, self.worker_memory)
+                stop_pool(pool)
+            for directory, names, start in parts:
+                for at, name in enumerate(names):
+                    path = os.path.join(directory, name)
+                    task = scan.task_of(path)
+                    self._live[start + at] = FileRow(path, HASHED)
+                    self._finish([(start + at, task, compact(await self._apart.hash(task), self.max_distance))])
+        else:
+            self._scanned(parts, found)
+        self.cache.commit(if_due=True)
+
+    def _scanned(self, parts: list[tuple[str, list[str], int]], found: scan.Scanned) -> None:
+        """A scanned group: its plain files in bulk (:mod:`.bulk`), the others one by one."""
+        where = [(directory, name, start + at) for directory, names, start in parts for at, name in enumerate(names)]
+        if found.others:
+            fresh: list[tuple[int, Task | None, Done]] = []
+            cached: list[tuple[int, Task | None, Done]] = []
+            for position, fields, from_cache in found.others:
+                directory, name, index = where[position]
+                outcome = Done._make(fields)
+                path = os.path.join(directory, name)
+                self._live[index] = FileRow(path, HASHED, size=outcome.size, mtime_ns=outcome.mtime_ns)
+                (cached if from_cache else fresh).append((index, Task(path, path, outcome.size, outcome.mtime_ns),
+                                                          outcome))
+            if fresh:
+                self._finish(fresh)
+            if cached:
+                self.result.cache_hits += len(cached)
+                self._finish(cached, from_cache=True)
+        if found.plain:
+            paths = [os.path.join(where[p][0], where[p][1]) for p in found.plain]
+            indices = [where[p][2] for p in found.plain]
+            self._live.plain.update(zip(indices, map(tuple.__new__, repeat(bulk.Plain), zip(
+                paths, found.sizes, found.mtimes, found.texts, found.cached))))
+            kinds = scan.exact_kinds(algorithms.names())
+            self._unanswered.update(dict.fromkeys(indices, len(kinds)))
+            hits = sum(found.cached)
+            self.result.cache_hits += hits
+            self.result.hashed_now += len(indices) - hits
+            if hits < len(indices):
+                self.cache.put_prepared([(os.fsencode(path), size, mtime_ns, text) for path, size, mtime_ns, text, hit
+                                         in zip(paths, found.sizes, found.mtimes, found.texts, found.cached)
+                                         if not hit])
+            pending = self._pending
+            if not pending:
+                self._pending_since = time.monotonic()
+            pending += bulk.items(indices, kinds, found.digests)
+            self.done += len(indices)
+            if len(pending) >= self._batch_size():
+                self._wake.set()
+            self._update(completed=self.done, cached=self.result.cache_hits)
+        self._scanned_files += len(where)
+        self._scanned_bytes += sum(found.sizes)
+        average = max(1, self._scanned_bytes // max(1, self._scanned_files))
+        # At most a batch's worth of files at a time: what waits for the nodes stays near PENDING_BATCHES batches.
+        self._per_scan = max(1, min(SCAN_MOST, self.batch, CHUNK_BYTES // average))
+
     def _finish(self, outcomes: list[tuple[int, Task | None, Done]], from_cache: bool = False) -> None:
         """Files read (or found in the cache): their hashes wait for the nodes; a file with none is final."""
         rows, pending, unanswered = self._live, self._pending, self._unanswered
@@ -331,10 +443,14 @@ class Triage:
 
     def _final(self, indices: list[int]) -> None:
         """The rows at ``indices`` are complete: to the store, out of memory."""
-        rows = self._live
+        unanswered = self._unanswered
         for index in indices:
-            self._unanswered.pop(index, None)
-        self.store.add_many([(index, rows.pop(index)) for index in sorted(indices)])
+            unanswered.pop(index, None)
+        rows, plain = self._live.take(indices)
+        if rows:
+            self.store.add_many(rows)
+        if plain:
+            self.store.add_prepared(bulk.store_rows(plain))
 
     # -- querying
 

@@ -108,6 +108,14 @@ class RowStore:
         if self._unsaved >= COMMIT_EVERY:
             self.commit()
 
+    def add_prepared(self, values: list[tuple[object, ...]]) -> None:
+        """Writes rows already in the table's form (index, path bytes, status, known, best, skipped, hits,
+        hashes text, record text): what :mod:`gateway.triage.bulk` makes of files no node found."""
+        self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+        self._unsaved += len(values)
+        if self._unsaved >= COMMIT_EVERY:
+            self.commit()
+
     def commit(self) -> None:
         self._db.execute("COMMIT")
         self._db.execute("BEGIN")

@@ -1,0 +1,82 @@
+"""Plain files (exact digests only, no note) held by the run's main process a group at a time.
+
+A seized device is mostly such files, and every one of them goes through the
+one main process: while its digests wait for the nodes it is a tuple of plain
+values, not a :class:`FileRow`; its query items are made a column at a time;
+and a file no node found goes to the store as one prepared row. A plain file
+becomes a :class:`FileRow` only when something must be said about it (a hit,
+a node that did not answer): :class:`Rows` makes it one the first time it is
+looked up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from itertools import repeat
+from typing import NamedTuple
+
+from federation.query import QueryItem
+from gateway.triage.model import HASHED, FileRow
+
+
+class Plain(NamedTuple):
+    """A plain file waiting for its answers."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    text: str
+    from_cache: bool
+
+
+class Rows(dict[int, FileRow]):
+    """The rows not final yet, by walk index; a plain file's row is made when first looked up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain: dict[int, Plain] = {}
+
+    def __missing__(self, index: int) -> FileRow:
+        path, size, mtime_ns, text, from_cache = self.plain.pop(index)
+        row = self[index] = FileRow(path, HASHED, size=size, mtime_ns=mtime_ns, from_cache=from_cache,
+                                    hashes_text=text)
+        return row
+
+    def held(self) -> int:
+        return len(self) + len(self.plain)
+
+    def take(self, indices: Iterable[int]) -> tuple[list[tuple[int, FileRow]], list[tuple[int, Plain]]]:
+        """The rows at ``indices``, out of memory: those made into rows, and the plain ones."""
+        rows, plain = [], []
+        for index in sorted(indices):
+            row = dict.pop(self, index, None)  # never made from a plain file here
+            if row is not None:
+                rows.append((index, row))
+            else:
+                plain.append((index, self.plain.pop(index)))
+        return rows, plain
+
+    def indices(self) -> list[int]:
+        return [*self, *self.plain]
+
+
+def items(indices: Sequence[int], kinds: Sequence[tuple[str, int]],
+          digests: Sequence[bytes]) -> list[tuple[int, QueryItem, str]]:
+    """(row index, item, variant) for the files at ``indices``: a column of items per exact kind."""
+    pending: list[tuple[int, QueryItem, str]] = []
+    for (name, size), blob in zip(kinds, digests, strict=True):
+        column = [blob[at : at + size] for at in range(0, len(blob), size)]
+        # tuple.__new__ makes the named tuples without a Python call per item.
+        pending += zip(indices, map(tuple.__new__, repeat(QueryItem), zip(repeat(name), column, repeat(0))),
+                       repeat(""))
+    return pending
+
+
+def store_rows(plain: Sequence[tuple[int, Plain]]) -> list[tuple[object, ...]]:
+    """The store's rows (:meth:`gateway.triage.store.RowStore.add_prepared`) of plain files no node found."""
+    return [(index, os.fsencode(p.path), HASHED, False, None, False, 0, p.text,
+             f'{{"reason":"","size":{p.size},"mtime_ns":{p.mtime_ns},'
+             f'"from_cache":{"true" if p.from_cache else "false"},"matches":[],"not_answered_by":[],'
+             '"truncated_by":[],"notes":[]}')
+            for index, p in plain]
