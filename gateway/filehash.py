@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,9 +56,34 @@ def exact_digests(path: Path) -> dict[str, bytes]:
     return _read(path)[0]
 
 
-def exact_and_head(path: Path | str) -> tuple[dict[str, bytes], bytes]:
-    """The exact digests and the file's first bytes (:data:`gateway.media.HEAD_BYTES`), in one pass."""
-    return _read(path)
+def exact_and_head(path: Path | str, size: int = -1) -> tuple[dict[str, bytes], bytes, os.stat_result | None]:
+    """The exact digests, the file's first bytes (:data:`gateway.media.HEAD_BYTES`), in one pass, and the
+    file's status once read when it was read in one call (its size and time then tell whether it changed).
+
+    ``size``, the file's size when the caller knows it, spares a small file
+    the read that would only find its end: most files of a device are small.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(descriptor, SMALL)
+        if len(data) < SMALL and (len(data) == size or not os.read(descriptor, 1)):
+            digests = {name: new(data).digest() for name, new in _constructors(algorithms.names())}
+            return digests, data[: media.HEAD_BYTES], os.fstat(descriptor)
+    finally:
+        os.close(descriptor)
+    return (*_read(path), None)
+
+
+# A file up to this size is read in one call and hashed from the bytes read.
+SMALL = 64 << 10
+
+
+@functools.lru_cache(maxsize=4)
+def _constructors(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[bytes], Any]], ...]:
+    """Each exact algorithm's hashlib constructor (``hashlib.md5``…: no name lookup per file)."""
+    del names  # the cache key
+    return tuple((a.name, getattr(hashlib, a.hashlib_name, None) or functools.partial(hashlib.new, a.hashlib_name))
+                 for a in algorithms.all_algorithms() if a.hashlib_name)
 
 
 def _read(path: Path | str) -> tuple[dict[str, bytes], bytes]:

@@ -52,6 +52,7 @@ _VIDEO_SIGNATURES = ((4, b"ftyp", "mov"), (0, b"\x1a\x45\xdf\xa3", "matroska"), 
 # MPEG transport streams: a sync byte every 188 bytes (every 192 in M2TS, after a 4-byte time code).
 _TS_SYNC = 0x47
 _TS_LAYOUTS = ((0, 188), (4, 192))
+_TS_SYNCS = bytes([_TS_SYNC] * 3)
 VIDEO_FORMATS_SAID = "MP4/MOV, Matroska/WebM, AVI, FLV, ASF/WMV, MPEG-PS, MPEG-TS, Ogg"
 
 DIHEDRAL_NAMES = ("original", "rot90", "rot180", "rot270", "flip-v", "flip-h", "rot90-flip-v", "rot90-flip-h")
@@ -148,7 +149,8 @@ def video_demuxer(head: bytes) -> str | None:
         if head.startswith(magic, offset):
             return demuxer
     for start, packet in _TS_LAYOUTS:
-        if len(head) > start + 2 * packet and all(head[start + i * packet] == _TS_SYNC for i in range(3)):
+        # Three sync bytes, a packet apart (one slice: this runs for every file of a device).
+        if len(head) > start + 2 * packet and head[start : start + 2 * packet + 1 : packet] == _TS_SYNCS:
             return "mpegts"
     return None
 

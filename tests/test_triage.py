@@ -788,7 +788,10 @@ async def test_the_first_batch_is_small_and_progress_counts_hashes_as_they_go_ou
     assert federation.batches[0] == triage.FIRST_BATCH, "the first answer comes after 100 hashes, not 500"
     assert max(federation.batches) <= 500 and sum(federation.batches) == 1200
     running = [sum(federation.batches[: i + 1]) for i in range(len(federation.batches))]
-    assert sent_when_asked == running, "a batch counts as sent when it goes out, before its answer"
+    # Counted when it goes out, before its answer; the next ones may be out already (a few at a time).
+    ahead = triage.run.QUERIES_AT_ONCE - 1
+    assert all(running[i] <= seen <= running[min(i + ahead, len(running) - 1)]
+               for i, seen in enumerate(sent_when_asked)), (sent_when_asked, running)
 
 
 async def test_the_terminal_shows_near_duplicates_and_explains_its_counts(tmp_path: Path) -> None:

@@ -21,12 +21,13 @@ from gateway.triage.model import HASHED, FileRow
 
 
 class Plain(NamedTuple):
-    """A plain file waiting for its answers."""
+    """A plain file waiting for its answers: its row as the store takes it, most of it made by the worker."""
 
-    path: str
+    key: bytes  # the path, as bytes
     size: int
     mtime_ns: int
-    text: str
+    text: str  # its hashes, as :func:`gateway.filehash.hashes_text` renders them
+    record: str  # the rest of its row, when no node found it (:func:`gateway.triage.scan.row_record`)
     from_cache: bool
 
 
@@ -38,8 +39,8 @@ class Rows(dict[int, FileRow]):
         self.plain: dict[int, Plain] = {}
 
     def __missing__(self, index: int) -> FileRow:
-        path, size, mtime_ns, text, from_cache = self.plain.pop(index)
-        row = self[index] = FileRow(path, HASHED, size=size, mtime_ns=mtime_ns, from_cache=from_cache,
+        key, size, mtime_ns, text, _, from_cache = self.plain.pop(index)
+        row = self[index] = FileRow(os.fsdecode(key), HASHED, size=size, mtime_ns=mtime_ns, from_cache=from_cache,
                                     hashes_text=text)
         return row
 
@@ -75,8 +76,4 @@ def items(indices: Sequence[int], kinds: Sequence[tuple[str, int]],
 
 def store_rows(plain: Sequence[tuple[int, Plain]]) -> list[tuple[object, ...]]:
     """The store's rows (:meth:`gateway.triage.store.RowStore.add_prepared`) of plain files no node found."""
-    return [(index, os.fsencode(p.path), HASHED, False, None, False, 0, p.text,
-             f'{{"reason":"","size":{p.size},"mtime_ns":{p.mtime_ns},'
-             f'"from_cache":{"true" if p.from_cache else "false"},"matches":[],"not_answered_by":[],'
-             '"truncated_by":[],"notes":[]}')
-            for index, p in plain]
+    return [(index, p.key, HASHED, False, None, False, 0, p.text, p.record) for index, p in plain]

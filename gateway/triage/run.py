@@ -71,6 +71,8 @@ FLUSH_AFTER = 2.0
 PENDING_BATCHES = 8
 # The first batch is this small, so that the first answer comes early.
 FIRST_BATCH = 100
+# Batches waiting for the nodes at once: the next goes out while one is answered.
+QUERIES_AT_ONCE = 3
 # Seconds one file may take to decode and hash (--file-timeout), and bytes of address
 # space per hashing process (--worker-memory): a hostile file costs at most that.
 FILE_TIMEOUT = 30.0
@@ -378,18 +380,17 @@ class Triage:
                 self.result.cache_hits += len(cached)
                 self._finish(cached, from_cache=True)
         if found.plain:
-            paths = [os.path.join(where[p][0], where[p][1]) for p in found.plain]
             indices = [where[p][2] for p in found.plain]
             self._live.plain.update(zip(indices, map(tuple.__new__, repeat(bulk.Plain), zip(
-                paths, found.sizes, found.mtimes, found.texts, found.cached))))
+                found.keys, found.sizes, found.mtimes, found.texts, found.records, found.cached))))
             kinds = scan.exact_kinds(algorithms.names())
             self._unanswered.update(dict.fromkeys(indices, len(kinds)))
             hits = sum(found.cached)
             self.result.cache_hits += hits
             self.result.hashed_now += len(indices) - hits
             if hits < len(indices):
-                self.cache.put_prepared([(os.fsencode(path), size, mtime_ns, text) for path, size, mtime_ns, text, hit
-                                         in zip(paths, found.sizes, found.mtimes, found.texts, found.cached)
+                self.cache.put_prepared([(key, size, mtime_ns, text) for key, size, mtime_ns, text, hit
+                                         in zip(found.keys, found.sizes, found.mtimes, found.texts, found.cached)
                                          if not hit])
             pending = self._pending
             if not pending:
@@ -469,24 +470,55 @@ class Triage:
             self._drained.set()
 
     async def _query_batches(self, federation: MatchingFederation) -> None:
-        while True:
-            while not self._batch_ready():
-                if self._hashing_over and not self._pending:
-                    return
-                self._wake.clear()
-                wait = None
-                if self._pending:
-                    wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-            size = self._batch_size()
-            taken = self._pending[:size]
-            del self._pending[:size]
-            self.items_sent += len(taken)
-            self._update(items=self.items_sent)
-            self._pending_since = time.monotonic() if self._pending else None
-            self._drained.set()
-            await self._ask(federation, taken)
+        """Batches out as they fill, up to QUERIES_AT_ONCE of them waiting for the nodes at a time
+        (one at a time, the run would wait a round trip per batch)."""
+        asking: set[asyncio.Task[None]] = set()
+        room = asyncio.Semaphore(QUERIES_AT_ONCE)
+
+        failed: set[asyncio.Task[None]] = set()
+
+        def answered(work: asyncio.Task[None]) -> None:
+            asking.discard(work)
+            if not work.cancelled() and work.exception() is not None:
+                failed.add(work)
+            room.release()
+            self._wake.set()  # a failure is raised at once
+
+        try:
+            while True:
+                while not self._batch_ready():
+                    _raise_failed(failed)
+                    if self._hashing_over and not self._pending:
+                        if asking:
+                            await asyncio.wait(list(asking), return_when=asyncio.FIRST_COMPLETED)
+                            continue  # answered, or failed: the next turn says which
+                        return
+                    self._wake.clear()
+                    wait = None
+                    if self._pending:
+                        wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                await room.acquire()
+                _raise_failed(failed)
+                if not self._pending:
+                    room.release()
+                    continue
+                size = self._batch_size()
+                taken = self._pending[:size]
+                del self._pending[:size]
+                self.items_sent += len(taken)
+                self._update(items=self.items_sent)
+                self._pending_since = time.monotonic() if self._pending else None
+                self._drained.set()
+                work = asyncio.create_task(self._ask(federation, taken))
+                asking.add(work)
+                work.add_done_callback(answered)
+        finally:
+            for work in asking:
+                work.cancel()
+            if asking:
+                await asyncio.gather(*asking, return_exceptions=True)
 
     async def _ask(self, federation: MatchingFederation, taken: list[tuple[int, QueryItem, str]]) -> None:
         answers = await federation.match([item for _, item, _ in taken], self.case, self.timeout, self.deadline)
@@ -511,3 +543,10 @@ class Triage:
             if "description" not in fields and not self._walked and "total" in fields:
                 fields["description"] = "hashing (walking)"
             self._progress.update(**fields)
+
+
+def _raise_failed(tasks: set[asyncio.Task[None]]) -> None:
+    """Raises the error of the first of ``tasks`` that failed (a batch that could not be asked ends the run)."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            task.result()

@@ -72,16 +72,20 @@ class Scanned:
     """A group's answer: per file either one of the plain columns or a :class:`Done`'s fields.
 
     ``plain`` lists the positions (in the group) of files read or found in the
-    cache with exact digests alone; ``sizes``, ``mtimes``, ``texts`` (the
-    hashes' text) and ``cached`` (found in the cache) are theirs, in that
-    order, and ``digests`` holds per exact kind their digests end to end.
+    cache with exact digests alone; ``keys`` (their paths as bytes: the store's
+    and the cache's key), ``sizes``, ``mtimes``, ``texts`` (the hashes' text),
+    ``records`` (the rest of the store's row, :func:`row_record`) and
+    ``cached`` (found in the cache) are theirs, in that order, and
+    ``digests`` holds per exact kind their digests end to end.
     ``others`` is (position, Done fields, from the cache) for every other file.
     """
 
     plain: list[int]
+    keys: list[bytes]
     sizes: list[int]
     mtimes: list[int]
     texts: list[str]
+    records: list[str]
     cached: list[bool]
     digests: list[bytes]
     others: list[tuple[int, tuple[Any, ...], bool]]
@@ -120,16 +124,17 @@ def scan(parts: Sequence[tuple[str, Sequence[str]]], dihedral: bool, hasher: wor
          max_distance: int, cache: str | None, variant: str) -> Scanned:
     """Hashes the files ``names`` of each ``directory`` in ``parts``, in that order (what a worker runs)."""
     kinds = exact_kinds(algorithms.names())
-    out = Scanned([], [], [], [], [], [], [])
+    out = Scanned([], [], [], [], [], [], [], [], [])
     blobs: list[list[bytes]] = [[] for _ in kinds]
     paths = [os.path.join(directory, name) for directory, names in parts for name in names]
-    found = _cached(cache, variant, [os.fsencode(p) for p in paths]) if cache else {}
-    for position, path in enumerate(paths):
-        done = _plain(path, found, kinds, hasher is None)
+    keys = [os.fsencode(p) for p in paths]
+    found = _cached(cache, variant, keys) if cache else {}
+    for position, (path, key) in enumerate(zip(paths, keys, strict=True)):
+        done = _plain(path, key, found, kinds, hasher is None)
         if done is None:
             # Anything but a plain file: as one file always was (image, video, unreadable, changed, custom hasher).
             task = _task(path)
-            record = found.get(os.fsencode(path))
+            record = found.get(key)
             if record is not None and task is not None and record[:2] == (task.size, task.mtime_ns):
                 try:
                     cached = from_record(record[2], path, task.size, task.mtime_ns, max_distance)
@@ -149,9 +154,11 @@ def scan(parts: Sequence[tuple[str, Sequence[str]]], dihedral: bool, hasher: wor
             continue
         size, mtime_ns, text, digests, from_cache = done
         out.plain.append(position)
+        out.keys.append(key)
         out.sizes.append(size)
         out.mtimes.append(mtime_ns)
         out.texts.append(text)
+        out.records.append(row_record(size, mtime_ns, from_cache))
         out.cached.append(from_cache)
         for blob, digest in zip(blobs, digests, strict=True):
             blob.append(digest)
@@ -172,7 +179,13 @@ def _task(path: str) -> Task | None:
     return Task(path, path, st.st_size, st.st_mtime_ns)
 
 
-def _plain(path: str, found: dict[bytes, tuple[int, int, str]], kinds: tuple[tuple[str, int], ...],
+def row_record(size: int, mtime_ns: int, from_cache: bool) -> str:
+    """The store's record of a plain file no node found: what :func:`gateway.triage.store._record` writes."""
+    return (f'{{"reason":"","size":{size},"mtime_ns":{mtime_ns},"from_cache":{"true" if from_cache else "false"},'
+            '"matches":[],"not_answered_by":[],"truncated_by":[],"notes":[]}')
+
+
+def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kinds: tuple[tuple[str, int], ...],
            reads: bool) -> tuple[int, int, str, list[bytes], bool] | None:
     """A file that is not media, read whole (or found in the cache), unchanged while read; None for any other."""
     try:
@@ -181,7 +194,7 @@ def _plain(path: str, found: dict[bytes, tuple[int, int, str]], kinds: tuple[tup
         return None
     if not stat.S_ISREG(before.st_mode):
         return None
-    record = found.get(os.fsencode(path)) if found else None
+    record = found.get(key) if found else None
     if record is not None and record[:2] == (before.st_size, before.st_mtime_ns):
         try:
             entry = json.loads(record[2])
@@ -198,16 +211,14 @@ def _plain(path: str, found: dict[bytes, tuple[int, int, str]], kinds: tuple[tup
         return None
     workers.on_file(time.monotonic())
     try:
-        exact, head = filehash.exact_and_head(path)
+        exact, head, after = filehash.exact_and_head(path, before.st_size)
+        if after is None:
+            after = os.lstat(path)
     except OSError:
         return None
     finally:
         workers.on_file(0.0)
     if media.claimed_content(path, head) is not None:
-        return None
-    try:
-        after = os.lstat(path)
-    except OSError:
         return None
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         return None  # changed while read: hashed again, one file at a time, and said so

@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -81,6 +82,10 @@ class RowStore:
                          "reference TEXT NOT NULL)")
         self._db.execute("BEGIN")
         self._unsaved = 0
+        # Counted as rows are written, so that the summary scans no table (a million rows):
+        # rows per (status, known, skipped), known files whose best match is near, hits.
+        self._counts: Counter[tuple[str, bool, bool]] = Counter()
+        self._near = self._hits = 0
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -97,8 +102,12 @@ class RowStore:
         references = []
         for index, row in rows:
             skipped = row.not_sent if row.hashes is None else bool(row.hashes.skipped)
-            values.append((index, os.fsencode(row.path), row.status, bool(row.matches), row.best_distance, skipped,
+            best = row.best_distance
+            values.append((index, os.fsencode(row.path), row.status, bool(row.matches), best, skipped,
                            len(row.matches), _hashes(row), _record(row)))
+            self._counts[row.status, bool(row.matches), bool(skipped)] += 1
+            self._near += bool(row.matches and best)
+            self._hits += len(row.matches)
             if row.matches:
                 references += [(index, r["country"], r["node"], r["reference"]) for r in row.references()]
         self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
@@ -112,6 +121,9 @@ class RowStore:
         """Writes rows already in the table's form (index, path bytes, status, known, best, skipped, hits,
         hashes text, record text): what :mod:`gateway.triage.bulk` makes of files no node found."""
         self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+        self._counts.update((status, bool(known), bool(skipped)) for _, _, status, known, _, skipped, *_ in values)
+        self._near += sum(1 for value in values if value[3] and value[4])
+        self._hits += sum(value[6] for value in values)
         self._unsaved += len(values)
         if self._unsaved >= COMMIT_EVERY:
             self.commit()
@@ -154,11 +166,11 @@ class RowStore:
 
     def known_near(self) -> int:
         """Known files whose nearest match is a perceptual one at distance > 0."""
-        return int(self._db.execute("SELECT count(*) FROM rows WHERE known AND best > 0").fetchone()[0])
+        return self._near
 
     def hits(self) -> int:
         """Hits in all: one per hash of a file that matched a reference (several per reference, often)."""
-        return int(self._db.execute("SELECT coalesce(sum(hits), 0) FROM rows").fetchone()[0])
+        return self._hits
 
     def references(self) -> int:
         """References in all: a file counts once per node and reference it matched."""
@@ -171,16 +183,8 @@ class RowStore:
 
     def count(self, status: str | None = None, *, known: bool = False, skipped: bool = False) -> int:
         """How many rows (of ``status``; known only; with perceptual hashes not sent only)."""
-        clauses, args = [], []
-        if status is not None:
-            clauses.append("status = ?")
-            args.append(status)
-        if known:
-            clauses.append("known")
-        if skipped:
-            clauses.append("skipped")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        return int(self._db.execute(f"SELECT count(*) FROM rows {where}", args).fetchone()[0])
+        return sum(count for (of, is_known, is_skipped), count in self._counts.items()
+                   if status in (None, of) and is_known >= known and is_skipped >= skipped)
 
     def countries(self) -> dict[str, dict[str, int]]:
         """Per country with hits: how many files it knows and how many references it gave."""

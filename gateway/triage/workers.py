@@ -142,6 +142,12 @@ def exact_only(task: Task, why: str) -> Hashed:
     return Hashed(hashes, task.size, task.mtime_ns, stable=False)
 
 
+def start_forkserver() -> None:
+    """Starts the fork server now, without waiting for it: it imports the hashing modules while the
+    caller sets up the rest (the first pool then starts at once)."""
+    _start_forkserver()
+
+
 def _start_forkserver() -> None:
     """Starts the fork server with Ctrl-C ignored, so that its workers ignore it from birth.
 
