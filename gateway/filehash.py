@@ -22,12 +22,10 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from federation import algorithms
 from federation.algorithms import Algorithm, Content, MatchKind
@@ -35,6 +33,9 @@ from federation.query import QueryItem
 from gateway import media
 from gateway.media import PerceptualHash, VideoHash
 from gateway.results import Skipped, Subject
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Bytes per read: large reads keep a large file at disk speed (hashlib releases the GIL on them);
 # the buffer is allocated once per thread, so a small file costs no allocation of that size.
@@ -149,6 +150,8 @@ def hash_file(path: Path, *, dihedral: bool = False) -> FileHashes:
     except media.MediaError as exc:
         return FileHashes(path, exact, skipped=tuple(Skipped(source, a.name, str(exc)) for a in _of(Content.IMAGE)))
     if image is not None:
+        import numpy as np  # noqa: PLC0415 - only for an image (most files are not)
+
         pixels = np.asarray(image)
         for algorithm in _of(Content.IMAGE):
             hashed = IMAGE_HASHERS[algorithm.name](pixels, dihedral)
@@ -288,3 +291,47 @@ def hashes_from_json(entry: dict[str, Any], path: str) -> FileHashes:
                 found[name] = image
     skipped = tuple(Skipped(path, s["algorithm"], s["reason"]) for s in entry["not_sent"])
     return FileHashes(Path(path), exact, found, skipped, unsent)
+
+
+# --------------------------------------------------------------------------- exact digests alone, most files
+
+
+def exact_kinds() -> tuple[tuple[str, int], ...]:
+    """(name, digest size) of every exact kind, in the order :func:`exact_digests` and the rows list them."""
+    return _exact_kinds(algorithms.names())
+
+
+@functools.lru_cache(maxsize=4)
+def _exact_kinds(names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    del names  # the cache key: a registry with other kinds has other ones
+    return tuple((a.name, a.digest_size) for a in algorithms.all_algorithms() if a.hashlib_name)
+
+
+def exact_text_parts() -> tuple[str, ...]:
+    """:func:`hashes_text` of exact digests alone (every exact kind), cut where the quoted hex digests go:
+    ``parts[0] "hex0" parts[1] "hex1" … parts[-1]``."""
+    return _text_parts(algorithms.names())
+
+
+@functools.lru_cache(maxsize=4)
+def _text_parts(names: tuple[str, ...]) -> tuple[str, ...]:
+    entry = hashes_json(None)
+    exact = _exact_kinds(names)
+    for position, (name, _) in enumerate(exact):
+        entry[name] = f"@{position}@"
+    text = json.dumps(entry, separators=(",", ":"))
+    parts = []
+    for position in range(len(exact)):
+        before, text = text.split(f'"@{position}@"')
+        parts.append(before)
+    parts.append(text)
+    return tuple(parts)
+
+
+def exact_text(hexes: Sequence[str]) -> str:
+    """:func:`hashes_text` of exact digests alone, from their hex forms (in :func:`exact_kinds` order),
+    without building the JSON: most files of a device have nothing else."""
+    parts = exact_text_parts()
+    return "".join([text for part, hexed in zip(parts, hexes, strict=False) for text in (part, f'"{hexed}"')]) \
+        + parts[-1]
+

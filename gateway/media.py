@@ -12,13 +12,17 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import av
-import numpy as np
-import pdqhash
-from PIL import Image, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from federation.algorithms import Content
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+# The decoders (Pillow, PyAV, pdqhash, NumPy) are imported by the functions that use them: most files of a
+# device are neither image nor video, and a process that only reads them (a hashing worker, the command
+# line) starts without them.
 
 # Images above this many pixels are refused rather than decoded (decompression bombs).
 MAX_PIXELS = 64_000_000
@@ -88,11 +92,16 @@ class VideoHash:
 def _bits_to_bytes(bits: np.ndarray) -> bytes:
     # Bit 0 of pdqhash's vector is the most significant bit of the first hex
     # digit, as in ThreatExchange's hex form.
+    import numpy as np  # noqa: PLC0415 - see the imports
+
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB; transparency is composed onto white."""
+    import numpy as np  # noqa: PLC0415 - see the imports
+    from PIL import Image  # noqa: PLC0415
+
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -108,6 +117,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def open_image(path: Path) -> Image.Image | None:
     """The image upright and in RGB, or None when the file is not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 - see the imports
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -183,12 +194,18 @@ def claimed_content(path: Path | str, head: bytes | None = None) -> Content | No
 
 def pdq(pixels: np.ndarray) -> PerceptualHash:
     """Meta's PDQ of RGB pixels: 256 bits and a quality from 0 to 100."""
+    import numpy as np  # noqa: PLC0415 - see the imports
+    import pdqhash  # noqa: PLC0415
+
     bits, quality = pdqhash.compute(np.ascontiguousarray(pixels, dtype=np.uint8))
     return PerceptualHash(_bits_to_bytes(bits), int(quality))
 
 
 def pdq_dihedral(pixels: np.ndarray) -> PerceptualHash:
     """Also the eight rotations and flips, for material that was turned or mirrored."""
+    import numpy as np  # noqa: PLC0415 - see the imports
+    import pdqhash  # noqa: PLC0415
+
     vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(pixels, dtype=np.uint8))
     variants = tuple((name, _bits_to_bytes(v)) for name, v in zip(DIHEDRAL_NAMES, vectors, strict=True))
     return PerceptualHash(variants[0][1], int(quality), variants)
@@ -200,6 +217,8 @@ def pdq_image(pixels: np.ndarray, dihedral: bool) -> PerceptualHash:
 
 
 def _distance(a: bytes, b: bytes) -> int:
+    import numpy as np  # noqa: PLC0415 - see the imports
+
     return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
 
 
@@ -209,6 +228,8 @@ def video_hash(path: Path, min_quality: int) -> VideoHash | None:
     The file is opened only with the demuxer its signature names
     (:func:`video_demuxer`), never by FFmpeg's guess.
     """
+    import av  # noqa: PLC0415 - see the imports
+
     looks_like_video = path.suffix.lower() in VIDEO_SUFFIXES
     try:
         demuxer = video_demuxer(read_head(path))

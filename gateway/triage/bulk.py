@@ -3,10 +3,11 @@
 A seized device is mostly such files, and every one of them goes through the
 one main process: while its digests wait for the nodes it is a tuple of plain
 values, not a :class:`FileRow`; its query items are made a column at a time;
-and a file no node found goes to the store as one prepared row. A plain file
-becomes a :class:`FileRow` only when something must be said about it (a hit,
-a node that did not answer): :class:`Rows` makes it one the first time it is
-looked up.
+and a file no node found goes to the store as it came from the worker (its
+path, size, time and digests: :meth:`gateway.triage.store.RowStore.add_plain`).
+A plain file becomes a :class:`FileRow` only when something must be said about
+it (a hit, a node that did not answer): :class:`Rows` makes it one the first
+time it is looked up.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ from itertools import repeat
 from typing import NamedTuple
 
 from federation.query import QueryItem
+from gateway import filehash
 from gateway.triage.model import HASHED, FileRow
 
 
 class Plain(NamedTuple):
-    """A plain file waiting for its answers: its row as the store takes it, most of it made by the worker."""
+    """A plain file waiting for its answers."""
 
     key: bytes  # the path, as bytes
     size: int
     mtime_ns: int
-    text: str  # its hashes, as :func:`gateway.filehash.hashes_text` renders them
-    record: str  # the rest of its row, when no node found it (:func:`gateway.triage.scan.row_record`)
+    digests: bytes  # its exact digests end to end (:func:`gateway.filehash.exact_kinds`)
     from_cache: bool
 
 
@@ -39,9 +40,9 @@ class Rows(dict[int, FileRow]):
         self.plain: dict[int, Plain] = {}
 
     def __missing__(self, index: int) -> FileRow:
-        key, size, mtime_ns, text, _, from_cache = self.plain.pop(index)
+        key, size, mtime_ns, digests, from_cache = self.plain.pop(index)
         row = self[index] = FileRow(os.fsdecode(key), HASHED, size=size, mtime_ns=mtime_ns, from_cache=from_cache,
-                                    hashes_text=text)
+                                    hashes_text=filehash.exact_text(_hexes(digests)))
         return row
 
     def held(self) -> int:
@@ -62,18 +63,27 @@ class Rows(dict[int, FileRow]):
         return [*self, *self.plain]
 
 
-def items(indices: Sequence[int], kinds: Sequence[tuple[str, int]],
-          digests: Sequence[bytes]) -> list[tuple[int, QueryItem, str]]:
+def _hexes(digests: bytes) -> list[str]:
+    hexes, at = [], 0
+    for _, size in filehash.exact_kinds():
+        hexes.append(digests[at : at + size].hex())
+        at += size
+    return hexes
+
+
+def items(indices: Sequence[int], digests: Sequence[bytes]) -> list[tuple[int, QueryItem, str]]:
     """(row index, item, variant) for the files at ``indices``: a column of items per exact kind."""
     pending: list[tuple[int, QueryItem, str]] = []
-    for (name, size), blob in zip(kinds, digests, strict=True):
-        column = [blob[at : at + size] for at in range(0, len(blob), size)]
+    at = 0
+    for name, size in filehash.exact_kinds():
+        column = [d[at : at + size] for d in digests]
+        at += size
         # tuple.__new__ makes the named tuples without a Python call per item.
         pending += zip(indices, map(tuple.__new__, repeat(QueryItem), zip(repeat(name), column, repeat(0))),
                        repeat(""))
     return pending
 
 
-def store_rows(plain: Sequence[tuple[int, Plain]]) -> list[tuple[object, ...]]:
-    """The store's rows (:meth:`gateway.triage.store.RowStore.add_prepared`) of plain files no node found."""
-    return [(index, p.key, HASHED, False, None, False, 0, p.text, p.record) for index, p in plain]
+def store_rows(plain: Sequence[tuple[int, Plain]]) -> list[tuple[int, bytes, int, int, bytes, bool]]:
+    """The store's rows (:meth:`gateway.triage.store.RowStore.add_plain`) of plain files no node found."""
+    return [(index, *p) for index, p in plain]

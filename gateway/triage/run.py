@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 
-from federation import algorithms
 from federation.query import QueryItem
+from gateway import filehash
 from gateway.results import NodeAnswer
 from gateway.triage import bulk, scan, sources
 from gateway.triage.answers import apply
@@ -382,20 +382,19 @@ class Triage:
         if found.plain:
             indices = [where[p][2] for p in found.plain]
             self._live.plain.update(zip(indices, map(tuple.__new__, repeat(bulk.Plain), zip(
-                found.keys, found.sizes, found.mtimes, found.texts, found.records, found.cached))))
-            kinds = scan.exact_kinds(algorithms.names())
-            self._unanswered.update(dict.fromkeys(indices, len(kinds)))
+                found.keys, found.sizes, found.mtimes, found.digests, found.cached))))
+            self._unanswered.update(dict.fromkeys(indices, len(filehash.exact_kinds())))
             hits = sum(found.cached)
             self.result.cache_hits += hits
             self.result.hashed_now += len(indices) - hits
             if hits < len(indices):
-                self.cache.put_prepared([(key, size, mtime_ns, text) for key, size, mtime_ns, text, hit
-                                         in zip(found.keys, found.sizes, found.mtimes, found.texts, found.cached)
-                                         if not hit])
+                self.cache.put_prepared([(key, size, mtime_ns, text) for key, size, mtime_ns, text
+                                         in zip(found.keys, found.sizes, found.mtimes, found.texts)
+                                         if text is not None])
             pending = self._pending
             if not pending:
                 self._pending_since = time.monotonic()
-            pending += bulk.items(indices, kinds, found.digests)
+            pending += bulk.items(indices, found.digests)
             self.done += len(indices)
             if len(pending) >= self._batch_size():
                 self._wake.set()
@@ -451,7 +450,7 @@ class Triage:
         if rows:
             self.store.add_many(rows)
         if plain:
-            self.store.add_prepared(bulk.store_rows(plain))
+            self.store.add_plain(bulk.store_rows(plain))
 
     # -- querying
 

@@ -13,18 +13,16 @@ file.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sqlite3
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federation import algorithms
 from gateway import filehash, media
 from gateway.triage import workers
 from gateway.triage.model import Hashed, Task, compact, from_record
@@ -37,58 +35,27 @@ _PER_QUERY = 500
 _MEDIA_SUFFIXES = frozenset(media.IMAGE_SUFFIXES) | frozenset(media.VIDEO_SUFFIXES)
 
 
-@functools.lru_cache(maxsize=4)
-def exact_kinds(names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-    """(name, digest size) of every exact kind, in the order every row and query lists them."""
-    del names  # the cache key
-    return tuple((a.name, a.digest_size) for a in algorithms.all_algorithms() if a.hashlib_name)
-
-
-@functools.lru_cache(maxsize=4)
-def _text_parts(names: tuple[str, ...]) -> tuple[str, ...]:
-    """:func:`gateway.filehash.hashes_text` of exact digests alone, cut where the digests go."""
-    entry = filehash.hashes_json(None)
-    exact = exact_kinds(names)
-    for position, (name, _) in enumerate(exact):
-        entry[name] = f"@{position}@"
-    text = json.dumps(entry, separators=(",", ":"))
-    parts = []
-    for position in range(len(exact)):
-        before, text = text.split(f'"@{position}@"')
-        parts.append(before)
-    parts.append(text)
-    return tuple(parts)
-
-
-def exact_text(hexes: Sequence[str]) -> str:
-    """What :func:`gateway.filehash.hashes_text` gives for exact digests alone (of every exact kind)."""
-    parts = _text_parts(algorithms.names())
-    return "".join([part for pair in zip(parts, hexes, strict=False) for part in (pair[0], f'"{pair[1]}"')]) \
-        + parts[-1]
-
-
 @dataclass
 class Scanned:
     """A group's answer: per file either one of the plain columns or a :class:`Done`'s fields.
 
     ``plain`` lists the positions (in the group) of files read or found in the
-    cache with exact digests alone; ``keys`` (their paths as bytes: the store's
-    and the cache's key), ``sizes``, ``mtimes``, ``texts`` (the hashes' text),
-    ``records`` (the rest of the store's row, :func:`row_record`) and
-    ``cached`` (found in the cache) are theirs, in that order, and
-    ``digests`` holds per exact kind their digests end to end.
+    cache with exact digests alone (:func:`gateway.filehash.exact_kinds`);
+    ``keys`` (their paths as bytes: the store's and the cache's key),
+    ``sizes``, ``mtimes``, ``digests`` (each file's exact digests end to end),
+    ``cached`` (found in the cache) and ``texts`` (their hashes' text, for the
+    cache: only for files read when there is a cache) are theirs, in that order.
     ``others`` is (position, Done fields, from the cache) for every other file.
     """
 
-    plain: list[int]
-    keys: list[bytes]
-    sizes: list[int]
-    mtimes: list[int]
-    texts: list[str]
-    records: list[str]
-    cached: list[bool]
-    digests: list[bytes]
-    others: list[tuple[int, tuple[Any, ...], bool]]
+    plain: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    mtimes: list[int] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)
+    cached: list[bool] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    others: list[tuple[int, tuple[Any, ...], bool]] = field(default_factory=list)
 
 
 def _reader(path: str | None) -> sqlite3.Connection | None:
@@ -123,47 +90,46 @@ def _cached(cache: str | None, variant: str, keys: list[bytes]) -> dict[bytes, t
 def scan(parts: Sequence[tuple[str, Sequence[str]]], dihedral: bool, hasher: workers.Hasher | None,
          max_distance: int, cache: str | None, variant: str) -> Scanned:
     """Hashes the files ``names`` of each ``directory`` in ``parts``, in that order (what a worker runs)."""
-    kinds = exact_kinds(algorithms.names())
-    out = Scanned([], [], [], [], [], [], [], [], [])
-    blobs: list[list[bytes]] = [[] for _ in kinds]
+    kinds = filehash.exact_kinds()
+    out = Scanned()
     paths = [os.path.join(directory, name) for directory, names in parts for name in names]
     keys = [os.fsencode(p) for p in paths]
     found = _cached(cache, variant, keys) if cache else {}
     for position, (path, key) in enumerate(zip(paths, keys, strict=True)):
-        done = _plain(path, key, found, kinds, hasher is None)
+        done = _plain(path, key, found, kinds, hasher is None, cache is not None)
         if done is None:
             # Anything but a plain file: as one file always was (image, video, unreadable, changed, custom hasher).
-            task = _task(path)
-            record = found.get(key)
-            if record is not None and task is not None and record[:2] == (task.size, task.mtime_ns):
-                try:
-                    cached = from_record(record[2], path, task.size, task.mtime_ns, max_distance)
-                except (ValueError, KeyError, TypeError, IndexError):
-                    pass  # a damaged record: the file is hashed again
-                else:
-                    out.others.append((position, tuple(cached), True))
-                    continue
-            if task is None:
-                task = Task(path, path, 0, 0)
-            workers.on_file(time.monotonic())
-            try:
-                hashed = workers.hash_one(task, dihedral, hasher)
-            finally:
-                workers.on_file(0.0)
-            out.others.append((position, tuple(compact(hashed, max_distance)), False))
+            out.others.append((position, *_other(path, key, found, dihedral, hasher, max_distance)))
             continue
-        size, mtime_ns, text, digests, from_cache = done
+        size, mtime_ns, digests, from_cache, text = done
         out.plain.append(position)
         out.keys.append(key)
         out.sizes.append(size)
         out.mtimes.append(mtime_ns)
-        out.texts.append(text)
-        out.records.append(row_record(size, mtime_ns, from_cache))
+        out.digests.append(digests)
         out.cached.append(from_cache)
-        for blob, digest in zip(blobs, digests, strict=True):
-            blob.append(digest)
-    out.digests = [b"".join(blob) for blob in blobs]
+        out.texts.append(text)
     return out
+
+
+def _other(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], dihedral: bool,
+           hasher: workers.Hasher | None, max_distance: int) -> tuple[tuple[Any, ...], bool]:
+    """A file that is not plain: its :class:`Done` fields, and whether they came from the cache."""
+    task = _task(path)
+    record = found.get(key)
+    if record is not None and task is not None and record[:2] == (task.size, task.mtime_ns):
+        try:
+            return tuple(from_record(record[2], path, task.size, task.mtime_ns, max_distance)), True
+        except (ValueError, KeyError, TypeError, IndexError):
+            pass  # a damaged record: the file is hashed again
+    if task is None:
+        task = Task(path, path, 0, 0)
+    workers.on_file(time.monotonic())
+    try:
+        hashed = workers.hash_one(task, dihedral, hasher)
+    finally:
+        workers.on_file(0.0)
+    return tuple(compact(hashed, max_distance)), False
 
 
 def task_of(path: str) -> Task:
@@ -179,15 +145,11 @@ def _task(path: str) -> Task | None:
     return Task(path, path, st.st_size, st.st_mtime_ns)
 
 
-def row_record(size: int, mtime_ns: int, from_cache: bool) -> str:
-    """The store's record of a plain file no node found: what :func:`gateway.triage.store._record` writes."""
-    return (f'{{"reason":"","size":{size},"mtime_ns":{mtime_ns},"from_cache":{"true" if from_cache else "false"},'
-            '"matches":[],"not_answered_by":[],"truncated_by":[],"notes":[]}')
-
-
 def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kinds: tuple[tuple[str, int], ...],
-           reads: bool) -> tuple[int, int, str, list[bytes], bool] | None:
-    """A file that is not media, read whole (or found in the cache), unchanged while read; None for any other."""
+           reads: bool, cached: bool) -> tuple[int, int, bytes, bool, str | None] | None:
+    """A file that is not media, read whole (or found in the cache), unchanged while read: its size, time,
+    exact digests end to end, whether from the cache, and its hashes' text when there is a cache to fill;
+    None for any other file."""
     try:
         before = os.lstat(path)
     except OSError:
@@ -199,14 +161,14 @@ def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kind
         try:
             entry = json.loads(record[2])
             hexes = [entry[name] for name, _ in kinds]
-            if record[2] != exact_text(hexes):
+            if record[2] != filehash.exact_text(hexes):
                 return None  # more than exact digests (or not all of them): one file at a time
-            digests = [bytes.fromhex(h) for h in hexes]
+            digests = bytes.fromhex("".join(hexes))
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
-        if [len(d) for d in digests] != [size for _, size in kinds]:
+        if len(digests) != sum(size for _, size in kinds):
             return None
-        return before.st_size, before.st_mtime_ns, record[2], digests, True
+        return before.st_size, before.st_mtime_ns, digests, True, None
     if not reads or os.path.splitext(path)[1].lower() in _MEDIA_SUFFIXES:
         return None
     workers.on_file(time.monotonic())
@@ -223,4 +185,5 @@ def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kind
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         return None  # changed while read: hashed again, one file at a time, and said so
     digests = [exact[name] for name, _ in kinds]
-    return before.st_size, before.st_mtime_ns, exact_text([d.hex() for d in digests]), digests, False
+    text = filehash.exact_text([d.hex() for d in digests]) if cached else None
+    return before.st_size, before.st_mtime_ns, b"".join(digests), False, text

@@ -45,6 +45,26 @@ def _record(row: FileRow) -> str:
     }, separators=(",", ":"), ensure_ascii=False)
 
 
+def _plain_hashes() -> str:
+    """SQL for a plain file's hashes text from its digests: :func:`gateway.filehash.exact_text`'s."""
+    parts = filehash.exact_text_parts()
+    pieces, at = [_literal(parts[0])], 1
+    for (_, size), part in zip(filehash.exact_kinds(), parts[1:], strict=True):
+        pieces += ["'\"'", f"lower(hex(substr(digests, {at}, {size})))", "'\"'", _literal(part)]
+        at += size
+    return "(" + " || ".join(pieces) + ")"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# A plain file's record: what _record writes for a row with nothing to say.
+_PLAIN_RECORD = ("""('{"reason":"","size":' || size || ',"mtime_ns":' || mtime_ns || ',"from_cache":' || """
+                 """CASE WHEN from_cache THEN 'true' ELSE 'false' END || ',"matches":[],"not_answered_by":[],"""
+                 """"truncated_by":[],"notes":[]}')""")
+
+
 def _number(value: int | None) -> str:
     return "null" if value is None else str(int(value))
 
@@ -80,6 +100,13 @@ class RowStore:
                          "hashes TEXT, record TEXT NOT NULL)")
         self._db.execute("CREATE TABLE refs (idx INTEGER NOT NULL, country TEXT NOT NULL, node TEXT NOT NULL, "
                          "reference TEXT NOT NULL)")
+        # Files no node found, with exact digests alone and nothing to say (most of a device): a short row,
+        # written as the worker made it; the listings see them as rows through the view ``every``.
+        self._db.execute("CREATE TABLE plain (idx INTEGER PRIMARY KEY, path BLOB NOT NULL, size INTEGER NOT NULL, "
+                         "mtime_ns INTEGER NOT NULL, digests BLOB NOT NULL, from_cache INTEGER NOT NULL)")
+        self._db.execute("CREATE VIEW every AS SELECT idx, path, status, known, best, skipped, hits, hashes, record "
+                         f"FROM rows UNION ALL SELECT idx, path, '{HASHED}', 0, NULL, 0, 0, {_plain_hashes()}, "
+                         f"{_PLAIN_RECORD} FROM plain")
         self._db.execute("BEGIN")
         self._unsaved = 0
         # Counted as rows are written, so that the summary scans no table (a million rows):
@@ -117,13 +144,11 @@ class RowStore:
         if self._unsaved >= COMMIT_EVERY:
             self.commit()
 
-    def add_prepared(self, values: list[tuple[object, ...]]) -> None:
-        """Writes rows already in the table's form (index, path bytes, status, known, best, skipped, hits,
-        hashes text, record text): what :mod:`gateway.triage.bulk` makes of files no node found."""
-        self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
-        self._counts.update((status, bool(known), bool(skipped)) for _, _, status, known, _, skipped, *_ in values)
-        self._near += sum(1 for value in values if value[3] and value[4])
-        self._hits += sum(value[6] for value in values)
+    def add_plain(self, values: list[tuple[int, bytes, int, int, bytes, bool]]) -> None:
+        """Writes files no node found that have exact digests alone and nothing else to say: (walk index,
+        path as bytes, size, mtime_ns, exact digests end to end, from the cache), as :mod:`.bulk` holds them."""
+        self._db.executemany("INSERT INTO plain VALUES (?, ?, ?, ?, ?, ?)", values)
+        self._counts[HASHED, False, False] += len(values)
         self._unsaved += len(values)
         if self._unsaved >= COMMIT_EVERY:
             self.commit()
@@ -134,9 +159,9 @@ class RowStore:
         self._unsaved = 0
 
     def _rows(self, where: str = "", order: str = "idx", args: tuple[Any, ...] = (),
-              limit: int | None = None) -> Iterator[FileRow]:
+              limit: int | None = None, table: str = "every") -> Iterator[FileRow]:
         tail = f" LIMIT {int(limit)}" if limit is not None else ""
-        cursor = self._db.execute(f"SELECT path, status, hashes, record FROM rows {where} ORDER BY {order}{tail}",
+        cursor = self._db.execute(f"SELECT path, status, hashes, record FROM {table} {where} ORDER BY {order}{tail}",
                                   args)
         for path, status, hashes, record in cursor:
             yield _row(path, status, hashes, record)
@@ -152,7 +177,7 @@ class RowStore:
         """Known files nearest match first, then by path: the order every report lists them in;
         only near-duplicates (best distance > 0) or only exact copies when ``near`` says so."""
         where = {None: "WHERE known", True: "WHERE known AND best > 0", False: "WHERE known AND best = 0"}[near]
-        return self._rows(where, f"coalesce(best, {_FAR}), path", limit=limit)
+        return self._rows(where, f"coalesce(best, {_FAR}), path", limit=limit, table="rows")  # never plain
 
     def known_by_reference(self) -> Iterator[tuple[str, str, str, FileRow]]:
         """(country, reference, node, file) for every reference a file matched, grouped by country and
