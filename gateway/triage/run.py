@@ -11,8 +11,10 @@ the nodes fall behind, so memory stays bounded.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
+import gc
 import os
 import threading
 import time
@@ -153,6 +155,7 @@ class Triage:
     # -- public
 
     async def run(self, federation: MatchingFederation) -> TriageResult:
+        gc.freeze()  # what is alive now (imported modules) lives as long as the run: the collector skips it
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
         loop = asyncio.get_running_loop()
         entries: asyncio.Queue[list[Task | FileRow | Digests | Files] | None] = asyncio.Queue(sources.WALK_QUEUE)
@@ -186,6 +189,7 @@ class Triage:
                     stop_pool(self._pool)
                 self._apart.close(finished)
                 self.cache.commit()
+                gc.unfreeze()
         if finished:
             self._final(self._live.indices())  # none is left, unless a hash was never answered
             self.store.commit()
@@ -443,9 +447,7 @@ class Triage:
 
     def _final(self, indices: list[int]) -> None:
         """The rows at ``indices`` are complete: to the store, out of memory."""
-        unanswered = self._unanswered
-        for index in indices:
-            unanswered.pop(index, None)
+        collections.deque(map(self._unanswered.pop, indices, repeat(None)), maxlen=0)  # no Python step per file
         rows, plain = self._live.take(indices)
         if rows:
             self.store.add_many(rows)
