@@ -31,6 +31,7 @@ from gateway import filehash, triage
 from gateway.config import NodeEntry
 from gateway.results import HitInfo, NodeAnswer, NodeStatus
 from gateway.triage import report, sources
+from gateway.triage.asking import QUERIES_AT_ONCE
 from gateway.triage.walk import walk
 from tests import media as draw
 from tests.support import address_of, black_hole, import_rows, member_entry, wait_until
@@ -789,7 +790,7 @@ async def test_the_first_batch_is_small_and_progress_counts_hashes_as_they_go_ou
     assert max(federation.batches) <= 500 and sum(federation.batches) == 1200
     running = [sum(federation.batches[: i + 1]) for i in range(len(federation.batches))]
     # Counted when it goes out, before its answer; the next ones may be out already (a few at a time).
-    ahead = triage.run.QUERIES_AT_ONCE - 1
+    ahead = QUERIES_AT_ONCE - 1
     assert all(running[i] <= seen <= running[min(i + ahead, len(running) - 1)]
                for i, seen in enumerate(sent_when_asked)), (sent_when_asked, running)
 

@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime as dt
 import gc
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from itertools import repeat
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, Protocol
+from itertools import repeat
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from federation.query import QueryItem
-from gateway import filehash
-from gateway.results import NodeAnswer
-from gateway.triage import bulk, scan, sources
-from gateway.triage.answers import apply
+from gateway.triage import bulk, sources
 from gateway.triage.apart import Apart, watch
+from gateway.triage.asking import PENDING_BATCHES, Asking, MatchingFederation
+from gateway.triage.bulk import CHUNK_BYTES, SCAN_FIRST, Grouped
 from gateway.triage.cache import HashCache, RunCache
 from gateway.triage.digests import Digests
 from gateway.triage.model import (
@@ -63,32 +60,13 @@ LISTED = "digests read from a list: the file itself was not read here"
 # Files per task sent to a worker, and bytes: small files go in groups, to
 # keep the per-task overhead low; a large file goes alone.
 CHUNK_FILES = 64
-CHUNK_BYTES = 32 << 20
-# Files of a walked directory per task: as many as make CHUNK_BYTES at the sizes seen so far,
-# within these bounds (a few large files balance over the workers; many small ones cost one task).
-SCAN_FIRST, SCAN_MOST = 8, 256
-# A partly filled batch is sent after this long when the querier is idle.
-FLUSH_AFTER = 2.0
-# Hashing waits when this many batches are waiting for the nodes (bounded memory).
-PENDING_BATCHES = 8
-# The first batch is this small, so that the first answer comes early.
-FIRST_BATCH = 100
-# Batches waiting for the nodes at once: the next goes out while one is answered.
-QUERIES_AT_ONCE = 3
 # Seconds one file may take to decode and hash (--file-timeout), and bytes of address
 # space per hashing process (--worker-memory): a hostile file costs at most that.
 FILE_TIMEOUT = 30.0
 WORKER_MEMORY = 8 << 30
 
 
-class MatchingFederation(Protocol):
-    """What a run needs of the federation: :class:`gateway.fanout.Federation` is one; tests pass others."""
-
-    async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
-                    deadline: float | None = None) -> list[NodeAnswer]: ...
-
-
-class Triage:
+class Triage(Asking, Grouped):
     """One run over one directory; its counters stay readable after an interruption."""
 
     def __init__(self, root: str, case: str, nodes: Sequence[NodeEntry], *, jobs: int | None = None,
@@ -339,76 +317,6 @@ class Triage:
                           for (index, task), outcome in zip(chunk, outcomes, strict=True)])
         self.cache.commit(if_due=True)
 
-    async def _scan(self, parts: list[tuple[str, list[str], int]]) -> None:
-        loop = asyncio.get_running_loop()
-        if self._pool is None:
-            self._pool = new_pool(self.jobs, self.worker_memory)
-        pool = self._pool
-        cache = self.cache.readable()
-        try:
-            found = await loop.run_in_executor(pool, scan.scan, [(d, names) for d, names, _ in parts], self.dihedral,
-                                               self.hasher, self.max_distance, *(cache or (None, "")))
-        except BrokenProcessPool:
-            if self._closing:
-                return
-            # As for a chunk of tasks: a fresh pool, and these files one by one, apart.
-            if self._pool is pool:
-                self._pool = new_pool(self.jobs, self.worker_memory)
-                stop_pool(pool)
-            for directory, names, start in parts:
-                for at, name in enumerate(names):
-                    path = os.path.join(directory, name)
-                    task = scan.task_of(path)
-                    self._live[start + at] = FileRow(path, HASHED)
-                    self._finish([(start + at, task, compact(await self._apart.hash(task), self.max_distance))])
-        else:
-            self._scanned(parts, found)
-        self.cache.commit(if_due=True)
-
-    def _scanned(self, parts: list[tuple[str, list[str], int]], found: scan.Scanned) -> None:
-        """A scanned group: its plain files in bulk (:mod:`.bulk`), the others one by one."""
-        where = [(directory, name, start + at) for directory, names, start in parts for at, name in enumerate(names)]
-        if found.others:
-            fresh: list[tuple[int, Task | None, Done]] = []
-            cached: list[tuple[int, Task | None, Done]] = []
-            for position, fields, from_cache in found.others:
-                directory, name, index = where[position]
-                outcome = Done._make(fields)
-                path = os.path.join(directory, name)
-                self._live[index] = FileRow(path, HASHED, size=outcome.size, mtime_ns=outcome.mtime_ns)
-                (cached if from_cache else fresh).append((index, Task(path, path, outcome.size, outcome.mtime_ns),
-                                                          outcome))
-            if fresh:
-                self._finish(fresh)
-            if cached:
-                self.result.cache_hits += len(cached)
-                self._finish(cached, from_cache=True)
-        if found.plain:
-            indices = [where[p][2] for p in found.plain]
-            self._live.plain.update(zip(indices, map(tuple.__new__, repeat(bulk.Plain), zip(
-                found.keys, found.sizes, found.mtimes, found.digests, found.cached))))
-            self._unanswered.update(dict.fromkeys(indices, len(filehash.exact_kinds())))
-            hits = sum(found.cached)
-            self.result.cache_hits += hits
-            self.result.hashed_now += len(indices) - hits
-            if hits < len(indices):
-                self.cache.put_prepared([(key, size, mtime_ns, text) for key, size, mtime_ns, text
-                                         in zip(found.keys, found.sizes, found.mtimes, found.texts)
-                                         if text is not None])
-            pending = self._pending
-            if not pending:
-                self._pending_since = time.monotonic()
-            pending += bulk.items(indices, found.digests)
-            self.done += len(indices)
-            if len(pending) >= self._batch_size():
-                self._wake.set()
-            self._update(completed=self.done, cached=self.result.cache_hits)
-        self._scanned_files += len(where)
-        self._scanned_bytes += sum(found.sizes)
-        average = max(1, self._scanned_bytes // max(1, self._scanned_files))
-        # At most a batch's worth of files at a time: what waits for the nodes stays near PENDING_BATCHES batches.
-        self._per_scan = max(1, min(SCAN_MOST, self.batch, CHUNK_BYTES // average))
-
     def _finish(self, outcomes: list[tuple[int, Task | None, Done]], from_cache: bool = False) -> None:
         """Files read (or found in the cache): their hashes wait for the nodes; a file with none is final."""
         rows, pending, unanswered = self._live, self._pending, self._unanswered
@@ -454,91 +362,6 @@ class Triage:
         if plain:
             self.store.add_plain(bulk.store_rows(plain))
 
-    # -- querying
-
-    def _batch_size(self) -> int:
-        return min(self.batch, FIRST_BATCH) if not self.items_sent else self.batch
-
-    def _batch_ready(self) -> bool:
-        if len(self._pending) >= self._batch_size() or (self._hashing_over and self._pending):
-            return True
-        return bool(self._pending) and time.monotonic() - (self._pending_since or 0) >= FLUSH_AFTER
-
-    async def _querier(self, federation: MatchingFederation) -> None:
-        try:
-            await self._query_batches(federation)
-        finally:
-            self._drained.set()
-
-    async def _query_batches(self, federation: MatchingFederation) -> None:
-        """Batches out as they fill, up to QUERIES_AT_ONCE of them waiting for the nodes at a time
-        (one at a time, the run would wait a round trip per batch)."""
-        asking: set[asyncio.Task[None]] = set()
-        room = asyncio.Semaphore(QUERIES_AT_ONCE)
-
-        failed: set[asyncio.Task[None]] = set()
-
-        def answered(work: asyncio.Task[None]) -> None:
-            asking.discard(work)
-            if not work.cancelled() and work.exception() is not None:
-                failed.add(work)
-            room.release()
-            self._wake.set()  # a failure is raised at once
-
-        try:
-            while True:
-                while not self._batch_ready():
-                    _raise_failed(failed)
-                    if self._hashing_over and not self._pending:
-                        if asking:
-                            await asyncio.wait(list(asking), return_when=asyncio.FIRST_COMPLETED)
-                            continue  # answered, or failed: the next turn says which
-                        return
-                    self._wake.clear()
-                    wait = None
-                    if self._pending:
-                        wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait)
-                await room.acquire()
-                _raise_failed(failed)
-                if not self._pending:
-                    room.release()
-                    continue
-                size = self._batch_size()
-                taken = self._pending[:size]
-                del self._pending[:size]
-                self.items_sent += len(taken)
-                self._update(items=self.items_sent)
-                self._pending_since = time.monotonic() if self._pending else None
-                self._drained.set()
-                work = asyncio.create_task(self._ask(federation, taken))
-                asking.add(work)
-                work.add_done_callback(answered)
-        finally:
-            for work in asking:
-                work.cancel()
-            if asking:
-                await asyncio.gather(*asking, return_exceptions=True)
-
-    async def _ask(self, federation: MatchingFederation, taken: list[tuple[int, QueryItem, str]]) -> None:
-        answers = await federation.match([item for _, item, _ in taken], self.case, self.timeout, self.deadline)
-        applied = apply(self.case, taken, answers, self._live, self._unanswered)
-        self._known += applied.known
-        self._hits += applied.hits
-        if applied.final:
-            self._final(applied.final)
-        for answer in answers:
-            tally = self.result.nodes.get(answer.node_id)
-            if tally is None:
-                tally = self.result.nodes[answer.node_id] = NodeTally(answer.node_id, answer.country)
-            tally.record(answer)
-        self.result.batches += 1
-        self.result.items_queried += len(taken)
-        answered = sum(1 for a in answers if a.status.answered)
-        self._update(known=self._known, hits=self._hits,
-                     answers=f"{answered}/{len(answers)} nodes answered")
-
     def _update(self, **fields: Any) -> None:
         if self._progress is not None:
             if "description" not in fields and not self._walked and "total" in fields:
@@ -546,8 +369,3 @@ class Triage:
             self._progress.update(**fields)
 
 
-def _raise_failed(tasks: set[asyncio.Task[None]]) -> None:
-    """Raises the error of the first of ``tasks`` that failed (a batch that could not be asked ends the run)."""
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            task.result()

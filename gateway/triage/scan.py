@@ -20,12 +20,11 @@ import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gateway import filehash, media
 from gateway.triage import workers
-from gateway.triage.model import Hashed, Task, compact, from_record
+from gateway.triage.model import Task, compact, from_record
 
 # Cache connections opened by this process, by database path (read only).
 _readers: dict[str, sqlite3.Connection | None] = {}
@@ -92,8 +91,8 @@ def scan(parts: Sequence[tuple[str, Sequence[str]]], dihedral: bool, hasher: wor
     """Hashes the files ``names`` of each ``directory`` in ``parts``, in that order (what a worker runs)."""
     kinds = filehash.exact_kinds()
     out = Scanned()
-    paths = [os.path.join(directory, name) for directory, names in parts for name in names]
-    keys = [os.fsencode(p) for p in paths]
+    paths = [path for directory, names in parts for path in _joined(directory, names)]
+    keys = list(map(os.fsencode, paths))
     found = _cached(cache, variant, keys) if cache else {}
     for position, (path, key) in enumerate(zip(paths, keys, strict=True)):
         done = _plain(path, key, found, kinds, hasher is None, cache is not None)
@@ -110,6 +109,12 @@ def scan(parts: Sequence[tuple[str, Sequence[str]]], dihedral: bool, hasher: wor
         out.cached.append(from_cache)
         out.texts.append(text)
     return out
+
+
+def _joined(directory: str, names: Sequence[str]) -> list[str]:
+    """``os.path.join(directory, name)`` for each name (names from a listing: no separator in them)."""
+    prefix = directory if directory.endswith(os.sep) else directory + os.sep
+    return [prefix + name for name in names]
 
 
 def _other(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], dihedral: bool,
@@ -184,6 +189,6 @@ def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kind
         return None
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         return None  # changed while read: hashed again, one file at a time, and said so
-    digests = [exact[name] for name, _ in kinds]
-    text = filehash.exact_text([d.hex() for d in digests]) if cached else None
-    return before.st_size, before.st_mtime_ns, b"".join(digests), False, text
+    ordered = [exact[name] for name, _ in kinds]
+    text = filehash.exact_text([d.hex() for d in ordered]) if cached else None
+    return before.st_size, before.st_mtime_ns, b"".join(ordered), False, text
