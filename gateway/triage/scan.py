@@ -18,6 +18,7 @@ import os
 import sqlite3
 import stat
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +63,7 @@ def _reader(path: str | None) -> sqlite3.Connection | None:
         return None
     if path not in _readers:
         try:
-            _readers[path] = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10,
+            _readers[path] = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=10,
                                              check_same_thread=False)
         except sqlite3.Error:
             _readers[path] = None
