@@ -3,9 +3,13 @@
 The walk runs in a thread, hashing in a process pool, and queries go out as
 the hashes come in: one :class:`MatchingFederation`, batches of at most
 ``batch`` items, sent as soon as a batch is full (or after a short wait when
-hashing is slower than querying). Each batch is merged on its own; a node that
-did not answer a batch makes the files in it ``partial``. Hashing waits when
-the nodes fall behind, so memory stays bounded.
+hashing is slower than querying), a few at a time (:mod:`.asking`). Each
+batch is merged on its own; a node that did not answer a batch makes the files
+in it ``partial``. Hashing waits when the nodes fall behind, so memory stays
+bounded. A walked directory's regular files go to the workers by name, a group
+at a time (:mod:`.bulk`, :mod:`.scan`); listed paths and the odd entries of a
+tree (links, devices, what cannot be read) go one by one, as :class:`Task` and
+:class:`FileRow`.
 """
 
 from __future__ import annotations
