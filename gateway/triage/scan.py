@@ -13,7 +13,6 @@ file.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import stat
@@ -164,16 +163,9 @@ def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kind
         return None
     record = found.get(key) if found else None
     if record is not None and record[:2] == (before.st_size, before.st_mtime_ns):
-        try:
-            entry = json.loads(record[2])
-            hexes = [entry[name] for name, _ in kinds]
-            if record[2] != filehash.exact_text(hexes):
-                return None  # more than exact digests (or not all of them): one file at a time
-            digests = bytes.fromhex("".join(hexes))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-        if len(digests) != sum(size for _, size in kinds):
-            return None
+        digests = _exact_record(record[2], kinds)
+        if digests is None:
+            return None  # more than exact digests, or not all of them, or damaged: one file at a time
         return before.st_size, before.st_mtime_ns, digests, True, None
     if not reads or os.path.splitext(path)[1].lower() in _MEDIA_SUFFIXES:
         return None
@@ -193,3 +185,26 @@ def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kind
     ordered = [exact[name] for name, _ in kinds]
     text = filehash.exact_text([d.hex() for d in ordered]) if cached else None
     return before.st_size, before.st_mtime_ns, b"".join(ordered), False, text
+
+
+def _exact_record(text: str, kinds: tuple[tuple[str, int], ...]) -> bytes | None:
+    """The digests end to end of a cache record that is exact digests alone, as
+    :func:`gateway.filehash.exact_text` writes it; None for any other record.
+
+    Such a record has a fixed layout: the digests are read at their places, and
+    the record must then be exactly what they render to (no JSON parsing per file).
+    """
+    parts = filehash.exact_text_parts()
+    if len(text) != sum(map(len, parts)) + sum(2 * size + 2 for _, size in kinds):
+        return None
+    hexes, at = [], 0
+    for part, (_, size) in zip(parts, kinds, strict=False):
+        at += len(part) + 1
+        hexes.append(text[at : at + 2 * size])
+        at += 2 * size + 1
+    if text != filehash.exact_text(hexes):
+        return None
+    try:
+        return bytes.fromhex("".join(hexes))
+    except ValueError:
+        return None
