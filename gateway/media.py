@@ -185,6 +185,12 @@ def claimed_content(path: Path | str, head: bytes | None = None) -> Content | No
             head = read_head(Path(path))
         except OSError:
             return None
+    return content_by_signature(head)
+
+
+def content_by_signature(head: bytes) -> Content | None:
+    """What a file's first bytes alone say it is: :func:`claimed_content` for a caller that has
+    looked at the name already (a worker checks every file of a device)."""
     if _signed(head, _IMAGE_SIGNED):
         return Content.IMAGE
     if video_demuxer(head) is not None:

@@ -178,7 +178,7 @@ def _plain(path: str, key: bytes, found: dict[bytes, tuple[int, int, str]], kind
         return None
     finally:
         workers.on_file(0.0)
-    if media.claimed_content(path, head) is not None:
+    if media.content_by_signature(head) is not None:  # the name was looked at above
         return None
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         return None  # changed while read: hashed again, one file at a time, and said so
