@@ -20,13 +20,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from federation import algorithms
 from federation.algorithms import Algorithm, Content, MatchKind
@@ -34,6 +33,9 @@ from federation.query import QueryItem
 from gateway import media
 from gateway.media import PerceptualHash, VideoHash
 from gateway.results import Skipped, Subject
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Bytes per read: large reads keep a large file at disk speed (hashlib releases the GIL on them);
 # the buffer is allocated once per thread, so a small file costs no allocation of that size.
@@ -55,14 +57,44 @@ def exact_digests(path: Path) -> dict[str, bytes]:
     return _read(path)[0]
 
 
-def _read(path: Path) -> tuple[dict[str, bytes], bytes]:
+def exact_and_head(path: Path | str, size: int = -1) -> tuple[dict[str, bytes], bytes, os.stat_result | None]:
+    """The exact digests, the file's first bytes (:data:`gateway.media.HEAD_BYTES`), in one pass, and the
+    file's status once read when it was read in one call (its size and time then tell whether it changed).
+
+    ``size``, the file's size when the caller knows it, spares a small file
+    the read that would only find its end: most files of a device are small.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(descriptor, SMALL)
+        if len(data) < SMALL and (len(data) == size or not os.read(descriptor, 1)):
+            digests = {name: new(data).digest() for name, new in _constructors(algorithms.names())}
+            return digests, data[: media.HEAD_BYTES], os.fstat(descriptor)
+    finally:
+        os.close(descriptor)
+    return (*_read(path), None)
+
+
+# A file up to this size is read in one call and hashed from the bytes read.
+SMALL = 64 << 10
+
+
+@functools.lru_cache(maxsize=4)
+def _constructors(names: tuple[str, ...]) -> tuple[tuple[str, Callable[[bytes], Any]], ...]:
+    """Each exact algorithm's hashlib constructor (``hashlib.md5``…: no name lookup per file)."""
+    del names  # the cache key
+    return tuple((a.name, getattr(hashlib, a.hashlib_name, None) or functools.partial(hashlib.new, a.hashlib_name))
+                 for a in algorithms.all_algorithms() if a.hashlib_name)
+
+
+def _read(path: Path | str) -> tuple[dict[str, bytes], bytes]:
     """The exact digests and the file's first bytes, from one pass of large reads into one reused buffer."""
     hashers = [(a.name, hashlib.new(a.hashlib_name)) for a in algorithms.all_algorithms() if a.hashlib_name]
     view: memoryview | None = getattr(_buffers, "view", None)
     if view is None:
         view = _buffers.view = memoryview(bytearray(CHUNK))
     head = b""
-    with path.open("rb", buffering=0) as handle:
+    with open(path, "rb", buffering=0) as handle:
         while count := handle.readinto(view):
             chunk = view[:count]
             if not head:
@@ -118,6 +150,8 @@ def hash_file(path: Path, *, dihedral: bool = False) -> FileHashes:
     except media.MediaError as exc:
         return FileHashes(path, exact, skipped=tuple(Skipped(source, a.name, str(exc)) for a in _of(Content.IMAGE)))
     if image is not None:
+        import numpy as np  # noqa: PLC0415 - only for an image (most files are not)
+
         pixels = np.asarray(image)
         for algorithm in _of(Content.IMAGE):
             hashed = IMAGE_HASHERS[algorithm.name](pixels, dihedral)
@@ -257,3 +291,47 @@ def hashes_from_json(entry: dict[str, Any], path: str) -> FileHashes:
                 found[name] = image
     skipped = tuple(Skipped(path, s["algorithm"], s["reason"]) for s in entry["not_sent"])
     return FileHashes(Path(path), exact, found, skipped, unsent)
+
+
+# --------------------------------------------------------------------------- exact digests alone, most files
+
+
+def exact_kinds() -> tuple[tuple[str, int], ...]:
+    """(name, digest size) of every exact kind, in the order :func:`exact_digests` and the rows list them."""
+    return _exact_kinds(algorithms.names())
+
+
+@functools.lru_cache(maxsize=4)
+def _exact_kinds(names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    del names  # the cache key: a registry with other kinds has other ones
+    return tuple((a.name, a.digest_size) for a in algorithms.all_algorithms() if a.hashlib_name)
+
+
+def exact_text_parts() -> tuple[str, ...]:
+    """:func:`hashes_text` of exact digests alone (every exact kind), cut where the quoted hex digests go:
+    ``parts[0] "hex0" parts[1] "hex1" … parts[-1]``."""
+    return _text_parts(algorithms.names())
+
+
+@functools.lru_cache(maxsize=4)
+def _text_parts(names: tuple[str, ...]) -> tuple[str, ...]:
+    entry = hashes_json(None)
+    exact = _exact_kinds(names)
+    for position, (name, _) in enumerate(exact):
+        entry[name] = f"@{position}@"
+    text = json.dumps(entry, separators=(",", ":"))
+    parts = []
+    for position in range(len(exact)):
+        before, text = text.split(f'"@{position}@"')
+        parts.append(before)
+    parts.append(text)
+    return tuple(parts)
+
+
+def exact_text(hexes: Sequence[str]) -> str:
+    """:func:`hashes_text` of exact digests alone, from their hex forms (in :func:`exact_kinds` order),
+    without building the JSON: most files of a device have nothing else."""
+    parts = exact_text_parts()
+    return "".join([text for part, hexed in zip(parts, hexes, strict=False) for text in (part, f'"{hexed}"')]) \
+        + parts[-1]
+

@@ -8,16 +8,21 @@ with PDQ, consecutive near-identical frames dropped — vPDQ's recipe.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import av
-import numpy as np
-import pdqhash
-from PIL import Image, ImageOps, UnidentifiedImageError
+from typing import TYPE_CHECKING
 
 from federation.algorithms import Content
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+# The decoders (Pillow, PyAV, pdqhash, NumPy) are imported by the functions that use them: most files of a
+# device are neither image nor video, and a process that only reads them (a hashing worker, the command
+# line) starts without them.
 
 # Images above this many pixels are refused rather than decoded (decompression bombs).
 MAX_PIXELS = 64_000_000
@@ -51,6 +56,7 @@ _VIDEO_SIGNATURES = ((4, b"ftyp", "mov"), (0, b"\x1a\x45\xdf\xa3", "matroska"), 
 # MPEG transport streams: a sync byte every 188 bytes (every 192 in M2TS, after a 4-byte time code).
 _TS_SYNC = 0x47
 _TS_LAYOUTS = ((0, 188), (4, 192))
+_TS_SYNCS = bytes([_TS_SYNC] * 3)
 VIDEO_FORMATS_SAID = "MP4/MOV, Matroska/WebM, AVI, FLV, ASF/WMV, MPEG-PS, MPEG-TS, Ogg"
 
 DIHEDRAL_NAMES = ("original", "rot90", "rot180", "rot270", "flip-v", "flip-h", "rot90-flip-v", "rot90-flip-h")
@@ -86,11 +92,16 @@ class VideoHash:
 def _bits_to_bytes(bits: np.ndarray) -> bytes:
     # Bit 0 of pdqhash's vector is the most significant bit of the first hex
     # digit, as in ThreatExchange's hex form.
+    import numpy as np  # noqa: PLC0415 - see the imports
+
     return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB; transparency is composed onto white."""
+    import numpy as np  # noqa: PLC0415 - see the imports
+    from PIL import Image  # noqa: PLC0415
+
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -106,6 +117,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def open_image(path: Path) -> Image.Image | None:
     """The image upright and in RGB, or None when the file is not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 - see the imports
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -147,12 +160,13 @@ def video_demuxer(head: bytes) -> str | None:
         if head.startswith(magic, offset):
             return demuxer
     for start, packet in _TS_LAYOUTS:
-        if len(head) > start + 2 * packet and all(head[start + i * packet] == _TS_SYNC for i in range(3)):
+        # Three sync bytes, a packet apart (one slice: this runs for every file of a device).
+        if len(head) > start + 2 * packet and head[start : start + 2 * packet + 1 : packet] == _TS_SYNCS:
             return "mpegts"
     return None
 
 
-def claimed_content(path: Path, head: bytes | None = None) -> Content | None:
+def claimed_content(path: Path | str, head: bytes | None = None) -> Content | None:
     """What the file's name or first bytes say it is (image or video), whether or not it decodes.
 
     A decoder that does not recognise a file says only "not mine": this tells
@@ -161,16 +175,22 @@ def claimed_content(path: Path, head: bytes | None = None) -> Content | None:
     neither is not opened as media at all. ``head`` is the file's first bytes
     when the caller has read them already.
     """
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()  # Path.suffix, for a str too
     if suffix in IMAGE_SUFFIXES:
         return Content.IMAGE
     if suffix in VIDEO_SUFFIXES:
         return Content.VIDEO
     if head is None:
         try:
-            head = read_head(path)
+            head = read_head(Path(path))
         except OSError:
             return None
+    return content_by_signature(head)
+
+
+def content_by_signature(head: bytes) -> Content | None:
+    """What a file's first bytes alone say it is: :func:`claimed_content` for a caller that has
+    looked at the name already (a worker checks every file of a device)."""
     if _signed(head, _IMAGE_SIGNED):
         return Content.IMAGE
     if video_demuxer(head) is not None:
@@ -180,12 +200,18 @@ def claimed_content(path: Path, head: bytes | None = None) -> Content | None:
 
 def pdq(pixels: np.ndarray) -> PerceptualHash:
     """Meta's PDQ of RGB pixels: 256 bits and a quality from 0 to 100."""
+    import numpy as np  # noqa: PLC0415 - see the imports
+    import pdqhash  # noqa: PLC0415
+
     bits, quality = pdqhash.compute(np.ascontiguousarray(pixels, dtype=np.uint8))
     return PerceptualHash(_bits_to_bytes(bits), int(quality))
 
 
 def pdq_dihedral(pixels: np.ndarray) -> PerceptualHash:
     """Also the eight rotations and flips, for material that was turned or mirrored."""
+    import numpy as np  # noqa: PLC0415 - see the imports
+    import pdqhash  # noqa: PLC0415
+
     vectors, quality = pdqhash.compute_dihedral(np.ascontiguousarray(pixels, dtype=np.uint8))
     variants = tuple((name, _bits_to_bytes(v)) for name, v in zip(DIHEDRAL_NAMES, vectors, strict=True))
     return PerceptualHash(variants[0][1], int(quality), variants)
@@ -197,6 +223,8 @@ def pdq_image(pixels: np.ndarray, dihedral: bool) -> PerceptualHash:
 
 
 def _distance(a: bytes, b: bytes) -> int:
+    import numpy as np  # noqa: PLC0415 - see the imports
+
     return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
 
 
@@ -206,6 +234,8 @@ def video_hash(path: Path, min_quality: int) -> VideoHash | None:
     The file is opened only with the demuxer its signature names
     (:func:`video_demuxer`), never by FFmpeg's guess.
     """
+    import av  # noqa: PLC0415 - see the imports
+
     looks_like_video = path.suffix.lower() in VIDEO_SUFFIXES
     try:
         demuxer = video_demuxer(read_head(path))

@@ -295,3 +295,24 @@ async def test_a_batch_of_one_exact_algorithm_is_packed_whole(nodes: Nodes) -> N
     # A batch the node refuses goes unpacked, so the refusal names the caller's position.
     assert not plain.packed and len(plain.items) == len(short)
     assert refused.status.value == "refused" and "item 30: sha256 digest must be 32 bytes" in refused.message
+
+
+def test_a_batch_of_several_exact_algorithms_is_packed_as_the_item_loop_packs_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk's files hashed three ways: grouped a column at a time, the request and the map back to the
+    caller's positions are those of the item-by-item loop (which the same batch gets without the shortcut)."""
+    from gateway import packing  # noqa: PLC0415
+
+    rng = random.Random(11)
+    items = [QueryItem(name, rng.randbytes(size)) for _ in range(100)
+             for name, size in (("md5", 16), ("sha1", 20), ("sha256", 32))]
+    rng.shuffle(items)
+    fast = packing.packed(items)
+    monkeypatch.setattr(packing, "_exact_groups", lambda items, sizes: None)
+    loop = packing.packed(items)
+    assert fast is not None and loop is not None
+    assert fast.request == loop.request and fast.query_sha256 == loop.query_sha256
+    assert fast.order is not None and loop.order is not None and fast.order.tolist() == loop.order.tolist()
+    assert [p.algorithm for p in fast.request.packed] == list(dict.fromkeys(i.algorithm for i in items))
+    odd = [*items[:-1], QueryItem("md5", b"\x00" * 15)]  # one digest of the wrong size: never packed
+    assert packing.packed(odd) is None

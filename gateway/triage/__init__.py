@@ -14,11 +14,32 @@ reported by :mod:`.report` (JSON lines, CSV, the summary on stdout) and
 is fatal for a file: what cannot be read or decoded is listed with the reason.
 """
 
-from gateway.triage.cache import HashCache
-from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH, FileRow, Hashed, Task
-from gateway.triage.result import TriageResult
-from gateway.triage.run import CHUNK_FILES, FIRST_BATCH, PENDING_BATCHES, MatchingFederation, Triage
-from gateway.triage.store import RowStore
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.triage.asking import FIRST_BATCH, PENDING_BATCHES, MatchingFederation
+    from gateway.triage.cache import HashCache
+    from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH, FileRow, Hashed, Task
+    from gateway.triage.result import TriageResult
+    from gateway.triage.run import CHUNK_FILES, Triage
+    from gateway.triage.store import RowStore
+
+# Where each name lives. Imported when first asked for, not with the package: a hashing process
+# imports a few of its modules (gateway.triage.scan), not the run, the reports and what they need.
+_WHERE = {
+    "HashCache": "cache", "DEFAULT_BATCH": "model", "MAX_BATCH": "model", "FileRow": "model", "Hashed": "model",
+    "Task": "model", "TriageResult": "result", "CHUNK_FILES": "run", "FIRST_BATCH": "asking",
+    "PENDING_BATCHES": "asking", "MatchingFederation": "asking", "Triage": "run", "RowStore": "store",
+}
 
 __all__ = ["CHUNK_FILES", "DEFAULT_BATCH", "FIRST_BATCH", "MAX_BATCH", "PENDING_BATCHES", "FileRow", "HashCache",
            "Hashed", "MatchingFederation", "RowStore", "Task", "Triage", "TriageResult"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

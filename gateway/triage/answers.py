@@ -12,6 +12,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from federation.query import QueryItem
 from gateway.merge import merge
@@ -50,10 +51,12 @@ def apply(case: str, taken: Sequence[tuple[int, QueryItem, str]], answers: Seque
     if missing:
         for index in {index for index, _, _ in taken}:
             rows[index].not_answered_by.update(missing)
-    for index, count in Counter(index for index, _, _ in taken).items():
-        unanswered[index] -= count
-        if not unanswered[index]:
-            applied.final.append(index)
+    final = applied.final
+    for index, count in Counter(map(itemgetter(0), taken)).items():
+        left = unanswered[index] - count
+        unanswered[index] = left
+        if not left:
+            final.append(index)
     return applied
 
 

@@ -107,6 +107,12 @@ class HashCache:
             rows.append((self.key(task), variant, hashed.size, hashed.mtime_ns, text, now))
         self._db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)", rows)
 
+    def put_prepared(self, rows: Sequence[tuple[bytes, int, int, str]], dihedral: bool) -> None:
+        """Caches (key, size, mtime_ns, record) rows, the record as :func:`gateway.filehash.hashes_text` wrote it."""
+        variant, now = self.variant(dihedral), dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        self._db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
+                             [(key, variant, size, mtime_ns, text, now) for key, size, mtime_ns, text in rows])
+
     def commit(self) -> None:
         """Makes what was put so far durable (a Ctrl-C after this keeps it)."""
         self._db.execute("COMMIT")
@@ -141,6 +147,16 @@ class RunCache:
     def put_many(self, done: Sequence[tuple[Task, Done]]) -> None:
         if done:
             self._use(lambda cache: cache.put_many(done, self._dihedral))
+
+    def put_prepared(self, rows: Sequence[tuple[bytes, int, int, str]]) -> None:
+        if rows:
+            self._use(lambda cache: cache.put_prepared(rows, self._dihedral))
+
+    def readable(self) -> tuple[str, str] | None:
+        """(database path, variant) for a hashing process to read the cache itself; None without a cache."""
+        if self._cache is None:
+            return None
+        return str(self._cache.path), self._cache.variant(self._dihedral)
 
     def commit(self, *, if_due: bool = False) -> None:
         if if_due and time.monotonic() - self._committed < self.COMMIT_EVERY:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from gateway import interrupt
-from gateway.triage import digests, report, report_html, sources
+from gateway.triage import digests, report, report_html, sources, workers
 from gateway.triage.cache import HashCache, default_cache_path
 from gateway.triage.model import DEFAULT_BATCH, MAX_BATCH
 from gateway.triage.result import TriageResult
@@ -160,6 +160,8 @@ WRITERS: dict[str, Callable[[TriageResult, Path], None]] = {
 def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Callable[[], Signer]) -> int:
     """Runs the triage ``options`` ask for; called by :mod:`gateway.cli` once the common options are checked."""
     options.check()
+    if options.directories or options.from_list:
+        workers.start_forkserver()  # files to hash: the workers' server starts while the rest is set up
     roots = _roots(options.directories)
     digest_list = _digest_list(options.hashes) if options.hashes else None
     if options.from_list and options.from_list != "-" and not Path(options.from_list).is_file():

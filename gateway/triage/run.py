@@ -3,30 +3,36 @@
 The walk runs in a thread, hashing in a process pool, and queries go out as
 the hashes come in: one :class:`MatchingFederation`, batches of at most
 ``batch`` items, sent as soon as a batch is full (or after a short wait when
-hashing is slower than querying). Each batch is merged on its own; a node that
-did not answer a batch makes the files in it ``partial``. Hashing waits when
-the nodes fall behind, so memory stays bounded.
+hashing is slower than querying), a few at a time (:mod:`.asking`). Each
+batch is merged on its own; a node that did not answer a batch makes the files
+in it ``partial``. Hashing waits when the nodes fall behind, so memory stays
+bounded. A walked directory's regular files go to the workers by name, a group
+at a time (:mod:`.bulk`, :mod:`.scan`); listed paths and the odd entries of a
+tree (links, devices, what cannot be read) go one by one, as :class:`Task` and
+:class:`FileRow`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import datetime as dt
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, Protocol
+from itertools import repeat
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from federation.query import QueryItem
-from gateway.results import NodeAnswer
-from gateway.triage import sources
-from gateway.triage.answers import apply
+from gateway.triage import bulk, sources
 from gateway.triage.apart import Apart, watch
+from gateway.triage.asking import PENDING_BATCHES, Asking, MatchingFederation
+from gateway.triage.bulk import CHUNK_BYTES, SCAN_FIRST, Grouped
 from gateway.triage.cache import HashCache, RunCache
 from gateway.triage.digests import Digests
 from gateway.triage.model import (
@@ -44,7 +50,7 @@ from gateway.triage.model import (
 from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
 from gateway.triage.store import RowStore
-from gateway.triage.walk import walk
+from gateway.triage.walk import Files, walk_files
 from gateway.triage.workers import Hasher, hash_many, new_pool, stop_pool, usable_cpus
 
 if TYPE_CHECKING:
@@ -52,33 +58,19 @@ if TYPE_CHECKING:
 
 # What a run looks at, given what to leave out and when to stop: a tree (:func:`walk`),
 # a list of paths, digests read from a list.
-Entries = Callable[[frozenset[str], threading.Event], Iterable[Task | FileRow | Digests]]
+Entries = Callable[[frozenset[str], threading.Event], Iterable[Task | FileRow | Digests | Files]]
 LISTED = "digests read from a list: the file itself was not read here"
 
 # Files per task sent to a worker, and bytes: small files go in groups, to
 # keep the per-task overhead low; a large file goes alone.
 CHUNK_FILES = 64
-CHUNK_BYTES = 32 << 20
-# A partly filled batch is sent after this long when the querier is idle.
-FLUSH_AFTER = 2.0
-# Hashing waits when this many batches are waiting for the nodes (bounded memory).
-PENDING_BATCHES = 8
-# The first batch is this small, so that the first answer comes early.
-FIRST_BATCH = 100
 # Seconds one file may take to decode and hash (--file-timeout), and bytes of address
 # space per hashing process (--worker-memory): a hostile file costs at most that.
 FILE_TIMEOUT = 30.0
 WORKER_MEMORY = 8 << 30
 
 
-class MatchingFederation(Protocol):
-    """What a run needs of the federation: :class:`gateway.fanout.Federation` is one; tests pass others."""
-
-    async def match(self, items: Sequence[QueryItem], case: str, timeout: float | None = None,
-                    deadline: float | None = None) -> list[NodeAnswer]: ...
-
-
-class Triage:
+class Triage(Asking, Grouped):
     """One run over one directory; its counters stay readable after an interruption."""
 
     def __init__(self, root: str, case: str, nodes: Sequence[NodeEntry], *, jobs: int | None = None,
@@ -90,7 +82,7 @@ class Triage:
                  entries: Entries | None = None):
         self.root = root
         # What to look at; by default, the tree under ``root``.
-        self.entries = entries or (lambda exclude, stop: walk(root, exclude, stop))
+        self.entries = entries or (lambda exclude, stop: walk_files(root, exclude, stop))
         self.case = case
         self.jobs = jobs or usable_cpus()
         self.batch = batch
@@ -134,17 +126,21 @@ class Triage:
         self._drained = asyncio.Event()
         # Rows not final yet (being hashed, or some hash not answered), and how many of
         # their hashes are still to be answered: all that is held in memory.
-        self._live: dict[int, FileRow] = {}
+        self._live = bulk.Rows()
         self._unanswered: dict[int, int] = {}
         self._next_index = 0
         self.peak_live = 0
+        # Files per scanning task, and the files and bytes scanned so far (what sets it).
+        self._per_scan = min(SCAN_FIRST, batch)
+        self._scanned_files = self._scanned_bytes = 0
 
     # -- public
 
     async def run(self, federation: MatchingFederation) -> TriageResult:
+        gc.freeze()  # what is alive now (imported modules) lives as long as the run: the collector skips it
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
         loop = asyncio.get_running_loop()
-        entries: asyncio.Queue[list[Task | FileRow | Digests] | None] = asyncio.Queue(sources.WALK_QUEUE)
+        entries: asyncio.Queue[list[Task | FileRow | Digests | Files] | None] = asyncio.Queue(sources.WALK_QUEUE)
         with LiveProgress(self.console, self.show_progress) as progress:
             self._progress = progress
             walker = loop.run_in_executor(None, sources.feed, self.entries(self.exclude, self._stop_walk), entries,
@@ -175,19 +171,22 @@ class Triage:
                     stop_pool(self._pool)
                 self._apart.close(finished)
                 self.cache.commit()
+                gc.unfreeze()
         if finished:
-            self._final(list(self._live))  # none is left, unless a hash was never answered
+            self._final(self._live.indices())  # none is left, unless a hash was never answered
             self.store.commit()
         self.result.finished = dt.datetime.now(dt.UTC)
         return self.result
 
     # -- walking and hashing
 
-    async def _dispatch(self, entries: asyncio.Queue[list[Task | FileRow | Digests] | None]) -> None:
+    async def _dispatch(self, entries: asyncio.Queue[list[Task | FileRow | Digests | Files] | None]) -> None:
         slots = asyncio.Semaphore(self.jobs * 2)
         running = self._running
         chunk: list[tuple[int, Task]] = []
         size = 0
+        parts: list[tuple[str, list[str], int]] = []  # (directory, names, index of the first)
+        count = 0
 
         def done(work: asyncio.Task[None]) -> None:
             running.discard(work)
@@ -206,6 +205,19 @@ class Triage:
             work.add_done_callback(done)
             chunk, size = [], 0
 
+        async def submit_parts() -> None:
+            nonlocal parts, count
+            await slots.acquire()
+            try:
+                await self._room()
+            except BaseException:
+                slots.release()
+                raise
+            work = asyncio.create_task(self._scan(parts))
+            running.add(work)
+            work.add_done_callback(done)
+            parts, count = [], 0
+
         # A group of entries at a time (what the walk hands over): one cache query, one store write, one update.
         while (group := await entries.get()) is not None:
             idle = entries.empty()
@@ -214,6 +226,18 @@ class Triage:
             others: list[tuple[int, FileRow]] = []
             for entry in group:
                 index = self._next_index
+                if isinstance(entry, Files):  # a directory's files, to be looked at in a worker
+                    self._next_index += len(entry.names)
+                    self.total += len(entry.names)
+                    at = 0
+                    while at < len(entry.names):
+                        take = max(1, self._per_scan - count)
+                        parts.append((entry.directory, entry.names[at : at + take], index + at))
+                        count += len(parts[-1][1])
+                        at += take
+                        if count >= self._per_scan:
+                            await submit_parts()
+                    continue
                 self._next_index += 1
                 if isinstance(entry, FileRow):
                     others.append((index, entry))
@@ -227,7 +251,7 @@ class Triage:
             if others:
                 self.store.add_many(others)
             self.total += len(listed) + len(tasks)
-            self.peak_live = max(self.peak_live, len(self._live))
+            self.peak_live = max(self.peak_live, self._live.held())
             self._update(total=self.total)
             if listed:
                 self._finish(listed)
@@ -250,10 +274,14 @@ class Triage:
                 self._finish(cached, from_cache=True)
             if chunk and idle:
                 await submit()
+            if parts and idle:
+                await submit_parts()
         self._walked = True
         self._update(description="hashing")
         if chunk:
             await submit()
+        if parts:
+            await submit_parts()
         while running:
             for outcome in await asyncio.gather(*list(running), return_exceptions=True):
                 if isinstance(outcome, BaseException):
@@ -331,67 +359,17 @@ class Triage:
 
     def _final(self, indices: list[int]) -> None:
         """The rows at ``indices`` are complete: to the store, out of memory."""
-        rows = self._live
-        for index in indices:
-            self._unanswered.pop(index, None)
-        self.store.add_many([(index, rows.pop(index)) for index in sorted(indices)])
-
-    # -- querying
-
-    def _batch_size(self) -> int:
-        return min(self.batch, FIRST_BATCH) if not self.items_sent else self.batch
-
-    def _batch_ready(self) -> bool:
-        if len(self._pending) >= self._batch_size() or (self._hashing_over and self._pending):
-            return True
-        return bool(self._pending) and time.monotonic() - (self._pending_since or 0) >= FLUSH_AFTER
-
-    async def _querier(self, federation: MatchingFederation) -> None:
-        try:
-            await self._query_batches(federation)
-        finally:
-            self._drained.set()
-
-    async def _query_batches(self, federation: MatchingFederation) -> None:
-        while True:
-            while not self._batch_ready():
-                if self._hashing_over and not self._pending:
-                    return
-                self._wake.clear()
-                wait = None
-                if self._pending:
-                    wait = max(0.05, FLUSH_AFTER - (time.monotonic() - (self._pending_since or 0)))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-            size = self._batch_size()
-            taken = self._pending[:size]
-            del self._pending[:size]
-            self.items_sent += len(taken)
-            self._update(items=self.items_sent)
-            self._pending_since = time.monotonic() if self._pending else None
-            self._drained.set()
-            await self._ask(federation, taken)
-
-    async def _ask(self, federation: MatchingFederation, taken: list[tuple[int, QueryItem, str]]) -> None:
-        answers = await federation.match([item for _, item, _ in taken], self.case, self.timeout, self.deadline)
-        applied = apply(self.case, taken, answers, self._live, self._unanswered)
-        self._known += applied.known
-        self._hits += applied.hits
-        if applied.final:
-            self._final(applied.final)
-        for answer in answers:
-            tally = self.result.nodes.get(answer.node_id)
-            if tally is None:
-                tally = self.result.nodes[answer.node_id] = NodeTally(answer.node_id, answer.country)
-            tally.record(answer)
-        self.result.batches += 1
-        self.result.items_queried += len(taken)
-        answered = sum(1 for a in answers if a.status.answered)
-        self._update(known=self._known, hits=self._hits,
-                     answers=f"{answered}/{len(answers)} nodes answered")
+        collections.deque(map(self._unanswered.pop, indices, repeat(None)), maxlen=0)  # no Python step per file
+        rows, plain = self._live.take(indices)
+        if rows:
+            self.store.add_many(rows)
+        if plain:
+            self.store.add_plain(bulk.store_rows(plain))
 
     def _update(self, **fields: Any) -> None:
         if self._progress is not None:
             if "description" not in fields and not self._walked and "total" in fields:
                 fields["description"] = "hashing (walking)"
             self._progress.update(**fields)
+
+

@@ -24,10 +24,10 @@ from typing import IO
 
 from gateway.triage import digests
 from gateway.triage.model import FileRow, Task
-from gateway.triage.walk import listed, walk
+from gateway.triage.walk import Files, listed, walk_files
 
 Reopen = Callable[[], AbstractContextManager[Iterator[str]]]
-Entry = Task | FileRow | digests.Digests
+Entry = Task | FileRow | digests.Digests | Files
 # Entries handed over at once, and how many such groups the walk may be ahead of the hashing.
 WALK_GROUP = 64
 WALK_QUEUE = 4
@@ -83,12 +83,12 @@ def _paths(source: str) -> Iterator[str]:
 
 def entries(roots: list[str], from_list: str | None, digest_list: Reopen | None,
             digest_name: str) -> Callable[[frozenset[str], threading.Event],
-                                          Iterator[Task | FileRow | digests.Digests]]:
+                                          Iterator[Entry]]:
     """The run's entries: each tree walked, then each listed path, then each listed digest."""
 
-    def produce(exclude: frozenset[str], stop: threading.Event) -> Iterator[Task | FileRow | digests.Digests]:
+    def produce(exclude: frozenset[str], stop: threading.Event) -> Iterator[Entry]:
         for root in roots:
-            yield from walk(root, exclude, stop)
+            yield from walk_files(root, exclude, stop)
         if from_list:
             for path in _paths(from_list):
                 if stop.is_set():

@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +43,26 @@ def _record(row: FileRow) -> str:
         "not_answered_by": sorted(row.not_answered_by), "truncated_by": sorted(row.truncated_by),
         "notes": row.notes,
     }, separators=(",", ":"), ensure_ascii=False)
+
+
+def _plain_hashes() -> str:
+    """SQL for a plain file's hashes text from its digests: :func:`gateway.filehash.exact_text`'s."""
+    parts = filehash.exact_text_parts()
+    pieces, at = [_literal(parts[0])], 1
+    for (_, size), part in zip(filehash.exact_kinds(), parts[1:], strict=True):
+        pieces += ["'\"'", f"lower(hex(substr(digests, {at}, {size})))", "'\"'", _literal(part)]
+        at += size
+    return "(" + " || ".join(pieces) + ")"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# A plain file's record: what _record writes for a row with nothing to say.
+_PLAIN_RECORD = ("""('{"reason":"","size":' || size || ',"mtime_ns":' || mtime_ns || ',"from_cache":' || """
+                 """CASE WHEN from_cache THEN 'true' ELSE 'false' END || ',"matches":[],"not_answered_by":[],"""
+                 """"truncated_by":[],"notes":[]}')""")
 
 
 def _number(value: int | None) -> str:
@@ -79,8 +100,19 @@ class RowStore:
                          "hashes TEXT, record TEXT NOT NULL)")
         self._db.execute("CREATE TABLE refs (idx INTEGER NOT NULL, country TEXT NOT NULL, node TEXT NOT NULL, "
                          "reference TEXT NOT NULL)")
+        # Files no node found, with exact digests alone and nothing to say (most of a device): a short row,
+        # written as the worker made it; the listings see them as rows through the view ``every``.
+        self._db.execute("CREATE TABLE plain (idx INTEGER PRIMARY KEY, path BLOB NOT NULL, size INTEGER NOT NULL, "
+                         "mtime_ns INTEGER NOT NULL, digests BLOB NOT NULL, from_cache INTEGER NOT NULL)")
+        self._db.execute("CREATE VIEW every AS SELECT idx, path, status, known, best, skipped, hits, hashes, record "
+                         f"FROM rows UNION ALL SELECT idx, path, '{HASHED}', 0, NULL, 0, 0, {_plain_hashes()}, "
+                         f"{_PLAIN_RECORD} FROM plain")
         self._db.execute("BEGIN")
         self._unsaved = 0
+        # Counted as rows are written, so that the summary scans no table (a million rows):
+        # rows per (status, known, skipped), known files whose best match is near, hits.
+        self._counts: Counter[tuple[str, bool, bool]] = Counter()
+        self._near = self._hits = 0
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -97,8 +129,12 @@ class RowStore:
         references = []
         for index, row in rows:
             skipped = row.not_sent if row.hashes is None else bool(row.hashes.skipped)
-            values.append((index, os.fsencode(row.path), row.status, bool(row.matches), row.best_distance, skipped,
+            best = row.best_distance
+            values.append((index, os.fsencode(row.path), row.status, bool(row.matches), best, skipped,
                            len(row.matches), _hashes(row), _record(row)))
+            self._counts[row.status, bool(row.matches), bool(skipped)] += 1
+            self._near += bool(row.matches and best)
+            self._hits += len(row.matches)
             if row.matches:
                 references += [(index, r["country"], r["node"], r["reference"]) for r in row.references()]
         self._db.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
@@ -108,15 +144,24 @@ class RowStore:
         if self._unsaved >= COMMIT_EVERY:
             self.commit()
 
+    def add_plain(self, values: list[tuple[int, bytes, int, int, bytes, bool]]) -> None:
+        """Writes files no node found that have exact digests alone and nothing else to say: (walk index,
+        path as bytes, size, mtime_ns, exact digests end to end, from the cache), as :mod:`.bulk` holds them."""
+        self._db.executemany("INSERT INTO plain VALUES (?, ?, ?, ?, ?, ?)", values)
+        self._counts[HASHED, False, False] += len(values)
+        self._unsaved += len(values)
+        if self._unsaved >= COMMIT_EVERY:
+            self.commit()
+
     def commit(self) -> None:
         self._db.execute("COMMIT")
         self._db.execute("BEGIN")
         self._unsaved = 0
 
     def _rows(self, where: str = "", order: str = "idx", args: tuple[Any, ...] = (),
-              limit: int | None = None) -> Iterator[FileRow]:
+              limit: int | None = None, table: str = "every") -> Iterator[FileRow]:
         tail = f" LIMIT {int(limit)}" if limit is not None else ""
-        cursor = self._db.execute(f"SELECT path, status, hashes, record FROM rows {where} ORDER BY {order}{tail}",
+        cursor = self._db.execute(f"SELECT path, status, hashes, record FROM {table} {where} ORDER BY {order}{tail}",
                                   args)
         for path, status, hashes, record in cursor:
             yield _row(path, status, hashes, record)
@@ -132,7 +177,7 @@ class RowStore:
         """Known files nearest match first, then by path: the order every report lists them in;
         only near-duplicates (best distance > 0) or only exact copies when ``near`` says so."""
         where = {None: "WHERE known", True: "WHERE known AND best > 0", False: "WHERE known AND best = 0"}[near]
-        return self._rows(where, f"coalesce(best, {_FAR}), path", limit=limit)
+        return self._rows(where, f"coalesce(best, {_FAR}), path", limit=limit, table="rows")  # never plain
 
     def known_by_reference(self) -> Iterator[tuple[str, str, str, FileRow]]:
         """(country, reference, node, file) for every reference a file matched, grouped by country and
@@ -146,11 +191,11 @@ class RowStore:
 
     def known_near(self) -> int:
         """Known files whose nearest match is a perceptual one at distance > 0."""
-        return int(self._db.execute("SELECT count(*) FROM rows WHERE known AND best > 0").fetchone()[0])
+        return self._near
 
     def hits(self) -> int:
         """Hits in all: one per hash of a file that matched a reference (several per reference, often)."""
-        return int(self._db.execute("SELECT coalesce(sum(hits), 0) FROM rows").fetchone()[0])
+        return self._hits
 
     def references(self) -> int:
         """References in all: a file counts once per node and reference it matched."""
@@ -163,16 +208,8 @@ class RowStore:
 
     def count(self, status: str | None = None, *, known: bool = False, skipped: bool = False) -> int:
         """How many rows (of ``status``; known only; with perceptual hashes not sent only)."""
-        clauses, args = [], []
-        if status is not None:
-            clauses.append("status = ?")
-            args.append(status)
-        if known:
-            clauses.append("known")
-        if skipped:
-            clauses.append("skipped")
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        return int(self._db.execute(f"SELECT count(*) FROM rows {where}", args).fetchone()[0])
+        return sum(count for (of, is_known, is_skipped), count in self._counts.items()
+                   if status in (None, of) and is_known >= known and is_skipped >= skipped)
 
     def countries(self) -> dict[str, dict[str, int]]:
         """Per country with hits: how many files it knows and how many references it gave."""

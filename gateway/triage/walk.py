@@ -15,8 +15,21 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from gateway.triage.model import NOT_HASHED, UNREADABLE, FileRow, Task
+
+# Regular files of one directory handed over at once by :func:`walk_files`.
+FILES_AT_ONCE = 256
+
+
+@dataclass(frozen=True)
+class Files:
+    """Regular files of one directory, consecutive in walk order, not yet looked at: a hashing
+    process stats, reads and hashes them (the walk only lists the directory)."""
+
+    directory: str
+    names: list[str]
 
 
 def reason_of(exc: OSError) -> str:
@@ -94,6 +107,60 @@ def walk(root: str, exclude: frozenset[str] = frozenset(),
                     yield FileRow(path, NOT_HASHED, f"{kind}: not read")
             except OSError as exc:
                 yield FileRow(path, UNREADABLE, reason_of(exc))
+        stack.extend(reversed(subdirectories))
+
+
+def walk_files(root: str, exclude: frozenset[str] = frozenset(),
+               stop: threading.Event | None = None) -> Iterator[Task | FileRow | Files]:
+    """:func:`walk`, the same entries in the same order, but the regular files of a directory
+    in groups (:class:`Files`), named only: a seized device is mostly regular files, and the
+    walk's own process then does nothing per file (no stat, no object)."""
+    # Only a directory holding some excluded path needs each name checked.
+    holders = {os.path.dirname(path) for path in exclude}
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            yield FileRow(directory, UNREADABLE, f"directory cannot be listed: {reason_of(exc)}")
+            continue
+        if stop is not None and stop.is_set():
+            return
+        checked = directory in holders
+        subdirectories = []
+        names: list[str] = []
+        for entry in entries:
+            try:
+                # d_type from the listing: no system call for a regular file.
+                if entry.is_file(follow_symlinks=False) and not (checked and entry.path in exclude):
+                    names.append(entry.name)
+                    if len(names) >= FILES_AT_ONCE:
+                        yield Files(directory, names)
+                        names = []
+                    continue
+            except OSError:
+                pass  # told below, with the entry's other cases
+            if names:
+                yield Files(directory, names)
+                names = []
+            path = entry.path
+            if path in exclude:
+                yield FileRow(path, NOT_HASHED, "written by this run (report or cache): not hashed")
+                continue
+            try:
+                if entry.is_symlink():
+                    yield _link(path, root)
+                elif entry.is_dir(follow_symlinks=False):
+                    subdirectories.append(path)
+                else:
+                    kind = kind_of(entry.stat(follow_symlinks=False).st_mode)
+                    yield FileRow(path, NOT_HASHED, f"{kind}: not read")
+            except OSError as exc:
+                yield FileRow(path, UNREADABLE, reason_of(exc))
+        if names:
+            yield Files(directory, names)
         stack.extend(reversed(subdirectories))
 
 

@@ -12,15 +12,17 @@ that a decoder asking for too much memory fails alone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
 import resource
 import signal
 import stat
+import sys
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
@@ -37,11 +39,12 @@ Hasher = Callable[..., filehash.FileHashes]
 _SLOTS: weakref.WeakKeyDictionary[ProcessPoolExecutor, SynchronizedArray] = weakref.WeakKeyDictionary()
 # In a worker: its pool's slots and which pair is its own.
 _slots: SynchronizedArray | None = None
+_marks: Any = None
 _slot = -1
 
 
 def _worker_init(memory: int | None, slots: SynchronizedArray | None) -> None:
-    global _slots, _slot  # noqa: PLW0603 - one per worker process
+    global _slots, _slot, _marks  # noqa: PLW0603 - one per worker process
     # Ctrl-C is the parent's business: it stops the pool and keeps what is cached.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory:
@@ -57,11 +60,13 @@ def _worker_init(memory: int | None, slots: SynchronizedArray | None) -> None:
                     slots[i], _slot = os.getpid(), i
                     break
         _slots = slots
+        _marks = slots.get_obj()  # this process alone writes its pair: no lock per file
 
 
-def _on_file(since: float) -> None:
-    if _slots is not None and _slot >= 0:
-        _slots[_slot + 1] = since
+def on_file(since: float) -> None:
+    """Marks the start of a file (``time.monotonic()``), or the end of it (0), for the watchdog."""
+    if _marks is not None and _slot >= 0:
+        _marks[_slot + 1] = since
 
 
 def stuck_workers(pool: ProcessPoolExecutor | None, limit: float) -> list[int]:
@@ -113,11 +118,11 @@ def hash_chunk(tasks: Sequence[Task], dihedral: bool, hasher: Hasher | None = No
     """What a worker runs: a few small files, or one large one; each file's start is marked for the watchdog."""
     done = []
     for task in tasks:
-        _on_file(time.monotonic())
+        on_file(time.monotonic())
         try:
             done.append(hash_one(task, dihedral, hasher))
         finally:
-            _on_file(0.0)
+            on_file(0.0)
     return done
 
 
@@ -137,6 +142,12 @@ def exact_only(task: Task, why: str) -> Hashed:
     return Hashed(hashes, task.size, task.mtime_ns, stable=False)
 
 
+def start_forkserver() -> None:
+    """Starts the fork server now, without waiting for it: it imports the hashing modules while the
+    caller sets up the rest (the first pool then starts at once)."""
+    _start_forkserver()
+
+
 def _start_forkserver() -> None:
     """Starts the fork server with Ctrl-C ignored, so that its workers ignore it from birth.
 
@@ -145,7 +156,7 @@ def _start_forkserver() -> None:
     """
     from multiprocessing import forkserver  # noqa: PLC0415
 
-    forkserver.set_forkserver_preload(["gateway.filehash", "gateway.triage.workers"])
+    forkserver.set_forkserver_preload(["gateway.filehash", "gateway.triage.workers", "gateway.triage.scan"])
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: leave the handler alone
@@ -166,7 +177,30 @@ def new_pool(workers: int, memory: int | None = None) -> ProcessPoolExecutor:
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
                                initargs=(memory, slots))
     _SLOTS[pool] = slots
+    with _main_unseen():
+        pool.submit(os.getpid)  # starts every worker now, while the main module is out of sight
     return pool
+
+
+@contextlib.contextmanager
+def _main_unseen() -> Iterator[None]:
+    """Hides which module is ``__main__`` while workers start.
+
+    A process started by the fork server imports the parent's main module
+    first (multiprocessing's "safe importing of main module"); here that is the
+    gateway's command line, with gRPC and the rest: a second or more per
+    worker and tens of MB each, for nothing a worker runs (the functions it
+    runs live in this package). Without a name or a file, none is imported.
+    """
+    main = sys.modules["__main__"]
+    saved: dict[str, Any] = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def stop_pool(pool: ProcessPoolExecutor | None) -> None:

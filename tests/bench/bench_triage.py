@@ -34,6 +34,8 @@ from federation.pki import DevPki
 from tests import media as draw
 
 TOTAL_BYTES = 50 << 20  # the tree of large files, whatever their number
+# The node's per-officer limits, out of the way: a million-file tree is asked three times over.
+POLICY = {"requests_per_minute": 100_000_000, "items_per_day": 100_000_000_000}
 
 
 @dataclass
@@ -94,9 +96,11 @@ def small_tree(root: Path, files: int) -> Path:
     rng = random.Random(1)
     size = 512  # 100,000 of them: 50 MB
     for i in range(files):
-        path = root / f"d{i // 1000:04d}" / f"f{i:06d}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(size))
+        if i % 1000 == 0:
+            directory = root / f"d{i // 1000:04d}"
+            directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / f"f{i:06d}.bin", "wb") as out:
+            out.write(rng.randbytes(size))
     return root
 
 
@@ -151,14 +155,19 @@ def main() -> None:
                         "about a second, weighs less on a larger total)")
     parser.add_argument("--images", type=int, default=5_000, help="drawn JPEG images (default 5,000)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the trees are generated (default: the system's temporary directory; a million "
+                        "files need a few GB) — removed afterwards")
     args = parser.parse_args()
     tool = hashdeep()
     if tool is None:
         print("hashdeep: not installed (Debian package 'hashdeep'; installed here only as root): column skipped")
-    with tempfile.TemporaryDirectory(prefix="bench-triage-") as tmp:
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-triage-", dir=args.workdir) as tmp:
         work = Path(tmp)
         pki = DevPki(work / "pki", "bench.icse.test", ["FR"], ["eu-1"]).create()
-        local = LocalFederation(work / "nodes", pki, [NodeSpec("FR", "FR", "bench")])
+        local = LocalFederation(work / "nodes", pki, [NodeSpec("FR", "FR", "bench", tables={"policy": POLICY})])
         started = time.perf_counter()
         trees = {"small files": small_tree(work / "small", args.files),
                  "large files": large_tree(work / "large", args.large, args.large_mb << 20),
