@@ -114,8 +114,12 @@ def backoff(attempts: int, target: WebhookTarget, rng: random.Random | None = No
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
-def _canonical(event: dict[str, object]) -> str:
+def canonical(event: dict[str, object]) -> str:
+    """An event's text as the outbox stores and sends it: sorted keys, no spaces, UTF-8."""
     return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+_canonical = canonical
 
 
 def _create_private(path: Path) -> None:
@@ -181,11 +185,16 @@ class Outbox:
     def add_many(self, events: Sequence[tuple[str, dict[str, object]]]) -> int:
         """``add`` for several events in one transaction (one sync to disk, not
         one each); returns how many keys were new."""
+        return self.add_encoded([(key, _canonical(event)) for key, event in events])
+
+    def add_encoded(self, events: Sequence[tuple[str, str]]) -> int:
+        """``add_many`` for events already in their canonical JSON text (``canonical``): a
+        caller recording thousands of like events encodes them faster than one dump each."""
         if not events:
             return 0
         created = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         fed = 0 if self._jsonl_path is not None else 1
-        rows = [(key, _canonical(event), created, fed) for key, event in events]
+        rows = [(key, text, created, fed) for key, text in events]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -41,6 +42,9 @@ from node.private_files import make_private
 from node.records import HashRecord
 
 log = logging.getLogger("icse.node")
+
+# How ``json.dumps(..., ensure_ascii=False)`` writes a string (its C version, when built).
+_encode_string = json.encoder.encode_basestring
 
 EVENT_TYPE = "hit.released"
 
@@ -99,15 +103,27 @@ def event_key(claims: QueryClaims, request_id: str, hit: ReleasedHit) -> str:
     return f"{claims.issuer}/{request_id}/{hit.item}/{hit.record.reference}"
 
 
-def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit: ReleasedHit,
-          when: dt.datetime) -> dict[str, object]:
-    """The alert as the desk receives it (JSON object)."""
-    record = hit.record
+def _shared(node_id: str, country: str, claims: QueryClaims, request_id: str, when: dt.datetime) -> dict[str, object]:
+    """The fields every alert of one answered request has in common."""
     return {
         "type": EVENT_TYPE,
         "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "node_id": node_id,
         "node_country": country,
+        "request_id": request_id,
+        "gateway": claims.issuer,
+        "requesting_country": claims.country,
+        "requesting_agency": claims.org,
+        "officer": claims.subject,
+        "case": claims.case,
+        "token_id": claims.token_id,
+    }
+
+
+def _own(hit: ReleasedHit) -> dict[str, object]:
+    """The fields of one hit's alert that are its own."""
+    record = hit.record
+    return {
         "reference": record.reference,
         "series": record.series,
         "category": record.category,
@@ -118,14 +134,60 @@ def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit:
         "matched_share": hit.matched_share,
         "item": hit.item,
         "released_tier": hit.tier,
-        "request_id": request_id,
-        "gateway": claims.issuer,
-        "requesting_country": claims.country,
-        "requesting_agency": claims.org,
-        "officer": claims.subject,
-        "case": claims.case,
-        "token_id": claims.token_id,
     }
+
+
+def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit: ReleasedHit,
+          when: dt.datetime) -> dict[str, object]:
+    """The alert as the desk receives it (JSON object)."""
+    return {**_shared(node_id, country, claims, request_id, when), **_own(hit)}
+
+
+def _json_value(value: object) -> str:
+    """``json.dumps`` of one value as ``canonical`` writes it, without its call overhead
+    for the kinds an alert holds (str, int, bool, None); anything else goes through it."""
+    if type(value) is str:
+        return _encode_string(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return int.__repr__(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+class _Encoder:
+    """The canonical JSON text (``federation.outbox.canonical``: sorted keys, no spaces) of a
+    request's alerts, the shared fields encoded once: a 5,000-hit answer costs one string
+    join per alert instead of a full ``json.dumps`` (with its key sort) each."""
+
+    def __init__(self, shared: dict[str, object], own: Sequence[str]):
+        self._own = sorted(own)
+        keys = sorted([*shared, *own])
+        if len(set(keys)) != len(keys):
+            raise ValueError("a field is both shared and per hit")
+        self._pieces: list[str] = []  # constant text; a per-hit value goes between two pieces
+        text = "{"
+        for key in keys:
+            text += ("" if text == "{" else ",") + _encode_string(key) + ":"
+            if key in shared:
+                text += _json_value(shared[key])
+            else:
+                self._pieces.append(text)
+                text = ""
+        self._pieces.append(text + "}")
+
+    def encode(self, own: dict[str, object]) -> str:
+        if len(own) != len(self._own):
+            raise ValueError("an alert's own fields differ from its request's others")
+        parts = [self._pieces[0]]
+        for key, piece in zip(self._own, self._pieces[1:], strict=True):
+            parts.append(_json_value(own[key]))
+            parts.append(piece)
+        return "".join(parts)
 
 
 class Alerts:
@@ -137,6 +199,9 @@ class Alerts:
         self._settings = settings
         self._node_id = node_id
         self._country = country
+        # No filter set: every released hit is alerted, none is looked at one by one.
+        self._unfiltered = (settings.requesting_countries is None and settings.series is None
+                            and settings.min_category is None)
         self.recorded = Counter("icse_node_alerts_recorded", "Alerts recorded in the outbox", registry=registry)
         self.filtered = Counter("icse_node_alerts_filtered", "Released hits left out by the [alerts] filters",
                                 registry=registry)
@@ -154,24 +219,31 @@ class Alerts:
         if self._outbox is None or not released:
             return
         when = dt.datetime.now(dt.UTC)
-        chosen = [hit for hit in released if passes(self._settings, claims, hit)]
+        chosen = list(released) if self._unfiltered else [hit for hit in released
+                                                           if passes(self._settings, claims, hit)]
         self.filtered.inc(len(released) - len(chosen))
-        events = []
-        for hit in chosen:
-            key = event_key(claims, request_id, hit)
-            events.append((key, {"event_id": key, **event(self._node_id, self._country, claims, request_id,
-                                                          hit, when)}))
-        if not events:
+        if not chosen:
             return
         try:
             # In a worker thread: the commit syncs to disk, and the loop serves other calls meanwhile.
-            added = await asyncio.to_thread(self._outbox.add_many, events)
+            added = await asyncio.to_thread(self._write, claims, request_id, chosen, when)
         except Exception as exc:  # noqa: BLE001 - any failure: the answer still goes (module docstring)
-            self.failed.inc(len(events))
+            self.failed.inc(len(chosen))
             log.error("alert not recorded; the answer goes out, the audit log has the call", extra={
-                "request_id": request_id, "alerts": len(events), "reason": f"{type(exc).__name__}: {exc}"})
+                "request_id": request_id, "alerts": len(chosen), "reason": f"{type(exc).__name__}: {exc}"})
             return
         self.recorded.inc(added)
+
+    def _write(self, claims: QueryClaims, request_id: str, chosen: Sequence[ReleasedHit], when: dt.datetime) -> int:
+        """Encodes the alerts of one answer and commits them in one transaction; how many were new."""
+        assert self._outbox is not None
+        owns = []
+        for hit in chosen:
+            own = _own(hit)
+            own["event_id"] = event_key(claims, request_id, hit)
+            owns.append(own)
+        encoder = _Encoder(_shared(self._node_id, self._country, claims, request_id, when), list(owns[0]))
+        return self._outbox.add_encoded([(own["event_id"], encoder.encode(own)) for own in owns])
 
     async def deliver_forever(self, stop: asyncio.Event) -> None:
         """Delivers recorded alerts to the webhook until ``stop`` (nothing to do without one)."""

@@ -43,7 +43,7 @@ import xxhash
 from federation import algorithms
 from federation.algorithms import Algorithm, MatchKind
 from node import db as sqlite_setup, private_arrays, segment_index
-from node.index import Index
+from node.index import ExactIndex, Index
 from node.private_files import make_private_directory, open_private, open_private_append
 
 Row = tuple  # (algorithm, digest, reference, category, victim_identified, series, date_added)
@@ -342,7 +342,9 @@ class MappedSegment:
         """Row id of each wanted key (``segment_index.keys_of``), -1 where absent."""
         if algorithm not in self.keys:
             return np.full(len(wanted), -1, dtype=np.int64)
-        return segment_index.find(*self.keys[algorithm], wanted)
+        index = self.indexes.get(algorithm)
+        prefix = index.prefix if isinstance(index, ExactIndex) else None
+        return segment_index.find(*self.keys[algorithm], wanted, prefix)
 
     def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
         with self._lock:

@@ -28,7 +28,7 @@ import numpy as np
 from federation import algorithms
 from node import segment_index
 from node.catalog import Births, Snapshot
-from node.index import Candidate, Index
+from node.index import Candidate, ExactIndex, Index, Probe
 from node.records import HashRecord, StoredRecord
 from node.segment import MappedSegment
 
@@ -67,6 +67,14 @@ class LiveSegment:
         at = bisect_right(self._firsts, row_id) - 1
         return self.born[at][1] if at >= 0 else 0
 
+    def born_of_rows(self, row_ids: np.ndarray) -> np.ndarray:
+        """``born_of`` of each row id, in one vectorised search."""
+        if not self.born:
+            return np.zeros(len(row_ids), dtype=np.int64)
+        at = np.searchsorted(np.array(self._firsts, dtype=np.int64), row_ids, side="right") - 1
+        generations = np.array([generation for _, generation in self.born], dtype=np.int64)
+        return np.where(at >= 0, generations[np.maximum(at, 0)], 0)
+
     def live_rows(self) -> int:
         return sum(self.segment.counts.values()) - sum(len(rows) for rows in self.deleted.values())
 
@@ -90,7 +98,36 @@ class MergedIndex:
         found = self.hits(digests, max_distance)
         return [found.get(position, []) for position in range(len(digests))]
 
+    def exact(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """For an exact algorithm (every part an ``ExactIndex``): the batch positions found and
+        their record ids, ordered by position then record id, tombstones and ``after`` applied;
+        arrays only, the query keys prepared once for every segment. None for other kinds."""
+        if not all(isinstance(index, ExactIndex) for _, index, _, _ in self._parts):
+            return None
+        probe = Probe.of(digests) if len(self._parts) else None
+        positions: list[np.ndarray] = []
+        records: list[np.ndarray] = []
+        for segment_id, index, deleted, mixed in self._parts:
+            where, rows = index.lookup(probe)
+            keep = np.ones(len(rows), dtype=bool)
+            if deleted:
+                keep &= ~np.isin(rows, np.fromiter(deleted, np.int64, len(deleted)))
+            if mixed is not None:
+                keep &= mixed.born_of_rows(rows) > self._after
+            positions.append(where[keep])
+            records.append(rows[keep] | (segment_id << ROW_BITS))
+        if not positions:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        where, ids = np.concatenate(positions), np.concatenate(records)
+        order = np.lexsort((ids, where))
+        return where[order], ids[order]
+
     def hits(self, digests: Sequence[bytes] | np.ndarray, max_distance: Sequence[int]) -> dict[int, list[Candidate]]:
+        if isinstance(digests, np.ndarray) and (found := self.exact(digests)) is not None:
+            merged_exact: dict[int, list[Candidate]] = {}
+            for position, rid in zip(*(array.tolist() for array in found), strict=True):
+                merged_exact.setdefault(position, []).append(Candidate(rid))
+            return merged_exact
         merged: dict[int, list[Candidate]] = {}
         for segment_id, index, deleted, mixed in self._parts:
             base = segment_id << ROW_BITS
