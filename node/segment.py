@@ -49,6 +49,7 @@ from node.private_files import make_private_directory, open_private, open_privat
 Row = tuple  # (algorithm, digest, reference, category, victim_identified, series, date_added)
 ROWS_FILE = "rows.sqlite"
 LOCK_FILE = "lock"
+ROWS_MMAP_BYTES = 1 << 31  # SQLite's default ceiling (SQLITE_MAX_MMAP_SIZE); a 2 M-row file is ~300 MB
 _COLUMNS = "algorithm, digest, reference, category, victim_identified, series, date_added"
 _SCHEMA = """CREATE TABLE rows (id INTEGER PRIMARY KEY, algorithm TEXT NOT NULL, digest BLOB NOT NULL,
     reference TEXT NOT NULL, category TEXT NOT NULL, victim_identified INTEGER, series TEXT NOT NULL,
@@ -336,6 +337,8 @@ class MappedSegment:
         parts = {name: {key_id: private_arrays.PrivatePart.from_arrays(found) for key_id, found in by_key.items()}
                  for name, by_key in private.items()}
         rows = sqlite_setup.open_immutable(directory / ROWS_FILE)
+        # Hits' rows read through a mapping of the file (the page cache), not a read() per page.
+        rows.execute(f"PRAGMA mmap_size={ROWS_MMAP_BYTES}")
         return cls(segment_id, directory, dict(counts), keys, indexes, rows, parts, dict(files))
 
     def find(self, algorithm: str, wanted: np.ndarray) -> np.ndarray:

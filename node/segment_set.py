@@ -33,6 +33,7 @@ from node.records import HashRecord, StoredRecord
 from node.segment import MappedSegment
 
 ROW_BITS = 32
+_ROW_MASK = (1 << ROW_BITS) - 1
 
 
 def record_id(segment_id: int, row_id: int) -> int:
@@ -191,21 +192,21 @@ class SegmentSet:
         """The rows for a batch of hits: one query per segment holding any."""
         by_segment: dict[int, list[int]] = {}
         for rid in ids:
-            by_segment.setdefault(rid >> ROW_BITS, []).append(rid & ((1 << ROW_BITS) - 1))
+            by_segment.setdefault(rid >> ROW_BITS, []).append(rid & _ROW_MASK)
         found: dict[int, StoredRecord] = {}
         for live in self.segments:
             wanted = by_segment.get(live.segment_id)
             if wanted:
-                for row in live.segment.rows(wanted):
-                    rid = record_id(live.segment_id, row[0])
-                    found[rid] = StoredRecord(rid, to_record(row[1:]))
+                base = live.segment_id << ROW_BITS
+                for row_id, *row in live.segment.rows(wanted):
+                    found[base | row_id] = StoredRecord(base | row_id, to_record(row))
         return found
 
 
 def to_record(row: Sequence) -> HashRecord:
-    return HashRecord(algorithm=row[0], digest=bytes(row[1]), reference=row[2], category=row[3],
-                      victim_identified=None if row[4] is None else bool(row[4]), series=row[5],
-                      date_added=row[6])
+    victim = row[4]
+    return HashRecord(row[0], row[1] if type(row[1]) is bytes else bytes(row[1]), row[2], row[3],
+                      None if victim is None else bool(victim), row[5], row[6])
 
 
 class SegmentLoader:
