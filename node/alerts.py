@@ -32,6 +32,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -86,12 +87,16 @@ def open_outbox(store: Path, settings: AlertSettings) -> Outbox | None:
 
 def passes(settings: AlertSettings, claims: QueryClaims, hit: ReleasedHit) -> bool:
     """Whether the desk asked to hear of this hit (its filters; pure)."""
+    return _passes(settings, claims, hit.record.series, hit.record.category)
+
+
+def _passes(settings: AlertSettings, claims: QueryClaims, series: str, category: str) -> bool:
     if settings.requesting_countries is not None and claims.country not in settings.requesting_countries:
         return False
-    if settings.series is not None and hit.record.series not in settings.series:
+    if settings.series is not None and series not in settings.series:
         return False
     if settings.min_category is not None:
-        category = hit.record.category.strip()
+        category = category.strip()
         if not category.isdigit() or int(category) < settings.min_category:
             return False
     return True
@@ -159,14 +164,40 @@ def _json_value(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+class Released(NamedTuple):
+    """``ReleasedHit`` as the fields its alert holds: what the service gives for each of a
+    batch's thousands of hits (a tuple, no record object)."""
+
+    item: int
+    algorithm: str
+    digest: bytes
+    reference: str
+    series: str
+    category: str
+    victim_identified: bool | None
+    distance: int
+    matched_share: float | None
+    tier: str
+
+    @classmethod
+    def of(cls, hit: ReleasedHit) -> Released:
+        record = hit.record
+        return cls(hit.item, hit.algorithm, hit.digest, record.reference, record.series, record.category,
+                   record.victim_identified, hit.distance, hit.matched_share, hit.tier)
+
+
+# The fields of ``_own`` in the order ``canonical`` writes them (sorted), with the event id.
+_OWN_KEYS = ("algorithm", "category", "digest", "distance", "event_id", "item", "matched_share", "reference",
+             "released_tier", "series", "victim_identified")
+
+
 class _Encoder:
     """The canonical JSON text (``federation.outbox.canonical``: sorted keys, no spaces) of a
     request's alerts, the shared fields encoded once: a 5,000-hit answer costs one string
     format per alert instead of a full ``json.dumps`` (with its key sort) each."""
 
-    def __init__(self, shared: dict[str, object], own: Sequence[str]):
-        self._own = sorted(own)
-        keys = sorted([*shared, *own])
+    def __init__(self, shared: dict[str, object]):
+        keys = sorted([*shared, *_OWN_KEYS])
         if len(set(keys)) != len(keys):
             raise ValueError("a field is both shared and per hit")
         # A str.format template: a per-hit value is a field, the constant text's braces are doubled.
@@ -174,10 +205,13 @@ class _Encoder:
                                                if key in shared else "{}") for key in keys]
         self._template = "{{" + ",".join(fields) + "}}"
 
-    def encode(self, own: dict[str, object]) -> str:
-        if len(own) != len(self._own):
-            raise ValueError("an alert's own fields differ from its request's others")
-        return self._template.format(*[_json_value(own[key]) for key in self._own])
+    def encode(self, key: str, hit: Released) -> str:
+        """The alert of one hit, ``key`` its event id (``_OWN_KEYS`` order below)."""
+        text = _encode_string
+        return self._template.format(
+            text(hit.algorithm), text(hit.category), '"' + hit.digest.hex() + '"', _json_value(hit.distance),
+            text(key), _json_value(hit.item), _json_value(hit.matched_share), text(hit.reference),
+            text(hit.tier), text(hit.series), _json_value(hit.victim_identified))
 
 
 class Alerts:
@@ -206,11 +240,15 @@ class Alerts:
     async def record(self, claims: QueryClaims, request_id: str, released: Sequence[ReleasedHit]) -> None:
         """Commits an alert per released hit the filters let through, before
         returning; never raises (see the module docstring)."""
+        await self.record_released(claims, request_id, [Released.of(hit) for hit in released])
+
+    async def record_released(self, claims: QueryClaims, request_id: str, released: Sequence[Released]) -> None:
+        """``record`` for hits given as their alert's fields."""
         if self._outbox is None or not released:
             return
         when = dt.datetime.now(dt.UTC)
-        chosen = list(released) if self._unfiltered else [hit for hit in released
-                                                           if passes(self._settings, claims, hit)]
+        chosen = released if self._unfiltered else [hit for hit in released
+                                                    if _passes(self._settings, claims, hit.series, hit.category)]
         self.filtered.inc(len(released) - len(chosen))
         if not chosen:
             return
@@ -224,16 +262,16 @@ class Alerts:
             return
         self.recorded.inc(added)
 
-    def _write(self, claims: QueryClaims, request_id: str, chosen: Sequence[ReleasedHit], when: dt.datetime) -> int:
+    def _write(self, claims: QueryClaims, request_id: str, chosen: Sequence[Released], when: dt.datetime) -> int:
         """Encodes the alerts of one answer and commits them in one transaction; how many were new."""
         assert self._outbox is not None
-        owns = []
+        encoder = _Encoder(_shared(self._node_id, self._country, claims, request_id, when))
+        prefix = f"{claims.issuer}/{request_id}/"  # event_key's, for every hit of the request
+        events = []
         for hit in chosen:
-            own = _own(hit)
-            own["event_id"] = event_key(claims, request_id, hit)
-            owns.append(own)
-        encoder = _Encoder(_shared(self._node_id, self._country, claims, request_id, when), list(owns[0]))
-        return self._outbox.add_encoded([(own["event_id"], encoder.encode(own)) for own in owns])
+            key = f"{prefix}{hit.item}/{hit.reference}"
+            events.append((key, encoder.encode(key, hit)))
+        return self._outbox.add_encoded(events)
 
     async def deliver_forever(self, stop: asyncio.Event) -> None:
         """Delivers recorded alerts to the webhook until ``stop`` (nothing to do without one)."""

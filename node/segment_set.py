@@ -103,12 +103,13 @@ class MergedIndex:
         """For an exact algorithm (every part an ``ExactIndex``): the batch positions found and
         their record ids, ordered by position then record id, tombstones and ``after`` applied;
         arrays only, the query keys prepared once for every segment. None for other kinds."""
-        if not all(isinstance(index, ExactIndex) for _, index, _, _ in self._parts):
+        exact = [index for _, index, _, _ in self._parts if isinstance(index, ExactIndex)]
+        if len(exact) != len(self._parts):
             return None
-        probe = Probe.of(digests) if len(self._parts) else None
+        probe = Probe.of(digests)
         positions: list[np.ndarray] = []
         records: list[np.ndarray] = []
-        for segment_id, index, deleted, mixed in self._parts:
+        for (segment_id, _, deleted, mixed), index in zip(self._parts, exact, strict=True):
             where, rows = index.lookup(probe)
             keep = np.ones(len(rows), dtype=bool)
             if deleted:
@@ -190,16 +191,20 @@ class SegmentSet:
 
     def records(self, ids: Iterable[int]) -> dict[int, StoredRecord]:
         """The rows for a batch of hits: one query per segment holding any."""
+        return {rid: StoredRecord(rid, to_record(row)) for rid, row in self.rows(ids).items()}
+
+    def rows(self, ids: Iterable[int]) -> dict[int, tuple]:
+        """``records`` as the rows' tuples (``HashRecord`` field order; victim_identified as
+        stored, 0/1/None): a batch's thousands of hits read without an object each."""
         by_segment: dict[int, list[int]] = {}
         for rid in ids:
             by_segment.setdefault(rid >> ROW_BITS, []).append(rid & _ROW_MASK)
-        found: dict[int, StoredRecord] = {}
+        found: dict[int, tuple] = {}
         for live in self.segments:
             wanted = by_segment.get(live.segment_id)
             if wanted:
                 base = live.segment_id << ROW_BITS
-                for row_id, *row in live.segment.rows(wanted):
-                    found[base | row_id] = StoredRecord(base | row_id, to_record(row))
+                found.update((base | row[0], row[1:]) for row in live.segment.rows(wanted))
         return found
 
 

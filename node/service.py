@@ -34,14 +34,15 @@ from federation.query import (
 from federation.tokens import QueryClaims
 from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, BadPacking, items_from_pb, packed_from_pb, pb, rpc
 from node import matcher
-from node.alerts import Alerts, ReleasedHit
+from node.alerts import Alerts, Released
 from node.audit import AuditEntry, AuditLog
 from node.auth import Authenticator, AuthError
 from node.config import NodeConfig
+from node.hits import Asked, HitWriter
 from node.live_index import LiveIndexes
 from node.metrics import NodeMetrics
 from node.policy import Admission, PolicyRefusal, Tier
-from node.records import HashRecord, StoredRecord
+from node.records import StoredRecord
 from node.segment import SegmentCorrupt
 from node.segment_set import SegmentSet
 
@@ -112,7 +113,7 @@ class _Answer:
     response: pb.MatchResponse
     claims: QueryClaims
     references: list[str]
-    released: list[ReleasedHit]
+    released: list[Released]
     rows_searched: int
 
 
@@ -126,6 +127,7 @@ class NodeService(rpc.NodeServicer):
         self._auth = auth
         self._admission = admission
         self._audit = audit
+        self._hits = HitWriter(config.country, config.node_id, config.contact)
         # Describe's private_exact (node.private_service.PrivateMode.info), when the node offers it.
         self.private_info: Callable[[SegmentSet], pb.PrivateInfo | None] | None = None
 
@@ -178,7 +180,7 @@ class NodeService(rpc.NodeServicer):
                                         references=references, since_generation=since,
                                         rows_searched=answer.rows_searched, packed=packed))
         if self._alerts is not None:  # the holder's desk hears of what was released; never fails the answer
-            await self._alerts.record(claims, rid, answer.released)
+            await self._alerts.record_released(claims, rid, answer.released)
         elapsed = time.perf_counter() - started
         asked = Counter(item.algorithm for item in items)
         for group in packed:
@@ -212,37 +214,18 @@ class NodeService(rpc.NodeServicer):
                           claims)
         self._metrics.serving(current.generation, current.counts())
         searched = current.since(since)
-        found = matcher.hits(valid, searched.indexes, self._config.limits)
-        hit_ids = [c.record_id for m in found.values() for c in m.candidates]
-        records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
+        found, exact = matcher.search(valid, searched.indexes, self._config.limits)
+        hit_ids = [c.record_id for m in found.values() for c in m.candidates] + exact.record_ids.tolist()
+        rows = await asyncio.to_thread(current.rows, hit_ids) if hit_ids else {}
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
                                     tier=_TIERS[tier], protocol_version=protocol.VERSION,
                                     generation=current.generation)
-        references, released = self._add_hits(response, found, records, _Asked(items, packed), tier)
+        asked = Asked(items, packed)
+        if found:
+            references, released = self._hits.add(response, matcher.merged(found, exact), rows, asked, tier)
+        else:  # exact items only (a packed batch, mostly): straight from the arrays
+            references, released = self._hits.add_exact(response, exact, rows, asked, tier)
         return _Answer(response, claims, references, released, searched.rows_searched)
-
-    def _add_hits(self, response: pb.MatchResponse, found: dict[int, matcher.ItemMatches],
-                  records: dict[int, StoredRecord], asked: _Asked, tier: Tier) -> tuple[list[str], list[ReleasedHit]]:
-        """Adds the found rows to the response as hits; their references and what the holder's alerts hear."""
-        references: list[str] = []
-        released: list[ReleasedHit] = []
-        standard = tier is Tier.STANDARD
-        add_result = response.results.add
-        # Results are added in place (``add``): a message built apart and then put in a list is copied.
-        # One pass, the fewest objects per hit: a 10,000-item batch may have thousands.
-        for position, (candidates, truncated) in found.items():
-            kept = [(c, records[c.record_id]) for c in candidates if c.record_id in records]
-            if not kept:
-                continue
-            hits = add_result(item=position, truncated=truncated).hits
-            algorithm, digest = asked(position)
-            for candidate, stored in kept:
-                record = stored.record
-                hits.add(**self._hit_fields(record, candidate.distance, candidate.matched_share, standard))
-                references.append(record.reference)
-                released.append(ReleasedHit(position, algorithm, digest, record, candidate.distance,
-                                            candidate.matched_share, tier.value))
-        return references, released
 
     async def recorded(self, context: grpc.aio.ServicerContext, entry: AuditEntry) -> None:
         """Appends the record of an answered call. A node that cannot record a call does not
@@ -268,24 +251,7 @@ class NodeService(rpc.NodeServicer):
     def _hit(self, hits: RepeatedCompositeFieldContainer[pb.Hit], stored: StoredRecord, distance: int,
              share: float | None, tier: Tier) -> str:
         """Adds the hit to ``hits`` (an ItemResult's repeated field); its reference."""
-        hits.add(**self._hit_fields(stored.record, distance, share, tier is Tier.STANDARD))
-        return stored.record.reference
-
-    def _hit_fields(self, record: HashRecord, distance: int, share: float | None, standard: bool) -> dict[str, Any]:
-        """A Hit's fields: what the tier releases of the row (the standard tier: its metadata too)."""
-        fields: dict[str, Any] = {"reference": record.reference, "country": self._config.country,
-                                  "node_id": self._config.node_id, "contact": self._config.contact}
-        if distance:
-            fields["distance"] = distance
-        if share:
-            fields["matched_share"] = share
-        if standard:
-            fields["category"] = record.category
-            fields["series"] = record.series
-            fields["date_added"] = record.date_added
-            if record.victim_identified is not None:
-                fields["victim_identified"] = record.victim_identified
-        return fields
+        return self._hits.add_record(hits, stored, distance, share, tier)
 
     async def _refuse_malformed(self, context: grpc.aio.ServicerContext, method: str, message: str,
                                 started: float, why: str = "protobuf did not parse",
@@ -337,26 +303,6 @@ class NodeService(rpc.NodeServicer):
             protocol_version=protocol.VERSION,
             features=[*FEATURES, *([protocol.PRIVATE_EXACT_FEATURE] if private is not None else [])],
         )
-
-
-class _Asked:
-    """The algorithm and digest of the request's item at a position (the ``items``, then the
-    packed groups), without a ``QueryItem`` made for each packed one."""
-
-    def __init__(self, items: Sequence[QueryItem], packed: Sequence[PackedGroup]):
-        self._items = items
-        self._packed = packed
-
-    def __call__(self, position: int) -> tuple[str, bytes]:
-        if position < len(self._items):
-            item = self._items[position]
-            return item.algorithm, item.digest
-        position -= len(self._items)
-        for group in self._packed:
-            if position < group.count:
-                return group.algorithm, group.digest(position)
-            position -= group.count
-        raise IndexError("item position beyond the request")
 
 
 def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> Refused:
