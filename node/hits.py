@@ -38,17 +38,20 @@ class Asked:
 
     def __init__(self, items: Sequence[QueryItem], packed: Sequence[PackedGroup]):
         self._items = items
-        self._packed = packed
+        self._groups: list[tuple[int, int, PackedGroup]] = []  # (first position, end, group)
+        start = len(items)
+        for group in packed:
+            self._groups.append((start, start + group.count, group))
+            start += group.count
 
     def __call__(self, position: int) -> tuple[str, bytes]:
         if position < len(self._items):
             item = self._items[position]
             return item.algorithm, item.digest
-        position -= len(self._items)
-        for group in self._packed:
-            if position < group.count:
-                return group.algorithm, group.digest(position)
-            position -= group.count
+        for start, end, group in self._groups:
+            if position < end:
+                offset = (position - start) * group.size
+                return group.algorithm, group.digests[offset:offset + group.size]
         raise IndexError("item position beyond the request")
 
 
@@ -82,10 +85,12 @@ class HitWriter:
     def add_exact(self, response: pb.MatchResponse, exact: matcher.ExactHits, rows: dict[int, tuple],
                   asked: Asked, tier: Tier) -> tuple[list[str], list[Released]]:
         """``add`` for exact hits given as arrays (in position order): one pass, no object
-        per hit beyond its protobuf message, its alert's fields and its reference."""
+        per hit beyond its protobuf message, its alert's fields and its reference. The Hit's
+        fields are ``fields``' for distance 0 (tests/test_packed.py compares the two paths)."""
         references: list[str] = []
         released: list[Released] = []
-        standard = tier is Tier.STANDARD
+        standard, level = tier is Tier.STANDARD, tier.value
+        constant = self._constant
         add_result = response.results.add
         hits: RepeatedCompositeFieldContainer[pb.Hit] | None = None
         last, algorithm, digest = -1, "", b""
@@ -97,9 +102,19 @@ class HitWriter:
                 hits, last = add_result(item=position).hits, position
                 algorithm, digest = asked(position)
             assert hits is not None
-            hits.add(**self.fields(row, 0, None, standard))
-            references.append(row[_REFERENCE])
-            released.append(_released(position, algorithm, digest, row, 0, None, tier))
+            _, _, reference, category, victim, series, date_added = row
+            if victim is not None:
+                victim = bool(victim)
+            if standard:
+                hit = hits.add(reference=reference, category=category, series=series, date_added=date_added,
+                               **constant)
+                if victim is not None:
+                    hit.victim_identified = victim
+            else:
+                hits.add(reference=reference, **constant)
+            references.append(reference)
+            released.append(Released(position, algorithm, digest, reference, series, category, victim, 0, None,
+                                     level))
         return references, released
 
     def add_record(self, hits: RepeatedCompositeFieldContainer[pb.Hit], stored: StoredRecord, distance: int,
