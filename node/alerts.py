@@ -202,16 +202,19 @@ class _Encoder:
             raise ValueError("a field is both shared and per hit")
         # A str.format template: a per-hit value is a field, the constant text's braces are doubled.
         fields = [_encode_string(key) + ":" + (_json_value(shared[key]).replace("{", "{{").replace("}", "}}")
-                                               if key in shared else "{}") for key in keys]
+                                               if key in shared else '"{}"' if key == "digest" else "{}")
+                  for key in keys]
         self._template = "{{" + ",".join(fields) + "}}"
 
     def encode(self, key: str, hit: Released) -> str:
-        """The alert of one hit, ``key`` its event id (``_OWN_KEYS`` order below)."""
+        """The alert of one hit, ``key`` its event id (``_OWN_KEYS`` order below; item and
+        distance are ints, never bools, so their text is their decimal form)."""
+        item, algorithm, digest, reference, series, category, victim, distance, share, tier = hit
         text = _encode_string
         return self._template.format(
-            text(hit.algorithm), text(hit.category), '"' + hit.digest.hex() + '"', _json_value(hit.distance),
-            text(key), _json_value(hit.item), _json_value(hit.matched_share), text(hit.reference),
-            text(hit.tier), text(hit.series), _json_value(hit.victim_identified))
+            text(algorithm), text(category), digest.hex(), int(distance), text(key), int(item),
+            "null" if share is None else _json_value(share), text(reference), text(tier), text(series),
+            "null" if victim is None else _json_value(victim))
 
 
 class Alerts:
