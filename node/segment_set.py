@@ -112,8 +112,8 @@ class MergedIndex:
         for (segment_id, _, deleted, mixed), index in zip(self._parts, exact, strict=True):
             where, rows = index.lookup(probe)
             keep = np.ones(len(rows), dtype=bool)
-            if deleted:
-                keep &= ~np.isin(rows, np.fromiter(deleted, np.int64, len(deleted)))
+            if deleted:  # looked up for the rows found only (a segment may hide millions)
+                keep &= np.fromiter((row not in deleted for row in rows.tolist()), bool, len(rows))
             if mixed is not None:
                 keep &= mixed.born_of_rows(rows) > self._after
             positions.append(where[keep])
