@@ -119,8 +119,6 @@ def canonical(event: dict[str, object]) -> str:
     return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-_canonical = canonical
-
 
 def _create_private(path: Path) -> None:
     """``path`` created empty 0600 if missing (SQLite takes an empty file as a new
@@ -185,7 +183,7 @@ class Outbox:
     def add_many(self, events: Sequence[tuple[str, dict[str, object]]]) -> int:
         """``add`` for several events in one transaction (one sync to disk, not
         one each); returns how many keys were new."""
-        return self.add_encoded([(key, _canonical(event)) for key, event in events])
+        return self.add_encoded([(key, canonical(event)) for key, event in events])
 
     def add_encoded(self, events: Sequence[tuple[str, str]]) -> int:
         """``add_many`` for events already in their canonical JSON text (``canonical``): a
@@ -267,7 +265,7 @@ class Outbox:
         descriptor = os.open(self._jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         with os.fdopen(descriptor, "a", encoding="utf-8") as out:
             for row_id, key, text in rows:
-                out.write(_canonical({"cursor": row_id, "key": key, **json.loads(text)}) + "\n")
+                out.write(canonical({"cursor": row_id, "key": key, **json.loads(text)}) + "\n")
             out.flush()
             os.fsync(out.fileno())
         self._db.executemany("UPDATE outbox SET fed = 1 WHERE id = ?", [(row[0],) for row in rows])
