@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from federation import algorithms
-from node import segment_index
+from federation.query import PackedGroup, QueryItem
+from node import matcher, segment_index
 from node.index import Candidate, ExactIndex, prefix_of
 from node.segment_set import LiveSegment, MergedIndex, record_id
 
@@ -90,3 +91,21 @@ def test_merged_exact_search_drops_tombstoned_rows_and_rows_born_before_since() 
     assert found == want and len(want) > 400
     every = MergedIndex([(1, a, hidden, None), (2, b, frozenset(), None)])
     assert len(every.hits(queries, ())) == len(queries) - 2  # only the hidden rows 5 and 6 miss
+
+
+def test_an_exact_item_live_in_more_segments_than_the_cap_is_ranked_and_truncated() -> None:
+    """The array path keeps the per-item cap: an item found in more segments than
+    ``max_hits_per_item`` is answered with the cap's lowest record ids and marked truncated."""
+    shared = _keys(32, 50, 9)
+    parts = [(segment, ExactIndex.from_sorted(shared, np.arange(1, len(shared) + 1, dtype=np.uint32)),
+              frozenset(), None) for segment in (3, 1, 2)]
+    alone = _keys(32, 20, 10)
+    parts.append((4, ExactIndex.from_sorted(alone, np.arange(1, len(alone) + 1, dtype=np.uint32)), frozenset(), None))
+    limits = matcher.Limits(max_hits_per_item=2)
+    asked = [QueryItem("sha256", alone[5:6].tobytes()), QueryItem("sha256", shared[7:8].tobytes())]
+    batch = matcher.validate([], limits, [PackedGroup("sha256", b"".join(i.digest for i in asked), 32)])
+    found, exact = matcher.search(batch, {"sha256": MergedIndex(parts)}, limits)
+    assert exact.positions.tolist() == [0] and exact.record_ids.tolist() == [record_id(4, 6)]
+    assert found == {1: matcher.ItemMatches([Candidate(record_id(1, 8)), Candidate(record_id(2, 8))], True)}
+    assert matcher.hits(batch, {"sha256": MergedIndex(parts)}, limits) == {0: matcher.ItemMatches(
+        [Candidate(record_id(4, 6))]), **found}
