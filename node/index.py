@@ -46,10 +46,70 @@ def hits_of(results: list[list[Candidate]]) -> dict[int, list[Candidate]]:
     return {position: found for position, found in enumerate(results) if found}
 
 
-class ExactIndex:
-    """Sorted fixed-width byte strings searched with ``numpy.searchsorted``.
+PREFIX_BYTES = 8
 
-    About digest_size + 8 bytes per stored hash (a Python dict would take over
+
+def prefix_of(keys: np.ndarray) -> np.ndarray:
+    """Each fixed-width byte key's first 8 bytes as a big-endian unsigned integer, so that the
+    integers sort like the keys (a key shorter than 8 bytes is padded with zero bytes).
+
+    ``numpy.searchsorted`` compares byte-string keys through a generic per-item compare;
+    on uint64 it is a plain integer binary search, three to six times faster, and a
+    random digest's prefix is unique among millions, so the full key is compared only
+    once per candidate (``find_sorted``)."""
+    width = keys.dtype.itemsize
+    raw = keys.view(np.uint8).reshape(len(keys), width)
+    head = np.zeros((len(keys), PREFIX_BYTES), dtype=np.uint8)
+    head[:, :min(width, PREFIX_BYTES)] = raw[:, :PREFIX_BYTES]
+    return head.view(">u8").ravel().astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A batch of query keys prepared once for the search of every segment: sorted by their
+    prefix (a sorted batch walks each segment's arrays in order, which the cache likes),
+    with the batch position of each."""
+
+    keys: np.ndarray
+    prefix: np.ndarray  # uint64, ascending
+    order: np.ndarray  # int64: batch position of keys[i]
+
+    @classmethod
+    def of(cls, keys: np.ndarray) -> Probe:
+        prefix = prefix_of(keys)
+        order = np.argsort(prefix, kind="stable")
+        return cls(keys[order], prefix[order], order)
+
+
+def find_sorted(keys: np.ndarray, prefix: np.ndarray, probe: Probe) -> tuple[np.ndarray, np.ndarray]:
+    """Where probe keys sit in sorted, unique ``keys`` (``prefix``: their ``prefix_of``):
+    (indexes into the probe's keys of those found, their positions in ``keys``).
+
+    Searched on the uint64 prefixes; each candidate is confirmed on the whole key. A
+    prefix shared by several stored keys (never seen with real digests, but possible)
+    sends the queries on it to a search of the whole keys, so the answer is always exact."""
+    count = len(keys)
+    if not count or not len(probe.keys):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    at = np.minimum(np.searchsorted(prefix, probe.prefix), count - 1)
+    candidates = np.flatnonzero(prefix[at] == probe.prefix)
+    at = at[candidates]
+    wanted = probe.keys[candidates]
+    found = keys[at] == wanted
+    # A run of keys sharing the prefix: the first of it is not necessarily the one asked.
+    after = np.minimum(at + 1, count - 1)
+    tied = ~found & (after > at) & (prefix[after] == probe.prefix[candidates])
+    if tied.any():
+        exact = np.minimum(np.searchsorted(keys, wanted[tied]), count - 1)
+        at[tied] = exact
+        found[tied] = keys[exact] == wanted[tied]
+    return candidates[found], at[found]
+
+
+class ExactIndex:
+    """Sorted fixed-width byte strings and their uint64 prefixes, searched with ``numpy.searchsorted``.
+
+    About digest_size + 16 bytes per stored hash (a Python dict would take over
     100), and a 10,000-item batch costs a few milliseconds at millions of rows.
     """
 
@@ -59,32 +119,47 @@ class ExactIndex:
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
         self._ids = np.asarray(ids, dtype=np.int64)[order] if len(ids) else np.empty(0, np.int64)
+        self._prefix = prefix_of(self._keys)
 
     @classmethod
-    def from_sorted(cls, keys: np.ndarray, ids: np.ndarray) -> ExactIndex:
-        """An index over keys already sorted (a segment's mapped key file): no sort, no copy."""
+    def from_sorted(cls, keys: np.ndarray, ids: np.ndarray, prefix: np.ndarray | None = None) -> ExactIndex:
+        """An index over keys already sorted (a segment's mapped key file): no sort, no copy
+        of the keys. ``prefix``: their ``prefix_of`` (mapped); computed here when absent
+        (a segment written before the prefix file existed)."""
         index = cls.__new__(cls)
         index._dtype, index._keys, index._ids = keys.dtype, keys, ids
+        index._prefix = prefix if prefix is not None else prefix_of(keys)
         return index
 
     def __len__(self) -> int:
         return len(self._keys)
 
     @property
+    def prefix(self) -> np.ndarray:
+        """The keys' ``prefix_of``, in key order."""
+        return self._prefix
+
+    @property
     def nbytes(self) -> int:
-        return self._keys.nbytes + self._ids.nbytes
+        return self._keys.nbytes + self._ids.nbytes + self._prefix.nbytes
 
     def search(self, digests: Sequence[bytes], max_distance: Sequence[int] = ()) -> list[list[Candidate]]:
         found = self.hits(digests, max_distance)
         return [found.get(position, _NONE) for position in range(len(digests))]
+
+    def probe(self, digests: Sequence[bytes] | np.ndarray) -> Probe:
+        return Probe.of(digests if isinstance(digests, np.ndarray) else np.array(digests, dtype=self._dtype))
+
+    def lookup(self, probe: Probe) -> tuple[np.ndarray, np.ndarray]:
+        """(batch positions, row ids) of the probe's keys found here, in the probe's sorted order."""
+        where, at = find_sorted(self._keys, self._prefix, probe)
+        return probe.order[where], self._ids[at].astype(np.int64)
 
     def hits(self, digests: Sequence[bytes] | np.ndarray,
              max_distance: Sequence[int] = ()) -> dict[int, list[Candidate]]:
         """One vectorised search of the whole batch; Python objects only for the digests found."""
         if not len(self._keys) or not len(digests):
             return {}
-        queries = digests if isinstance(digests, np.ndarray) else np.array(digests, dtype=self._dtype)
-        clipped = np.minimum(np.searchsorted(self._keys, queries), len(self._keys) - 1)
-        positions = np.flatnonzero(self._keys[clipped] == queries)
-        ids = self._ids[clipped[positions]]
-        return {p: [Candidate(i)] for p, i in zip(positions.tolist(), ids.tolist(), strict=True)}
+        positions, ids = self.lookup(self.probe(digests))
+        order = np.argsort(positions)
+        return {p: [Candidate(i)] for p, i in zip(positions[order].tolist(), ids[order].tolist(), strict=True)}

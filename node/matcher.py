@@ -145,17 +145,72 @@ def match(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> li
     return results
 
 
+class ExactHits(NamedTuple):
+    """The hits of exact groups as arrays: batch positions ascending, one entry per hit (a
+    position repeats only when its digest is live in several segments), and record ids."""
+
+    positions: np.ndarray
+    record_ids: np.ndarray
+
+
+_NO_EXACT = ExactHits(np.empty(0, np.int64), np.empty(0, np.int64))
+
+
 def hits(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> dict[int, ItemMatches]:
     """``match`` for the items that have any candidate, by position: no-hit items cost nothing."""
+    found, exact = search(batch, indexes, limits)
+    return merged(found, exact)
+
+
+def merged(found: dict[int, ItemMatches], exact: ExactHits) -> dict[int, ItemMatches]:
+    """``search``'s two parts as one mapping of position to matches, by position."""
+    for position, record_id in zip(exact.positions.tolist(), exact.record_ids.tolist(), strict=True):
+        if position in found:
+            found[position].candidates.append(Candidate(record_id))
+        else:
+            found[position] = ItemMatches([Candidate(record_id)])
+    return dict(sorted(found.items()))
+
+
+def search(batch: ValidBatch, indexes: Mapping[str, Index], limits: Limits) -> tuple[dict[int, ItemMatches], ExactHits]:
+    """``hits``, with the hits of exact algorithms as arrays (``ExactHits``: no object per hit)
+    and the others by position. An item with more exact hits than the per-item cap (a digest
+    live in that many segments) is among the others, ranked and truncated like them."""
     found: dict[int, ItemMatches] = {}
+    positions: list[np.ndarray] = []
+    record_ids: list[np.ndarray] = []
     for group in batch.groups:
         index = indexes.get(group.algorithm.name)
         if index is None:
             continue
         digests = group.digests
-        if group.algorithm.match_kind is MatchKind.EXACT and not isinstance(digests, np.ndarray):
-            # One array for the whole group, searched in every segment without per-digest objects.
-            digests = np.array(digests, dtype=f"S{group.algorithm.digest_size}")
+        if group.algorithm.match_kind is MatchKind.EXACT:
+            if not isinstance(digests, np.ndarray):
+                # One array for the whole group, searched in every segment without per-digest objects.
+                digests = np.array(digests, dtype=f"S{group.algorithm.digest_size}")
+            exact = getattr(index, "exact", None)
+            arrays = exact(digests) if exact is not None else None
+            if arrays is not None:
+                offsets, ids = arrays
+                where = group.positions
+                at = (offsets + where.start if isinstance(where, range) and where.step == 1
+                      else np.asarray(where, dtype=np.int64)[offsets])
+                positions.append(at)
+                record_ids.append(ids)
+                continue
         for offset, candidates in index.hits(digests, group.max_distances).items():
             found[group.positions[offset]] = _ranked(candidates, limits.max_hits_per_item)
-    return dict(sorted(found.items()))
+    if not positions:
+        return dict(sorted(found.items())), _NO_EXACT
+    at, ids = np.concatenate(positions), np.concatenate(record_ids)
+    order = np.lexsort((ids, at))
+    at, ids = at[order], ids[order]
+    if len(at) > 1 and (at[1:] == at[:-1]).any():
+        _, first, counts = np.unique(at, return_index=True, return_counts=True)
+        for start, count in zip(first[counts > limits.max_hits_per_item].tolist(),
+                                counts[counts > limits.max_hits_per_item].tolist(), strict=True):
+            found[int(at[start])] = _ranked([Candidate(i) for i in ids[start:start + count].tolist()],
+                                            limits.max_hits_per_item)
+        over = np.isin(at, np.fromiter(found, np.int64, len(found)))
+        at, ids = at[~over], ids[~over]
+    return dict(sorted(found.items())), ExactHits(at, ids)

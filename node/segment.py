@@ -43,12 +43,13 @@ import xxhash
 from federation import algorithms
 from federation.algorithms import Algorithm, MatchKind
 from node import db as sqlite_setup, private_arrays, segment_index
-from node.index import Index
+from node.index import ExactIndex, Index
 from node.private_files import make_private_directory, open_private, open_private_append
 
 Row = tuple  # (algorithm, digest, reference, category, victim_identified, series, date_added)
 ROWS_FILE = "rows.sqlite"
 LOCK_FILE = "lock"
+ROWS_MMAP_BYTES = 1 << 31  # SQLite's default ceiling (SQLITE_MAX_MMAP_SIZE); a 2 M-row file is ~300 MB
 _COLUMNS = "algorithm, digest, reference, category, victim_identified, series, date_added"
 _SCHEMA = """CREATE TABLE rows (id INTEGER PRIMARY KEY, algorithm TEXT NOT NULL, digest BLOB NOT NULL,
     reference TEXT NOT NULL, category TEXT NOT NULL, victim_identified INTEGER, series TEXT NOT NULL,
@@ -336,13 +337,17 @@ class MappedSegment:
         parts = {name: {key_id: private_arrays.PrivatePart.from_arrays(found) for key_id, found in by_key.items()}
                  for name, by_key in private.items()}
         rows = sqlite_setup.open_immutable(directory / ROWS_FILE)
+        # Hits' rows read through a mapping of the file (the page cache), not a read() per page.
+        rows.execute(f"PRAGMA mmap_size={ROWS_MMAP_BYTES}")
         return cls(segment_id, directory, dict(counts), keys, indexes, rows, parts, dict(files))
 
     def find(self, algorithm: str, wanted: np.ndarray) -> np.ndarray:
         """Row id of each wanted key (``segment_index.keys_of``), -1 where absent."""
         if algorithm not in self.keys:
             return np.full(len(wanted), -1, dtype=np.int64)
-        return segment_index.find(*self.keys[algorithm], wanted)
+        index = self.indexes.get(algorithm)
+        prefix = index.prefix if isinstance(index, ExactIndex) else None
+        return segment_index.find(*self.keys[algorithm], wanted, prefix)
 
     def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
         with self._lock:

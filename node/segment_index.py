@@ -3,8 +3,10 @@ from (memory-mapped) arrays without any work.
 
 Every algorithm has *keys*: its digests as fixed-width byte strings, sorted,
 with the segment row id of each (``keys``/``ids``). For exact kinds they are
-the index; for every kind they are what an import deduplicates against and
-what a retraction finds rows by (a video's key is the SHA-256 of its frames).
+the index, with ``prefix``, each key's first 8 bytes as a uint64 (searched
+instead of the keys: ``node.index.find_sorted``); for every kind they are what
+an import deduplicates against and what a retraction finds rows by (a video's
+key is the SHA-256 of its frames).
 Perceptual kinds add their Hamming index's arrays (``hamming.*``), and videos
 the owner (row id) of every frame (``owners``).
 
@@ -22,7 +24,7 @@ import numpy as np
 from federation.algorithms import Algorithm, MatchKind
 from node.frame_index import FrameIndex, split_frames
 from node.hamming_index import build_hamming_index, load_hamming_index
-from node.index import ExactIndex, Index
+from node.index import ExactIndex, Index, Probe, find_sorted, prefix_of
 
 KEY_SIZE = 32  # the key of a variable-length (video) digest: its SHA-256
 
@@ -65,10 +67,17 @@ def sorted_keys(keys: np.ndarray, ids: np.ndarray) -> Arrays:
     return {"keys": keys[order], "ids": ids[order]}
 
 
-def find(keys: np.ndarray, ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """The row id of each wanted key in sorted ``keys``, or -1: one vectorised search."""
+def find(keys: np.ndarray, ids: np.ndarray, wanted: np.ndarray, prefix: np.ndarray | None = None) -> np.ndarray:
+    """The row id of each wanted key in sorted ``keys``, or -1: one vectorised search
+    (of ``prefix``, the keys' ``prefix_of``, when there is one)."""
     if not len(keys) or not len(wanted):
         return np.full(len(wanted), -1, dtype=np.int64)
+    if prefix is not None:
+        probe = Probe.of(wanted)
+        where, at = find_sorted(keys, prefix, probe)
+        found = np.full(len(wanted), -1, dtype=np.int64)
+        found[probe.order[where]] = ids[at]
+        return found
     positions = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
     return np.where(keys[positions] == wanted, ids[positions].astype(np.int64), -1)
 
@@ -76,7 +85,9 @@ def find(keys: np.ndarray, ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 def build_arrays(algorithm: Algorithm, ids: np.ndarray, digests: Sequence[bytes], keys: np.ndarray) -> Arrays:
     """Every array of one algorithm's index over these rows (``keys`` as ``keys_of`` gave)."""
     arrays = sorted_keys(keys, ids)
-    if algorithm.match_kind is MatchKind.HAMMING:
+    if algorithm.match_kind is MatchKind.EXACT:
+        arrays["prefix"] = prefix_of(arrays["keys"])
+    elif algorithm.match_kind is MatchKind.HAMMING:
         # A PDQ digest is its own key: the (n, 32) bytes, no bytes objects.
         raw = keys.view(np.uint8).reshape(len(keys), algorithm.digest_size)
         index = build_hamming_index(algorithm, ids, raw)
@@ -97,7 +108,8 @@ def build_arrays(algorithm: Algorithm, ids: np.ndarray, digests: Sequence[bytes]
 def load_index(algorithm: Algorithm, arrays: Arrays) -> Index:
     """The searchable index over arrays that ``build_arrays`` made (mapped, not copied)."""
     if algorithm.match_kind is MatchKind.EXACT:
-        return ExactIndex.from_sorted(arrays["keys"], arrays["ids"])
+        # A segment written before the prefix file: its prefixes are computed as it is mapped.
+        return ExactIndex.from_sorted(arrays["keys"], arrays["ids"], arrays.get("prefix"))
     hamming = load_hamming_index({name.split(".", 1)[1]: array for name, array in arrays.items()
                                   if name.startswith("hamming.")})
     if algorithm.match_kind is MatchKind.HAMMING:

@@ -28,11 +28,12 @@ import numpy as np
 from federation import algorithms
 from node import segment_index
 from node.catalog import Births, Snapshot
-from node.index import Candidate, Index
+from node.index import Candidate, ExactIndex, Index, Probe
 from node.records import HashRecord, StoredRecord
 from node.segment import MappedSegment
 
 ROW_BITS = 32
+_ROW_MASK = (1 << ROW_BITS) - 1
 
 
 def record_id(segment_id: int, row_id: int) -> int:
@@ -67,6 +68,14 @@ class LiveSegment:
         at = bisect_right(self._firsts, row_id) - 1
         return self.born[at][1] if at >= 0 else 0
 
+    def born_of_rows(self, row_ids: np.ndarray) -> np.ndarray:
+        """``born_of`` of each row id, in one vectorised search."""
+        if not self.born:
+            return np.zeros(len(row_ids), dtype=np.int64)
+        at = np.searchsorted(np.array(self._firsts, dtype=np.int64), row_ids, side="right") - 1
+        generations = np.array([generation for _, generation in self.born], dtype=np.int64)
+        return np.where(at >= 0, generations[np.maximum(at, 0)], 0)
+
     def live_rows(self) -> int:
         return sum(self.segment.counts.values()) - sum(len(rows) for rows in self.deleted.values())
 
@@ -90,7 +99,37 @@ class MergedIndex:
         found = self.hits(digests, max_distance)
         return [found.get(position, []) for position in range(len(digests))]
 
+    def exact(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """For an exact algorithm (every part an ``ExactIndex``): the batch positions found and
+        their record ids, ordered by position then record id, tombstones and ``after`` applied;
+        arrays only, the query keys prepared once for every segment. None for other kinds."""
+        exact = [index for _, index, _, _ in self._parts if isinstance(index, ExactIndex)]
+        if len(exact) != len(self._parts):
+            return None
+        probe = Probe.of(digests)
+        positions: list[np.ndarray] = []
+        records: list[np.ndarray] = []
+        for (segment_id, _, deleted, mixed), index in zip(self._parts, exact, strict=True):
+            where, rows = index.lookup(probe)
+            keep = np.ones(len(rows), dtype=bool)
+            if deleted:  # looked up for the rows found only (a segment may hide millions)
+                keep &= np.fromiter((row not in deleted for row in rows.tolist()), bool, len(rows))
+            if mixed is not None:
+                keep &= mixed.born_of_rows(rows) > self._after
+            positions.append(where[keep])
+            records.append(rows[keep] | (segment_id << ROW_BITS))
+        if not positions:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        where, ids = np.concatenate(positions), np.concatenate(records)
+        order = np.lexsort((ids, where))
+        return where[order], ids[order]
+
     def hits(self, digests: Sequence[bytes] | np.ndarray, max_distance: Sequence[int]) -> dict[int, list[Candidate]]:
+        if isinstance(digests, np.ndarray) and (found := self.exact(digests)) is not None:
+            merged_exact: dict[int, list[Candidate]] = {}
+            for position, rid in zip(*(array.tolist() for array in found), strict=True):
+                merged_exact.setdefault(position, []).append(Candidate(rid))
+            return merged_exact
         merged: dict[int, list[Candidate]] = {}
         for segment_id, index, deleted, mixed in self._parts:
             base = segment_id << ROW_BITS
@@ -152,23 +191,27 @@ class SegmentSet:
 
     def records(self, ids: Iterable[int]) -> dict[int, StoredRecord]:
         """The rows for a batch of hits: one query per segment holding any."""
+        return {rid: StoredRecord(rid, to_record(row)) for rid, row in self.rows(ids).items()}
+
+    def rows(self, ids: Iterable[int]) -> dict[int, tuple]:
+        """``records`` as the rows' tuples (``HashRecord`` field order; victim_identified as
+        stored, 0/1/None): a batch's thousands of hits read without an object each."""
         by_segment: dict[int, list[int]] = {}
         for rid in ids:
-            by_segment.setdefault(rid >> ROW_BITS, []).append(rid & ((1 << ROW_BITS) - 1))
-        found: dict[int, StoredRecord] = {}
+            by_segment.setdefault(rid >> ROW_BITS, []).append(rid & _ROW_MASK)
+        found: dict[int, tuple] = {}
         for live in self.segments:
             wanted = by_segment.get(live.segment_id)
             if wanted:
-                for row in live.segment.rows(wanted):
-                    rid = record_id(live.segment_id, row[0])
-                    found[rid] = StoredRecord(rid, to_record(row[1:]))
+                base = live.segment_id << ROW_BITS
+                found.update((base | row[0], row[1:]) for row in live.segment.rows(wanted))
         return found
 
 
 def to_record(row: Sequence) -> HashRecord:
-    return HashRecord(algorithm=row[0], digest=bytes(row[1]), reference=row[2], category=row[3],
-                      victim_identified=None if row[4] is None else bool(row[4]), series=row[5],
-                      date_added=row[6])
+    victim = row[4]
+    return HashRecord(row[0], row[1] if type(row[1]) is bytes else bytes(row[1]), row[2], row[3],
+                      None if victim is None else bool(victim), row[5], row[6])
 
 
 class SegmentLoader:

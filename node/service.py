@@ -34,10 +34,11 @@ from federation.query import (
 from federation.tokens import QueryClaims
 from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, BadPacking, items_from_pb, packed_from_pb, pb, rpc
 from node import matcher
-from node.alerts import Alerts, ReleasedHit
+from node.alerts import Alerts, Released
 from node.audit import AuditEntry, AuditLog
 from node.auth import Authenticator, AuthError
 from node.config import NodeConfig
+from node.hits import Asked, HitWriter
 from node.live_index import LiveIndexes
 from node.metrics import NodeMetrics
 from node.policy import Admission, PolicyRefusal, Tier
@@ -112,7 +113,7 @@ class _Answer:
     response: pb.MatchResponse
     claims: QueryClaims
     references: list[str]
-    released: list[ReleasedHit]
+    released: list[Released]
     rows_searched: int
 
 
@@ -126,6 +127,7 @@ class NodeService(rpc.NodeServicer):
         self._auth = auth
         self._admission = admission
         self._audit = audit
+        self._hits = HitWriter(config.country, config.node_id, config.contact)
         # Describe's private_exact (node.private_service.PrivateMode.info), when the node offers it.
         self.private_info: Callable[[SegmentSet], pb.PrivateInfo | None] | None = None
 
@@ -178,7 +180,7 @@ class NodeService(rpc.NodeServicer):
                                         references=references, since_generation=since,
                                         rows_searched=answer.rows_searched, packed=packed))
         if self._alerts is not None:  # the holder's desk hears of what was released; never fails the answer
-            await self._alerts.record(claims, rid, answer.released)
+            await self._alerts.record_released(claims, rid, answer.released)
         elapsed = time.perf_counter() - started
         asked = Counter(item.algorithm for item in items)
         for group in packed:
@@ -212,24 +214,17 @@ class NodeService(rpc.NodeServicer):
                           claims)
         self._metrics.serving(current.generation, current.counts())
         searched = current.since(since)
-        found = matcher.hits(valid, searched.indexes, self._config.limits)
-        hit_ids = [c.record_id for m in found.values() for c in m.candidates]
-        records = await asyncio.to_thread(current.records, hit_ids) if hit_ids else {}
+        found, exact = matcher.search(valid, searched.indexes, self._config.limits)
+        hit_ids = [c.record_id for m in found.values() for c in m.candidates] + exact.record_ids.tolist()
+        rows = await asyncio.to_thread(current.rows, hit_ids) if hit_ids else {}
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
                                     tier=_TIERS[tier], protocol_version=protocol.VERSION,
                                     generation=current.generation)
-        references, released = [], []
-        # Results are added in place (``add``): a message built apart and then put in a list is copied.
-        for position, matches in found.items():
-            kept = [c for c in matches.candidates if c.record_id in records]
-            if kept:
-                hits = response.results.add(item=position, truncated=matches.truncated).hits
-                references += [self._hit(hits, records[c.record_id], c.distance, c.matched_share, tier)
-                               for c in kept]
-                asked = _item_at(items, packed, position)
-                released += [ReleasedHit(position, asked.algorithm, asked.digest,
-                                         records[c.record_id].record, c.distance, c.matched_share, tier.value)
-                             for c in kept]
+        asked = Asked(items, packed)
+        if found:
+            references, released = self._hits.add(response, matcher.merged(found, exact), rows, asked, tier)
+        else:  # exact items only (a packed batch, mostly): straight from the arrays
+            references, released = self._hits.add_exact(response, exact, rows, asked, tier)
         return _Answer(response, claims, references, released, searched.rows_searched)
 
     async def recorded(self, context: grpc.aio.ServicerContext, entry: AuditEntry) -> None:
@@ -256,20 +251,7 @@ class NodeService(rpc.NodeServicer):
     def _hit(self, hits: RepeatedCompositeFieldContainer[pb.Hit], stored: StoredRecord, distance: int,
              share: float | None, tier: Tier) -> str:
         """Adds the hit to ``hits`` (an ItemResult's repeated field); its reference."""
-        record = stored.record
-        hit = hits.add(reference=record.reference, country=self._config.country, node_id=self._config.node_id,
-                       contact=self._config.contact)
-        if distance:
-            hit.distance = distance
-        if share:
-            hit.matched_share = share
-        if tier is Tier.STANDARD:
-            hit.category = record.category
-            hit.series = record.series
-            hit.date_added = record.date_added
-            if record.victim_identified is not None:
-                hit.victim_identified = record.victim_identified
-        return record.reference
+        return self._hits.add_record(hits, stored, distance, share, tier)
 
     async def _refuse_malformed(self, context: grpc.aio.ServicerContext, method: str, message: str,
                                 started: float, why: str = "protobuf did not parse",
@@ -321,18 +303,6 @@ class NodeService(rpc.NodeServicer):
             protocol_version=protocol.VERSION,
             features=[*FEATURES, *([protocol.PRIVATE_EXACT_FEATURE] if private is not None else [])],
         )
-
-
-def _item_at(items: Sequence[QueryItem], packed: Sequence[PackedGroup], position: int) -> QueryItem:
-    """The item at ``position`` of the request's item list (``items``, then the packed groups)."""
-    if position < len(items):
-        return items[position]
-    position -= len(items)
-    for group in packed:
-        if position < group.count:
-            return QueryItem(group.algorithm, group.digest(position))
-        position -= group.count
-    raise IndexError("item position beyond the request")
 
 
 def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> Refused:

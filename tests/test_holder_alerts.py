@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import json
 import os
 import random
@@ -30,11 +31,11 @@ from prometheus_client import CollectorRegistry
 
 from federation.config import ConfigError
 from federation.localfed import LocalFederation, NodeSpec, environment
-from federation.outbox import verify
+from federation.outbox import canonical, verify
 from federation.pki import DevPki
 from federation.tokens import QueryClaims
 from node import config as node_config
-from node.alerts import Alerts, ReleasedHit, open_outbox, passes
+from node.alerts import Alerts, ReleasedHit, event, event_key, open_outbox, passes
 from node.records import HashRecord
 from tests.support import query_json
 from tests.webhook import Receiver, receiving
@@ -437,3 +438,28 @@ def test_a_damaged_outbox_stops_the_start_in_words(pki: DevPki, tmp_path: Path) 
         assert feed.returncode == 2 and "not a database" in feed.stderr and "Traceback" not in feed.stderr
     finally:
         node.stop()
+
+
+async def test_a_batch_of_alerts_is_stored_as_the_canonical_json_of_each_event(tmp_path: Path) -> None:
+    """The alerts of one answer are encoded together (shared fields once): each stored text is
+    still exactly ``canonical(event)``, whatever the values (quotes, non-ASCII, None, booleans,
+    floats), and a filter still drops what it should."""
+    settings = node_config.AlertSettings()
+    outbox = open_outbox(tmp_path / "store.sqlite", settings)
+    assert outbox is not None
+    alerts = Alerts(outbox, settings, 'FR "main"', "FR")
+    claims = QueryClaims("gw-é", 'officer "x"\\', "org\n", "DE", "FR", "Match", "0" * 64, "CASE-ü\u2028",
+                         "t", 0, 0, "tok-1")
+    hits = [ReleasedHit(0, "sha256", bytes(range(32)), HashRecord("sha256", bytes(32), 'R-"1"', "3", None,
+                                                                  "S-é"), 0, None, "standard"),
+            ReleasedHit(7, "pdq", bytes(32), HashRecord("pdq", bytes(32), "R-2\u00a0", "", True, ""), 12, None,
+                        "hit"),
+            ReleasedHit(9, "video", b"\x01" * 40, HashRecord("video", b"", "R-3", "10", False, "\\"), 3, 0.625,
+                        "standard")]
+    await alerts.record(claims, "rid-1", hits)
+    stored = sqlite3.connect(outbox.path).execute("SELECT key, event FROM outbox ORDER BY id").fetchall()
+    outbox.close()
+    assert [key for key, _ in stored] == [event_key(claims, "rid-1", hit) for hit in hits]
+    for (key, text), hit in zip(stored, hits, strict=True):
+        when = dt.datetime.fromisoformat(json.loads(text)["time"].replace("Z", "+00:00"))
+        assert text == canonical({"event_id": key, **event('FR "main"', "FR", claims, "rid-1", hit, when)})

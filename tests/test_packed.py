@@ -316,3 +316,22 @@ def test_a_batch_of_several_exact_algorithms_is_packed_as_the_item_loop_packs_it
     assert [p.algorithm for p in fast.request.packed] == list(dict.fromkeys(i.algorithm for i in items))
     odd = [*items[:-1], QueryItem("md5", b"\x00" * 15)]  # one digest of the wrong size: never packed
     assert packing.packed(odd) is None
+
+
+async def test_exact_hits_are_the_same_messages_with_or_without_a_perceptual_item(nodes: Nodes) -> None:
+    """A batch of exact items only is answered straight from the search's arrays; one with a
+    perceptual item goes through the per-item matches. Each exact hit is the same Hit either way,
+    every field of it (the standard tier's metadata, the node's country, id and contact)."""
+    exact = [nodes.sha[n] if n % 2 else nodes.unknown(32) for n in range(30)]
+    group = [PackedGroup("sha256", b"".join(exact), 32)]
+    flipped = bytes([nodes.pdq[0] ^ 0x01]) + nodes.pdq[1:]
+    with_pdq = [QueryItem("pdq", flipped, 8)]
+    client = nodes.client("FR")
+    alone = await _send(client, request_to_pb([], group), nodes.token("FR", _item_list([], group)))
+    mixed = await _send(client, request_to_pb(with_pdq, group), nodes.token("FR", _item_list(with_pdq, group)))
+    assert [r.item for r in mixed.results] == [0, *(1 + r.item for r in alone.results)]
+    assert [list(r.hits) for r in alone.results] == [list(r.hits) for r in mixed.results[1:]]
+    assert len(alone.results) == 15 and all(len(r.hits) == 1 for r in alone.results)
+    hit = alone.results[0].hits[0]
+    assert (hit.reference, hit.country, hit.node_id, hit.category) == ("SHA-1", "FR", nodes.local["FR"].node_id, "1")
+    assert hit.date_added and not hit.HasField("victim_identified")

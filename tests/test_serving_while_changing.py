@@ -167,3 +167,32 @@ async def test_a_call_the_audit_log_cannot_record_is_not_answered_and_says_so(
     assert "<class" not in message and "Unexpected" not in message
     assert "database is locked" in node.log_path.read_text(), "the cause is in the node's log"
     assert (await _ask(single, "00" * 32))[:2] == ("OK", 0), "once the log can be written, the node answers"
+
+
+def _alerts(store: Path) -> list[str]:
+    """The references of the holder's alerts committed so far."""
+    with sqlite3.connect(f"file:{store}.alerts?mode=ro", uri=True) as db:
+        return [json.loads(event)["reference"] for (event,) in db.execute("SELECT event FROM outbox ORDER BY id")]
+
+
+async def test_a_hit_the_audit_log_cannot_record_leaves_no_alert(single: LocalFederation, tmp_path: Path) -> None:
+    """A hit's alert is committed only once the call's audit record is durable: an answer
+    refused for want of its record alerts nobody."""
+    node = single[NODE]
+    source = _hash_file(tmp_path / "set.txt", 10)
+    assert node.import_file(source).returncode == 0
+    known = source.read_text().split()[3].removeprefix("sha256:")
+    single.start()
+    assert (await _ask(single, known))[:2] == ("OK", 1)
+    assert len(_alerts(node.store_path)) == 1
+    holder = sqlite3.connect(f"{node.store_path}.audit", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        status, _, message = await _ask(single, known, timeout=60)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert status == "INTERNAL", (status, message)
+    assert len(_alerts(node.store_path)) == 1, "the refused answer's hit was not alerted"
+    assert (await _ask(single, known))[:2] == ("OK", 1)
+    assert len(_alerts(node.store_path)) == 2
