@@ -112,3 +112,20 @@ def test_the_parts_are_sized_by_the_nodes_bucket_sizes() -> None:
     assert private.items_per_request(offer(39_063)) == private.ANSWER_BUDGET // (32 + 2 * (2 + 39_063 * 4))
     assert private.items_per_request(offer(153, buckets.ELIAS_FANO, 24)) > private.items_per_request(offer(153))
     assert private.items_per_request(offer(10**9)) == 1
+
+
+def test_a_large_batch_is_blinded_and_finalized_on_threads_in_order() -> None:
+    """Above a few hundred items the blinds and finalizations run on several threads: the items
+    keep their positions and the held ones are found where they are."""
+    assert private.WORKERS >= 1
+    key = oprf.generate_key()
+    items = [QueryItem("sha256", os.urandom(32)) for _ in range(private._SPREAD_FROM + 88)]
+    held = [3, 250, 599]
+    blinded = private.blind_items(items, range(len(items)), prefix_bits=16)
+    assert [entry.position for entry in blinded] == list(range(len(items)))
+    assert all(entry.input == oprf.digest_input("sha256", item.digest) for entry, item in zip(blinded, items,
+                                                                                            strict=True))
+    stored = [oprf.digest_input("sha256", items[p].digest) for p in held]
+    found = private.local_hits(blinded, _node_answer(key, blinded, stored, 32, encoding=buckets.ELIAS_FANO))
+    assert [entry.position for entry, _ in found] == held
+    assert [output for _, output in found] == [oprf.evaluate(key, data) for data in stored]
