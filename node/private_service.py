@@ -170,7 +170,6 @@ class Asked:
 
     buckets: np.ndarray  # int64
     blinded: list[bytes]
-    algorithms: Counter[str]
 
 
 def validate_private(request: PrivateRequest, settings: PrivateSettings, max_items: int) -> Asked:
@@ -186,7 +185,6 @@ def validate_private(request: PrivateRequest, settings: PrivateSettings, max_ite
     width = bucket_width(bits)
     found: list[np.ndarray] = []
     blinded: list[bytes] = []
-    asked: Counter[str] = Counter()
     position = 0
     for number, group in enumerate(request.groups):
         _check_algorithm(f"group {number}", group.algorithm)
@@ -207,9 +205,8 @@ def validate_private(request: PrivateRequest, settings: PrivateSettings, max_ite
                 raise InvalidPrivateRequest(f"item {position + at}: {exc}") from None
         found.append(values)
         blinded += elements
-        asked[group.algorithm] += len(values)
         position += len(values)
-    return Asked(np.concatenate(found) if found else np.zeros(0, dtype=np.int64), blinded, asked)
+    return Asked(np.concatenate(found) if found else np.zeros(0, dtype=np.int64), blinded)
 
 
 def validate_disclose(key_id: str, items: Sequence[DiscloseItem], max_items: int) -> None:
