@@ -136,15 +136,21 @@ def split(blob: bytes, count: int, encoding: int, bits: int) -> np.ndarray:
     ``BucketError`` unless the answers fill ``blob`` exactly."""
     check_bits(encoding, bits)
     data = memoryview(blob)
-    offsets = np.empty(count + 1, dtype=np.int64)
+    size = len(data)
+    found = [0] * (count + 1)
     at = 0
-    length = answer_length
+    known: dict[int, int] = {}  # length by count: a batch's answers have few distinct counts
     for number in range(count):
-        offsets[number] = at
-        if at + 2 > len(data):
+        found[number] = at
+        if at + 2 > size:
             raise BucketError(f"bucket answer {number} is cut short (no room for its 2-byte count)")
-        at += length((data[at] << 8) | data[at + 1], encoding, bits)
-    offsets[count] = at
+        entries = (data[at] << 8) | data[at + 1]
+        length = known.get(entries)
+        if length is None:
+            length = known[entries] = answer_length(entries, encoding, bits)
+        at += length
+    found[count] = at
+    offsets = np.array(found, dtype=np.int64)
     if at != len(data):
         raise BucketError(f"the bucket answers take {at:,} bytes but the answer carries {len(data):,}")
     return offsets
@@ -216,35 +222,90 @@ def distinct(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def members(blob: bytes, which: np.ndarray, count: int, encoding: int, bits: int, outputs: list[bytes]) -> np.ndarray:
     """For each output, whether its fingerprint is in answer ``which[i]`` of the ``count``
-    concatenated answers in ``blob`` (a candidate hit). Vectorised over the whole batch:
-    every answer is decoded once, and each output looked up by binary search.
+    concatenated answers in ``blob`` (a candidate hit). Vectorised over the whole batch.
     ``BucketError`` if the answers are malformed."""
     if len(which) != len(outputs):
         raise ValueError("one bucket per output")
     offsets = split(blob, count, encoding, bits)
-    values, owner = _decode_all(blob, offsets, encoding, bits)
-    if not len(outputs):
-        return np.zeros(0, dtype=bool)
     shift = np.uint64(64 - bits)
     wanted = np.frombuffer(b"".join(o[:8] for o in outputs), dtype=">u8").astype(np.uint64) >> shift
-    # The entries are grouped by answer in order and ascending within each (checked by _decode_all).
-    keys_owner, keys_value = owner, values
     which = which.astype(np.int64)
-    left = np.searchsorted(keys_owner, which, side="left")
-    right = np.searchsorted(keys_owner, which, side="right")
+    if encoding == ELIAS_FANO:
+        return _members_elias_fano(blob, offsets, bits, which, wanted)
+    values, owner = _decode_all(blob, offsets, encoding, bits)
     found = np.zeros(len(outputs), dtype=bool)
-    # Within each answer's range, binary search for the fingerprint (ranges are small: a few rounds).
+    if not len(values) or not len(outputs):
+        return found
+    # The entries are grouped by answer in order and ascending within each (checked by _decode_all):
+    # a binary search within each item's answer (a few rounds, all items at once).
+    left = np.searchsorted(owner, which, side="left")
+    right = np.searchsorted(owner, which, side="right")
     low, high = left.copy(), right.copy()
     while True:
         active = low < high
         if not active.any():
             break
         middle = (low + high) // 2
-        probe = keys_value[np.minimum(middle, len(keys_value) - 1)] if len(keys_value) else np.zeros_like(wanted)
-        less = active & (probe < wanted)
+        less = active & (values[np.minimum(middle, len(values) - 1)] < wanted)
         low = np.where(less, middle + 1, low)
         high = np.where(active & ~less, middle, high)
     inside = low < right
-    if len(keys_value):
-        found[inside] = keys_value[low[inside]] == wanted[inside]
+    found[inside] = values[low[inside]] == wanted[inside]
+    return found
+
+
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.int64)
+# _SELECT0[byte, j]: the place (0 = most significant bit) of the j-th zero bit of a byte, -1 if none.
+_SELECT0 = np.array([[([p for p in range(8) if not byte >> (7 - p) & 1] + [-1] * 8)[j] for j in range(8)]
+                     for byte in range(256)], dtype=np.int64)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices ``starts[i] .. starts[i] + lengths[i] - 1`` of every range, concatenated."""
+    total = int(lengths.sum())
+    return np.arange(total) - np.repeat(np.cumsum(lengths) - lengths - starts, lengths)
+
+
+def _members_elias_fano(blob: bytes, offsets: np.ndarray, bits: int, which: np.ndarray,
+                        wanted: np.ndarray) -> np.ndarray:
+    """``members`` for Elias-Fano answers without decoding them: per item, the entries whose high
+    part is the item's lie between the bitmap's zeros number ``h - 1`` and ``h`` (an entry of high
+    part ``h`` has ``h`` zeros before it), found from per-byte zero counts; only their low bits are
+    read. ``BucketError`` for a bitmap that does not hold its count of set bits."""
+    data = np.frombuffer(blob, dtype=np.uint8)
+    starts = offsets[:-1]
+    counts = (data[starts].astype(np.int64) << 8) | data[starts + 1] if len(starts) else np.zeros(0, np.int64)
+    low = low_bits_many(counts, bits)
+    map_start = starts + 2 + (counts * low + 7) // 8
+    map_length = offsets[1:] - map_start
+    maps = data[_ranges(map_start, map_length)]
+    ones_before = np.concatenate([[0], np.cumsum(_POPCOUNT[maps])])
+    map_first = np.cumsum(map_length) - map_length  # each bitmap's first byte among the bitmaps
+    if ((ones_before[map_first + map_length] - ones_before[map_first]) != counts).any():
+        raise BucketError("an Elias-Fano bucket's bitmap does not hold its count of entries")
+    zeros_before = np.arange(len(maps) + 1) * 8 - ones_before
+
+    def select0(answer: np.ndarray, number: np.ndarray) -> np.ndarray:
+        """The place in its bitmap of zero ``number`` of each answer's bitmap (it has enough zeros)."""
+        wanted_zero = zeros_before[map_first[answer]] + number
+        byte = np.searchsorted(zeros_before, wanted_zero, side="right") - 1
+        return byte * 8 + _SELECT0[maps[byte], wanted_zero - zeros_before[byte]] - map_first[answer] * 8
+
+    found = np.zeros(len(which), dtype=bool)
+    asked = np.flatnonzero(counts[which] > 0)  # an empty answer holds nothing
+    answer = which[asked]
+    width = low[answer]
+    high = (wanted[asked] >> width.astype(np.uint64)).astype(np.int64)
+    end = select0(answer, high) - high
+    start = np.where(high > 0, select0(answer, np.maximum(high - 1, 0)) - (high - 1), 0)
+    matches = np.maximum(end - start, 0)
+    item = np.repeat(np.arange(len(asked)), matches)
+    rank = _ranges(start, matches)
+    entry_width = width[item]
+    position = (starts[answer[item]] + 2) * 8 + rank * entry_width
+    word = _words(data, position >> 3)
+    lows = (word << (position & 7).astype(np.uint64)) >> (np.uint64(64) - entry_width.astype(np.uint64))
+    lows = np.where(entry_width > 0, lows, np.uint64(0))  # a shift by 64 is not 0 in numpy
+    masks = (np.uint64(1) << entry_width.astype(np.uint64)) - np.uint64(1)
+    found[asked[item[lows == (wanted[asked[item]] & masks)]]] = True
     return found

@@ -158,3 +158,34 @@ def test_the_nodes_compiled_writer_gives_the_reference_bytes(encoding: int, bits
         expected.append(buckets.encode(np.array(sorted(live), dtype=np.uint64), encoding, bits))
     assert data.tobytes() == b"".join(expected)
     assert counts[asked.tolist().index(3)] > 150  # the hidden rows were left out of some bucket, not all
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16, 19, 24, 33, 48])
+def test_membership_agrees_with_the_fingerprints_for_near_misses(bits: int) -> None:
+    """Outputs whose fingerprints share a stored one's high part (the entries a gateway compares low
+    bits with), its neighbours, the extremes, and exact members, against every answer of a batch."""
+    rng = random.Random(bits * 7)
+    groups = [_prefixes(rng, size) for size in [0, 1, 2, 5, 150, 153, 300, 0, 1000, 3]]
+    blob = b"".join(buckets.encode(g, buckets.ELIAS_FANO, bits) for g in groups)
+    shift = 64 - bits
+    which, outputs = [], []
+    for number, group in enumerate(groups):
+        values = sorted({int(v) >> shift for v in group.tolist()})
+        for value in values[:40] + [0, (1 << bits) - 1, rng.getrandbits(bits)]:
+            for near in (value - 1, value, value + 1, value ^ 1, value ^ (1 << (bits // 2))):
+                if 0 <= near < 1 << bits:
+                    which.append(number)
+                    outputs.append((near << shift).to_bytes(8, "big") + rng.randbytes(56))
+    found = buckets.members(blob, np.array(which), len(groups), buckets.ELIAS_FANO, bits, outputs)
+    expected = [(int.from_bytes(o[:8], "big") >> shift) in {int(v) >> shift for v in groups[w].tolist()}
+                for w, o in zip(which, outputs, strict=True)]
+    assert found.tolist() == expected
+    assert 0 < sum(expected) < len(expected)
+
+
+def test_membership_refuses_a_bitmap_that_does_not_hold_its_count() -> None:
+    good = buckets.encode(_prefixes(random.Random(9), 5), buckets.ELIAS_FANO, 24)
+    bad = good[:-1] + bytes([good[-1] | 1])  # a padding bit set: six set bits for five entries
+    assert len(bad) == len(good)
+    with pytest.raises(buckets.BucketError, match="bitmap does not hold"):
+        buckets.members(good + bad, np.array([0, 1]), 2, buckets.ELIAS_FANO, 24, [bytes(64), bytes(64)])
