@@ -171,7 +171,7 @@ def test_membership_agrees_with_the_fingerprints_for_near_misses(bits: int) -> N
     which, outputs = [], []
     for number, group in enumerate(groups):
         values = sorted({int(v) >> shift for v in group.tolist()})
-        for value in values[:40] + [0, (1 << bits) - 1, rng.getrandbits(bits)]:
+        for value in [*values[:40], 0, (1 << bits) - 1, rng.getrandbits(bits)]:
             for near in (value - 1, value, value + 1, value ^ 1, value ^ (1 << (bits // 2))):
                 if 0 <= near < 1 << bits:
                     which.append(number)
