@@ -249,7 +249,7 @@ def test_the_conformance_kit_passes_a_node_offering_private_matching(mixed: Mixe
     private_checks = {name: outcome for name, outcome in _outcomes(done.stdout).items() if name.startswith("private.")}
     # A bucket out of range can be sent only when prefix_bits is not a multiple of 8 (DE's 9).
     skipped = {"private.bucket-range"} if node_id == "FR" else set()
-    assert len(private_checks) == 15, done.stdout + done.stderr
+    assert len(private_checks) == 16, done.stdout + done.stderr
     assert {n for n, outcome in private_checks.items() if outcome != "pass"} == skipped, done.stdout + done.stderr
     assert private_checks["private.bucket-range"] == ("skip" if skipped else "pass")
     assert done.returncode == 0, done.stdout

@@ -116,6 +116,8 @@ class PrivateChecks:
              self._offer_check),
             ("private.consistent", "the same digest blinded twice finalizes to the same output", self._consistent),
             ("private.known-found", "a held digest is in its bucket and disclosed against its output", self._known),
+            ("private.bucket-once", "two items of one bucket: two evaluated elements, the bucket answered once",
+             self._bucket_once),
             ("private.unknown-absent", "random digests are not in their buckets", self._unknown),
             ("private.forged-proof", "Disclose with a random 64-byte proof releases nothing", self._forged),
             ("private.malformed-element", "a blinded element that is no group element: INVALID_ARGUMENT",
@@ -187,6 +189,22 @@ class PrivateChecks:
             return False, expected, f"Disclose: {status}: {disclosed}"
         ok, got = only_hit_at(disclosed.results, 0, "nothing disclosed")
         return ok, expected, got
+
+    async def _bucket_once(self) -> tuple[bool, str, str]:
+        bits = await self._bits()
+        data = oprf.digest_input("sha256", os.urandom(32))
+        items = [PrivateItem("sha256", oprf.bucket_of(data, bits), bits, oprf.blind(data)[1]) for _ in range(2)]
+        status, answer = await self.private_match(items)
+        expected = "OK: 64 bytes of evaluated elements, bucket_answers one answer"
+        if status != OK:
+            return False, expected, f"{status}: {answer}"
+        try:
+            buckets.split(bytes(answer.bucket_answers), 1, answer.bucket_encoding, _fingerprint_bits(answer))
+            once = "one answer"
+        except (buckets.BucketError, AssertionError) as exc:
+            once = f"not one answer ({exc})"
+        got = f"{status}: {len(answer.evaluated_elements)} bytes of evaluated elements, bucket_answers {once}"
+        return got == expected, expected, got
 
     async def _unknown(self) -> tuple[bool, str, str]:
         bits = await self._bits()
