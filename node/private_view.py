@@ -40,19 +40,31 @@ class Holding:
 
 @dataclass(frozen=True)
 class BucketTable:
-    """One part's outputs laid out for bucket answers at one prefix length: the first 8 bytes
-    of each output (big-endian uint64) in bucket-hash order, so that a bucket is the slice
-    ``prefixes[bounds[b]:bounds[b + 1]]`` (read whole, never gathered row by row)."""
+    """One part's outputs laid out for bucket answers: the first 8 bytes of each output
+    (big-endian uint64) in bucket-hash order (the order of ``part.buckets``), so that a bucket,
+    a range of ``part.buckets``, is a slice of ``prefixes`` (read whole, never gathered row by
+    row from the 64-byte outputs). 8 bytes per output, whatever the prefix length."""
 
     prefixes: np.ndarray
-    bounds: np.ndarray  # int64, 2^bits + 1
 
     @classmethod
-    def build(cls, part: PrivatePart, bits: int) -> BucketTable:
+    def build(cls, part: PrivatePart) -> BucketTable:
         firsts = part.raw().view(">u8")[:, 0]  # a strided view: only the gathered words are read
-        prefixes = firsts[part.positions].astype(np.uint64)
-        edges = np.arange((1 << bits) + 1, dtype=np.int64) << (32 - bits)
-        return cls(prefixes, np.searchsorted(part.buckets.astype(np.int64), edges).astype(np.int64))
+        return cls(firsts[part.positions].astype(np.uint64))
+
+
+def bucket_ranges(part: PrivatePart, buckets: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each ``bits``-bit bucket's entries start and end in ``part.buckets`` (sorted 32-bit
+    bucket hashes): two binary searches per bucket, in the array's own type (no copy of it)."""
+    order = np.argsort(buckets, kind="stable")  # sorted keys: each search starts where the last ended
+    asked = buckets[order].astype(np.uint64)
+    shift = np.uint64(32 - bits)
+    first = (asked << shift).astype(np.uint32)
+    last = (((asked + np.uint64(1)) << shift) - np.uint64(1)).astype(np.uint32)
+    starts, ends = np.empty(len(buckets), dtype=np.int64), np.empty(len(buckets), dtype=np.int64)
+    starts[order] = np.searchsorted(part.buckets, first, side="left")
+    ends[order] = np.searchsorted(part.buckets, last, side="right")
+    return starts, ends
 
 
 class Tables:
@@ -60,21 +72,21 @@ class Tables:
     immutable, so a table is built once (at its first PrivateMatch, ~1 s per 10 M outputs)."""
 
     def __init__(self) -> None:
-        self._tables: dict[tuple[int, str, str, int], BucketTable] = {}
+        self._tables: dict[tuple[int, str, str], BucketTable] = {}
         self._lock = threading.Lock()
 
-    def get(self, holding: Holding, key_id: str, bits: int) -> BucketTable:
-        key = (holding.segment_id, holding.algorithm, key_id, bits)
+    def get(self, holding: Holding, key_id: str) -> BucketTable:
+        key = (holding.segment_id, holding.algorithm, key_id)
         with self._lock:
             table = self._tables.get(key)
             if table is None:
-                table = self._tables[key] = BucketTable.build(holding.part, bits)
+                table = self._tables[key] = BucketTable.build(holding.part)
             return table
 
     def keep(self, live: set[tuple[int, str, str]]) -> None:
         """Forgets the tables of segments (or keys) no longer served."""
         with self._lock:
-            for key in [k for k in self._tables if k[:3] not in live]:
+            for key in [k for k in self._tables if k not in live]:
                 del self._tables[key]
 
 
@@ -104,8 +116,8 @@ class PrivateView:
         from node import private_kernels  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
 
         distinct, _ = buckets_module.distinct(buckets.astype(np.int64))
-        tables = [(h, self.tables.get(h, self.key_id, bits)) for h in self.active]
-        spans = [(t.bounds[distinct], t.bounds[distinct + 1]) for _, t in tables]
+        tables = [(h, self.tables.get(h, self.key_id)) for h in self.active]
+        spans = [bucket_ranges(h.part, distinct, bits) for h, _ in tables]
         room = sum((hi - lo for lo, hi in spans), np.zeros(len(distinct), dtype=np.int64))
         base = np.cumsum(room) - room
         values = np.empty(int(room.sum()), dtype=np.uint64)
