@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import random
 import sqlite3
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -36,7 +38,7 @@ from federation.query import (
     private_match_sha256,
     private_request,
 )
-from federation.wire import disclose_to_pb, pb, private_request_to_pb, rpc
+from federation.wire import SERVICE_NAME, disclose_to_pb, pb, private_request_to_pb, rpc
 from node.audit import audit_path
 from tests.conftest import RunningFederation
 from tests.support import Client, claims_for, gateway_client, signing_key, wait_until_async
@@ -403,3 +405,38 @@ async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
         error = await _refusal(_private_match(client, pki, asked.items))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "key file is damaged" in (error.details() or "")
         assert "{not json" not in local[NODE].log_path.read_text()
+
+
+def _v1_request(item: PrivateItem) -> tuple[bytes, str]:
+    """A request in the withdrawn per-item form of ``private.exact.v1`` (field 1, one PrivateItem
+    message per item), written by hand, and the ``qh`` a v1 gateway signed for it."""
+    def varint(value: int) -> bytes:
+        out = b""
+        while value >= 0x80:
+            out += bytes([value & 0x7F | 0x80])
+            value >>= 7
+        return out + bytes([value])
+
+    def field(number: int, value: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(value)) + value
+    message = (field(1, item.algorithm.encode()) + b"\x10" + varint(item.bucket) + b"\x18" + varint(item.prefix_bits)
+               + field(4, item.blinded))
+    u32 = struct.Struct(">I").pack
+    signed = (b"icse.v1.private-match\x00" + u32(1) + u32(len(item.algorithm)) + item.algorithm.encode()
+              + u32(item.bucket) + u32(item.prefix_bits) + u32(32) + item.blinded)
+    return field(1, message), hashlib.sha256(signed).hexdigest()
+
+
+async def test_a_request_of_the_withdrawn_per_item_form_is_refused_not_answered(private_node: PrivateNode) -> None:
+    """A v1 gateway's request reaching this node (which offers v2 only) is never answered "no hit":
+    its items are in a reserved field, so the node computes another qh than the one signed."""
+    pki, client = private_node.local.pki, private_node.client()
+    item = _ask([("sha256", bytes(32))]).items[0]
+    body, qh = _v1_request(item)
+    parsed = pb.PrivateMatchRequest.FromString(body)  # well-formed: field 1 is kept as an unknown field
+    assert (list(parsed.groups), parsed.prefix_bits, parsed.SerializeToString()) == ([], 0, body)
+    async with client.channel() as channel:
+        call = channel.unary_unary(f"/{SERVICE_NAME}/PrivateMatch", request_serializer=lambda raw: raw,
+                                   response_deserializer=pb.PrivateMatchResponse.FromString)
+        error = await _refusal(call(body, timeout=30, metadata=tokens.bearer(_token(pki, "PrivateMatch", qh))))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "differ" in (error.details() or ""), error.details()
