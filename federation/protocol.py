@@ -17,7 +17,8 @@ MINOR = 1
 VERSION = f"{MAJOR}.{MINOR}"
 
 # Optional features a node lists in Describe (PROTOCOL.md, "Features").
-PRIVATE_EXACT_FEATURE = "private.exact.v1"
+# v2: items and answers packed, each distinct bucket answered once (v1, one message per item, is gone).
+PRIVATE_EXACT_FEATURE = "private.exact.v2"
 
 _VERSION = re.compile(r"(0|[1-9][0-9]{0,3})\.(0|[1-9][0-9]{0,3})")
 

@@ -178,17 +178,93 @@ EMPTY_QUERY_SHA256 = query_sha256(())
 # Private exact matching (PROTOCOL.md, "Private exact matching"): the same
 # length-prefixed style over what a private request asks, with its own domain tag
 # so that no token for one kind of request verifies another.
-PRIVATE_MATCH_TAG = f"icse.v{protocol.MAJOR}.private-match".encode("ascii") + b"\x00"
+PRIVATE_MATCH_TAG = f"icse.v{protocol.MAJOR}.private-match.v2".encode("ascii") + b"\x00"
 DISCLOSE_TAG = f"icse.v{protocol.MAJOR}.disclose".encode("ascii") + b"\x00"
+ELEMENT_BYTES = 32
+
+
+def bucket_width(prefix_bits: int) -> int:
+    """Bytes of one packed bucket number: ``ceil(prefix_bits / 8)``."""
+    return (prefix_bits + 7) // 8
+
+
+class PrivateGroup(NamedTuple):
+    """The private membership questions of one algorithm, packed (no digest): each item's bucket
+    as ``bucket_width`` bytes big-endian, concatenated, and its blinded element (32 bytes),
+    concatenated in the same order."""
+
+    algorithm: str
+    buckets: bytes
+    blinded: bytes
+
+
+@dataclass(frozen=True)
+class PrivateRequest:
+    """A PrivateMatch request: its item list is the groups' items, group after group."""
+
+    prefix_bits: int
+    groups: tuple[PrivateGroup, ...]
+
+    def count(self) -> int:
+        """Items in the item list (``ValueError`` if a group's fields disagree on it)."""
+        width = bucket_width(self.prefix_bits) if self.prefix_bits else 0
+        total = 0
+        for number, group in enumerate(self.groups):
+            if not width or len(group.buckets) % width:
+                raise ValueError(f"group {number}: buckets are {len(group.buckets)} bytes, not a whole number of "
+                                 f"{width or '?'}-byte buckets of {self.prefix_bits} bits")
+            items = len(group.buckets) // width
+            if len(group.blinded) != items * ELEMENT_BYTES:
+                raise ValueError(f"group {number}: {items} buckets but {len(group.blinded)} bytes of blinded "
+                                 f"elements ({ELEMENT_BYTES} each)")
+            total += items
+        return total
 
 
 class PrivateItem(NamedTuple):
-    """One private membership question: the bucket and a blinded element (no digest)."""
+    """One private membership question, as a gateway makes it: the bucket and a blinded element
+    (no digest). Sent packed (``private_request``)."""
 
     algorithm: str
     bucket: int
     prefix_bits: int
     blinded: bytes
+
+
+def private_request(items: Sequence[PrivateItem]) -> PrivateRequest:
+    """The request asking ``items`` in this order: each run of one algorithm is one group (so the
+    item list is ``items`` itself). ``ValueError`` if the items disagree on ``prefix_bits``, or
+    a bucket or an element does not fit."""
+    bits = items[0].prefix_bits if items else 0
+    width = bucket_width(bits) if bits else 0
+    groups: list[PrivateGroup] = []
+    start = 0
+    for end in range(1, len(items) + 1):
+        if end < len(items) and items[end].algorithm == items[start].algorithm:
+            continue
+        run = items[start:end]
+        if any(i.prefix_bits != bits for i in run):
+            raise ValueError("private items of one request share one prefix_bits")
+        if any(not 0 <= i.bucket < 1 << (8 * width) for i in run):
+            raise ValueError(f"a bucket does not fit in {width} bytes")
+        groups.append(PrivateGroup(run[0].algorithm, b"".join(i.bucket.to_bytes(width, "big") for i in run),
+                                   b"".join(bytes(i.blinded) for i in run)))
+        start = end
+    return PrivateRequest(bits, tuple(groups))
+
+
+def private_items(request: PrivateRequest) -> list[PrivateItem]:
+    """The item list of a request (``ValueError`` as ``PrivateRequest.count``)."""
+    request.count()
+    width = bucket_width(request.prefix_bits)
+    items = []
+    for group in request.groups:
+        for at in range(0, len(group.buckets), width):
+            number = at // width
+            items.append(PrivateItem(group.algorithm, int.from_bytes(group.buckets[at:at + width], "big"),
+                                     request.prefix_bits,
+                                     bytes(group.blinded[number * ELEMENT_BYTES:(number + 1) * ELEMENT_BYTES])))
+    return items
 
 
 class DiscloseItem(NamedTuple):
@@ -204,15 +280,16 @@ def _field(data: bytes) -> list[bytes]:
     return [_U32.pack(len(data)), data]
 
 
-def private_match_bytes(items: Sequence[PrivateItem]) -> bytes:
-    """``"icse.v1.private-match" 0x00 || u32be(n)`` then per item ``u32be(len(algorithm_utf8))
-    algorithm_utf8 || u32be(bucket) || u32be(prefix_bits) || u32be(len(blinded)) blinded``."""
-    parts = [PRIVATE_MATCH_TAG, _U32.pack(len(items))]
-    for item in items:
-        if not (0 <= item.bucket <= U32_MAX and 0 <= item.prefix_bits <= U32_MAX):
-            raise ValueError("private item does not fit the query digest's encoding")
-        parts += [*_field(item.algorithm.encode("utf-8")), _U32.pack(item.bucket), _U32.pack(item.prefix_bits),
-                  *_field(bytes(item.blinded))]
+def private_match_bytes(request: PrivateRequest) -> bytes:
+    """``"icse.v1.private-match.v2" 0x00 || u32be(prefix_bits) || u32be(number of groups)`` then per
+    group ``u32be(len(algorithm_utf8)) algorithm_utf8 || u32be(len(buckets)) buckets ||
+    u32be(len(blinded)) blinded``: the request's bytes as sent, so a node hashes them whole."""
+    if not 0 <= request.prefix_bits <= U32_MAX:
+        raise ValueError("prefix_bits does not fit the query digest's encoding")
+    parts = [PRIVATE_MATCH_TAG, _U32.pack(request.prefix_bits), _U32.pack(len(request.groups))]
+    for group in request.groups:
+        parts += [*_field(group.algorithm.encode("utf-8")), *_field(bytes(group.buckets)),
+                  *_field(bytes(group.blinded))]
     return b"".join(parts)
 
 
@@ -225,9 +302,9 @@ def disclose_bytes(key_id: str, items: Sequence[DiscloseItem]) -> bytes:
     return b"".join(parts)
 
 
-def private_match_sha256(items: Sequence[PrivateItem]) -> str:
+def private_match_sha256(request: PrivateRequest) -> str:
     """``qh`` of a PrivateMatch request."""
-    return hashlib.sha256(private_match_bytes(items)).hexdigest()
+    return hashlib.sha256(private_match_bytes(request)).hexdigest()
 
 
 def disclose_sha256(key_id: str, items: Sequence[DiscloseItem]) -> str:

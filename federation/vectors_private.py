@@ -17,6 +17,7 @@ from federation.query import (
     disclose_sha256,
     private_match_bytes,
     private_match_sha256,
+    private_request,
 )
 
 # RFC 9497 Appendix A.1.1 inputs (OPRF, ristretto255-SHA512): the outputs are computed below and
@@ -57,21 +58,28 @@ def oprf_vectors() -> dict[str, Any]:
                 for i in range(9)]
     prefixes = np.array(sorted(int.from_bytes(o[:8], "big") for o in outputs), dtype=np.uint64)
     answers = [{"encoding": "PRIVATE_BUCKET_ENCODING_FIXED", "fingerprint_bits": 32,
-                "bucket_outputs_hex": buckets.encode(prefixes, buckets.FIXED, 32).hex()},
+                "bucket_answer_hex": buckets.encode(prefixes, buckets.FIXED, 32).hex()},
                {"encoding": "PRIVATE_BUCKET_ENCODING_ELIAS_FANO", "fingerprint_bits": 24,
-                "bucket_outputs_hex": buckets.encode(prefixes, buckets.ELIAS_FANO, 24).hex()}]
+                "bucket_answer_hex": buckets.encode(prefixes, buckets.ELIAS_FANO, 24).hex()},
+               {"encoding": "PRIVATE_BUCKET_ENCODING_ELIAS_FANO", "fingerprint_bits": 19,
+                "bucket_answer_hex": buckets.encode(prefixes, buckets.ELIAS_FANO, 19).hex()}]
+    request = private_request(private_items)
     return {
         "description": "Private exact matching (PROTOCOL.md, 'Private exact matching'). rfc9497_a_1_1: the RFC's "
                        "vectors for OPRF mode 0x00, ristretto255-SHA512. digests: the OPRF input of a digest "
                        "(algorithm, 0x00, raw digest), its buckets (16 and 32 bits of SHA-256('icse.v1.bucket' 0x00 "
-                       "input)) and output, under the RFC's key and blind. private_match / disclose: the exact "
-                       "bytes whose SHA-256 is a private request's qh, for the digests above.",
+                       "input)) and output, under the RFC's key and blind. private_match / disclose: a request's "
+                       "packed groups (v2) and the exact bytes whose SHA-256 is its qh, for the digests above. "
+                       "bucket_answers: one bucket's fingerprints (the first bits of these outputs, sorted) "
+                       "in each encoding, each answer starting with u16be(count).",
         "rfc9497_a_1_1": {"seed": RFC_SEED.hex(), "key_info": RFC_KEY_INFO.hex(), "sk_sm": secret.hex(),
                           "vectors": rfc},
         "key_id": key,
         "digests": digests,
-        "private_match": {"canonical_hex": private_match_bytes(private_items).hex(),
-                          "qh": private_match_sha256(private_items)},
+        "private_match": {"prefix_bits": request.prefix_bits,
+                          "groups": [{"algorithm": g.algorithm, "buckets_hex": g.buckets.hex(),
+                                      "blinded_elements_hex": g.blinded.hex()} for g in request.groups],
+                          "canonical_hex": private_match_bytes(request).hex(), "qh": private_match_sha256(request)},
         "disclose": {"key_id": key, "canonical_hex": disclose_bytes(key, disclose_items).hex(),
                      "qh": disclose_sha256(key, disclose_items)},
         "bucket_answers": {"outputs": [o.hex() for o in outputs], "answers": answers},

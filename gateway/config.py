@@ -48,7 +48,7 @@ class Requester:
 class PrivateMode(Enum):
     """Whether exact digests go to a member by private matching (PROTOCOL.md "Private exact matching").
 
-    ``auto``: with every member whose Describe offers ``private.exact.v1``, in
+    ``auto``: with every member whose Describe offers ``private.exact.v2``, in
     clear with the others; ``always``: never in clear (a member without it is
     not asked, and says so); ``never``: in clear with every member.
     """

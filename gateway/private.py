@@ -1,10 +1,11 @@
 """Private exact matching, the gateway's side (PROTOCOL.md "Private exact matching").
 
-With a member whose Describe offers ``private.exact.v1``, exact digests (MD5,
+With a member whose Describe offers ``private.exact.v2``, exact digests (MD5,
 SHA-1, SHA-256) are never sent: per item the gateway sends the bucket (a short
-prefix of a hash of the digest) and an RFC 9497 blinded element; the node
-returns the evaluated element and its bucket's truncated OPRF outputs; here the
-evaluation is unblinded (``finalize``) and looked up in the bucket. Only for
+prefix of a hash of the digest) and an RFC 9497 blinded element, packed; the
+node returns the evaluated elements and, once per distinct bucket, the
+fingerprints of its OPRF outputs; here each evaluation is unblinded
+(``finalize``) and looked up in its bucket, the whole batch at once. Only for
 those local hits does the gateway ask the node to disclose, presenting the full
 output as proof, and the node's released hits join the same merge as plain
 Match answers. The node so learns bucket prefixes and counts, never a no-hit
@@ -26,10 +27,14 @@ the fan-out's (:mod:`gateway.fanout`); this module is the per-member strategy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+import numpy as np
 
 from federation import algorithms, buckets, oprf, protocol, tokens
 from federation.query import (
@@ -39,9 +44,10 @@ from federation.query import (
     QueryItem,
     disclose_sha256,
     private_match_sha256,
+    private_request,
     query_sha256,
 )
-from federation.wire import REQUEST_ID_KEY, disclose_to_pb, items_to_pb, pb, private_items_to_pb
+from federation.wire import REQUEST_ID_KEY, disclose_to_pb, items_to_pb, pb, private_request_to_pb
 from gateway.answers import hit_info, unpack
 from gateway.config import GatewayConfig, PrivateMode
 from gateway.fanout import Attempt, Federation, ordinary
@@ -73,12 +79,9 @@ class Offer:
 
 def fingerprint_bits(encoding: int, bits: int, output_bytes: int) -> int:
     """The fingerprint width an answer states (a fixed-width answer may state only ``output_bytes``);
-    ``ValueError`` for an encoding or a width this gateway cannot read."""
-    if encoding not in (buckets.FIXED, buckets.ELIAS_FANO):
-        raise ValueError(f"bucket encoding {encoding} is not one this gateway reads")
+    ``ValueError`` (a ``BucketError``) for an encoding or a width this gateway cannot read."""
     bits = bits or (8 * output_bytes if encoding == buckets.FIXED else 0)
-    if not 1 <= bits <= 64 or (encoding == buckets.FIXED and bits % 8):
-        raise ValueError(f"fingerprints of {bits} bits in bucket encoding {encoding}")
+    buckets.check_bits(encoding, bits)
     return bits
 
 
@@ -107,56 +110,79 @@ class Blinded:
     item: PrivateItem  # what is sent: algorithm, bucket, prefix bits, blinded element
 
 
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+# Threads for a batch's blinds and finalizations: libsodium's scalar multiplications (~60 µs each,
+# most of an item's cost) run without the GIL, so a batch is done sooner on a gateway with cores.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+_SPREAD_FROM = 512  # items: below this one thread is quicker than starting others
+
+
+def _spread(function: Callable[[_In], _Out], inputs: Sequence[_In], workers: int = WORKERS) -> list[_Out]:
+    """``[function(x) for x in inputs]``, in that order, on up to ``workers`` threads."""
+    if workers <= 1 or len(inputs) < _SPREAD_FROM:
+        return [function(x) for x in inputs]
+    size = -(-len(inputs) // workers)
+    chunks = [inputs[at:at + size] for at in range(0, len(inputs), size)]
+    with ThreadPoolExecutor(len(chunks), thread_name_prefix="oprf") as pool:
+        done = list(pool.map(lambda chunk: [function(x) for x in chunk], chunks))
+    return [result for part in done for result in part]
+
+
 def blind_items(items: Sequence[QueryItem], positions: Sequence[int], prefix_bits: int) -> list[Blinded]:
     """Fresh blinds for the items at ``positions`` (fresh per node and attempt: nodes cannot link them)."""
-    blinded = []
-    for position in positions:
+    def one(position: int) -> Blinded:
         item = items[position]
         data = oprf.digest_input(item.algorithm, item.digest)
         blind, element = oprf.blind(data)
         bucket = oprf.bucket_of(data, prefix_bits)
-        blinded.append(Blinded(position, data, blind, PrivateItem(item.algorithm, bucket, prefix_bits, element)))
-    return blinded
+        return Blinded(position, data, blind, PrivateItem(item.algorithm, bucket, prefix_bits, element))
+    return _spread(one, list(positions))
 
 
 def local_hits(blinded: Sequence[Blinded], response: pb.PrivateMatchResponse) -> list[tuple[Blinded, bytes]]:
     """The items whose output's fingerprint is in their bucket, each with its full output (the proof to disclose).
 
     ``ValueError`` for an answer that does not fit the request (count,
-    encoding, a bucket that does not decode, an element that is not one). A
+    encoding, bucket answers that do not decode, an element that is not one). A
     fingerprint shared with another stored output is a false candidate: the
     node's disclosure, which checks the full output, weeds those out.
     """
     bits = fingerprint_bits(response.bucket_encoding, response.fingerprint_bits, response.output_bytes)
-    if len(response.results) != len(blinded):
-        raise ValueError(f"{len(response.results)} private results for {len(blinded)} items")
-    outputs = []
-    for entry, result in zip(blinded, response.results, strict=True):
+    evaluated = bytes(response.evaluated_elements)
+    if len(evaluated) != oprf.ELEMENT_BYTES * len(blinded):
+        raise ValueError(f"{len(evaluated)} bytes of evaluated elements for {len(blinded)} items "
+                         f"({oprf.ELEMENT_BYTES} each)")
+    def one(number: int) -> bytes:
+        element = evaluated[number * oprf.ELEMENT_BYTES:(number + 1) * oprf.ELEMENT_BYTES]
         try:
-            outputs.append(oprf.finalize(entry.input, entry.blind, bytes(result.evaluated_element)))
+            return oprf.finalize(blinded[number].input, blinded[number].blind, element)
         except oprf.OprfError as exc:
             raise ValueError(f"evaluated element: {exc}") from None
-    members = buckets.contains_many([bytes(r.bucket_outputs) for r in response.results], response.bucket_encoding,
-                                    bits, outputs)
-    return [(entry, output) for entry, output, member in zip(blinded, outputs, members, strict=True) if member]
+    outputs = _spread(one, range(len(blinded)))
+    distinct, which = buckets.distinct(np.array([entry.item.bucket for entry in blinded], dtype=np.int64))
+    members = buckets.members(bytes(response.bucket_answers), which, len(distinct), response.bucket_encoding, bits,
+                              outputs)
+    return [(entry, output) for entry, output, member in zip(blinded, outputs, members.tolist(), strict=True)
+            if member]
 
 
 def answer_bytes(entries: float, encoding: int, bits: int) -> float:
     """About how many bytes a bucket answer of ``entries`` fingerprints takes (federation.buckets):
-    fixed, ``bits / 8`` each; Elias-Fano, a 2-byte count, ``L`` low bits each and a high-part
-    bitmap of about two bits each, where ``L = floor(log2(2^bits / entries))``."""
+    a 2-byte count, then fixed, ``bits / 8`` each; Elias-Fano, ``L`` low bits each and a bitmap of
+    ``entries + 2^(bits - L)`` bits, where ``L = floor(log2(2^bits / entries))``."""
     if encoding == buckets.FIXED:
-        return entries * bits / 8
+        return 2 + entries * bits / 8
     if entries < 1:
-        return 2 + entries * 2 / 8
-    return 2 + entries * (buckets.low_bits(max(round(entries), 1), bits) + 2) / 8
+        return 2 + entries * (bits + 2) / 8
+    return float(buckets.answer_length(max(round(entries), 1), encoding, bits))
 
 
 # What one PrivateMatch answer is kept under: well below the 16 MiB a message may
 # have (gateway.fanout's channels, and the node's own 15 MiB refusal), with room
 # for buckets twice the mean size.
 ANSWER_BUDGET = 6 * 1024 * 1024
-RESULT_OVERHEAD = 40  # the evaluated element and a result's framing
+RESULT_OVERHEAD = oprf.ELEMENT_BYTES  # an item's evaluated element
 
 
 def items_per_request(offer: Offer, budget: int = ANSWER_BUDGET) -> int:
@@ -273,9 +299,9 @@ class Chooser:
     async def _private_match(self, attempt: Attempt,
                              blinded: list[Blinded]) -> tuple[pb.PrivateMatchResponse, list[tuple[Blinded, bytes]]]:
         """Step 1 for some items: the node's answer, and the items found in their buckets."""
-        request = [b.item for b in blinded]
+        request = private_request([b.item for b in blinded])
         response = await attempt.stub.PrivateMatch(
-            private_items_to_pb(request), timeout=attempt.remaining(),
+            private_request_to_pb(request), timeout=attempt.remaining(),
             metadata=attempt.metadata("PrivateMatch", private_match_sha256(request)))
         protocol.check_compatible(response.protocol_version, f"node {attempt.node.node_id}")
         if response.node_id != attempt.node.node_id:

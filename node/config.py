@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation import identity
+from federation.buckets import choose_bits
 from federation.config import ConfigError, Table, root
 from federation.tls import TlsFiles
 from node.matcher import Limits
@@ -56,20 +57,26 @@ class PrivateSettings:
     # Bytes of each output a bucket answer carries: more bytes, fewer false positives.
     output_bytes: int = 4
     # How bucket answers are written: "elias-fano" (fingerprints of fingerprint_bits bits, about
-    # 2 + fingerprint_bits - log2(bucket size) bits each: at 10 M stored and 16-bit buckets an item costs
-    # ~9.7x an ordinary one, within the 10x this mode is meant to cost) or "fixed" (output_bytes each: ~15x).
+    # 2.5 + fingerprint_bits - log2(bucket size) bits each) or "fixed" (output_bytes each).
     encoding: str = "elias-fano"
-    fingerprint_bits: int = 24
+    # Elias-Fano fingerprint width; 0 (the default): chosen from the mean bucket size so that an item
+    # the node does not hold is a false candidate with chance at most 2^-false_candidate_bits
+    # (federation.buckets.choose_bits: 19 bits at 10 M stored and 16-bit buckets, ~9.5x an ordinary item).
+    fingerprint_bits: int = 0
+    false_candidate_bits: int = 11
 
-    @property
-    def bits(self) -> int:
-        """Bits of each fingerprint in a bucket answer."""
-        return 8 * self.output_bytes if self.encoding == "fixed" else self.fingerprint_bits
+    def bits(self, mean_bucket_size: float) -> int:
+        """Bits of each fingerprint in a bucket answer, for buckets of this mean size."""
+        if self.encoding == "fixed":
+            return 8 * self.output_bytes
+        return self.fingerprint_bits or choose_bits(mean_bucket_size, self.false_candidate_bits,
+                                                    *FINGERPRINT_BITS)
 
 
 PREFIX_BITS = (8, 24)
 OUTPUT_BYTES = (3, 8)
 FINGERPRINT_BITS = (16, 48)
+FALSE_CANDIDATE_BITS = (4, 32)
 ENCODINGS = ("fixed", "elias-fano")
 
 
@@ -246,7 +253,8 @@ def _alerts(table: Table, for_serving: bool) -> AlertSettings:
 
 
 def _private(table: Table) -> PrivateSettings:
-    table.reject_unknown({"enabled", "prefix_bits", "output_bytes", "encoding", "fingerprint_bits"})
+    table.reject_unknown({"enabled", "prefix_bits", "output_bytes", "encoding", "fingerprint_bits",
+                          "false_candidate_bits"})
     defaults = PrivateSettings()
     enabled = table.get("enabled", bool, defaults.enabled)
     bits = table.get("prefix_bits", int, defaults.prefix_bits)
@@ -260,10 +268,14 @@ def _private(table: Table) -> PrivateSettings:
     if encoding not in ENCODINGS:
         raise ConfigError(f"{table.where('encoding')}: expected one of {', '.join(ENCODINGS)}, got {encoding!r}")
     fingerprint = table.get("fingerprint_bits", int, defaults.fingerprint_bits)
-    if not FINGERPRINT_BITS[0] <= fingerprint <= FINGERPRINT_BITS[1]:
+    if fingerprint and not FINGERPRINT_BITS[0] <= fingerprint <= FINGERPRINT_BITS[1]:
         raise ConfigError(f"{table.where('fingerprint_bits')}: must be {FINGERPRINT_BITS[0]} to "
-                          f"{FINGERPRINT_BITS[1]}, got {fingerprint}")
-    return PrivateSettings(enabled, bits, width, encoding, fingerprint)
+                          f"{FINGERPRINT_BITS[1]} (or 0: chosen from the bucket size), got {fingerprint}")
+    target = table.get("false_candidate_bits", int, defaults.false_candidate_bits)
+    if not FALSE_CANDIDATE_BITS[0] <= target <= FALSE_CANDIDATE_BITS[1]:
+        raise ConfigError(f"{table.where('false_candidate_bits')}: must be {FALSE_CANDIDATE_BITS[0]} to "
+                          f"{FALSE_CANDIDATE_BITS[1]}, got {target}")
+    return PrivateSettings(enabled, bits, width, encoding, fingerprint, target)
 
 
 def _tier(table: Table, key: str, value: object) -> Tier:

@@ -46,6 +46,9 @@ class PrivateDescription:
     stored: int  # exact digests held
     covered: int  # of which have outputs under the active key
     anonymity_set: float  # covered / 2^prefix_bits: digests sharing one item's bucket
+    encoding: str = "elias-fano"
+    fingerprint_bits: int = 0  # of each bucket entry, at this anonymity set
+    false_candidate_rate: float = 0.0  # anonymity_set / 2^fingerprint_bits
 
 
 def _listening(listen: str) -> bool | None:
@@ -68,13 +71,15 @@ async def describe(config: NodeConfig) -> Description:
     keys = private_key.load(config.store)
     view = private_view.build(live, keys) if keys is not None else None
     bits = config.private.prefix_bits
+    mean = private_view.mean_bucket_size(view.covered if view else 0, bits)
+    fingerprint = config.private.bits(mean)
     private = PrivateDescription(
         enabled=config.private.enabled, prefix_bits=bits, output_bytes=config.private.output_bytes,
         key_id=keys.active_id if keys else None,
         next_key_id=oprf.key_id(keys.next) if keys and keys.next else None,
         stored=sum(n for a, n in counts.items() if a in private_view.EXACT),
-        covered=view.covered if view else 0,
-        anonymity_set=private_view.mean_bucket_size(view.covered if view else 0, bits))
+        covered=view.covered if view else 0, anonymity_set=mean, encoding=config.private.encoding,
+        fingerprint_bits=fingerprint, false_candidate_rate=mean / 2.0 ** fingerprint)
     audit = await connect(audit_path(config.store))
     try:
         head = await (await AuditLog.open(audit)).head()
@@ -113,9 +118,11 @@ def render(description: Description, format_name: str) -> str:
     private = description.private
     if private is not None:
         mode = "enabled" if private.enabled else "disabled"
-        lines.append(f"  private matching: {mode}, prefix {private.prefix_bits} bits, outputs cut to "
-                     f"{private.output_bytes} bytes, key id {private.key_id or 'none yet'}"
+        lines.append(f"  private matching: {mode}, prefix {private.prefix_bits} bits, buckets {private.encoding} "
+                     f"with {private.fingerprint_bits}-bit fingerprints, key id {private.key_id or 'none yet'}"
                      + (f" (rotating to {private.next_key_id})" if private.next_key_id else ""))
         lines.append(f"    anonymity set: {private.anonymity_set:,.1f} digests per bucket "
-                     f"({private.covered:,} of {private.stored:,} exact digests covered / 2^{private.prefix_bits})")
+                     f"({private.covered:,} of {private.stored:,} exact digests covered / 2^{private.prefix_bits}); "
+                     f"a digest not held is a false candidate (disclosed) with chance "
+                     f"{private.false_candidate_rate:.1e} per item")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from federation import buckets as buckets_module, oprf
+from federation import oprf
 from federation.algorithms import Algorithm
 from node import segment_index
 
@@ -143,48 +143,6 @@ class PrivatePart:
         order = np.argsort(key_ids)
         where = order[np.searchsorted(key_ids[order], self.ids)]
         return keys[where], np.array(self.raw())
-
-
-def bucket_prefixes(parts: Sequence[tuple[PrivatePart, np.ndarray]], buckets: np.ndarray, bits: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """For each bucket (``bits``-bit prefixes), the first 8 bytes (big-endian uint64) of the
-    outputs of every part's live rows in it: (all of them, grouped by bucket in request order
-    and sorted ascending within each; how many each bucket has). ``parts`` pairs each part
-    with the row ids tombstones hide in it. Vectorised: one pass per part."""
-    count = len(buckets)
-    shift = 32 - bits
-    low = (buckets.astype(np.uint64) << shift).astype(np.uint32)
-    high = (((buckets.astype(np.uint64) + 1) << shift) - 1).astype(np.uint32)
-    item_chunks: list[np.ndarray] = []
-    prefix_chunks: list[np.ndarray] = []
-    for part, hidden in parts:
-        if not len(part):
-            continue
-        start = np.searchsorted(part.buckets, low, side="left")
-        end = np.searchsorted(part.buckets, high, side="right")
-        sizes = end - start
-        total = int(sizes.sum())
-        if not total:
-            continue
-        items = np.repeat(np.arange(count), sizes)
-        offsets = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes) + np.repeat(start, sizes)
-        positions = part.positions[offsets]
-        if len(hidden):
-            live = ~np.isin(part.ids[positions], hidden)
-            items, positions = items[live], positions[live]
-        item_chunks.append(items)
-        prefix_chunks.append(buckets_module.prefix64(part.raw()[positions]))
-    if not item_chunks:
-        return np.empty(0, dtype=np.uint64), np.zeros(count, dtype=np.int64)
-    items = np.concatenate(item_chunks)
-    prefixes = np.concatenate(prefix_chunks)
-    order = np.lexsort((prefixes, items))
-    return prefixes[order], np.bincount(items, minlength=count)
-
-
-def encode_buckets(prefixes: np.ndarray, sizes: np.ndarray, encoding: int, bits: int) -> list[bytes]:
-    """Each bucket's answer (federation.buckets) from ``bucket_prefixes``."""
-    return buckets_module.encode_many(prefixes, sizes, encoding, bits)
 
 
 def find_outputs(part: PrivatePart, wanted: Sequence[bytes]) -> list[int]:

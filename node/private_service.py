@@ -6,10 +6,11 @@ the daily quota counting items, an audit record before any answer leaves.
 What differs is what the node learns and therefore what it can record:
 
 - ``PrivateMatch``: per item a bucket (a ``prefix_bits`` prefix of a hash of
-  the digest) and a blinded element. The node evaluates each element with its
-  key and returns its bucket's truncated outputs; it never sees the digest and
-  does not know whether the item hit. Its audit record and log line hold counts
-  only: no digest, no bucket, no hit flag.
+  the digest) and a blinded element, packed per algorithm. The node evaluates
+  each element with its key and returns the fingerprints of each distinct
+  bucket once; it never sees the digest and does not know whether the item
+  hit. Its audit record and log line hold counts only: no digest, no bucket,
+  no hit flag.
 - ``Disclose``: per item the full OPRF output the gateway unblinded. Only an
   output the node holds (constant-time comparison of all 64 bytes) releases its
   row, at the requester's tier, and is audited as a hit with its reference, as
@@ -25,16 +26,25 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+import numpy as np
 
 from federation import algorithms, buckets, oprf, protocol
-from federation.query import DiscloseItem, PrivateItem, QueryItem, disclose_sha256, private_match_sha256
+from federation.query import (
+    DiscloseItem,
+    PrivateRequest,
+    QueryItem,
+    bucket_width,
+    disclose_sha256,
+    private_match_sha256,
+)
 from federation.tokens import QueryClaims
-from federation.wire import disclose_items_from_pb, pb, private_items_from_pb
+from federation.wire import disclose_items_from_pb, pb, private_request_from_pb
 from node import private_key, private_view
 from node.alerts import ReleasedHit
 from node.audit import AuditEntry
@@ -45,6 +55,7 @@ from node.segment_set import SegmentSet
 from node.service import _TIERS, Malformed, NodeService, Refused, _internal, request_id, unary_handlers
 
 log = logging.getLogger("icse.node")
+_T = TypeVar("_T")
 
 FEATURE = protocol.PRIVATE_EXACT_FEATURE
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
@@ -61,6 +72,7 @@ class PrivateMode:
         self._stamp: tuple[int, int, int] | None = None
         self._keys: private_key.PrivateKeys | None = None
         self._view: PrivateView | None = None
+        self._tables = private_view.Tables()
 
     def keys(self) -> private_key.PrivateKeys | None:
         try:
@@ -79,7 +91,7 @@ class PrivateMode:
         if keys is None:
             return None
         if self._view is None or self._view.generation != live.generation or self._view.key_id != keys.active_id:
-            self._view = private_view.build(live, keys)
+            self._view = private_view.build(live, keys, self._tables)
         return self._view
 
     def info(self, live: SegmentSet) -> pb.PrivateInfo | None:
@@ -93,12 +105,13 @@ class PrivateMode:
         if view is None:
             return None
         bits = self.settings.prefix_bits
+        mean = private_view.mean_bucket_size(view.covered, bits)
+        fingerprint = self.settings.bits(mean)
         return pb.PrivateInfo(suite=oprf.SUITE, prefix_bits=bits, key_id=view.key_id, stored=view.stored,
                               covered=view.covered, output_bytes=output_bytes(self.settings),
-                              mean_bucket_size=private_view.mean_bucket_size(view.covered, bits),
-                              algorithms=list(private_view.EXACT),
+                              mean_bucket_size=mean, algorithms=list(private_view.EXACT),
                               bucket_encoding=_WIRE_ENCODING[self.settings.encoding],
-                              fingerprint_bits=self.settings.bits)
+                              fingerprint_bits=fingerprint, false_candidate_rate=mean / 2.0 ** fingerprint)
 
 
 def encoding_of(settings: PrivateSettings) -> int:
@@ -129,18 +142,19 @@ class InvalidPrivateRequest(ValueError):
 # A PrivateMatch answer must fit the node's 16 MiB message limit (node.server): buckets are
 # large when prefix_bits is small for the store's size, so the answer is measured first.
 MAX_ANSWER_BYTES = 15 * 1024 * 1024
-ITEM_OVERHEAD = 40  # the evaluated element and protobuf framing of one result
+ITEM_OVERHEAD = oprf.ELEMENT_BYTES  # the evaluated element of one item
 
 
 class AnswerTooLarge(ValueError):
     """The buckets asked for do not fit one answer; the message says how many items would."""
 
 
-def check_answer_size(answers: Sequence[bytes], limit: int = MAX_ANSWER_BYTES) -> None:
-    size = sum(len(a) for a in answers) + ITEM_OVERHEAD * len(answers)
+def check_answer_size(items: int, answers: int, limit: int = MAX_ANSWER_BYTES) -> None:
+    """``answers``: bytes of the bucket answers of ``items`` items."""
+    size = answers + ITEM_OVERHEAD * items
     if size > limit:
-        fits = max(1, len(answers) * limit // size)
-        raise AnswerTooLarge(f"the answer to these {len(answers):,} items would be {size:,} bytes, over this "
+        fits = max(1, items * limit // size)
+        raise AnswerTooLarge(f"the answer to these {items:,} items would be {size:,} bytes, over this "
                              f"node's {limit:,}-byte limit (its buckets are large): send at most about "
                              f"{fits:,} items per request")
 
@@ -150,20 +164,49 @@ def _counted(names: Iterable[str]) -> list[QueryItem]:
     return [QueryItem(name, b"") for name in names]
 
 
-def validate_private(items: Sequence[PrivateItem], settings: PrivateSettings, max_items: int) -> None:
-    _check_count(len(items), max_items)
+@dataclass(frozen=True)
+class Asked:
+    """A validated PrivateMatch request: every item's bucket and blinded element, in item-list order."""
+
+    buckets: np.ndarray  # int64
+    blinded: list[bytes]
+
+
+def validate_private(request: PrivateRequest, settings: PrivateSettings, max_items: int) -> Asked:
     bits = settings.prefix_bits
-    for position, item in enumerate(items):
-        _check_algorithm(position, item.algorithm)
-        if item.prefix_bits != bits:
-            raise InvalidPrivateRequest(f"item {position}: bucket of {item.prefix_bits} bits; this node's buckets "
-                                        f"have {bits} bits (Describe, private_exact.prefix_bits)")
-        if item.bucket >= 1 << bits:
-            raise InvalidPrivateRequest(f"item {position}: bucket {item.bucket} does not fit in {bits} bits")
-        try:
-            oprf.check_element(item.blinded, "blinded element")
-        except oprf.OprfError as exc:
-            raise InvalidPrivateRequest(f"item {position}: {exc}") from None
+    if request.prefix_bits != bits:
+        raise InvalidPrivateRequest(f"buckets of {request.prefix_bits} bits; this node's buckets have {bits} bits "
+                                    f"(Describe, private_exact.prefix_bits)")
+    try:
+        count = request.count()
+    except ValueError as exc:
+        raise InvalidPrivateRequest(str(exc)) from None
+    _check_count(count, max_items)
+    width = bucket_width(bits)
+    found: list[np.ndarray] = []
+    blinded: list[bytes] = []
+    position = 0
+    for number, group in enumerate(request.groups):
+        _check_algorithm(f"group {number}", group.algorithm)
+        raw = np.frombuffer(group.buckets, dtype=np.uint8).reshape(-1, width).astype(np.int64)
+        values = np.zeros(len(raw), dtype=np.int64)
+        for column in range(width):
+            values = (values << 8) | raw[:, column]
+        too_large = np.flatnonzero(values >= 1 << bits)
+        if len(too_large):
+            at = int(too_large[0])
+            raise InvalidPrivateRequest(f"item {position + at}: bucket {int(values[at])} does not fit in {bits} bits")
+        data = group.blinded
+        elements = [data[i:i + oprf.ELEMENT_BYTES] for i in range(0, len(data), oprf.ELEMENT_BYTES)]
+        for at, element in enumerate(elements):
+            try:
+                oprf.check_element(element, "blinded element")
+            except oprf.OprfError as exc:
+                raise InvalidPrivateRequest(f"item {position + at}: {exc}") from None
+        found.append(values)
+        blinded += elements
+        position += len(values)
+    return Asked(np.concatenate(found) if found else np.zeros(0, dtype=np.int64), blinded)
 
 
 def validate_disclose(key_id: str, items: Sequence[DiscloseItem], max_items: int) -> None:
@@ -171,7 +214,7 @@ def validate_disclose(key_id: str, items: Sequence[DiscloseItem], max_items: int
         raise InvalidPrivateRequest("key_id must be 16 lowercase hex digits (PrivateMatchResponse.key_id)")
     _check_count(len(items), max_items)
     for position, item in enumerate(items):
-        _check_algorithm(position, item.algorithm)
+        _check_algorithm(f"item {position}", item.algorithm)
         if len(item.output) != oprf.OUTPUT_BYTES:
             raise InvalidPrivateRequest(f"item {position}: output is {len(item.output)} bytes; a proof is the "
                                         f"whole {oprf.OUTPUT_BYTES}-byte OPRF output")
@@ -184,11 +227,11 @@ def _check_count(count: int, max_items: int) -> None:
         raise InvalidPrivateRequest(f"request has {count} items; this node accepts at most {max_items}")
 
 
-def _check_algorithm(position: int, name: str) -> None:
+def _check_algorithm(where: str, name: str) -> None:
     if name not in private_view.EXACT:
         shown = name[:32].encode("unicode_escape").decode("ascii")
         known = "a perceptual algorithm" if name in algorithms.names() else "not a registered algorithm"
-        raise InvalidPrivateRequest(f"item {position}: algorithm {shown!r} is {known}; private matching takes "
+        raise InvalidPrivateRequest(f"{where}: algorithm {shown!r} is {known}; private matching takes "
                                     f"exact digests only ({', '.join(private_view.EXACT)})")
 
 
@@ -206,11 +249,13 @@ class PrivateService:
         started = time.perf_counter()
         if isinstance(request, Malformed):
             await self._node._refuse_malformed(context, "PrivateMatch", "icse.v1.PrivateMatchRequest", started)
-        items = private_items_from_pb(request)
-        answer = await self._answer(context, "PrivateMatch", started, self._private_match(items, context),
-                                    _counted(i.algorithm for i in items))
-        algorithms_asked = Counter(item.algorithm for item in items)
-        await self._record(context, "PrivateMatch", answer, len(items), algorithms_asked, started,
+        asked = private_request_from_pb(request)
+        counted: Counter[str] = Counter()
+        for group in asked.groups:
+            counted[group.algorithm] += len(group.blinded) // oprf.ELEMENT_BYTES
+        answer = await self._answer(context, "PrivateMatch", started, self._private_match(asked, context),
+                                    _counted(counted.elements()))
+        await self._record(context, "PrivateMatch", answer, sum(counted.values()), counted, started,
                            f"private: {self._mode.settings.prefix_bits}-bit buckets; hits are not known to the node")
         assert isinstance(answer.response, pb.PrivateMatchResponse)
         return answer.response
@@ -259,15 +304,16 @@ class PrivateService:
             extra["hits"] = len(answer.references)
         log.info("answered", extra=extra)
 
-    def _admit(self, claims: QueryClaims, items: int, check) -> None:
-        """Policy, then validation, then the charge (a refused request is not charged)."""
+    def _admit(self, claims: QueryClaims, items: int, check: Callable[[], _T]) -> _T:
+        """Policy, then validation (its result returned), then the charge (a refused request is not charged)."""
         if not self._mode.settings.enabled:
             raise Refused(grpc.StatusCode.UNIMPLEMENTED,
                           f"this node does not offer private matching ({FEATURE}); use Match", claims)
         try:
             self._node._admission.permit(claims)
-            check()
+            checked = check()
             self._node._admission.consume(claims, items)
+            return checked
         except PolicyRefusal as exc:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.exhausted else grpc.StatusCode.PERMISSION_DENIED
             raise Refused(code, str(exc), claims) from None
@@ -288,30 +334,29 @@ class PrivateService:
                           "matching enabled); try again later", claims)
         return current, view
 
-    async def _private_match(self, items: Sequence[PrivateItem], context: grpc.aio.ServicerContext) -> Answer:
-        claims = self._node._authorize(context, "PrivateMatch", private_match_sha256(items))
+    async def _private_match(self, request: PrivateRequest, context: grpc.aio.ServicerContext) -> Answer:
+        claims = self._node._authorize(context, "PrivateMatch", private_match_sha256(request))
         settings = self._mode.settings
-        self._admit(claims, len(items),
-                    lambda: validate_private(items, settings, self._config.limits.max_items))
+        asked = self._admit(claims, sum(len(g.blinded) // oprf.ELEMENT_BYTES for g in request.groups),
+                            lambda: validate_private(request, settings, self._config.limits.max_items))
         current, view = await self._view(claims)
+        fingerprint_bits = settings.bits(private_view.mean_bucket_size(view.covered, settings.prefix_bits))
 
-        def work() -> list[pb.PrivateResult]:
-            answers = view.bucket_outputs([i.bucket for i in items], settings.prefix_bits,
-                                          encoding_of(settings), settings.bits)
-            check_answer_size(answers)  # before the scalar multiplications, which cost the most
-            return [pb.PrivateResult(evaluated_element=oprf.blind_evaluate(view.secret, item.blinded),
-                                     bucket_outputs=found)
-                    for item, found in zip(items, answers, strict=True)]
+        def work() -> tuple[bytes, private_view.BucketAnswers]:
+            answers = view.bucket_answers(asked.buckets, settings.prefix_bits, encoding_of(settings), fingerprint_bits)
+            check_answer_size(len(asked.blinded), len(answers.data))  # before the scalar multiplications
+            return oprf.blind_evaluate_many(view.secret, asked.blinded), answers
 
         try:
-            results = await asyncio.to_thread(work)
+            evaluated, answers = await asyncio.to_thread(work)
         except AnswerTooLarge as exc:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), claims) from None
         response = pb.PrivateMatchResponse(
-            node_id=self._config.node_id, country=self._config.country, results=results, key_id=view.key_id,
+            node_id=self._config.node_id, country=self._config.country, key_id=view.key_id,
             generation=current.generation, output_bytes=output_bytes(settings), prefix_bits=settings.prefix_bits,
             stored=view.stored, covered=view.covered, protocol_version=protocol.VERSION,
-            bucket_encoding=_WIRE_ENCODING[settings.encoding], fingerprint_bits=settings.bits)
+            bucket_encoding=_WIRE_ENCODING[settings.encoding], fingerprint_bits=fingerprint_bits,
+            evaluated_elements=evaluated, bucket_answers=answers.data)
         return Answer(response, claims)
 
     async def _disclose(self, key_id: str, items: Sequence[DiscloseItem],

@@ -25,7 +25,7 @@ from federation import tls
 from federation.files import atomic_write_text
 from federation.outbox import Outbox
 from federation.wire import SERVICE_NAME
-from node import db as sqlite_setup, private_key, readiness, reflection
+from node import db as sqlite_setup, private_key, private_view, readiness, reflection
 from node.alerts import Alerts, open_outbox
 from node.audit import AuditLog, audit_path
 from node.auth import Authenticator
@@ -133,6 +133,8 @@ async def serve(config: NodeConfig, ready_file: Path | None = None) -> None:
                                                         "prefix_bits": config.private.prefix_bits})
         loaded = await indexes.start()
         await asyncio.to_thread(readiness.warm_up)
+        if builder is not None:
+            await asyncio.to_thread(private_view.warm_up)
         indexes.on_change.append(merger.consider)
         merger.consider(loaded)
         if builder is not None:

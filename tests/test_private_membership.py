@@ -18,18 +18,22 @@ from gateway import private
 
 def _node_answer(key: bytes, blinded: list[private.Blinded], stored: list[bytes], bits: int = 32,
                  prefix_bits: int = 16, encoding: int = buckets.FIXED) -> pb.PrivateMatchResponse:
-    """What an honest node holding ``stored`` (OPRF inputs) answers: evaluations and each item's bucket."""
+    """What an honest node holding ``stored`` (OPRF inputs) answers: the evaluations, and each distinct
+    bucket's answer once, in the order of its first item."""
     outputs = {data: oprf.evaluate(key, data) for data in stored}
-    results = []
-    for entry in blinded:
-        bucket = sorted(o for d, o in outputs.items() if oprf.bucket_of(d, prefix_bits) == entry.item.bucket)
+    distinct, _ = buckets.distinct(np.array([entry.item.bucket for entry in blinded], dtype=np.int64))
+    answers = []
+    for number in distinct.tolist():
+        bucket = sorted(o for d, o in outputs.items() if oprf.bucket_of(d, prefix_bits) == number)
         prefixes = np.array([int.from_bytes(o[:8], "big") for o in bucket], dtype=np.uint64)
-        results.append(pb.PrivateResult(evaluated_element=oprf.blind_evaluate(key, entry.item.blinded),
-                                        bucket_outputs=buckets.encode(prefixes, encoding, bits)))
-    return pb.PrivateMatchResponse(node_id="FR", results=results, key_id=oprf.key_id(key),
+        answers.append(buckets.encode(prefixes, encoding, bits))
+    return pb.PrivateMatchResponse(node_id="FR", key_id=oprf.key_id(key),
                                    output_bytes=bits // 8 if encoding == buckets.FIXED else 0,
                                    prefix_bits=prefix_bits, stored=len(stored), covered=len(stored),
-                                   protocol_version="1.1", bucket_encoding=encoding, fingerprint_bits=bits)
+                                   protocol_version="1.1", bucket_encoding=encoding, fingerprint_bits=bits,
+                                   evaluated_elements=b"".join(oprf.blind_evaluate(key, entry.item.blinded)
+                                                               for entry in blinded),
+                                   bucket_answers=b"".join(answers))
 
 
 @pytest.mark.parametrize(("encoding", "bits"), [(buckets.FIXED, 32), (buckets.FIXED, 24), (buckets.ELIAS_FANO, 24),
@@ -66,18 +70,18 @@ def test_an_answer_that_does_not_fit_the_request_is_malformed(damage: str) -> No
     blinded = private.blind_items(items, range(3), prefix_bits=4)
     response = _node_answer(key, blinded, [oprf.digest_input("md5", items[0].digest)], prefix_bits=4)
     if damage == "count":
-        del response.results[-1]
+        response.evaluated_elements = response.evaluated_elements[:-32]
     elif damage == "width":
         response.fingerprint_bits = 65
     elif damage == "ragged":
-        response.results[0].bucket_outputs += b"\x00"
+        response.bucket_answers += b"\x00"
     elif damage == "encoding":
         response.bucket_encoding = 7  # type: ignore[assignment]
     elif damage == "short":
         response.bucket_encoding, response.fingerprint_bits = buckets.ELIAS_FANO, 24
-        response.results[0].bucket_outputs = b"\x00"
+        response.bucket_answers = response.bucket_answers[:1]
     else:
-        response.results[1].evaluated_element = bytes(32)
+        response.evaluated_elements = response.evaluated_elements[:32] + bytes(32) + response.evaluated_elements[64:]
     with pytest.raises(ValueError):
         private.local_hits(blinded, response)
 
@@ -105,6 +109,23 @@ def test_the_parts_are_sized_by_the_nodes_bucket_sizes() -> None:
     def offer(mean: float, encoding: int = buckets.FIXED, bits: int = 32) -> private.Offer:
         return private.Offer(16, "00" * 8, encoding, bits, frozenset({"md5"}), 0, 0, mean)
     assert private.items_per_request(offer(15)) > 20_000  # 1 M stored, 16 bits: a whole batch at once
-    assert private.items_per_request(offer(39_063)) == private.ANSWER_BUDGET // (40 + 2 * 39_063 * 4)
+    assert private.items_per_request(offer(39_063)) == private.ANSWER_BUDGET // (32 + 2 * (2 + 39_063 * 4))
     assert private.items_per_request(offer(153, buckets.ELIAS_FANO, 24)) > private.items_per_request(offer(153))
     assert private.items_per_request(offer(10**9)) == 1
+
+
+def test_a_large_batch_is_blinded_and_finalized_on_threads_in_order() -> None:
+    """Above a few hundred items the blinds and finalizations run on several threads: the items
+    keep their positions and the held ones are found where they are."""
+    assert private.WORKERS >= 1
+    key = oprf.generate_key()
+    items = [QueryItem("sha256", os.urandom(32)) for _ in range(private._SPREAD_FROM + 88)]
+    held = [3, 250, 599]
+    blinded = private.blind_items(items, range(len(items)), prefix_bits=16)
+    assert [entry.position for entry in blinded] == list(range(len(items)))
+    assert all(entry.input == oprf.digest_input("sha256", item.digest) for entry, item in zip(blinded, items,
+                                                                                            strict=True))
+    stored = [oprf.digest_input("sha256", items[p].digest) for p in held]
+    found = private.local_hits(blinded, _node_answer(key, blinded, stored, 32, encoding=buckets.ELIAS_FANO))
+    assert [entry.position for entry, _ in found] == held
+    assert [output for _, output in found] == [oprf.evaluate(key, data) for data in stored]

@@ -12,22 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import random
 import sqlite3
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from federation import buckets, oprf, tokens
 from federation.localfed import LocalFederation, NodeSpec
 from federation.pki import DevPki
-from federation.query import DiscloseItem, PrivateItem, disclose_sha256, private_match_sha256
-from federation.wire import disclose_to_pb, pb, private_items_to_pb, rpc
+from federation.query import (
+    DiscloseItem,
+    PrivateGroup,
+    PrivateItem,
+    PrivateRequest,
+    disclose_sha256,
+    private_match_sha256,
+    private_request,
+)
+from federation.wire import SERVICE_NAME, disclose_to_pb, pb, private_request_to_pb, rpc
 from node.audit import audit_path
 from tests.conftest import RunningFederation
 from tests.support import Client, claims_for, gateway_client, signing_key, wait_until_async
@@ -117,11 +128,12 @@ def _ask(digests: Sequence[tuple[str, bytes]], bits: int = BITS) -> Asked:
     return Asked(inputs, [b for b, _ in blinded], items)
 
 
-async def _private_match(client: Client, pki: DevPki, items: Sequence[PrivateItem], *, token: str | None = None,
-                         subject: str = "officer-1") -> pb.PrivateMatchResponse:
-    token = token or _token(pki, "PrivateMatch", private_match_sha256(items), subject)
+async def _private_match(client: Client, pki: DevPki, items: Sequence[PrivateItem] | PrivateRequest, *,
+                         token: str | None = None, subject: str = "officer-1") -> pb.PrivateMatchResponse:
+    request = items if isinstance(items, PrivateRequest) else private_request(items)
+    token = token or _token(pki, "PrivateMatch", private_match_sha256(request), subject)
     async with client.channel() as channel:
-        return await rpc.NodeStub(channel).PrivateMatch(private_items_to_pb(items), timeout=30,
+        return await rpc.NodeStub(channel).PrivateMatch(private_request_to_pb(request), timeout=30,
                                                         metadata=tokens.bearer(token))
 
 
@@ -134,12 +146,13 @@ async def _disclose(client: Client, pki: DevPki, key_id: str, items: Sequence[Di
 
 def _found(asked: Asked, response: pb.PrivateMatchResponse) -> list[bytes | None]:
     """The gateway's local membership test: the full output if its fingerprint is in the bucket."""
-    found: list[bytes | None] = []
-    for data, blind, result in zip(asked.inputs, asked.blinds, response.results, strict=True):
-        output = oprf.finalize(data, blind, result.evaluated_element)
-        member = buckets.contains(result.bucket_outputs, response.bucket_encoding, response.fingerprint_bits, output)
-        found.append(output if member else None)
-    return found
+    evaluated = response.evaluated_elements
+    outputs = [oprf.finalize(data, blind, evaluated[32 * i:32 * i + 32])
+               for i, (data, blind) in enumerate(zip(asked.inputs, asked.blinds, strict=True))]
+    distinct, which = buckets.distinct(np.array([i.bucket for i in asked.items], dtype=np.int64))
+    members = buckets.members(response.bucket_answers, which, len(distinct), response.bucket_encoding,
+                              response.fingerprint_bits, outputs)
+    return [output if member else None for output, member in zip(outputs, members.tolist(), strict=True)]
 
 
 async def _node_cli(config: Path, command: str, *args: str) -> str:
@@ -193,7 +206,7 @@ async def test_describe_offers_private_matching_and_covers_every_exact_digest(pr
     described = await wait_until_async(lambda: _covered(private_node.client(), pki), 60,
                                        "every exact digest has an OPRF output", interval=0.2)
     assert isinstance(described, pb.DescribeResponse)
-    assert "private.exact.v1" in described.features
+    assert "private.exact.v2" in described.features
     info = described.private_exact
     assert (info.suite, info.prefix_bits, info.output_bytes) == ("ristretto255-SHA512", BITS, 8)
     assert (info.bucket_encoding, info.fingerprint_bits) == (pb.PRIVATE_BUCKET_ENCODING_FIXED, 64)
@@ -215,7 +228,7 @@ async def test_membership_is_decided_by_the_gateway_and_the_node_keeps_no_trace(
     asked = _ask([(a, d) for a, d, _ in held] + absent)
     audit_before = len(_audit(node))
     response = await _private_match(private_node.client(), pki, asked.items)
-    assert len(response.results) == len(asked.items) and response.prefix_bits == BITS
+    assert len(response.evaluated_elements) == 32 * len(asked.items) and response.prefix_bits == BITS
     assert (response.bucket_encoding, response.output_bytes, response.fingerprint_bits) == (
         pb.PRIVATE_BUCKET_ENCODING_FIXED, 8, 64)
     found = _found(asked, response)
@@ -284,11 +297,14 @@ async def test_private_requests_are_validated_and_authenticated(private_node: Pr
     good = _ask([("sha256", bytes(32))]).items[0]
     cases = [
         ([good._replace(prefix_bits=16)], grpc.StatusCode.INVALID_ARGUMENT, "this node's buckets have 8 bits"),
-        ([good._replace(bucket=256)], grpc.StatusCode.INVALID_ARGUMENT, "does not fit in 8 bits"),
-        ([good._replace(blinded=bytes(32))], grpc.StatusCode.INVALID_ARGUMENT, "not a valid ristretto255 element"),
+        (PrivateRequest(BITS, (PrivateGroup("sha256", b"\x01\x02", good.blinded),)),
+         grpc.StatusCode.INVALID_ARGUMENT, "2 buckets but 32 bytes of blinded elements"),
+        (PrivateRequest(BITS, (PrivateGroup("sha256", b"", b""),)), grpc.StatusCode.INVALID_ARGUMENT, "no items"),
+        ([good, good._replace(blinded=bytes(32))], grpc.StatusCode.INVALID_ARGUMENT,
+         "item 1: blinded element is not a valid ristretto255 element"),
         ([good._replace(blinded=b"\x01" * 31)], grpc.StatusCode.INVALID_ARGUMENT, "31 bytes"),
-        ([good._replace(algorithm="pdq")], grpc.StatusCode.INVALID_ARGUMENT, "exact digests only"),
-        ([], grpc.StatusCode.INVALID_ARGUMENT, "no items"),
+        ([good, good._replace(algorithm="pdq")], grpc.StatusCode.INVALID_ARGUMENT, "group 1: algorithm 'pdq'"),
+        (PrivateRequest(BITS, ()), grpc.StatusCode.INVALID_ARGUMENT, "no items"),
     ]
     for items, code, message in cases:
         error = await _refusal(_private_match(client, pki, items))
@@ -296,10 +312,12 @@ async def test_private_requests_are_validated_and_authenticated(private_node: Pr
     # A token for other items, or for another RPC, does not open PrivateMatch.
     other = _ask([("sha256", bytes(range(32)))]).items
     error = await _refusal(_private_match(client, pki, [good], token=_token(pki, "PrivateMatch",
-                                                                           private_match_sha256(other))))
+                                                                           private_match_sha256(
+                                                                               private_request(other)))))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "differ" in (error.details() or "")
     error = await _refusal(_private_match(client, pki, [good], token=_token(pki, "Match",
-                                                                           private_match_sha256([good]))))
+                                                                           private_match_sha256(
+                                                                               private_request([good])))))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "not 'PrivateMatch'" in (error.details() or "")
     # Disclose: a key id the node does not hold, and a proof of the wrong size.
     error = await _refusal(_disclose(client, pki, "0" * 16, [DiscloseItem("sha256", bytes(64))]))
@@ -315,7 +333,7 @@ async def test_quota_counts_private_items(private_node: PrivateNode) -> None:
     error = await _refusal(_private_match(private_node.client(), pki, items, subject="quota-officer"))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "daily quota" in (error.details() or "")
     response = await _private_match(private_node.client(), pki, items[:QUOTA], subject="quota-officer")
-    assert len(response.results) == QUOTA
+    assert len(response.evaluated_elements) == 32 * QUOTA
     error = await _refusal(_private_match(private_node.client(), pki, items[:1], subject="quota-officer"))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -323,19 +341,19 @@ async def test_quota_counts_private_items(private_node: PrivateNode) -> None:
 async def test_a_node_without_private_mode_says_so(federation: RunningFederation) -> None:
     pki, node = federation.local.pki, federation.local["FR"]
     client = gateway_client(pki, node.address, "FR")
-    items = _ask([("sha256", bytes(32))], bits=16).items
+    request = private_request(_ask([("sha256", bytes(32))], bits=16).items)
     claims = dataclasses.replace(claims_for(pki, "FR", [], rpc_name="PrivateMatch"),
-                                 query_sha256=private_match_sha256(items))
+                                 query_sha256=private_match_sha256(request))
     async with client.channel() as channel:
         stub = rpc.NodeStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.PrivateMatch(private_items_to_pb(items), timeout=10,
+            await stub.PrivateMatch(private_request_to_pb(request), timeout=10,
                                     metadata=tokens.bearer(signing_key(pki).sign(claims)))
         token = signing_key(pki).sign(claims_for(pki, "FR", [], rpc_name="Describe"))
         described = await stub.Describe(pb.DescribeRequest(), timeout=10, metadata=tokens.bearer(token))
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "private.exact.v1" in (caught.value.details() or "")
-    assert "private.exact.v1" not in described.features and not described.HasField("private_exact")
+    assert "private.exact.v2" in (caught.value.details() or "")
+    assert "private.exact.v2" not in described.features and not described.HasField("private_exact")
 
 
 async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
@@ -383,7 +401,42 @@ async def test_key_rotation_recomputes_outputs_while_queries_go_on(pki: DevPki,
         # A damaged key file: Describe goes on (without private matching), PrivateMatch says why.
         local[NODE].store_path.with_name("store.sqlite.oprf-key").write_text("{not json")
         described = await _describe(client, pki)
-        assert not described.HasField("private_exact") and "private.exact.v1" not in described.features
+        assert not described.HasField("private_exact") and "private.exact.v2" not in described.features
         error = await _refusal(_private_match(client, pki, asked.items))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "key file is damaged" in (error.details() or "")
         assert "{not json" not in local[NODE].log_path.read_text()
+
+
+def _v1_request(item: PrivateItem) -> tuple[bytes, str]:
+    """A request in the withdrawn per-item form of ``private.exact.v1`` (field 1, one PrivateItem
+    message per item), written by hand, and the ``qh`` a v1 gateway signed for it."""
+    def varint(value: int) -> bytes:
+        out = b""
+        while value >= 0x80:
+            out += bytes([value & 0x7F | 0x80])
+            value >>= 7
+        return out + bytes([value])
+
+    def field(number: int, value: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(value)) + value
+    message = (field(1, item.algorithm.encode()) + b"\x10" + varint(item.bucket) + b"\x18" + varint(item.prefix_bits)
+               + field(4, item.blinded))
+    u32 = struct.Struct(">I").pack
+    signed = (b"icse.v1.private-match\x00" + u32(1) + u32(len(item.algorithm)) + item.algorithm.encode()
+              + u32(item.bucket) + u32(item.prefix_bits) + u32(32) + item.blinded)
+    return field(1, message), hashlib.sha256(signed).hexdigest()
+
+
+async def test_a_request_of_the_withdrawn_per_item_form_is_refused_not_answered(private_node: PrivateNode) -> None:
+    """A v1 gateway's request reaching this node (which offers v2 only) is never answered "no hit":
+    its items are in a reserved field, so the node computes another qh than the one signed."""
+    pki, client = private_node.local.pki, private_node.client()
+    item = _ask([("sha256", bytes(32))]).items[0]
+    body, qh = _v1_request(item)
+    parsed = pb.PrivateMatchRequest.FromString(body)  # well-formed: field 1 is kept as an unknown field
+    assert (list(parsed.groups), parsed.prefix_bits, parsed.SerializeToString()) == ([], 0, body)
+    async with client.channel() as channel:
+        call = channel.unary_unary(f"/{SERVICE_NAME}/PrivateMatch", request_serializer=lambda raw: raw,
+                                   response_deserializer=pb.PrivateMatchResponse.FromString)
+        error = await _refusal(call(body, timeout=30, metadata=tokens.bearer(_token(pki, "PrivateMatch", qh))))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "differ" in (error.details() or ""), error.details()

@@ -34,7 +34,7 @@ def _records(rng: random.Random, count: int, prefix: str) -> list[HashRecord]:
 def _bucket(view: private_view.PrivateView, record: HashRecord) -> set[bytes]:
     """The 8-byte output prefixes in the record's bucket (fixed encoding, 64-bit fingerprints)."""
     data = oprf.digest_input(record.algorithm, record.digest)
-    (found,) = view.bucket_outputs([oprf.bucket_of(data, BITS)], BITS, buckets.FIXED, 64)
+    found = view.bucket_answers(np.array([oprf.bucket_of(data, BITS)]), BITS, buckets.FIXED, 64).data[2:]
     return {found[i:i + 8] for i in range(0, len(found), 8)}
 
 
@@ -58,11 +58,19 @@ async def test_import_computes_outputs_that_answer_buckets_and_proofs(tmp_path: 
     for record in records[:50]:
         assert _proof(keys, record)[:8] in _bucket(view, record)
     # Every bucket together holds each output exactly once.
-    everything = view.bucket_outputs(list(range(2**BITS)), BITS, buckets.FIXED, 64)
-    assert sum(len(b) for b in everything) == 400 * 8
+    every = np.arange(2**BITS)
+    everything = view.bucket_answers(every, BITS, buckets.FIXED, 64)
+    assert everything.distinct == 2**BITS and len(everything.data) == 2 * 2**BITS + 400 * 8
+    # Asked twice, a bucket is answered once.
+    assert view.bucket_answers(np.concatenate([every, every[::-1]]), BITS, buckets.FIXED, 64) == everything
     # The Elias-Fano answer of every bucket holds the same fingerprints, in fewer bytes.
-    coded = view.bucket_outputs(list(range(2**BITS)), BITS, buckets.ELIAS_FANO, 24)
-    for fixed, compact in zip(everything, coded, strict=True):
+    coded = view.bucket_answers(every, BITS, buckets.ELIAS_FANO, 24).data
+    fixed_at = buckets.split(everything.data, 2**BITS, buckets.FIXED, 64)
+    coded_at = buckets.split(coded, 2**BITS, buckets.ELIAS_FANO, 24)
+    assert len(coded) < len(everything.data)
+    for bucket in range(2**BITS):
+        fixed = everything.data[fixed_at[bucket]:fixed_at[bucket + 1]]
+        compact = coded[coded_at[bucket]:coded_at[bucket + 1]]
         assert (buckets.decode(compact, buckets.ELIAS_FANO, 24) == buckets.decode(fixed, buckets.FIXED, 64) >> 40).all()
     found = view.disclose(keys.active_id, [(r.algorithm, _proof(keys, r)) for r in records[:20]])
     rows = live.records([f for f in found if f is not None])
@@ -173,6 +181,7 @@ def test_key_file_is_owner_only_and_never_quoted_in_errors(tmp_path: Path) -> No
     ("prefix_bits = 7", "must be 8 to 24"), ("prefix_bits = 25", "must be 8 to 24"),
     ("output_bytes = 2", "must be 3 to 8"), ("enabled = 1", "expected bool"), ("bucket = 3", "bucket"),
     ('encoding = "bloom"', "expected one of fixed, elias-fano"), ("fingerprint_bits = 15", "must be 16 to 48"),
+    ("false_candidate_bits = 3", "must be 4 to 32"),
 ])
 def test_private_settings_are_validated(tmp_path: Path, table: str, message: str) -> None:
     path = tmp_path / "node.toml"
@@ -187,16 +196,20 @@ def test_private_settings_defaults_and_bounds(tmp_path: Path) -> None:
     base = '[node]\nid = "FR"\ncountry = "FR"\nfederation = "x.test"\nstore = "s.sqlite"\n'
     path.write_text(base)
     assert node_config.load(path, for_serving=False).private == node_config.PrivateSettings(False, 16, 4)
-    assert node_config.PrivateSettings().bits == 24  # Elias-Fano fingerprints by default
-    assert node_config.PrivateSettings(encoding="fixed").bits == 32
+    # Elias-Fano fingerprints by default, as wide as the mean bucket size needs for a 2^-11 false-candidate
+    # chance: 19 bits at 10 M digests and 16-bit buckets.
+    assert node_config.PrivateSettings().bits(10_000_000 / 2**16) == 19
+    assert node_config.PrivateSettings().bits(0.5) == 16
+    assert node_config.PrivateSettings(false_candidate_bits=12).bits(10_000_000 / 2**16) == 20
+    assert node_config.PrivateSettings(encoding="fixed").bits(152.6) == 32
     path.write_text(base + "[private]\nenabled = true\nprefix_bits = 24\noutput_bytes = 8\n")
     assert node_config.load(path, for_serving=False).private == node_config.PrivateSettings(True, 24, 8)
     path.write_text(base + '[private]\nencoding = "elias-fano"\nfingerprint_bits = 20\n')
     loaded = node_config.load(path, for_serving=False).private
-    assert (loaded.encoding, loaded.bits) == ("elias-fano", 20)
+    assert (loaded.encoding, loaded.bits(152.6)) == ("elias-fano", 20)
 
 
 def test_an_answer_too_large_for_one_message_is_refused_in_words() -> None:
-    private_service.check_answer_size([b"x" * 1000] * 10, limit=10_400)  # 10 * (1000 + 40) fits
+    private_service.check_answer_size(10, 10_000, limit=10_320)  # 10 * 32 + 10,000 fits
     with pytest.raises(private_service.AnswerTooLarge, match="send at most about 9 items per request"):
-        private_service.check_answer_size([b"x" * 1000] * 10, limit=10_399)
+        private_service.check_answer_size(10, 10_000, limit=10_319)

@@ -207,12 +207,17 @@ def test_private_request_digests_from_the_specification() -> None:
     """oprf.json's PrivateMatch and Disclose encodings, rebuilt from PROTOCOL.md 13.5's text alone."""
     document = _load("oprf.json")
     u32 = struct.Struct(">I").pack
-    match = b"icse.v1.private-match\x00" + u32(len(document["digests"]))
+    # Three digests of three algorithms: three groups of one item, 16-bit buckets as 2 bytes.
+    match = b"icse.v1.private-match.v2\x00" + u32(16) + u32(len(document["digests"]))
+    groups = []
     disclose = b"icse.v1.disclose\x00" + u32(16) + document["key_id"].encode() + u32(len(document["digests"]))
     for case in document["digests"]:
         name = case["algorithm"].encode()
         element = bytes.fromhex(case["blinded_element"])
-        match += u32(len(name)) + name + u32(case["bucket_16"]) + u32(16) + u32(len(element)) + element
+        bucket = case["bucket_16"].to_bytes(2, "big")
+        match += u32(len(name)) + name + u32(len(bucket)) + bucket + u32(len(element)) + element
+        groups.append({"algorithm": case["algorithm"], "buckets_hex": bucket.hex(),
+                       "blinded_elements_hex": element.hex()})
         output = bytes.fromhex(case["output"])
         disclose += u32(len(name)) + name + u32(len(output)) + output
         # The input and bucket, also from the text: A 0x00 D, and the first bits of SHA-256("icse.v1.bucket" 0x00 I).
@@ -220,11 +225,12 @@ def test_private_request_digests_from_the_specification() -> None:
         assert case["input"] == data.hex()
         assert case["bucket_32"] == int.from_bytes(hashlib.sha256(b"icse.v1.bucket\x00" + data).digest()[:4], "big")
         assert case["bucket_16"] == case["bucket_32"] >> 16
-    assert document["private_match"] == {"canonical_hex": match.hex(), "qh": hashlib.sha256(match).hexdigest()}
+    assert document["private_match"] == {"prefix_bits": 16, "groups": groups, "canonical_hex": match.hex(),
+                                         "qh": hashlib.sha256(match).hexdigest()}
     assert document["disclose"] == {"key_id": document["key_id"], "canonical_hex": disclose.hex(),
                                     "qh": hashlib.sha256(disclose).hexdigest()}
     text = (ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
-    assert '"icse.v1.private-match" 0x00' in text and '"icse.v1.disclose" 0x00' in text
+    assert '"icse.v1.private-match.v2" 0x00' in text and '"icse.v1.disclose" 0x00' in text
     assert '"icse.v1.bucket" 0x00' in text and '"icse.v1.oprf-key" 0x00' in text
 
 
@@ -238,7 +244,7 @@ def _spec_elias_fano(values: list[int], bits: int) -> bytes:
     low = 0 if n == 0 or 2**bits <= n else (2**bits // n).bit_length() - 1
     low_bits = "".join(format(v & (2**low - 1), f"0{low}b") for v in values) if low else ""
     positions = {(v >> low) + i for i, v in enumerate(values)}
-    bitmap = "".join("1" if p in positions else "0" for p in range(max(positions) + 1)) if values else ""
+    bitmap = "".join("1" if p in positions else "0" for p in range(n + 2 ** (bits - low))) if values else ""
 
     def pack(text: str) -> bytes:
         text += "0" * (-len(text) % 8)
@@ -250,7 +256,10 @@ def _spec_elias_fano(values: list[int], bits: int) -> bytes:
 def test_bucket_answers_from_the_specification() -> None:
     document = _load("oprf.json")["bucket_answers"]
     outputs = [bytes.fromhex(o) for o in document["outputs"]]
-    fixed, coded = document["answers"]
-    assert fixed["bucket_outputs_hex"] == b"".join(
-        v.to_bytes(4, "big") for v in _spec_fingerprints(outputs, 32)).hex()
-    assert coded["bucket_outputs_hex"] == _spec_elias_fano(_spec_fingerprints(outputs, 24), 24).hex()
+    fixed, *coded = document["answers"]
+    assert fixed["bucket_answer_hex"] == (len(outputs).to_bytes(2, "big") + b"".join(
+        v.to_bytes(4, "big") for v in _spec_fingerprints(outputs, 32))).hex()
+    assert [c["fingerprint_bits"] for c in coded] == [24, 19]
+    for case in coded:
+        bits = case["fingerprint_bits"]
+        assert case["bucket_answer_hex"] == _spec_elias_fano(_spec_fingerprints(outputs, bits), bits).hex()

@@ -1,4 +1,4 @@
-"""Conformance checks for nodes that offer private exact matching (``private.exact.v1``).
+"""Conformance checks for nodes that offer private exact matching (``private.exact.v2``).
 
 The kit cannot know a node's OPRF key, so it checks what a key must make true:
 the same input blinded twice, with different blinds, finalizes to the same
@@ -6,7 +6,8 @@ output; a digest the node holds (``--known``) finalizes to an output found in
 its bucket and is disclosed against that output; a random digest is not found;
 a forged proof (64 random bytes) releases nothing; and the inputs a node must
 refuse (an element that is no group element, the identity, a prefix length or
-bucket out of range, a token for another call) are refused with the status
+bucket out of range, a group whose buckets and elements disagree in number, a
+token for another call) are refused with the status
 PROTOCOL.md names. A node that does not list the feature has these checks skipped.
 """
 
@@ -16,10 +17,22 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from federation import buckets, oprf, protocol
 from federation.conformance.target import Kit, only_hit_at
-from federation.query import DiscloseItem, PrivateItem, QueryItem, disclose_sha256, private_match_sha256
-from federation.wire import disclose_to_pb, pb, private_items_to_pb
+from federation.query import (
+    DiscloseItem,
+    PrivateGroup,
+    PrivateItem,
+    PrivateRequest,
+    QueryItem,
+    bucket_width,
+    disclose_sha256,
+    private_match_sha256,
+    private_request,
+)
+from federation.wire import disclose_to_pb, pb, private_request_to_pb
 
 FEATURE = protocol.PRIVATE_EXACT_FEATURE
 SUITE = "ristretto255-SHA512"
@@ -33,11 +46,12 @@ def _fingerprint_bits(answer: pb.PrivateInfo | pb.PrivateMatchResponse) -> int:
     """The fingerprint width of a Describe or PrivateMatch answer (PROTOCOL.md 13.3);
     ``AssertionError`` (the check's failure) for an encoding or width the protocol does not define."""
     bits, encoding = answer.fingerprint_bits, answer.bucket_encoding
-    if encoding == buckets.FIXED:
-        if not (1 <= bits <= 64 and bits % 8 == 0 and answer.output_bytes * 8 == bits):
-            raise AssertionError(f"fixed encoding with fingerprint_bits {bits}, output_bytes {answer.output_bytes}")
-    elif encoding != buckets.ELIAS_FANO or not 1 <= bits <= 64:
-        raise AssertionError(f"bucket_encoding {encoding} with fingerprint_bits {bits}")
+    try:
+        buckets.check_bits(encoding, bits)
+    except buckets.BucketError as exc:
+        raise AssertionError(str(exc)) from None
+    if encoding == buckets.FIXED and answer.output_bytes * 8 != bits:
+        raise AssertionError(f"fixed encoding with fingerprint_bits {bits}, output_bytes {answer.output_bytes}")
     return bits
 
 
@@ -63,9 +77,11 @@ class PrivateChecks:
     def _token(self, rpc: str, qh: str, **changes: Any) -> str:
         return self.kit.token([], rpc=rpc, **{"qh": qh, "case": "CONFORMANCE", **changes})
 
-    async def private_match(self, items: Sequence[PrivateItem], token: str | None = None) -> tuple[str, Any]:
-        token = token or self._token("PrivateMatch", private_match_sha256(items))
-        status, body = await self.kit.call("PrivateMatch", private_items_to_pb(items).SerializeToString(), token)
+    async def private_match(self, items: Sequence[PrivateItem] | PrivateRequest,
+                            token: str | None = None) -> tuple[str, Any]:
+        request = items if isinstance(items, PrivateRequest) else private_request(items)
+        token = token or self._token("PrivateMatch", private_match_sha256(request))
+        status, body = await self.kit.call("PrivateMatch", private_request_to_pb(request).SerializeToString(), token)
         return (status, pb.PrivateMatchResponse.FromString(body)) if isinstance(body, bytes) else (status, body)
 
     async def disclose(self, key_id: str, items: Sequence[DiscloseItem]) -> tuple[str, Any]:
@@ -81,13 +97,16 @@ class PrivateChecks:
                                                                element)])
         if status != OK:
             raise AssertionError(f"PrivateMatch of an honest item: {status}: {answer}")
-        if len(answer.results) != 1:
-            raise AssertionError(f"{len(answer.results)} results for 1 item")
-        result = answer.results[0]
-        output = oprf.finalize(data, blind, bytes(result.evaluated_element))
-        found = buckets.contains(bytes(result.bucket_outputs), answer.bucket_encoding,
-                                 _fingerprint_bits(answer), output)
-        return output, bytes(result.evaluated_element), found, answer
+        evaluated = bytes(answer.evaluated_elements)
+        if len(evaluated) != oprf.ELEMENT_BYTES:
+            raise AssertionError(f"{len(evaluated)} bytes of evaluated elements for 1 item")
+        output = oprf.finalize(data, blind, evaluated)
+        try:
+            found = bool(buckets.members(bytes(answer.bucket_answers), np.zeros(1, dtype=np.int64), 1,
+                                         answer.bucket_encoding, _fingerprint_bits(answer), [output])[0])
+        except buckets.BucketError as exc:
+            raise AssertionError(f"bucket answers: {exc}") from None
+        return output, evaluated, found, answer
 
     # ------------------------------------------------------------------ catalogue
 
@@ -97,6 +116,8 @@ class PrivateChecks:
              self._offer_check),
             ("private.consistent", "the same digest blinded twice finalizes to the same output", self._consistent),
             ("private.known-found", "a held digest is in its bucket and disclosed against its output", self._known),
+            ("private.bucket-once", "two items of one bucket: two evaluated elements, the bucket answered once",
+             self._bucket_once),
             ("private.unknown-absent", "random digests are not in their buckets", self._unknown),
             ("private.forged-proof", "Disclose with a random 64-byte proof releases nothing", self._forged),
             ("private.malformed-element", "a blinded element that is no group element: INVALID_ARGUMENT",
@@ -108,8 +129,9 @@ class PrivateChecks:
             ("private.prefix-range", "prefix_bits 33: INVALID_ARGUMENT", self._shape(lambda bits: (33, 0))),
             ("private.prefix-other", "prefix_bits other than the node's: INVALID_ARGUMENT",
              self._shape(lambda bits: (bits - 1 if bits > 1 else 2, 0))),
-            ("private.bucket-range", "a bucket of 2^prefix_bits: INVALID_ARGUMENT",
-             self._shape(lambda bits: (bits, 1 << bits))),
+            ("private.bucket-range", "a bucket of 2^prefix_bits (prefix_bits not a multiple of 8): INVALID_ARGUMENT",
+             self._bucket_range),
+            ("private.group-shape", "a group of 2 buckets and 1 blinded element: INVALID_ARGUMENT", self._ragged),
             ("private.not-exact", "algorithm pdq: INVALID_ARGUMENT", self._shape(lambda bits: (bits, 0), "pdq")),
             ("private.other-rpc", "a Match token on PrivateMatch: PERMISSION_DENIED", self._other_rpc),
             ("private.other-items", "qh of other private items: PERMISSION_DENIED", self._other_items),
@@ -141,8 +163,9 @@ class PrivateChecks:
             encoded = False
         ok = (info.suite == SUITE and 1 <= info.prefix_bits <= oprf.MAX_BUCKET_BITS and encoded
               and bool(info.key_id) and info.covered <= info.stored)
-        return ok, (f"suite {SUITE!r}, prefix_bits 1..32, a known bucket_encoding with fingerprint_bits 1..64 "
-                    "(fixed: output_bytes = fingerprint_bits / 8), a key_id, covered <= stored"), got
+        return ok, (f"suite {SUITE!r}, prefix_bits 1..32, a known bucket_encoding with its fingerprint_bits "
+                    "(fixed: 24..64, output_bytes = fingerprint_bits / 8; Elias-Fano: 8..48), a key_id, "
+                    "covered <= stored"), got
 
     async def _consistent(self) -> tuple[bool, str, str]:
         item, bits = QueryItem("sha256", os.urandom(32)), await self._bits()
@@ -166,6 +189,22 @@ class PrivateChecks:
             return False, expected, f"Disclose: {status}: {disclosed}"
         ok, got = only_hit_at(disclosed.results, 0, "nothing disclosed")
         return ok, expected, got
+
+    async def _bucket_once(self) -> tuple[bool, str, str]:
+        bits = await self._bits()
+        data = oprf.digest_input("sha256", os.urandom(32))
+        items = [PrivateItem("sha256", oprf.bucket_of(data, bits), bits, oprf.blind(data)[1]) for _ in range(2)]
+        status, answer = await self.private_match(items)
+        expected = "OK: 64 bytes of evaluated elements, bucket_answers one answer"
+        if status != OK:
+            return False, expected, f"{status}: {answer}"
+        try:
+            buckets.split(bytes(answer.bucket_answers), 1, answer.bucket_encoding, _fingerprint_bits(answer))
+            once = "one answer"
+        except (buckets.BucketError, AssertionError) as exc:
+            once = f"not one answer ({exc})"
+        got = f"{status}: {len(answer.evaluated_elements)} bytes of evaluated elements, bucket_answers {once}"
+        return got == expected, expected, got
 
     async def _unknown(self) -> tuple[bool, str, str]:
         bits = await self._bits()
@@ -196,14 +235,31 @@ class PrivateChecks:
             return status == INVALID, INVALID, f"{status}: {message if status != OK else 'answered'}"
         return check
 
+    async def _bucket_range(self) -> tuple[bool | None, str, str]:
+        bits = await self._bits()
+        if not bits % 8:
+            return None, "", f"prefix_bits {bits}: every {bits // 8}-byte bucket is in range"
+        _, element = oprf.blind(os.urandom(16))
+        status, message = await self.private_match([PrivateItem("sha256", 1 << bits, bits, element)])
+        return status == INVALID, INVALID, f"{status}: {message if status != OK else 'answered'}"
+
+    async def _ragged(self) -> tuple[bool, str, str]:
+        bits = await self._bits()
+        _, element = oprf.blind(os.urandom(16))
+        request = PrivateRequest(bits, (PrivateGroup("sha256", bytes(2 * bucket_width(bits)), element),))
+        status, message = await self.private_match(request)
+        return status == INVALID, INVALID, f"{status}: {message if status != OK else 'answered'}"
+
     async def _other_rpc(self) -> tuple[bool, str, str]:
         items = await self._honest()
-        status, message = await self.private_match(items, self._token("Match", private_match_sha256(items)))
+        status, message = await self.private_match(items, self._token("Match", private_match_sha256(
+            private_request(items))))
         return status == DENIED, DENIED, f"{status}: {message if status != OK else 'answered'}"
 
     async def _other_items(self) -> tuple[bool, str, str]:
         items, others = await self._honest(), await self._honest()
-        status, message = await self.private_match(items, self._token("PrivateMatch", private_match_sha256(others)))
+        status, message = await self.private_match(items, self._token("PrivateMatch", private_match_sha256(
+            private_request(others))))
         return status == DENIED, DENIED, f"{status}: {message if status != OK else 'answered'}"
 
     async def _honest(self) -> list[PrivateItem]:

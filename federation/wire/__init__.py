@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - only on a checkout without `mak
 
 from federation import algorithms
 from federation.algorithms import MatchKind
-from federation.query import DiscloseItem, PackedGroup, PrivateItem, QueryItem
+from federation.query import DiscloseItem, PackedGroup, PrivateGroup, PrivateRequest, QueryItem
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Node"].full_name
 # Call metadata carrying the gateway's request id: the node logs it, so one
@@ -36,14 +36,15 @@ def items_from_pb(request: pb.MatchRequest) -> Sequence[QueryItem]:
     return [QueryItem(i.algorithm, bytes(i.digest), i.max_distance) for i in request.items]
 
 
-def private_items_from_pb(request: pb.PrivateMatchRequest) -> Sequence[PrivateItem]:
-    return [PrivateItem(i.algorithm, i.bucket, i.prefix_bits, bytes(i.blinded_element)) for i in request.items]
+def private_request_from_pb(request: pb.PrivateMatchRequest) -> PrivateRequest:
+    return PrivateRequest(request.prefix_bits, tuple(
+        PrivateGroup(g.algorithm, bytes(g.buckets), bytes(g.blinded_elements)) for g in request.groups))
 
 
-def private_items_to_pb(items: Iterable[PrivateItem]) -> pb.PrivateMatchRequest:
-    return pb.PrivateMatchRequest(items=[
-        pb.PrivateItem(algorithm=i.algorithm, bucket=i.bucket, prefix_bits=i.prefix_bits, blinded_element=i.blinded)
-        for i in items])
+def private_request_to_pb(request: PrivateRequest) -> pb.PrivateMatchRequest:
+    return pb.PrivateMatchRequest(prefix_bits=request.prefix_bits, groups=[
+        pb.PrivateGroup(algorithm=g.algorithm, buckets=g.buckets, blinded_elements=g.blinded)
+        for g in request.groups])
 
 
 def disclose_items_from_pb(request: pb.DiscloseRequest) -> Sequence[DiscloseItem]:
@@ -100,5 +101,5 @@ def request_to_pb(items: Iterable[QueryItem], packed: Iterable[PackedGroup] = ()
 
 
 __all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "BadPacking", "disclose_items_from_pb", "disclose_to_pb", "items_from_pb",
-           "items_to_pb", "packable", "packed_from_pb", "pb", "private_items_from_pb", "private_items_to_pb",
+           "items_to_pb", "packable", "packed_from_pb", "pb", "private_request_from_pb", "private_request_to_pb",
            "request_to_pb", "rpc"]

@@ -160,13 +160,16 @@ def print_anonymity(stored: np.ndarray) -> None:
     """The anonymity set per prefix length over ``stored``, and a bucket answer's bytes per item
     (per the encoding's definition, for the bucket of mean size) in the node's encodings."""
     print(f"\nanonymity set per prefix length (stored digests per bucket, of {len(stored):,}), and bucket answer "
-          "bytes per item: fixed 4-byte outputs / Elias-Fano with 24- and 32-bit fingerprints")
-    print(f"  {'bits':>4} {'mean':>12} {'smallest':>9} {'largest':>9} {'fixed 4 B':>10} {'EF 24':>8} {'EF 32':>8}")
+          "bytes: fixed 4-byte outputs / Elias-Fano with 24-bit fingerprints / Elias-Fano as the node chooses "
+          "(false candidates at most 2^-11 per item: bits, bytes)")
+    print(f"  {'bits':>4} {'mean':>12} {'smallest':>9} {'largest':>9} {'fixed 4 B':>10} {'EF 24':>8} "
+          f"{'EF auto':>8} {'bytes':>8}")
     for bits, mean, smallest, largest in bucket_table(stored):
+        auto = buckets.choose_bits(mean, 11)
         sizes = [private.answer_bytes(mean, buckets.FIXED, 32), private.answer_bytes(mean, buckets.ELIAS_FANO, 24),
-                 private.answer_bytes(mean, buckets.ELIAS_FANO, 32)]
+                 auto, private.answer_bytes(mean, buckets.ELIAS_FANO, auto)]
         print(f"  {bits:>4} {mean:>12,.1f} {smallest:>9,} {largest:>9,} " + " ".join(
-            f"{size:>{w},.0f}" for size, w in zip(sizes, (10, 8, 8), strict=True)))
+            f"{size:>{w},.0f}" for size, w in zip(sizes, (10, 8, 8, 8), strict=True)))
 
 
 def main() -> int:
@@ -179,7 +182,8 @@ def main() -> int:
     parser.add_argument("--encoding", choices=["fixed", "elias-fano"], default="elias-fano",
                         help="the node's bucket encoding (default: elias-fano, the node's default)")
     parser.add_argument("--output-bytes", type=int, default=4, help="fixed encoding: bytes per output")
-    parser.add_argument("--fingerprint-bits", type=int, default=24, help="Elias-Fano: bits per fingerprint")
+    parser.add_argument("--fingerprint-bits", type=int, default=0,
+                        help="Elias-Fano: bits per fingerprint (default 0: the node chooses from its bucket size)")
     parser.add_argument("--anonymity-only", action="store_true",
                         help="only the anonymity table for --stored digests (no node, no import: seconds)")
     args = parser.parse_args()
