@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import filterfalse, repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from federation.query import QueryItem
 from gateway import filehash
@@ -38,6 +38,9 @@ CHUNK_BYTES = 32 << 20
 # Files of a walked directory per task: as many as make CHUNK_BYTES at the sizes seen so far,
 # within these bounds (a few large files balance over the workers; many small ones cost one task).
 SCAN_FIRST, SCAN_MOST = 8, 256
+
+
+T = TypeVar("T")
 
 
 class Plain(NamedTuple):
@@ -137,22 +140,28 @@ class Grouped:
 
         def _update(self, **fields: Any) -> None: ...
 
-    async def _scan(self, parts: list[tuple[str, list[str], int]]) -> None:
-        loop = asyncio.get_running_loop()
-        if self._pool is None:
+    async def _in_workers(self, function: Callable[..., T], *args: Any) -> T | None:
+        """``function(*args)`` in a worker process; None if the pool broke (a decoder crashed on a
+        hostile file, or the OOM killer): the others get a fresh pool (unless the run is closing),
+        and the caller looks at its files one by one, apart."""
+        if self._pool is None:  # started with the first file to hash: a fully cached run needs none
             self._pool = new_pool(self.jobs, self.worker_memory)
         pool = self._pool
-        cache = self.cache.readable()
         try:
-            found = await loop.run_in_executor(pool, scan.scan, [(d, names) for d, names, _ in parts], self.dihedral,
-                                               self.hasher, self.max_distance, *(cache or (None, "")))
+            return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
         except BrokenProcessPool:
-            if self._closing:
-                return
-            # As for a chunk of tasks: a fresh pool, and these files one by one, apart.
-            if self._pool is pool:
+            if not self._closing and self._pool is pool:
                 self._pool = new_pool(self.jobs, self.worker_memory)
                 stop_pool(pool)
+            return None
+
+    async def _scan(self, parts: list[tuple[str, list[str], int]]) -> None:
+        cache = self.cache.readable()
+        found = await self._in_workers(scan.scan, [(d, names) for d, names, _ in parts], self.dihedral,
+                                       self.hasher, self.max_distance, *(cache or (None, "")))
+        if found is None:
+            if self._closing:
+                return
             for directory, names, start in parts:
                 for at, name in enumerate(names):
                     path = os.path.join(directory, name)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import functools
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +51,7 @@ from gateway.triage.progress import LiveProgress
 from gateway.triage.result import TriageResult
 from gateway.triage.store import RowStore
 from gateway.triage.walk import Files, walk_files
-from gateway.triage.workers import Hasher, hash_many, new_pool, stop_pool, usable_cpus
+from gateway.triage.workers import Hasher, hash_many, stop_pool, usable_cpus
 
 if TYPE_CHECKING:
     from gateway.config import NodeEntry
@@ -192,30 +192,26 @@ class Triage(Asking, Grouped):
             running.discard(work)
             slots.release()
 
-        async def submit() -> None:
-            nonlocal chunk, size
+        async def launch(start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+            """One call of the workers, once a slot is free and the run has room for its files."""
             await slots.acquire()
             try:
                 await self._room()
             except BaseException:
                 slots.release()
                 raise
-            work = asyncio.create_task(self._hash(chunk))
+            work = asyncio.create_task(start())
             running.add(work)
             work.add_done_callback(done)
+
+        async def submit() -> None:
+            nonlocal chunk, size
+            await launch(functools.partial(self._hash, chunk))
             chunk, size = [], 0
 
         async def submit_parts() -> None:
             nonlocal parts, count
-            await slots.acquire()
-            try:
-                await self._room()
-            except BaseException:
-                slots.release()
-                raise
-            work = asyncio.create_task(self._scan(parts))
-            running.add(work)
-            work.add_done_callback(done)
+            await launch(functools.partial(self._scan, parts))
             parts, count = [], 0
 
         # A group of entries at a time (what the walk hands over): one cache query, one store write, one update.
@@ -299,21 +295,11 @@ class Triage(Asking, Grouped):
             await self._drained.wait()
 
     async def _hash(self, chunk: list[tuple[int, Task]]) -> None:
-        loop = asyncio.get_running_loop()
-        if self._pool is None:  # started with the first file to hash: a fully cached run needs none
-            self._pool = new_pool(self.jobs, self.worker_memory)
-        pool = self._pool
-        try:
-            outcomes = await loop.run_in_executor(pool, hash_many, [t for _, t in chunk], self.dihedral,
-                                                  self.hasher, self.max_distance)
-        except BrokenProcessPool:
+        outcomes = await self._in_workers(hash_many, [t for _, t in chunk], self.dihedral, self.hasher,
+                                          self.max_distance)
+        if outcomes is None:
             if self._closing:
                 return
-            # A worker died (a decoder crashed on a hostile file, or the OOM killer):
-            # a fresh pool for the others, and this chunk's files one by one, apart.
-            if self._pool is pool:
-                self._pool = new_pool(self.jobs, self.worker_memory)
-                stop_pool(pool)
             for index, task in chunk:
                 self._finish([(index, task, compact(await self._apart.hash(task), self.max_distance))])
         else:

@@ -76,45 +76,27 @@ def _link(path: str, root: str) -> Task | FileRow:
 
 def walk(root: str, exclude: frozenset[str] = frozenset(),
          stop: threading.Event | None = None) -> Iterator[Task | FileRow]:
-    """Every entry under ``root`` (a real, absolute path), depth first, in name order."""
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            with os.scandir(directory) as listing:
-                entries = sorted(listing, key=lambda e: e.name)
-        except OSError as exc:
-            yield FileRow(directory, UNREADABLE, f"directory cannot be listed: {reason_of(exc)}")
+    """Every entry under ``root`` (a real, absolute path), depth first, in name order: :func:`walk_files`
+    with each regular file stat'ed here, a task of its own (for the directories a list names)."""
+    for entry in walk_files(root, exclude, stop):
+        if not isinstance(entry, Files):
+            yield entry
             continue
-        subdirectories = []
-        for entry in entries:
-            if stop is not None and stop.is_set():
-                return
-            path = entry.path
-            if path in exclude:
-                yield FileRow(path, NOT_HASHED, "written by this run (report or cache): not hashed")
-                continue
+        for name in entry.names:
+            path = os.path.join(entry.directory, name)
             try:
-                if entry.is_symlink():
-                    yield _link(path, root)
-                elif entry.is_dir(follow_symlinks=False):
-                    subdirectories.append(path)
-                elif entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                    yield Task(path, path, st.st_size, st.st_mtime_ns)
-                else:
-                    kind = kind_of(entry.stat(follow_symlinks=False).st_mode)
-                    yield FileRow(path, NOT_HASHED, f"{kind}: not read")
+                st = os.stat(path, follow_symlinks=False)
             except OSError as exc:
                 yield FileRow(path, UNREADABLE, reason_of(exc))
-        stack.extend(reversed(subdirectories))
+                continue
+            yield Task(path, path, st.st_size, st.st_mtime_ns)
 
 
 def walk_files(root: str, exclude: frozenset[str] = frozenset(),
                stop: threading.Event | None = None) -> Iterator[Task | FileRow | Files]:
-    """:func:`walk`, the same entries in the same order, but the regular files of a directory
-    in groups (:class:`Files`), named only: a seized device is mostly regular files, and the
-    walk's own process then does nothing per file (no stat, no object)."""
+    """Every entry under ``root`` (a real, absolute path), depth first, in name order, the regular
+    files of a directory in groups (:class:`Files`), named only: a seized device is mostly regular
+    files, and the walk's own process then does nothing per file (no stat, no object)."""
     # Only a directory holding some excluded path needs each name checked.
     holders = {os.path.dirname(path) for path in exclude}
     stack = [root]
