@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -43,9 +42,6 @@ from node.private_files import make_private
 from node.records import HashRecord
 
 log = logging.getLogger("icse.node")
-
-# How ``json.dumps(..., ensure_ascii=False)`` writes a string (its C version, when built).
-_encode_string = json.encoder.encode_basestring
 
 EVENT_TYPE = "hit.released"
 
@@ -148,22 +144,6 @@ def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit:
     return {**_shared(node_id, country, claims, request_id, when), **_own(hit)}
 
 
-def _json_value(value: object) -> str:
-    """``json.dumps`` of one value as ``canonical`` writes it, without its call overhead
-    for the kinds an alert holds (str, int, bool, None); anything else goes through it."""
-    if type(value) is str:
-        return _encode_string(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if type(value) is int:
-        return int.__repr__(value)
-    return json.dumps(value, ensure_ascii=False)
-
-
 class Released(NamedTuple):
     """``ReleasedHit`` as the fields its alert holds: what the service gives for each of a
     batch's thousands of hits (a tuple, no record object)."""
@@ -184,37 +164,6 @@ class Released(NamedTuple):
         record = hit.record
         return cls(hit.item, hit.algorithm, hit.digest, record.reference, record.series, record.category,
                    record.victim_identified, hit.distance, hit.matched_share, hit.tier)
-
-
-# The fields of ``_own`` in the order ``canonical`` writes them (sorted), with the event id.
-_OWN_KEYS = ("algorithm", "category", "digest", "distance", "event_id", "item", "matched_share", "reference",
-             "released_tier", "series", "victim_identified")
-
-
-class _Encoder:
-    """The canonical JSON text (``federation.outbox.canonical``: sorted keys, no spaces) of a
-    request's alerts, the shared fields encoded once: a 5,000-hit answer costs one string
-    format per alert instead of a full ``json.dumps`` (with its key sort) each."""
-
-    def __init__(self, shared: dict[str, object]):
-        keys = sorted([*shared, *_OWN_KEYS])
-        if len(set(keys)) != len(keys):
-            raise ValueError("a field is both shared and per hit")
-        # A str.format template: a per-hit value is a field, the constant text's braces are doubled.
-        fields = [_encode_string(key) + ":" + (_json_value(shared[key]).replace("{", "{{").replace("}", "}}")
-                                               if key in shared else '"{}"' if key == "digest" else "{}")
-                  for key in keys]
-        self._template = "{{" + ",".join(fields) + "}}"
-
-    def encode(self, key: str, hit: Released) -> str:
-        """The alert of one hit, ``key`` its event id (``_OWN_KEYS`` order below; item and
-        distance are ints, never bools, so their text is their decimal form)."""
-        item, algorithm, digest, reference, series, category, victim, distance, share, tier = hit
-        text = _encode_string
-        return self._template.format(
-            text(algorithm), text(category), digest.hex(), int(distance), text(key), int(item),
-            "null" if share is None else _json_value(share), text(reference), text(tier), text(series),
-            "null" if victim is None else _json_value(victim))
 
 
 class Alerts:
@@ -266,15 +215,19 @@ class Alerts:
         self.recorded.inc(added)
 
     def _write(self, claims: QueryClaims, request_id: str, chosen: Sequence[Released], when: dt.datetime) -> int:
-        """Encodes the alerts of one answer and commits them in one transaction; how many were new."""
+        """Commits the alerts of one answer as one bundle (``Outbox.add_bundle``: the shared
+        fields once, each hit's own as columns); how many alerts that is."""
         assert self._outbox is not None
-        encoder = _Encoder(_shared(self._node_id, self._country, claims, request_id, when))
+        (items, algorithms, digests, references, series, categories, victims, distances, shares,
+         tiers) = zip(*chosen, strict=True)
         prefix = f"{claims.issuer}/{request_id}/"  # event_key's, for every hit of the request
-        events = []
-        for hit in chosen:
-            key = f"{prefix}{hit.item}/{hit.reference}"
-            events.append((key, encoder.encode(key, hit)))
-        return self._outbox.add_encoded(events)
+        columns: dict[str, Sequence[object]] = {
+            "event_id": [f"{prefix}{item}/{reference}" for item, reference in zip(items, references, strict=True)],
+            "item": items, "algorithm": algorithms, "digest": [digest.hex() for digest in digests],
+            "reference": references, "series": series, "category": categories, "victim_identified": victims,
+            "distance": distances, "matched_share": shares, "released_tier": tiers}
+        return self._outbox.add_bundle(_shared(self._node_id, self._country, claims, request_id, when), columns,
+                                       "event_id")
 
     async def deliver_forever(self, stop: asyncio.Event) -> None:
         """Delivers recorded alerts to the webhook until ``stop`` (nothing to do without one)."""

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from federation.config import ConfigError
 from federation.localfed import LocalFederation, NodeSpec, environment
-from federation.outbox import canonical, verify
+from federation.outbox import Outbox, canonical, verify
 from federation.pki import DevPki
 from federation.tokens import QueryClaims
 from node import config as node_config
@@ -151,6 +151,9 @@ def _written_bytes(node_dir: Path) -> dict[str, bytes]:
 def _outbox_rows(holder: Holder) -> list[tuple[str, int, bool]]:
     """(key, attempts, delivered?) of every alert, read from the node's outbox file."""
     path = Path(f"{holder.node.store_path}.alerts")
+    box = Outbox(path)
+    box.expand()  # answers' bundles not yet delivered become their alerts
+    box.close()
     with sqlite3.connect(path) as db:
         return [(k, a, bool(d)) for k, a, d in db.execute("SELECT key, attempts, delivered IS NOT NULL"
                                                              " FROM outbox ORDER BY id")]
@@ -441,9 +444,9 @@ def test_a_damaged_outbox_stops_the_start_in_words(pki: DevPki, tmp_path: Path) 
 
 
 async def test_a_batch_of_alerts_is_stored_as_the_canonical_json_of_each_event(tmp_path: Path) -> None:
-    """The alerts of one answer are encoded together (shared fields once): each stored text is
-    still exactly ``canonical(event)``, whatever the values (quotes, non-ASCII, None, booleans,
-    floats), and a filter still drops what it should."""
+    """The alerts of one answer are recorded together (one bundle, shared fields once): once
+    expanded, each stored text is still exactly ``canonical(event)``, whatever the values (quotes,
+    non-ASCII, None, booleans, floats), and a filter still drops what it should."""
     settings = node_config.AlertSettings()
     outbox = open_outbox(tmp_path / "store.sqlite", settings)
     assert outbox is not None
@@ -457,6 +460,8 @@ async def test_a_batch_of_alerts_is_stored_as_the_canonical_json_of_each_event(t
             ReleasedHit(9, "video", b"\x01" * 40, HashRecord("video", b"", "R-3", "10", False, "\\"), 3, 0.625,
                         "standard")]
     await alerts.record(claims, "rid-1", hits)
+    assert sqlite3.connect(outbox.path).execute("SELECT count(*) FROM outbox").fetchone() == (0,)  # one bundle
+    assert outbox.expand() == len(hits)
     stored = sqlite3.connect(outbox.path).execute("SELECT key, event FROM outbox ORDER BY id").fetchall()
     outbox.close()
     assert [key for key, _ in stored] == [event_key(claims, "rid-1", hit) for hit in hits]

@@ -243,3 +243,92 @@ def test_an_unwritable_jsonl_file_does_not_lose_the_event(tmp_path: Path) -> Non
     jsonl.parent.mkdir()
     Outbox(tmp_path / "alerts.db", jsonl_path=jsonl).close()
     assert [json.loads(line)["key"] for line in jsonl.read_text().splitlines()] == ["a"]
+
+
+def _bundle(prefix: str, count: int) -> tuple[dict[str, object], dict[str, list[object]]]:
+    """An answer's worth of like events: what they share, and their own fields as columns."""
+    shared: dict[str, object] = {"type": "hit.released", "case": 'DE-"1"\u2028', "officer": "ö\\", "n": 3}
+    columns: dict[str, list[object]] = {
+        "event_id": [f"{prefix}/{n}/FR-{n}" for n in range(count)],
+        "item": list(range(count)), "reference": [f'FR-{n} "é"' for n in range(count)],
+        "victim_identified": [None, True, False][:count] + [None] * (count - 3),
+        "matched_share": [0.625, None, 1e-07][:count] + [None] * (count - 3),
+        "detail": [{"b": 1, "a": [n]} for n in range(count)],
+        # Stored once when all alike (by their JSON: 1 and true differ, 0 and 0.0 too).
+        "algorithm": ["sha256"] * count, "flag": [1, True] + [1] * (count - 2), "zero": [0] * (count - 1) + [0.0],
+        "tier": [{"level": "standard"}] * count}
+    return shared, columns
+
+
+def _events(shared: dict[str, object], columns: dict[str, list[object]]) -> list[tuple[str, dict[str, object]]]:
+    return [(key, {**shared, **{name: values[n] for name, values in columns.items()}})
+            for n, key in enumerate(columns["event_id"])]
+
+
+def test_a_bundle_reads_back_as_the_same_events_add_would_store(tmp_path: Path) -> None:
+    """One row per answer on the write; on the read, the same keys, cursors' order and
+    byte-for-byte texts as ``add_many`` of each event (quotes, non-ASCII, None, bools,
+    floats, nested values), before and after events added one by one."""
+    shared, columns = _bundle("eu-1/rq-1", 5)
+    one_by_one = Outbox(tmp_path / "plain.db")
+    one_by_one.add("before", {"x": 1})
+    assert one_by_one.add_many(_events(shared, columns)) == 5
+    one_by_one.add("after", {"x": 2})
+    bundled = Outbox(tmp_path / "bundled.db")
+    bundled.add("before", {"x": 1})
+    assert bundled.add_bundle(shared, columns, "event_id") == 5
+    with sqlite_connection(bundled.path) as db:
+        assert db.execute("SELECT count(*) FROM outbox").fetchone() == (1,)  # only "before" so far
+        (body,) = db.execute("SELECT body FROM bundles").fetchone()
+    assert set(json.loads(body)["columns"]) == {"event_id", "item", "reference", "victim_identified", "matched_share",
+                                                "detail", "flag", "zero"}  # algorithm and tier: stored once
+    bundled.add("after", {"x": 2})  # the bundle comes first in the feed: it was recorded first
+    assert bundled.since(0) == one_by_one.since(0)
+    with sqlite_connection(one_by_one.path) as a, sqlite_connection(bundled.path) as b:
+        query = "SELECT id, key, event FROM outbox ORDER BY id"
+        assert b.execute(query).fetchall() == a.execute(query).fetchall()
+    one_by_one.close()
+    bundled.close()
+
+
+def test_a_bundle_is_recorded_once_and_a_repeated_key_is_one_event(tmp_path: Path) -> None:
+    shared, columns = _bundle("eu-1/rq-2", 4)
+    box = Outbox(tmp_path / "alerts.db")
+    assert box.add_bundle(shared, columns, "event_id") == 4
+    assert box.add_bundle(shared, columns, "event_id") == 0  # the same events again: a retried request
+    repeated = {name: values + values[:1] for name, values in columns.items()}
+    assert box.add_bundle(shared, repeated, "event_id") == 4  # another bundle; its repeat of a key is dropped
+    assert [key for key, _ in ((box.key_of(c), e) for c, e in box.since(0))] == columns["event_id"]
+    assert box.add_bundle(shared, {name: [] for name in columns}, "event_id") == 0
+    with pytest.raises(ValueError, match="both shared and per event"):
+        box.add_bundle({"item": 1}, columns, "event_id")
+    box.close()
+
+
+def test_a_bundle_committed_but_never_read_survives_and_expands_once(tmp_path: Path) -> None:
+    """The bundle is durable when ``add_bundle`` returns (a process killed then loses nothing);
+    two outbox objects (two processes) reading the file expand it once between them."""
+    path = tmp_path / "alerts.db"
+    shared, columns = _bundle("eu-1/rq-3", 6)
+    writer = Outbox(path)
+    assert writer.add_bundle(shared, columns, "event_id") == 6
+    writer.close()  # never read: nothing expanded
+    first, second = Outbox(path), Outbox(path)
+    assert second.expand() == 6
+    assert first.expand() == 0
+    assert [event for _, event in first.since(0)] == [event for _, event in _events(shared, columns)]
+    assert first.status().total == 6
+    first.close()
+    second.close()
+
+
+async def test_bundled_events_are_delivered_one_post_each(tmp_path: Path) -> None:
+    shared, columns = _bundle("eu-1/rq-4", 3)
+    with receiving() as receiver:
+        box = Outbox(tmp_path / "alerts.db", webhook=_target(receiver.url))
+        assert box.add_bundle(shared, columns, "event_id") == 3
+        await _deliver_until(box, receiver, 3)
+        assert box.attempts(str(columns["event_id"][2])) == (1, True)
+        box.close()
+    assert receiver.accepted == columns["event_id"]
+    assert [json.loads(body) for _, body in receiver.requests] == [event for _, event in _events(shared, columns)]

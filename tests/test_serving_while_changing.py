@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from federation.localfed import LocalFederation, NodeSpec
+from federation.outbox import Outbox
 from federation.pki import DevPki
 from federation.query import QueryItem
 from tests.support import claims_for, gateway_client, signing_key, wait_until, wait_until_async
@@ -170,9 +171,12 @@ async def test_a_call_the_audit_log_cannot_record_is_not_answered_and_says_so(
 
 
 def _alerts(store: Path) -> list[str]:
-    """The references of the holder's alerts committed so far."""
-    with sqlite3.connect(f"file:{store}.alerts?mode=ro", uri=True) as db:
-        return [json.loads(event)["reference"] for (event,) in db.execute("SELECT event FROM outbox ORDER BY id")]
+    """The references of the holder's alerts committed so far (read as ``icse-node alerts`` reads them)."""
+    outbox = Outbox(Path(f"{store}.alerts"))
+    try:
+        return [str(event["reference"]) for _, event in outbox.since(0)]
+    finally:
+        outbox.close()
 
 
 async def test_a_hit_the_audit_log_cannot_record_leaves_no_alert(single: LocalFederation, tmp_path: Path) -> None:
