@@ -2,7 +2,7 @@
 audit record, and what the holder's alerts hear of each (``node.alerts.Released``).
 
 A 10,000-item exact batch may have thousands of hits: they go from the matcher's
-arrays (``matcher.ExactHits``) and the rows' tuples (``SegmentSet.rows``) to the
+arrays (``matcher.ExactHits``) and the rows' tuples (``SegmentSet.hit_rows``) to the
 response in one pass, with no object per hit beyond its protobuf message, its
 alert's fields and its reference.
 """
@@ -21,13 +21,11 @@ from node.alerts import Released
 from node.policy import Tier
 from node.records import StoredRecord
 
-_REFERENCE = 2  # a stored row's reference (``SegmentSet.rows``: HashRecord's field order)
-
 
 def _released(position: int, algorithm: str, digest: bytes, row: tuple, distance: int, share: float | None,
               tier: Tier) -> Released:
     """What the holder's alerts hear of one released hit (``node.alerts``)."""
-    _, _, reference, category, victim, series, _ = row
+    reference, category, victim, series, _ = row
     return Released(position, algorithm, digest, reference, series, category,
                     None if victim is None else bool(victim), distance, share, tier.value)
 
@@ -77,7 +75,7 @@ class HitWriter:
             algorithm, digest = asked(position)
             for candidate, row in kept:
                 hits.add(**self.fields(row, candidate.distance, candidate.matched_share, standard))
-                references.append(row[_REFERENCE])
+                references.append(row[0])
                 released.append(_released(position, algorithm, digest, row, candidate.distance,
                                           candidate.matched_share, tier))
         return references, released
@@ -102,7 +100,7 @@ class HitWriter:
                 hits, last = add_result(item=position).hits, position
                 algorithm, digest = asked(position)
             assert hits is not None
-            _, _, reference, category, victim, series, date_added = row
+            reference, category, victim, series, date_added = row
             if victim is not None:
                 victim = bool(victim)
             if standard:
@@ -121,21 +119,20 @@ class HitWriter:
                    share: float | None, tier: Tier) -> str:
         """Adds the hit to ``hits`` (an ItemResult's repeated field); its reference."""
         record = stored.record
-        row = (record.algorithm, record.digest, record.reference, record.category, record.victim_identified,
-               record.series, record.date_added)
+        row = (record.reference, record.category, record.victim_identified, record.series, record.date_added)
         hits.add(**self.fields(row, distance, share, tier is Tier.STANDARD))
         return record.reference
 
     def fields(self, row: tuple, distance: int, share: float | None, standard: bool) -> dict[str, Any]:
-        """A Hit's fields from a stored row (``SegmentSet.rows``): what the tier releases of it
+        """A Hit's fields from a stored row (``SegmentSet.hit_rows``): what the tier releases of it
         (the standard tier: its metadata too)."""
-        fields: dict[str, Any] = {"reference": row[_REFERENCE], **self._constant}
+        fields: dict[str, Any] = {"reference": row[0], **self._constant}
         if distance:
             fields["distance"] = distance
         if share:
             fields["matched_share"] = share
         if standard:
-            _, _, _, fields["category"], victim, fields["series"], fields["date_added"] = row
+            _, fields["category"], victim, fields["series"], fields["date_added"] = row
             if victim is not None:
                 fields["victim_identified"] = bool(victim)
         return fields

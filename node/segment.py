@@ -50,7 +50,10 @@ Row = tuple  # (algorithm, digest, reference, category, victim_identified, serie
 ROWS_FILE = "rows.sqlite"
 LOCK_FILE = "lock"
 ROWS_MMAP_BYTES = 1 << 31  # SQLite's default ceiling (SQLITE_MAX_MMAP_SIZE); a 2 M-row file is ~300 MB
-_COLUMNS = "algorithm, digest, reference, category, victim_identified, series, date_added"
+ROW_COLUMNS = "algorithm, digest, reference, category, victim_identified, series, date_added"
+# What a hit releases of its row (``node.hits``): not its algorithm and digest, which the request has.
+# Reading 5,000 hits' rows this way takes about a fifth less than whole rows (no 32-byte blob each).
+HIT_COLUMNS = "reference, category, victim_identified, series, date_added"
 _SCHEMA = """CREATE TABLE rows (id INTEGER PRIMARY KEY, algorithm TEXT NOT NULL, digest BLOB NOT NULL,
     reference TEXT NOT NULL, category TEXT NOT NULL, victim_identified INTEGER, series TEXT NOT NULL,
     date_added TEXT NOT NULL)"""
@@ -194,7 +197,7 @@ class SegmentWriter:
                         constant = self._today
                     value = self._db.execute("SELECT quote(?)", (constant,)).fetchone()[0]
                 values.append(value)
-            self._inserts[shape] = f"INSERT INTO rows ({_COLUMNS}) VALUES ({', '.join(values)})"
+            self._inserts[shape] = f"INSERT INTO rows ({ROW_COLUMNS}) VALUES ({', '.join(values)})"
         return self._inserts[shape]
 
     @property
@@ -353,16 +356,16 @@ class MappedSegment:
         with self._lock:
             return self._rows.execute(sql, parameters).fetchall()
 
-    def rows(self, ids: Sequence[int]) -> list[tuple]:
-        """(id, algorithm, digest, ...) of these row ids, in one query."""
-        return self.query(f"SELECT id, {_COLUMNS} FROM rows WHERE id IN (SELECT value FROM json_each(?))",
+    def rows(self, ids: Sequence[int], columns: str = ROW_COLUMNS) -> list[tuple]:
+        """(id, algorithm, digest, ...) of these row ids (or ``HIT_COLUMNS``), in one query."""
+        return self.query(f"SELECT id, {columns} FROM rows WHERE id IN (SELECT value FROM json_each(?))",
                           (json.dumps(sorted(set(ids))),))
 
     def iter_rows(self, order: str, chunk: int) -> Iterator[list[tuple]]:
         """(id, algorithm, digest, ...) of every row, in chunks, on a connection of its own."""
         rows = sqlite_setup.open_immutable(self.directory / ROWS_FILE)
         try:
-            cursor = rows.execute(f"SELECT id, {_COLUMNS} FROM rows ORDER BY {order}")
+            cursor = rows.execute(f"SELECT id, {ROW_COLUMNS} FROM rows ORDER BY {order}")
             while batch := cursor.fetchmany(chunk):
                 yield batch
         finally:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from federation import algorithms
-from node import segment_index
+from node import segment, segment_index
 from node.catalog import Births, Snapshot
 from node.index import Candidate, ExactIndex, Index, Probe
 from node.records import HashRecord, StoredRecord
@@ -195,7 +195,15 @@ class SegmentSet:
 
     def rows(self, ids: Iterable[int]) -> dict[int, tuple]:
         """``records`` as the rows' tuples (``HashRecord`` field order; victim_identified as
-        stored, 0/1/None): a batch's thousands of hits read without an object each."""
+        stored, 0/1/None)."""
+        return self._read(ids, segment.ROW_COLUMNS)
+
+    def hit_rows(self, ids: Iterable[int]) -> dict[int, tuple]:
+        """What hits release of their rows: (reference, category, victim_identified as stored,
+        series, date_added) by row id; a batch's thousands of hits read without an object each."""
+        return self._read(ids, segment.HIT_COLUMNS)
+
+    def _read(self, ids: Iterable[int], columns: str) -> dict[int, tuple]:
         by_segment: dict[int, list[int]] = {}
         for rid in ids:
             by_segment.setdefault(rid >> ROW_BITS, []).append(rid & _ROW_MASK)
@@ -204,7 +212,7 @@ class SegmentSet:
             wanted = by_segment.get(live.segment_id)
             if wanted:
                 base = live.segment_id << ROW_BITS
-                found.update((base | row[0], row[1:]) for row in live.segment.rows(wanted))
+                found.update((base | row[0], row[1:]) for row in live.segment.rows(wanted, columns))
         return found
 
 

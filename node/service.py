@@ -216,7 +216,7 @@ class NodeService(rpc.NodeServicer):
         searched = current.since(since)
         found, exact = matcher.search(valid, searched.indexes, self._config.limits)
         hit_ids = [c.record_id for m in found.values() for c in m.candidates] + exact.record_ids.tolist()
-        rows = await asyncio.to_thread(current.rows, hit_ids) if hit_ids else {}
+        rows = await asyncio.to_thread(current.hit_rows, hit_ids) if hit_ids else {}
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
                                     tier=_TIERS[tier], protocol_version=protocol.VERSION,
                                     generation=current.generation)

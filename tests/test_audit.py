@@ -23,6 +23,7 @@ from node.audit import (
     AuditError,
     AuditLog,
     audit_path,
+    canonical_json,
     chain_hash,
     connect,
 )
@@ -239,6 +240,18 @@ async def test_export_writes_json_lines_with_every_field(log: AuditLog) -> None:
     assert records[0]["prev_hash"] == GENESIS and records[1]["prev_hash"] == records[0]["hash"]
     assert records[2]["references"] == ["FR-REF-1-0"] and records[2]["algorithms"] == ["md5", "pdq"]
     assert [r["seq"] async for r in log.export(since="2025-01-01T00:00:00+00:00")] == [2, 3, 4]
+
+
+async def test_a_record_is_the_canonical_json_of_the_whole_entry(log: AuditLog, tmp_path: Path) -> None:
+    """The text recorded and hashed is ``canonical_json(dataclasses.asdict(entry))`` (made without
+    its deep copy): every field, references as a list, in the same bytes."""
+    wide = dataclasses.replace(entry(3, time="2024-01-01T00:00:00+00:00"), references=("FR-é", 'FR-"2"', "FR-3"),
+                               algorithms=("sha256", "pdq"), key_id="k-1", since_generation=7, rows_searched=9)
+    await log.append(wide)
+    with sqlite3.connect(tmp_path / "node.sqlite") as db:
+        (text,) = db.execute("SELECT entry FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    recorded = dataclasses.replace(wide, time="2024-01-01T00:00:00.000000+00:00")
+    assert text == canonical_json(dataclasses.asdict(recorded))
 
 
 async def test_the_entry_has_no_place_for_digests(log: AuditLog, tmp_path: Path) -> None:

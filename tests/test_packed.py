@@ -8,6 +8,7 @@ compared with the other form's and with what was imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -25,7 +26,9 @@ from federation.pki import DevPki
 from federation.query import PACKED_EXACT_FEATURE, PackedGroup, QueryItem, canonical_bytes, query_sha256
 from federation.wire import items_to_pb, pb, request_to_pb, rpc
 from gateway import config as gateway_config
+from gateway.answers import hit_info
 from gateway.fanout import Federation
+from gateway.results import HitInfo
 from gateway.signing import signer_for
 from tests.support import Client, claims_for, gateway_client, import_rows, signing_key
 
@@ -335,3 +338,18 @@ async def test_exact_hits_are_the_same_messages_with_or_without_a_perceptual_ite
     hit = alone.results[0].hits[0]
     assert (hit.reference, hit.country, hit.node_id, hit.category) == ("SHA-1", "FR", nodes.local["FR"].node_id, "1")
     assert hit.date_added and not hit.HasField("victim_identified")
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"reference": "FR-1", "country": "FR", "node_id": "fr-1", "contact": "vid@fr.example", "category": "2",
+     "series": "S-é", "date_added": "2026-11-30", "distance": 12, "matched_share": 0.625, "victim_identified": False},
+    {"reference": "R", "victim_identified": True},
+])
+def test_a_hit_is_read_as_the_constructor_would_make_it(fields: dict) -> None:
+    """``hit_info`` sets the fields without ``HitInfo.__init__``: equal, same hash, same text, every field."""
+    made = HitInfo(**({"node_id": "", "country": "", "reference": ""} | fields))
+    read = hit_info(pb.Hit(**fields))
+    assert read == made and hash(read) == hash(made) and repr(read) == repr(made)
+    assert dataclasses.asdict(read) == dataclasses.asdict(made)
+    assert {f.name for f in dataclasses.fields(HitInfo)} == {f.name for f in pb.Hit.DESCRIPTOR.fields}
