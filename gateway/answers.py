@@ -40,12 +40,15 @@ def unpack(response: pb.MatchResponse, node: NodeEntry, count: int,
         raise ValueError(f"answer is from node {response.node_id!r}")
     hits: list[tuple[HitInfo, ...]] = [()] * count
     truncated = [False] * count
+    order = None if form is None or form.order is None else form.order.tolist()  # request -> caller position
     previous = -1
     for result in response.results:
-        if not previous < result.item < count:
-            raise ValueError(f"item position {result.item} out of order or range")
-        previous = result.item
-        position = result.item if form is None else form.caller_position(result.item)
-        hits[position] = tuple(hit_info(h) for h in result.hits)
-        truncated[position] = result.truncated
+        item = result.item
+        if not previous < item < count:
+            raise ValueError(f"item position {item} out of order or range")
+        previous = item
+        position = item if order is None else order[item]
+        hits[position] = tuple(map(hit_info, result.hits))
+        if result.truncated:
+            truncated[position] = True
     return tuple(hits), tuple(truncated)

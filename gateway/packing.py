@@ -39,9 +39,6 @@ class Form:
     # Position in the request's item list -> position in the caller's items; None when they are the same.
     order: np.ndarray | None = None
 
-    def caller_position(self, position: int) -> int:
-        return position if self.order is None else int(self.order[position])
-
 
 def plain(items: Sequence[QueryItem]) -> Form:
     return Form(items_to_pb(items), query_sha256(items))
