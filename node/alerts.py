@@ -5,8 +5,9 @@ FR's victim-identification desk should hear of it then, not when someone reads
 the audit log. Each released hit (after policy: what actually left the node)
 becomes one event in a durable outbox (``federation.outbox``), a SQLite file of
 its own beside the store's catalog and audit log (``alerts_path``), committed
-before the answer leaves (an answer's events as one bundle: ``Outbox.add_bundle``); from there it is delivered to a webhook (signed,
-retried, at least once, across restarts) and read by ``icse-node alerts``.
+before the answer leaves (an answer's events as one bundle: ``Outbox.add_bundle``);
+from there it is delivered to a webhook (signed, retried, at least once, across
+restarts) and read by ``icse-node alerts``.
 
 An event holds the reference, series and category of the row that hit, who
 asked (gateway, country, agency, officer, case, from the token the audit log

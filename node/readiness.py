@@ -49,7 +49,9 @@ def warm_up() -> None:
     index): the point is the types, and building real tables would compile
     the build kernel too, which only an import needs.
     """
-    from node import hamming_index  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
+    from node import exact_kernels, hamming_index  # noqa: PLC0415 - imports numba: only once NUMBA_CACHE_DIR is set
+
+    exact_kernels.warm()
 
     rows = 64
     digests = np.random.default_rng(0).integers(0, 256, (rows, PDQ.digest_size), dtype=np.uint8)

@@ -109,3 +109,24 @@ def test_an_exact_item_live_in_more_segments_than_the_cap_is_ranked_and_truncate
     assert found == {1: matcher.ItemMatches([Candidate(record_id(1, 8)), Candidate(record_id(2, 8))], True)}
     assert matcher.hits(batch, {"sha256": MergedIndex(parts)}, limits) == {0: matcher.ItemMatches(
         [Candidate(record_id(4, 6))]), **found}
+
+
+@pytest.mark.parametrize("stored, asked", [(0, 50), (1, 50), (7, 7), (2_000, 10), (2_000, 5_000), (300, 30_000)])
+def test_the_galloping_search_places_sorted_queries_as_searchsorted_does(stored: int, asked: int) -> None:
+    """``exact_kernels.search`` against ``numpy.searchsorted``: repeated prefixes in the keys and
+    in the queries, queries below, between and above every key, sparse and dense batches, a
+    read-only (mapped) array of keys."""
+    from node import exact_kernels  # noqa: PLC0415 - imports numba
+
+    rng = np.random.default_rng(stored * 7 + asked)
+    prefix = np.sort(rng.integers(0, 1 << 40, stored, dtype=np.uint64) * np.uint64(1 << 20))
+    prefix[1::9] = prefix[::9][:len(prefix[1::9])]  # runs of an equal prefix
+    prefix.sort()
+    queries = np.concatenate([rng.choice(prefix, asked // 2) if stored else np.zeros(0, np.uint64),
+                              rng.integers(0, 1 << 61, asked - asked // 2, dtype=np.uint64),
+                              np.array([0, np.iinfo(np.uint64).max], dtype=np.uint64)])
+    queries.sort()
+    mapped = prefix.copy()
+    mapped.flags.writeable = False
+    for keys in (prefix, mapped):
+        assert np.array_equal(exact_kernels.search(keys, queries), np.searchsorted(keys, queries))
