@@ -30,9 +30,9 @@ import datetime as dt
 import logging
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -146,8 +146,7 @@ def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit:
 
 
 class Released(NamedTuple):
-    """``ReleasedHit`` as the fields its alert holds: what the service gives for each of a
-    batch's thousands of hits (a tuple, no record object)."""
+    """``ReleasedHit`` as the fields its alert holds, for one hit at a time (``Released.of``)."""
 
     item: int
     algorithm: str
@@ -165,6 +164,49 @@ class Released(NamedTuple):
         record = hit.record
         return cls(hit.item, hit.algorithm, hit.digest, record.reference, record.series, record.category,
                    record.victim_identified, hit.distance, hit.matched_share, hit.tier)
+
+
+@dataclass(frozen=True)
+class ReleasedColumns:
+    """The hits one answer released as their alerts' fields in columns, one entry per hit in
+    each (the digest in hex; the names are the alert's): a 5,000-hit exact batch goes from
+    the search's arrays to the outbox's bundle (``Outbox.add_bundle``) without an object per
+    hit (``node.hits``)."""
+
+    item: Sequence[int]
+    algorithm: Sequence[str]
+    digest: Sequence[str]
+    reference: Sequence[str]
+    series: Sequence[str]
+    category: Sequence[str]
+    victim_identified: Sequence[bool | None]
+    distance: Sequence[int]
+    matched_share: Sequence[float | None]
+    released_tier: Sequence[str]
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    @classmethod
+    def of(cls, hits: Sequence[Released]) -> ReleasedColumns:
+        if not hits:
+            return _NONE_RELEASED
+        item, algorithm, digest, reference, series, category, victim, distance, share, tier = zip(*hits, strict=True)
+        return cls(item, algorithm, [d.hex() for d in digest], reference, series, category, victim, distance, share,
+                   tier)
+
+    def columns(self) -> dict[str, Sequence[object]]:
+        return {name: getattr(self, name) for name in _RELEASED_FIELDS}
+
+    def only(self, keep: Sequence[bool]) -> ReleasedColumns:
+        """The hits whose ``keep`` is true."""
+        kept: dict[str, Any] = {name: [value for value, chosen in zip(column, keep, strict=True) if chosen]
+                                for name, column in self.columns().items()}
+        return ReleasedColumns(**kept)
+
+
+_RELEASED_FIELDS = tuple(f.name for f in fields(ReleasedColumns))
+_NONE_RELEASED = ReleasedColumns(*([()] * len(_RELEASED_FIELDS)))
 
 
 class Alerts:
@@ -193,17 +235,18 @@ class Alerts:
     async def record(self, claims: QueryClaims, request_id: str, released: Sequence[ReleasedHit]) -> None:
         """Commits an alert per released hit the filters let through, before
         returning; never raises (see the module docstring)."""
-        await self.record_released(claims, request_id, [Released.of(hit) for hit in released])
+        await self.record_released(claims, request_id, ReleasedColumns.of([Released.of(hit) for hit in released]))
 
-    async def record_released(self, claims: QueryClaims, request_id: str, released: Sequence[Released]) -> None:
-        """``record`` for hits given as their alert's fields."""
-        if self._outbox is None or not released:
+    async def record_released(self, claims: QueryClaims, request_id: str, released: ReleasedColumns) -> None:
+        """``record`` for hits given as their alerts' columns."""
+        if self._outbox is None or not len(released):
             return
         when = dt.datetime.now(dt.UTC)
-        chosen = released if self._unfiltered else [hit for hit in released
-                                                    if _passes(self._settings, claims, hit.series, hit.category)]
+        chosen = released if self._unfiltered else released.only(
+            [_passes(self._settings, claims, series, category)
+             for series, category in zip(released.series, released.category, strict=True)])
         self.filtered.inc(len(released) - len(chosen))
-        if not chosen:
+        if not len(chosen):
             return
         try:
             # In a worker thread: the commit syncs to disk, and the loop serves other calls meanwhile.
@@ -215,20 +258,15 @@ class Alerts:
             return
         self.recorded.inc(added)
 
-    def _write(self, claims: QueryClaims, request_id: str, chosen: Sequence[Released], when: dt.datetime) -> int:
+    def _write(self, claims: QueryClaims, request_id: str, chosen: ReleasedColumns, when: dt.datetime) -> int:
         """Commits the alerts of one answer as one bundle (``Outbox.add_bundle``: the shared
         fields once, each hit's own as columns); how many alerts that is."""
         assert self._outbox is not None
-        (items, algorithms, digests, references, series, categories, victims, distances, shares,
-         tiers) = zip(*chosen, strict=True)
         prefix = f"{claims.issuer}/{request_id}/"  # event_key's, for every hit of the request
-        columns: dict[str, Sequence[object]] = {
-            "event_id": [f"{prefix}{item}/{reference}" for item, reference in zip(items, references, strict=True)],
-            "item": items, "algorithm": algorithms, "digest": [digest.hex() for digest in digests],
-            "reference": references, "series": series, "category": categories, "victim_identified": victims,
-            "distance": distances, "matched_share": shares, "released_tier": tiers}
-        return self._outbox.add_bundle(_shared(self._node_id, self._country, claims, request_id, when), columns,
-                                       "event_id")
+        event_ids = [f"{prefix}{item}/{reference}" for item, reference in zip(chosen.item, chosen.reference,
+                                                                                strict=True)]
+        return self._outbox.add_bundle(_shared(self._node_id, self._country, claims, request_id, when),
+                                       {"event_id": event_ids, **chosen.columns()}, "event_id")
 
     async def deliver_forever(self, stop: asyncio.Event) -> None:
         """Delivers recorded alerts to the webhook until ``stop`` (nothing to do without one)."""

@@ -51,8 +51,8 @@ ROWS_FILE = "rows.sqlite"
 LOCK_FILE = "lock"
 ROWS_MMAP_BYTES = 1 << 31  # SQLite's default ceiling (SQLITE_MAX_MMAP_SIZE); a 2 M-row file is ~300 MB
 ROW_COLUMNS = "algorithm, digest, reference, category, victim_identified, series, date_added"
-# What a hit releases of its row (``node.hits``): not its algorithm and digest, which the request has.
-# Reading 5,000 hits' rows this way takes about a fifth less than whole rows (no 32-byte blob each).
+# What a hit releases of its row (``node.hits``): not its algorithm and digest, which the request has
+# (5,000 hits' rows read this way take about a fifth less than whole rows: no 32-byte blob each).
 HIT_COLUMNS = "reference, category, victim_identified, series, date_added"
 _SCHEMA = """CREATE TABLE rows (id INTEGER PRIMARY KEY, algorithm TEXT NOT NULL, digest BLOB NOT NULL,
     reference TEXT NOT NULL, category TEXT NOT NULL, victim_identified INTEGER, series TEXT NOT NULL,
@@ -356,10 +356,16 @@ class MappedSegment:
         with self._lock:
             return self._rows.execute(sql, parameters).fetchall()
 
-    def rows(self, ids: Sequence[int], columns: str = ROW_COLUMNS) -> list[tuple]:
-        """(id, algorithm, digest, ...) of these row ids (or ``HIT_COLUMNS``), in one query."""
-        return self.query(f"SELECT id, {columns} FROM rows WHERE id IN (SELECT value FROM json_each(?))",
+    def rows(self, ids: Sequence[int]) -> list[tuple]:
+        """(id, algorithm, digest, ...) of these row ids, in one query."""
+        return self.query(f"SELECT id, {ROW_COLUMNS} FROM rows WHERE id IN (SELECT value FROM json_each(?))",
                           (json.dumps(sorted(set(ids))),))
+
+    def rows_in_order(self, ids: Sequence[int], columns: str) -> list[tuple]:
+        """(id, ``columns``...) of these row ids, in their order (the ids' loop is the outer one:
+        ``CROSS JOIN``), without the IN list's temporary index: a fifth faster for 5,000 rows."""
+        return self.query(f"SELECT r.id, {', '.join('r.' + c.strip() for c in columns.split(','))}"
+                          " FROM json_each(?) AS j CROSS JOIN rows AS r ON r.id = j.value", (json.dumps(ids),))
 
     def iter_rows(self, order: str, chunk: int) -> Iterator[list[tuple]]:
         """(id, algorithm, digest, ...) of every row, in chunks, on a connection of its own."""

@@ -196,14 +196,6 @@ class SegmentSet:
     def rows(self, ids: Iterable[int]) -> dict[int, tuple]:
         """``records`` as the rows' tuples (``HashRecord`` field order; victim_identified as
         stored, 0/1/None)."""
-        return self._read(ids, segment.ROW_COLUMNS)
-
-    def hit_rows(self, ids: Iterable[int]) -> dict[int, tuple]:
-        """What hits release of their rows: (reference, category, victim_identified as stored,
-        series, date_added) by row id; a batch's thousands of hits read without an object each."""
-        return self._read(ids, segment.HIT_COLUMNS)
-
-    def _read(self, ids: Iterable[int], columns: str) -> dict[int, tuple]:
         by_segment: dict[int, list[int]] = {}
         for rid in ids:
             by_segment.setdefault(rid >> ROW_BITS, []).append(rid & _ROW_MASK)
@@ -212,8 +204,41 @@ class SegmentSet:
             wanted = by_segment.get(live.segment_id)
             if wanted:
                 base = live.segment_id << ROW_BITS
-                found.update((base | row[0], row[1:]) for row in live.segment.rows(wanted, columns))
+                found.update((base | row[0], row[1:]) for row in live.segment.rows(wanted))
         return found
+
+    def hit_rows(self, ids: np.ndarray) -> HitRows:
+        """What hits release of their rows, for the distinct ``ids`` (int64 record ids): a
+        batch's thousands of hits read with no object each beyond the row's tuple."""
+        wanted = np.unique(ids)
+        by_id = {live.segment_id: live.segment for live in self.segments}
+        rows: list[tuple] = []
+        owners = wanted >> ROW_BITS
+        for owner in np.unique(owners).tolist():
+            local = (wanted[owners == owner] & _ROW_MASK).tolist()
+            found = by_id[owner].rows_in_order(local, segment.HIT_COLUMNS)
+            if [row[0] for row in found] != local:
+                raise segment.SegmentCorrupt(f"segment {owner}: its rows file lacks rows its index holds")
+            rows.extend(found)
+        return HitRows(wanted, rows)
+
+
+@dataclass(frozen=True)
+class HitRows:
+    """Rows of hits: ``rows[k]`` is (row id in its segment, reference, category,
+    victim_identified as stored (0/1/None), series, date_added) of record ``ids[k]``."""
+
+    ids: np.ndarray  # int64 record ids, ascending, distinct
+    rows: list[tuple]
+
+    def of(self, record_ids: np.ndarray) -> list[tuple]:
+        """The row of each of these record ids (each one of ``ids``)."""
+        at = np.searchsorted(self.ids, record_ids)
+        rows = self.rows
+        return [rows[k] for k in at.tolist()]
+
+    def by_id(self) -> dict[int, tuple]:
+        return dict(zip(self.ids.tolist(), self.rows, strict=True))
 
 
 def to_record(row: Sequence) -> HashRecord:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import DecodeError
 
@@ -34,7 +35,7 @@ from federation.query import (
 from federation.tokens import QueryClaims
 from federation.wire import REQUEST_ID_KEY, SERVICE_NAME, BadPacking, items_from_pb, packed_from_pb, pb, rpc
 from node import matcher
-from node.alerts import Alerts, Released
+from node.alerts import Alerts, ReleasedColumns
 from node.audit import AuditEntry, AuditLog
 from node.auth import Authenticator, AuthError
 from node.config import NodeConfig
@@ -113,7 +114,7 @@ class _Answer:
     response: pb.MatchResponse
     claims: QueryClaims
     references: list[str]
-    released: list[Released]
+    released: ReleasedColumns
     rows_searched: int
 
 
@@ -215,14 +216,15 @@ class NodeService(rpc.NodeServicer):
         self._metrics.serving(current.generation, current.counts())
         searched = current.since(since)
         found, exact = matcher.search(valid, searched.indexes, self._config.limits)
-        hit_ids = [c.record_id for m in found.values() for c in m.candidates] + exact.record_ids.tolist()
-        rows = await asyncio.to_thread(current.hit_rows, hit_ids) if hit_ids else {}
+        hit_ids = np.concatenate([np.fromiter((c.record_id for m in found.values() for c in m.candidates), np.int64),
+                                  exact.record_ids])
+        rows = await asyncio.to_thread(current.hit_rows, hit_ids) if len(hit_ids) else current.hit_rows(hit_ids)
         response = pb.MatchResponse(node_id=self._config.node_id, country=self._config.country,
                                     tier=_TIERS[tier], protocol_version=protocol.VERSION,
                                     generation=current.generation)
         asked = Asked(items, packed)
         if found:
-            references, released = self._hits.add(response, matcher.merged(found, exact), rows, asked, tier)
+            references, released = self._hits.add(response, matcher.merged(found, exact), rows.by_id(), asked, tier)
         else:  # exact items only (a packed batch, mostly): straight from the arrays
             references, released = self._hits.add_exact(response, exact, rows, asked, tier)
         return _Answer(response, claims, references, released, searched.rows_searched)

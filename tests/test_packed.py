@@ -30,6 +30,7 @@ from gateway.answers import hit_info
 from gateway.fanout import Federation
 from gateway.results import HitInfo
 from gateway.signing import signer_for
+from node.hits import Asked
 from tests.support import Client, claims_for, gateway_client, import_rows, signing_key
 
 MAX_ITEMS = 400
@@ -353,3 +354,17 @@ def test_a_hit_is_read_as_the_constructor_would_make_it(fields: dict) -> None:
     assert read == made and hash(read) == hash(made) and repr(read) == repr(made)
     assert dataclasses.asdict(read) == dataclasses.asdict(made)
     assert {f.name for f in dataclasses.fields(HitInfo)} == {f.name for f in pb.Hit.DESCRIPTOR.fields}
+
+
+def test_the_digests_of_hit_positions_are_read_in_hex_as_one_by_one() -> None:
+    """``Asked.in_hex`` (each packed group written in hex once, then sliced) against ``Asked``'s
+    one-position reading: items first, then groups of different widths, any positions."""
+    rng = random.Random(5)
+    items = [QueryItem("pdq", rng.randbytes(32), 31), QueryItem("md5", rng.randbytes(16))]
+    packed = [PackedGroup("sha256", rng.randbytes(32 * 40), 32), PackedGroup("md5", rng.randbytes(16 * 9), 16)]
+    asked = Asked(items, packed)
+    for positions in ([], [0], [1, 2, 41, 42, 50], sorted(rng.sample(range(51), 20)), list(range(51))):
+        expected = [asked(p) for p in positions]
+        assert asked.in_hex(positions) == ([a for a, _ in expected], [d.hex() for _, d in expected])
+    with pytest.raises(IndexError):
+        asked.in_hex([51])

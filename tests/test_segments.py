@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from federation.query import QueryItem
@@ -204,3 +205,28 @@ async def test_a_large_import_is_several_bounded_segments_published_together(tmp
         assert live.counts() == {"sha256": 3500}
         assert hits(live, part) == [r.reference for r in part]
         assert sorted(p.name for p in store.root.iterdir()) == [f"seg-{n:08d}" for n in range(1, 4)]
+
+
+async def test_hit_rows_are_read_in_id_order_and_a_missing_row_is_corruption(tmp_path: Path) -> None:
+    """``SegmentSet.hit_rows`` aligns each row with its record id across segments (the ids asked
+    in any order, repeated); a row the index names but the rows file lacks is never dropped
+    silently: SegmentCorrupt."""
+    path = tmp_path / "s.sqlite"
+    async with await Store.open(path) as store:
+        await store.add([rows(1, 300)])
+        await store.add([rows(2, 200, "pdq")])
+        live = LiveIndexes(store)
+        current = await live.start()
+        whole = current.rows(c.record_id for m in matcher.match(
+            matcher.validate([QueryItem(r.algorithm, r.digest) for r in rows(1, 300) + rows(2, 200, "pdq")],
+                             matcher.Limits()), current.indexes, matcher.Limits()) for c in m.candidates)
+        asked = np.array(sorted(whole)[::7] * 2, dtype=np.int64)[::-1].copy()
+        found = current.hit_rows(asked)
+        assert found.ids.tolist() == sorted(set(asked.tolist()))
+        assert {rid: row[1:] for rid, row in found.by_id().items()} == {
+            rid: (r[2], r[3], r[4], r[5], r[6]) for rid, r in whole.items() if rid in set(asked.tolist())}
+        assert [row[1] for row in found.of(asked)] == [whole[rid][2] for rid in asked.tolist()]
+        beyond = np.array([max(whole) + 1], dtype=np.int64)
+        with pytest.raises(SegmentCorrupt, match="lacks rows"):
+            current.hit_rows(beyond)
+        await live.stop()
