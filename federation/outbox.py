@@ -54,6 +54,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("icse.outbox")
 
@@ -177,14 +178,39 @@ class _Template:
         return self._template.format(*map(_json_value, values))
 
 
-def bundle_events(body: dict[str, object]) -> list[tuple[str, str]]:
-    """(key, canonical text) of each event of a bundle as ``add_bundle`` stored it."""
-    shared, columns, id_field = body["shared"], body["columns"], body["id"]
-    assert isinstance(shared, dict) and isinstance(columns, dict) and isinstance(id_field, str)
-    template = _Template(shared, list(columns))
-    rows = zip(*(columns[name] for name in template.order), strict=True)
-    return [(key, template.encode(values)) for key, values in zip(columns[id_field], rows, strict=True)]
+@dataclass(frozen=True)
+class BundleKey:
+    """How each event of a bundle is keyed: ``prefix``, then the values of its ``fields``
+    (``str`` of each) joined by "/"; the event holds its key as ``field`` too. An alert:
+    "gateway/request id/" + item + "/" + reference, as ``event_id``."""
 
+    prefix: str
+    fields: tuple[str, ...]
+    field: str
+
+
+def bundle_events(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, canonical text) of each event of a bundle as ``add_bundle`` stored it."""
+    shared, columns, key = body["shared"], body["columns"], body["key"]
+    count = len(next(iter(columns.values()))) if columns else 1
+    prefix, field = key["prefix"], key["field"]
+    parts = [columns[name] if name in columns else [shared[name]] * count for name in key["fields"]]
+    keys = [prefix + "/".join(map(str, values)) for values in zip(*parts, strict=True)]
+    template = _Template(shared, [*columns, field])
+    values = zip(*(keys if name == field else columns[name] for name in template.order), strict=True)
+    return list(zip(keys, map(template.encode, values), strict=True))
+
+
+def _all_same(values: Sequence[object]) -> bool:
+    """Whether every value is the first, as JSON writes them (1 and true, 0 and 0.0 differ):
+    decided without encoding them for the kinds an event mostly holds."""
+    first = values[0]
+    if type(first) not in _PLAIN_KINDS:
+        return _compact(values) == "[" + ",".join([_compact(first)] * len(values)) + "]"
+    return values.count(first) == len(values) and set(map(type, values)) == {type(first)}
+
+
+_PLAIN_KINDS = frozenset({str, int, bool, type(None)})
 
 
 def _now() -> str:
@@ -269,35 +295,43 @@ class Outbox:
         self._wake_deliverer(added)
         return added
 
-    def add_bundle(self, shared: dict[str, object], columns: dict[str, Sequence[object]], id_field: str) -> int:
+    def add_bundle(self, shared: dict[str, object], columns: dict[str, Sequence[object]], key: BundleKey) -> int:
         """Records events that have ``shared`` in common and differ in ``columns`` (one value
-        per event in each; an event's key is its ``id_field`` value, which it also holds), as
-        one row committed before this returns; how many events that is (0 when these very
-        events were recorded before: a retried request). Read back as ``add`` would have
-        stored them (``expand``)."""
-        keys = columns[id_field]
-        if not keys:
+        per event in each), each keyed as ``key`` says, as one row committed before this
+        returns; how many distinct events that is (0 when these very events were recorded
+        before: a retried request). Read back as ``add`` would have stored them (``expand``)."""
+        count = len(next(iter(columns.values()), ()))
+        if not count:
             return 0
-        _Template(shared, list(columns))  # a field both shared and per event: refused now, not when read
-        # Each column as JSON; one whose values are all the same (by their JSON: 1 is not true) is
-        # stored once, with the shared fields: an answer's algorithm, tier, distance, often its series.
+        if any(len(values) != count for values in columns.values()):
+            raise ValueError("columns of a bundle differ in length")
+        if not set(key.fields) <= set(columns) or key.field in columns:
+            raise ValueError("a bundle's key is made of its columns, and its field is none of them")
+        _Template(shared, [*columns, key.field])  # a field both shared and per event: refused now, not when read
+        # A column whose values are all the same is stored once, with the shared fields: an
+        # answer's algorithm, tier and distance, often its series and category.
         constant = dict(shared)
         varying: dict[str, str] = {}
         for name, values in columns.items():
-            text = _compact(values)
-            if name != id_field and text == "[" + ",".join([_compact(values[0])] * len(values)) + "]":
+            if _all_same(values):
                 constant[name] = values[0]
             else:
-                varying[name] = text
-        body = ('{"id":' + _compact(id_field) + ',"shared":' + _compact(constant) + ',"columns":{'
+                varying[name] = _compact(values)
+        key_text = _compact({"prefix": key.prefix, "fields": key.fields, "field": key.field})
+        body = ('{"key":' + key_text + ',"shared":' + _compact(constant) + ',"columns":{'
                 + ",".join(_compact(name) + ":" + text for name, text in varying.items()) + "}}")
-        key = hashlib.sha256(varying[id_field].encode()).hexdigest()
+        parts = [varying.get(name) or _compact(constant[name]) for name in key.fields]
+        digest = hashlib.sha256("\n".join([key_text, *parts]).encode()).hexdigest()
         with self._lock:  # one statement: its own transaction, synced (synchronous=FULL) before it returns
             added = self._db.execute("INSERT INTO bundles (key, body, created) VALUES (?, ?, ?)"
-                                     " ON CONFLICT (key) DO NOTHING", (key, body, _now())).rowcount
-        count = len(set(keys)) if added else 0
-        self._wake_deliverer(count)
-        return count
+                                     " ON CONFLICT (key) DO NOTHING", (digest, body, _now())).rowcount
+        if not added:
+            return 0
+        first = columns[key.fields[0]]
+        distinct = count if len(set(first)) == count else len(set(zip(*(columns[f] for f in key.fields),
+                                                                       strict=True)))
+        self._wake_deliverer(distinct)
+        return distinct
 
     def expand(self) -> int:
         """Turns recorded bundles into their events (readers and the deliverer call it first); how

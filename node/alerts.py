@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from federation.outbox import Outbox, WebhookTarget
+from federation.outbox import BundleKey, Outbox, WebhookTarget
 from federation.tokens import QueryClaims
 from node.config import AlertSettings
 from node.private_files import make_private
@@ -262,11 +262,9 @@ class Alerts:
         """Commits the alerts of one answer as one bundle (``Outbox.add_bundle``: the shared
         fields once, each hit's own as columns); how many alerts that is."""
         assert self._outbox is not None
-        prefix = f"{claims.issuer}/{request_id}/"  # event_key's, for every hit of the request
-        event_ids = [f"{prefix}{item}/{reference}" for item, reference in zip(chosen.item, chosen.reference,
-                                                                                strict=True)]
+        key = BundleKey(f"{claims.issuer}/{request_id}/", ("item", "reference"), "event_id")  # event_key's
         return self._outbox.add_bundle(_shared(self._node_id, self._country, claims, request_id, when),
-                                       {"event_id": event_ids, **chosen.columns()}, "event_id")
+                                       chosen.columns(), key)
 
     async def deliver_forever(self, stop: asyncio.Event) -> None:
         """Delivers recorded alerts to the webhook until ``stop`` (nothing to do without one)."""

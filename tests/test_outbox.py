@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from federation import outbox as outbox_module
-from federation.outbox import Outbox, WebhookTarget, backoff, sign, verify
+from federation.outbox import BundleKey, Outbox, WebhookTarget, backoff, sign, verify
 from tests.webhook import Receiver, receiving
 
 SECRET = b"desk-shared-secret"
@@ -245,11 +245,13 @@ def test_an_unwritable_jsonl_file_does_not_lose_the_event(tmp_path: Path) -> Non
     assert [json.loads(line)["key"] for line in jsonl.read_text().splitlines()] == ["a"]
 
 
-def _bundle(prefix: str, count: int) -> tuple[dict[str, object], dict[str, list[object]]]:
+KEY = BundleKey("eu-1/rq/", ("item", "reference"), "event_id")
+
+
+def _bundle(count: int) -> tuple[dict[str, object], dict[str, list[object]]]:
     """An answer's worth of like events: what they share, and their own fields as columns."""
     shared: dict[str, object] = {"type": "hit.released", "case": 'DE-"1"\u2028', "officer": "ö\\", "n": 3}
     columns: dict[str, list[object]] = {
-        "event_id": [f"{prefix}/{n}/FR-{n}" for n in range(count)],
         "item": list(range(count)), "reference": [f'FR-{n} "é"' for n in range(count)],
         "victim_identified": [None, True, False][:count] + [None] * (count - 3),
         "matched_share": [0.625, None, 1e-07][:count] + [None] * (count - 3),
@@ -260,28 +262,33 @@ def _bundle(prefix: str, count: int) -> tuple[dict[str, object], dict[str, list[
     return shared, columns
 
 
+def _keys(columns: dict[str, list[object]]) -> list[str]:
+    return [f"eu-1/rq/{item}/{reference}" for item, reference in zip(columns["item"], columns["reference"],
+                                                                       strict=True)]
+
+
 def _events(shared: dict[str, object], columns: dict[str, list[object]]) -> list[tuple[str, dict[str, object]]]:
-    return [(key, {**shared, **{name: values[n] for name, values in columns.items()}})
-            for n, key in enumerate(columns["event_id"])]
+    return [(key, {**shared, **{name: values[n] for name, values in columns.items()}, "event_id": key})
+            for n, key in enumerate(_keys(columns))]
 
 
 def test_a_bundle_reads_back_as_the_same_events_add_would_store(tmp_path: Path) -> None:
     """One row per answer on the write; on the read, the same keys, cursors' order and
     byte-for-byte texts as ``add_many`` of each event (quotes, non-ASCII, None, bools,
     floats, nested values), before and after events added one by one."""
-    shared, columns = _bundle("eu-1/rq-1", 5)
+    shared, columns = _bundle(5)
     one_by_one = Outbox(tmp_path / "plain.db")
     one_by_one.add("before", {"x": 1})
     assert one_by_one.add_many(_events(shared, columns)) == 5
     one_by_one.add("after", {"x": 2})
     bundled = Outbox(tmp_path / "bundled.db")
     bundled.add("before", {"x": 1})
-    assert bundled.add_bundle(shared, columns, "event_id") == 5
+    assert bundled.add_bundle(shared, columns, KEY) == 5
     with sqlite_connection(bundled.path) as db:
         assert db.execute("SELECT count(*) FROM outbox").fetchone() == (1,)  # only "before" so far
         (body,) = db.execute("SELECT body FROM bundles").fetchone()
-    assert set(json.loads(body)["columns"]) == {"event_id", "item", "reference", "victim_identified", "matched_share",
-                                                "detail", "flag", "zero"}  # algorithm and tier: stored once
+    assert set(json.loads(body)["columns"]) == {"item", "reference", "victim_identified", "matched_share", "detail",
+                                                "flag", "zero"}  # algorithm and tier: stored once; no keys
     bundled.add("after", {"x": 2})  # the bundle comes first in the feed: it was recorded first
     assert bundled.since(0) == one_by_one.since(0)
     with sqlite_connection(one_by_one.path) as a, sqlite_connection(bundled.path) as b:
@@ -292,16 +299,20 @@ def test_a_bundle_reads_back_as_the_same_events_add_would_store(tmp_path: Path) 
 
 
 def test_a_bundle_is_recorded_once_and_a_repeated_key_is_one_event(tmp_path: Path) -> None:
-    shared, columns = _bundle("eu-1/rq-2", 4)
+    shared, columns = _bundle(4)
     box = Outbox(tmp_path / "alerts.db")
-    assert box.add_bundle(shared, columns, "event_id") == 4
-    assert box.add_bundle(shared, columns, "event_id") == 0  # the same events again: a retried request
+    assert box.add_bundle(shared, columns, KEY) == 4
+    assert box.add_bundle(shared, columns, KEY) == 0  # the same events again: a retried request
     repeated = {name: values + values[:1] for name, values in columns.items()}
-    assert box.add_bundle(shared, repeated, "event_id") == 4  # another bundle; its repeat of a key is dropped
-    assert [key for key, _ in ((box.key_of(c), e) for c, e in box.since(0))] == columns["event_id"]
-    assert box.add_bundle(shared, {name: [] for name in columns}, "event_id") == 0
+    assert box.add_bundle(shared, repeated, KEY) == 4  # another bundle; its repeat of a key is dropped
+    assert [box.key_of(cursor) for cursor, _ in box.since(0)] == _keys(columns)
+    assert box.add_bundle(shared, {name: [] for name in columns}, KEY) == 0
     with pytest.raises(ValueError, match="both shared and per event"):
-        box.add_bundle({"item": 1}, columns, "event_id")
+        box.add_bundle({"item": 1}, columns, KEY)
+    with pytest.raises(ValueError, match="differ in length"):
+        box.add_bundle(shared, {**columns, "item": columns["item"][1:]}, KEY)
+    with pytest.raises(ValueError, match="key is made of its columns"):
+        box.add_bundle(shared, columns, BundleKey("p/", ("item", "case"), "event_id"))
     box.close()
 
 
@@ -309,9 +320,9 @@ def test_a_bundle_committed_but_never_read_survives_and_expands_once(tmp_path: P
     """The bundle is durable when ``add_bundle`` returns (a process killed then loses nothing);
     two outbox objects (two processes) reading the file expand it once between them."""
     path = tmp_path / "alerts.db"
-    shared, columns = _bundle("eu-1/rq-3", 6)
+    shared, columns = _bundle(6)
     writer = Outbox(path)
-    assert writer.add_bundle(shared, columns, "event_id") == 6
+    assert writer.add_bundle(shared, columns, KEY) == 6
     writer.close()  # never read: nothing expanded
     first, second = Outbox(path), Outbox(path)
     assert second.expand() == 6
@@ -323,12 +334,21 @@ def test_a_bundle_committed_but_never_read_survives_and_expands_once(tmp_path: P
 
 
 async def test_bundled_events_are_delivered_one_post_each(tmp_path: Path) -> None:
-    shared, columns = _bundle("eu-1/rq-4", 3)
+    shared, columns = _bundle(3)
     with receiving() as receiver:
         box = Outbox(tmp_path / "alerts.db", webhook=_target(receiver.url))
-        assert box.add_bundle(shared, columns, "event_id") == 3
+        assert box.add_bundle(shared, columns, KEY) == 3
         await _deliver_until(box, receiver, 3)
-        assert box.attempts(str(columns["event_id"][2])) == (1, True)
+        assert box.attempts(_keys(columns)[2]) == (1, True)
         box.close()
-    assert receiver.accepted == columns["event_id"]
+    assert receiver.accepted == _keys(columns)
     assert [json.loads(body) for _, body in receiver.requests] == [event for _, event in _events(shared, columns)]
+
+
+def test_a_bundle_of_one_event_keeps_its_key_though_every_field_is_stored_once(tmp_path: Path) -> None:
+    shared, columns = _bundle(3)
+    one = {name: values[2:] for name, values in columns.items()}
+    box = Outbox(tmp_path / "alerts.db")
+    assert box.add_bundle(shared, one, KEY) == 1
+    assert [(box.key_of(cursor), event) for cursor, event in box.since(0)] == _events(shared, one)
+    box.close()
