@@ -11,7 +11,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from federation.outbox import EVENT_ID_HEADER, SIGNATURE_HEADER, verify
+from federation.webhook import EVENT_ID_HEADER, SIGNATURE_HEADER, verify
 
 
 class Desk:

@@ -12,12 +12,12 @@ carries an id (its key) a receiver uses to drop such a repeat.
 - ``add`` is idempotent on a key: the same event recorded twice (a retried
   request) is stored, fed and delivered once.
 - ``add_bundle`` records many like events (one answer's thousands of hits) as
-  one row: their shared fields once and the rest as columns, committed with one
-  small write; each bundle becomes its events (the same canonical texts ``add``
-  would store, in order, a repeated key dropped) when anything reads or delivers
-  them (``expand``). A 5,000-hit answer costs one row of ~150 bytes per hit
-  instead of 5,000 indexed rows of ~700 bytes: about 5 ms instead of 50 before
-  the answer may leave.
+  one row (``federation.bundles``): their shared fields once and the rest as
+  columns, committed with one small write; each bundle becomes its events (the
+  same canonical texts ``add`` would store, in order, a repeated key dropped)
+  when anything reads or delivers them (``expand``). A 5,000-hit answer costs
+  one row of ~100 bytes per hit instead of 5,000 indexed rows of ~700 bytes:
+  about 5 ms instead of 50 before the answer may leave.
 - ``since`` is the feed: rows in the order they were added, after a cursor (the
   row id; ids are never reused, so a cursor stays valid for good).
 - ``deliver_forever`` POSTs each pending event to a webhook, signed with
@@ -39,28 +39,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
 import json
 import logging
 import os
-import random
 import sqlite3
 import stat
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from federation.bundles import BundleKey, bundle_events, canonical, encode_bundle
+from federation.webhook import Rejected, WebhookTarget, backoff, post
 
 log = logging.getLogger("icse.outbox")
 
-SIGNATURE_HEADER = "X-ICSE-Signature"
-EVENT_ID_HEADER = "X-ICSE-Event-Id"
-TIMESTAMP_HEADER = "X-ICSE-Timestamp"
 BUSY_TIMEOUT_MS = 10_000
 # Events tried per delivery round; the rest wait for the next round.
 _BATCH = 100
@@ -91,18 +85,6 @@ CREATE INDEX IF NOT EXISTS bundles_pending ON bundles (id) WHERE body IS NOT NUL
 
 
 @dataclass(frozen=True)
-class WebhookTarget:
-    """Where and how events are POSTed. ``secret`` signs each body (never logged)."""
-
-    url: str
-    secret: bytes = field(repr=False)
-    timeout_s: float = 5.0
-    max_backoff_s: float = 300.0
-    # The first retry's delay; each later one doubles, up to ``max_backoff_s``.
-    min_backoff_s: float = 1.0
-
-
-@dataclass(frozen=True)
 class OutboxStatus:
     """Counts for an operator (and for metrics): nothing of the events themselves."""
 
@@ -110,107 +92,6 @@ class OutboxStatus:
     pending: int
     delivered: int
     failing: int  # pending events that have failed at least once
-
-
-def sign(secret: bytes, body: bytes) -> str:
-    """The ``X-ICSE-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256>``."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: bytes, body: bytes, signature: str) -> bool:
-    """Whether ``signature`` is the header value ``sign`` gives (constant time)."""
-    return hmac.compare_digest(sign(secret, body), signature)
-
-
-def backoff(attempts: int, target: WebhookTarget, rng: random.Random | None = None) -> float:
-    """Seconds to wait after the ``attempts``-th failure: exponential from
-    ``min_backoff_s``, capped at ``max_backoff_s``, between half and all of it
-    ("equal jitter": never zero, never in lockstep with other senders)."""
-    ceiling = min(target.max_backoff_s, target.min_backoff_s * 2 ** min(max(attempts - 1, 0), 32))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
-
-
-def canonical(event: dict[str, object]) -> str:
-    """An event's text as the outbox stores and sends it: sorted keys, no spaces, UTF-8."""
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _compact(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-# How ``json.dumps(..., ensure_ascii=False)`` writes a string (its C version, when built).
-_encode_string = json.encoder.encode_basestring
-
-
-def _json_value(value: object) -> str:
-    """``json.dumps`` of one value as ``canonical`` writes it, without its call overhead
-    for the kinds events mostly hold (str, int, bool, None); anything else goes through it."""
-    if type(value) is str:
-        return _encode_string(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if type(value) is int:
-        return int.__repr__(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-class _Template:
-    """``canonical`` of events that share most of their fields, the shared ones encoded once:
-    one string format per event instead of a ``json.dumps`` (with its key sort) each."""
-
-    def __init__(self, shared: dict[str, object], names: Sequence[str]):
-        keys = sorted([*shared, *names])
-        if len(set(keys)) != len(keys):
-            raise ValueError("a field is both shared and per event, or named twice")
-        self.order = [key for key in keys if key not in shared]  # the per-event values, in this order
-        # A str.format template: a per-event value is a field, the constant text's braces are doubled.
-        self._template = "{{" + ",".join(
-            _encode_string(key) + ":" + (_json_value(shared[key]).replace("{", "{{").replace("}", "}}")
-                                         if key in shared else "{}") for key in keys) + "}}"
-
-    def encode(self, values: Sequence[object]) -> str:
-        """The text of one event, ``values`` its own fields in ``order``."""
-        return self._template.format(*map(_json_value, values))
-
-
-@dataclass(frozen=True)
-class BundleKey:
-    """How each event of a bundle is keyed: ``prefix``, then the values of its ``fields``
-    (``str`` of each) joined by "/"; the event holds its key as ``field`` too. An alert:
-    "gateway/request id/" + item + "/" + reference, as ``event_id``."""
-
-    prefix: str
-    fields: tuple[str, ...]
-    field: str
-
-
-def bundle_events(body: dict[str, Any]) -> list[tuple[str, str]]:
-    """(key, canonical text) of each event of a bundle as ``add_bundle`` stored it."""
-    shared, columns, key = body["shared"], body["columns"], body["key"]
-    count = len(next(iter(columns.values()))) if columns else 1
-    prefix, field = key["prefix"], key["field"]
-    parts = [columns[name] if name in columns else [shared[name]] * count for name in key["fields"]]
-    keys = [prefix + "/".join(map(str, values)) for values in zip(*parts, strict=True)]
-    template = _Template(shared, [*columns, field])
-    values = zip(*(keys if name == field else columns[name] for name in template.order), strict=True)
-    return list(zip(keys, map(template.encode, values), strict=True))
-
-
-def _all_same(values: Sequence[object]) -> bool:
-    """Whether every value is the first, as JSON writes them (1 and true, 0 and 0.0 differ):
-    decided without encoding them for the kinds an event mostly holds."""
-    first = values[0]
-    if type(first) not in _PLAIN_KINDS:
-        return _compact(values) == "[" + ",".join([_compact(first)] * len(values)) + "]"
-    return values.count(first) == len(values) and set(map(type, values)) == {type(first)}
-
-
-_PLAIN_KINDS = frozenset({str, int, bool, type(None)})
 
 
 def _now() -> str:
@@ -228,21 +109,6 @@ def _create_private(path: Path) -> None:
             status = companion.stat()
             if stat.S_IMODE(status.st_mode) & 0o077 and status.st_uid == os.geteuid():
                 os.chmod(companion, stat.S_IMODE(status.st_mode) & 0o700)
-
-
-class _Rejected(Exception):
-    """The webhook answered, but not with a 2xx."""
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is a failure: following it would resend the signed body to
-    an address nobody configured (and urllib would turn the POST into a GET)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect())
 
 
 class Outbox:
@@ -300,38 +166,16 @@ class Outbox:
         per event in each), each keyed as ``key`` says, as one row committed before this
         returns; how many distinct events that is (0 when these very events were recorded
         before: a retried request). Read back as ``add`` would have stored them (``expand``)."""
-        count = len(next(iter(columns.values()), ()))
-        if not count:
+        bundle = encode_bundle(shared, columns, key)
+        if bundle is None:
             return 0
-        if any(len(values) != count for values in columns.values()):
-            raise ValueError("columns of a bundle differ in length")
-        if not set(key.fields) <= set(columns) or key.field in columns:
-            raise ValueError("a bundle's key is made of its columns, and its field is none of them")
-        _Template(shared, [*columns, key.field])  # a field both shared and per event: refused now, not when read
-        # A column whose values are all the same is stored once, with the shared fields: an
-        # answer's algorithm, tier and distance, often its series and category.
-        constant = dict(shared)
-        varying: dict[str, str] = {}
-        for name, values in columns.items():
-            if _all_same(values):
-                constant[name] = values[0]
-            else:
-                varying[name] = _compact(values)
-        key_text = _compact({"prefix": key.prefix, "fields": key.fields, "field": key.field})
-        body = ('{"key":' + key_text + ',"shared":' + _compact(constant) + ',"columns":{'
-                + ",".join(_compact(name) + ":" + text for name, text in varying.items()) + "}}")
-        parts = [varying.get(name) or _compact(constant[name]) for name in key.fields]
-        digest = hashlib.sha256("\n".join([key_text, *parts]).encode()).hexdigest()
         with self._lock:  # one statement: its own transaction, synced (synchronous=FULL) before it returns
             added = self._db.execute("INSERT INTO bundles (key, body, created) VALUES (?, ?, ?)"
-                                     " ON CONFLICT (key) DO NOTHING", (digest, body, _now())).rowcount
+                                     " ON CONFLICT (key) DO NOTHING", (bundle.key, bundle.body, _now())).rowcount
         if not added:
             return 0
-        first = columns[key.fields[0]]
-        distinct = count if len(set(first)) == count else len(set(zip(*(columns[f] for f in key.fields),
-                                                                       strict=True)))
-        self._wake_deliverer(distinct)
-        return distinct
+        self._wake_deliverer(bundle.events)
+        return bundle.events
 
     def expand(self) -> int:
         """Turns recorded bundles into their events (readers and the deliverer call it first); how
@@ -483,8 +327,8 @@ class Outbox:
             if stop is not None and stop.is_set():
                 break
             try:
-                await asyncio.to_thread(_post, target, key, body.encode())
-            except (_Rejected, OSError, ValueError) as exc:  # OSError covers URLError, timeouts, refused
+                await asyncio.to_thread(post, target, key, body.encode())
+            except (Rejected, OSError, ValueError) as exc:  # OSError covers URLError, timeouts, refused
                 await asyncio.to_thread(self._failed, row_id, target, str(exc))
                 log.warning("webhook delivery failed; will retry", extra={"event_id": key, "reason": str(exc)})
             else:
@@ -518,25 +362,6 @@ class Outbox:
         with self._lock:
             self._db.execute("UPDATE outbox SET delivered = ?, attempts = attempts + 1, last_error = ''"
                              " WHERE id = ?", (now, row_id))
-
-
-def _post(target: WebhookTarget, key: str, body: bytes) -> None:
-    """One signed POST; returns on a 2xx, raises otherwise (runs in a worker thread)."""
-    request = urllib.request.Request(target.url, data=body, method="POST", headers={
-        "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(target.secret, body),
-        EVENT_ID_HEADER: key,
-        TIMESTAMP_HEADER: str(int(time.time())),
-        "User-Agent": "icse-outbox/1",
-    })
-    try:
-        with _OPENER.open(request, timeout=target.timeout_s) as response:
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        raise _Rejected(f"HTTP {exc.code}") from None
-    if not 200 <= status < 300:
-        raise _Rejected(f"HTTP {status}")
 
 
 async def _first_of(stop: asyncio.Event, wake: asyncio.Event, timeout: float) -> None:

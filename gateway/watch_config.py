@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from federation.config import ConfigError, root
-from federation.outbox import WebhookTarget
+from federation.webhook import WebhookTarget
 
 # A new hit is alerted within one interval plus the case's turn in a round (a round of 1,000 cases
 # took 25-35 s on a loaded 2-core machine): 20 s keeps that under a minute.

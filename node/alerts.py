@@ -36,8 +36,10 @@ from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from federation.outbox import BundleKey, Outbox, WebhookTarget
+from federation.bundles import BundleKey
+from federation.outbox import Outbox
 from federation.tokens import QueryClaims
+from federation.webhook import WebhookTarget
 from node.config import AlertSettings
 from node.private_files import make_private
 from node.records import HashRecord

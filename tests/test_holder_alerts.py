@@ -29,11 +29,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from federation.bundles import canonical
 from federation.config import ConfigError
 from federation.localfed import LocalFederation, NodeSpec, environment
-from federation.outbox import Outbox, canonical, verify
+from federation.outbox import Outbox
 from federation.pki import DevPki
 from federation.tokens import QueryClaims
+from federation.webhook import verify
 from node import config as node_config
 from node.alerts import Alerts, ReleasedHit, event, event_key, open_outbox, passes
 from node.records import HashRecord

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from federation import outbox as outbox_module
-from federation.outbox import BundleKey, Outbox, WebhookTarget, backoff, sign, verify
+from federation import webhook
+from federation.bundles import BundleKey
+from federation.outbox import Outbox
+from federation.webhook import WebhookTarget, backoff, sign, verify
 from tests.webhook import Receiver, receiving
 
 SECRET = b"desk-shared-secret"
@@ -219,7 +221,7 @@ async def test_non_2xx_is_not_delivered(tmp_path: Path, status: int) -> None:
 
 
 def test_module_names_its_headers() -> None:
-    assert (outbox_module.SIGNATURE_HEADER, outbox_module.EVENT_ID_HEADER, outbox_module.TIMESTAMP_HEADER) == (
+    assert (webhook.SIGNATURE_HEADER, webhook.EVENT_ID_HEADER, webhook.TIMESTAMP_HEADER) == (
         "X-ICSE-Signature", "X-ICSE-Event-Id", "X-ICSE-Timestamp")
 
 

@@ -26,9 +26,9 @@ import pytest
 
 from federation.config import ConfigError
 from federation.localfed import LocalFederation, NodeSpec, environment
-from federation.outbox import verify
 from federation.pki import DevPki
 from federation.query import QueryItem
+from federation.webhook import verify
 from gateway import watch_config, watch_run as run_module
 from gateway.watch_store import CaseStore, Watched
 from node.audit import audit_path
