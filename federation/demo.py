@@ -182,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(countries) < 2:
         parser.error("the demo needs at least two countries")
     rng = random.Random(args.seed)
+    # Absolute: the nodes' configurations name files in it, and a node reads a relative
+    # path in its configuration from the configuration's own directory.
+    args.workdir = args.workdir.resolve()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     pki = DevPki(args.pki, args.federation, countries, ["eu-1"])

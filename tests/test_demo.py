@@ -26,9 +26,11 @@ def test_the_seized_files_are_what_their_names_say(tmp_path: Path) -> None:
 
 
 def test_the_demo_finds_the_clip_by_its_frames_and_shows_no_error(pki: DevPki, tmp_path: Path) -> None:
+    # A relative work directory, as ``make demo`` gives (its default, ".demo"): every path the
+    # demo writes into a node's configuration must still name the file it means.
     done = subprocess.run([sys.executable, "-m", "federation.demo", "--pki", str(pki.root), "--federation",
-                           pki.federation, "--nodes", "FR,DE", "--workdir", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=300, check=False)
+                           pki.federation, "--nodes", "FR,DE", "--workdir", "demo"],
+                          capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "not sent" not in out and "cannot" not in out and "Error" not in out, out
