@@ -11,7 +11,7 @@ import pytest
 from federation import algorithms
 from federation.query import PackedGroup, QueryItem
 from node import matcher, segment_index
-from node.index import Candidate, ExactIndex, prefix_of
+from node.index import Candidate, ExactIndex, prefix_of, sample_of
 from node.segment_set import LiveSegment, MergedIndex, record_id
 
 
@@ -111,22 +111,29 @@ def test_an_exact_item_live_in_more_segments_than_the_cap_is_ranked_and_truncate
         [Candidate(record_id(4, 6))]), **found}
 
 
-@pytest.mark.parametrize("stored, asked", [(0, 50), (1, 50), (7, 7), (2_000, 10), (2_000, 5_000), (300, 30_000)])
-def test_the_galloping_search_places_sorted_queries_as_searchsorted_does(stored: int, asked: int) -> None:
-    """``exact_kernels.search`` against ``numpy.searchsorted``: repeated prefixes in the keys and
-    in the queries, queries below, between and above every key, sparse and dense batches, a
-    read-only (mapped) array of keys."""
+@pytest.mark.parametrize("stored, asked", [(0, 50), (1, 50), (7, 7), (16, 40), (2_000, 10), (2_000, 5_000),
+                                           (300, 30_000), (100_003, 10_000)])
+def test_the_sampled_search_places_sorted_queries_as_searchsorted_does(stored: int, asked: int) -> None:
+    """``exact_kernels.search`` (a sample of every 16th key, then blocks searched eight at a
+    time) against ``numpy.searchsorted``: repeated prefixes in the keys and in the queries,
+    queries below, between and above every key, on and next to the sample's keys, sparse and
+    dense batches, key counts that are and are not a multiple of 16, a read-only (mapped)
+    array of keys, with its sample given or made."""
     from node import exact_kernels  # noqa: PLC0415 - imports numba
 
     rng = np.random.default_rng(stored * 7 + asked)
     prefix = np.sort(rng.integers(0, 1 << 40, stored, dtype=np.uint64) * np.uint64(1 << 20))
     prefix[1::9] = prefix[::9][:len(prefix[1::9])]  # runs of an equal prefix
     prefix.sort()
-    queries = np.concatenate([rng.choice(prefix, asked // 2) if stored else np.zeros(0, np.uint64),
-                              rng.integers(0, 1 << 61, asked - asked // 2, dtype=np.uint64),
+    sampled = prefix[::16]
+    queries = np.concatenate([rng.choice(prefix, asked // 3) if stored else np.zeros(0, np.uint64),
+                              sampled, sampled + np.uint64(1), sampled - np.uint64(1),
+                              rng.integers(0, 1 << 61, asked - asked // 3, dtype=np.uint64),
                               np.array([0, np.iinfo(np.uint64).max], dtype=np.uint64)])
     queries.sort()
     mapped = prefix.copy()
     mapped.flags.writeable = False
     for keys in (prefix, mapped):
-        assert np.array_equal(exact_kernels.search(keys, queries), np.searchsorted(keys, queries))
+        expected = np.searchsorted(keys, queries)
+        assert np.array_equal(exact_kernels.search(keys, queries), expected)
+        assert np.array_equal(exact_kernels.search(keys, queries, sample_of(keys)), expected)
