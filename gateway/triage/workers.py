@@ -174,12 +174,24 @@ def new_pool(workers: int, memory: int | None = None) -> ProcessPoolExecutor:
     _start_forkserver()
     context = multiprocessing.get_context("forkserver")
     slots = context.Array("d", 2 * workers)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
-                               initargs=(memory, slots))
+    pool = _Pool(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(memory, slots))
     _SLOTS[pool] = slots
-    with _main_unseen():
-        pool.submit(os.getpid)  # starts every worker now, while the main module is out of sight
+    pool.submit(os.getpid)  # the first worker starts now
     return pool
+
+
+class _Pool(ProcessPoolExecutor):
+    """A pool whose workers never import the main module (:func:`_main_unseen`).
+
+    Workers started by a fork server are started on demand, one per
+    :meth:`submit` that finds none idle, up to the pool's size: the second one
+    starts with the run's second task, not with the pool. Each submit hides the
+    main module, so that every worker, whenever it starts, is spared it.
+    """
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        with _main_unseen():
+            return super().submit(fn, *args, **kwargs)
 
 
 @contextlib.contextmanager
