@@ -142,6 +142,11 @@ def exact_only(task: Task, why: str) -> Hashed:
     return Hashed(hashes, task.size, task.mtime_ns, stable=False)
 
 
+# What the fork server imports once for all its workers: what they run, and no more (numpy and
+# the decoders only for a file that needs them: most files of a device are not images).
+PRELOAD = ("gateway.filehash", "gateway.triage.workers", "gateway.triage.scan")
+
+
 def start_forkserver() -> None:
     """Starts the fork server now, without waiting for it: it imports the hashing modules while the
     caller sets up the rest (the first pool then starts at once)."""
@@ -156,7 +161,7 @@ def _start_forkserver() -> None:
     """
     from multiprocessing import forkserver  # noqa: PLC0415
 
-    forkserver.set_forkserver_preload(["gateway.filehash", "gateway.triage.workers", "gateway.triage.scan"])
+    forkserver.set_forkserver_preload(list(PRELOAD))
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: leave the handler alone
