@@ -3,6 +3,7 @@ they run, and a command line that imports only what the run asks for."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -41,3 +42,46 @@ def test_no_hashing_process_imports_the_main_module(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2"
     assert not marker.exists(), f"workers {marker.read_text().split()} imported the main module"
+
+
+def _loaded(code: str, *modules: str) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has loaded after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {modules!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_command_line_loads_neither_private_matching_nor_metrics() -> None:
+    """libsodium (private matching, only with a node that offers it) and the metrics library
+    (--metrics-file, never with --dir) are loaded when used, not by every start."""
+    assert _loaded("import gateway.cli", "rbcl", "federation.oprf", "prometheus_client") == []
+
+
+def test_hashing_processes_preload_no_numpy() -> None:
+    """The fork server imports what every worker runs; numpy only comes with the first image."""
+    from gateway.triage import workers
+
+    assert _loaded(f"import {', '.join(workers.PRELOAD)}", "numpy", "PIL", "pdqhash", "grpc") == []
+
+
+def test_triage_without_private_matching_never_loads_libsodium(federation, tmp_path: Path) -> None:
+    """A whole run against nodes that offer no private matching: libsodium is never loaded."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for number in range(20):
+        (tree / f"file{number}.bin").write_bytes(number.to_bytes(4, "big") * 1000)
+    wrapper = ("import atexit, runpy, sys\n"
+               "atexit.register(lambda: sys.stderr.write('LOADED ' + ' '.join(m for m in ('rbcl', 'federation.oprf') "
+               "if m in sys.modules) + '\\n'))\n"
+               "sys.argv = ['icse-gateway', *sys.argv[1:]]\n"
+               "runpy.run_module('gateway.cli', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", wrapper, "query", "--config", str(federation.config), "--case",
+                           "START/1", "--format", "json", "--dir", str(tree), "--no-cache", "--jobs", "2"],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert done.returncode == 1, done.stderr  # no hit, every node answered
+    summary = json.loads(done.stdout)["summary"]
+    assert (summary["files"], summary["hashed_now"], summary["nodes_complete"]) == (20, 20, summary["nodes"])
+    loaded = [line for line in done.stderr.splitlines() if line.startswith("LOADED")]
+    assert loaded == ["LOADED "], done.stderr
