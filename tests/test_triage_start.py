@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from gateway.triage import workers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,8 +63,6 @@ def test_command_line_loads_neither_private_matching_nor_metrics() -> None:
 
 def test_hashing_processes_preload_no_numpy() -> None:
     """The fork server imports what every worker runs; numpy only comes with the first image."""
-    from gateway.triage import workers
-
     assert _loaded(f"import {', '.join(workers.PRELOAD)}", "numpy", "PIL", "pdqhash", "grpc") == []
 
 
