@@ -4,12 +4,15 @@ they run, and a command line that imports only what the run asks for."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from gateway.triage import workers
+from gateway import filehash
+from gateway.triage import scan, workers
+from tests import media as draw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,3 +88,23 @@ def test_triage_without_private_matching_never_loads_libsodium(federation, tmp_p
     assert (summary["files"], summary["hashed_now"], summary["nodes_complete"]) == (20, 20, summary["nodes"])
     loaded = [line for line in done.stderr.splitlines() if line.startswith("LOADED")]
     assert loaded == ["LOADED "], done.stderr
+
+
+def test_plain_only_scan_leaves_media_and_odd_files_to_the_workers(tmp_path: Path) -> None:
+    """What the run's own process reads while its workers start: plain files, hashed as a worker
+    hashes them; an image (by name or by content), a FIFO, a link are left for the workers."""
+    (tmp_path / "a.txt").write_bytes(b"plain text " * 500)
+    draw.save_jpeg(draw.drawing(1, (160, 120)), tmp_path / "b.jpg", 85)
+    (tmp_path / "c.bin").write_bytes((tmp_path / "b.jpg").read_bytes())  # an image by its content only
+    os.mkfifo(tmp_path / "d.fifo")
+    (tmp_path / "e.link").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "f.bin").write_bytes(bytes(range(256)) * 40)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    early = scan.scan([(str(tmp_path), names)], False, None, 0, None, "", True)
+    whole = scan.scan([(str(tmp_path), names)], False, None, 0, None, "")
+    assert [names[p] for p in early.plain] == ["a.txt", "f.bin"]
+    assert [names[p] for p in early.rest] == ["b.jpg", "c.bin", "d.fifo", "e.link"] and not early.others
+    assert (early.plain, early.digests, early.sizes) == (whole.plain, whole.digests, whole.sizes)
+    assert sorted(p for p, *_ in whole.others) == early.rest and not whole.rest
+    expected = filehash.exact_and_head(tmp_path / "a.txt")[0]
+    assert early.digests[0] == b"".join(expected[name] for name, _ in filehash.exact_kinds())

@@ -115,6 +115,8 @@ class Triage(Asking, Grouped):
         self._wake = asyncio.Event()
         self._stop_walk = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
+        self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
+        self._early_busy = False
         self._apart = Apart(dihedral, hasher, file_timeout, worker_memory)
         self._progress: LiveProgress | None = None
         self._known = self._hits = 0
@@ -165,6 +167,7 @@ class Triage(Asking, Grouped):
                 for task in unfinished:
                     task.cancel()
                 await asyncio.gather(*unfinished, return_exceptions=True)
+                await self._pool_settled()
                 if finished and self._pool is not None:
                     self._pool.shutdown(wait=True)
                 else:

@@ -20,6 +20,7 @@ import resource
 import signal
 import stat
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -199,6 +200,9 @@ class _Pool(ProcessPoolExecutor):
             return super().submit(fn, *args, **kwargs)
 
 
+_HIDING = threading.RLock()
+
+
 @contextlib.contextmanager
 def _main_unseen() -> Iterator[None]:
     """Hides which module is ``__main__`` while workers start.
@@ -209,15 +213,17 @@ def _main_unseen() -> Iterator[None]:
     worker and tens of MB each, for nothing a worker runs (the functions it
     runs live in this package). Without a name or a file, none is imported.
     """
-    main = sys.modules["__main__"]
-    saved: dict[str, Any] = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__dict__["__spec__"] = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
+    with _HIDING:  # a pool may be starting in another thread
+        main = sys.modules["__main__"]
+        saved: dict[str, Any] = {name: main.__dict__[name] for name in ("__spec__", "__file__")
+                                 if name in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__dict__["__spec__"] = None
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
 
 
 def stop_pool(pool: ProcessPoolExecutor | None) -> None:
