@@ -9,7 +9,9 @@ in it ``partial``. Hashing waits when the nodes fall behind, so memory stays
 bounded. A walked directory's regular files go to the workers by name, a group
 at a time (:mod:`.bulk`, :mod:`.scan`); listed paths and the odd entries of a
 tree (links, devices, what cannot be read) go one by one, as :class:`Task` and
-:class:`FileRow`.
+:class:`FileRow`. The pool starts in a thread with the first file to look at;
+until its first worker is up, the run reads the first plain files itself
+(no decoder runs in this process).
 """
 
 from __future__ import annotations
