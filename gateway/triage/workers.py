@@ -13,6 +13,7 @@ that a decoder asking for too much memory fails alone.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import multiprocessing
 import os
@@ -44,10 +45,36 @@ _marks: Any = None
 _slot = -1
 
 
+# glibc's mallopt parameters (malloc.h), and what a worker sets them to.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_FROM, _TRIM_FROM = 4 << 20, 16 << 20
+
+
+def _keep_buffers() -> None:
+    """Lets this process reuse its freed buffers instead of returning them to the system at once.
+
+    Decoding an image allocates a few buffers of a few hundred KB (the pixels,
+    their RGB and luminance copies): above glibc's default thresholds (128 KB),
+    each is mapped and unmapped per image, or trimmed off the heap, and its pages
+    are faulted in afresh every time: over 500 page faults, a millisecond of
+    system time per image, as much as the decoding itself. Buffers up to 4 MiB
+    now come from the heap, and up to 16 MiB of free heap is kept for the next
+    file: a worker's memory stays bounded (and under its address-space limit).
+    Elsewhere than glibc there is no such call, and nothing to do.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_FROM)
+
+
 def _worker_init(memory: int | None, slots: SynchronizedArray | None) -> None:
     global _slots, _slot, _marks  # noqa: PLW0603 - one per worker process
     # Ctrl-C is the parent's business: it stops the pool and keeps what is cached.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _keep_buffers()
     if memory:
         # A decoder that asks for more gets MemoryError (the file keeps its exact digests),
         # not the whole machine.
