@@ -28,8 +28,7 @@ from gateway.triage.walk import Files, listed, walk_files
 
 Reopen = Callable[[], AbstractContextManager[Iterator[str]]]
 Entry = Task | FileRow | digests.Digests | Files
-# Entries handed over at once (a directory's files, :class:`Files`, count one per file), and how
-# many such groups the walk may be ahead of the hashing.
+# Entries handed over at once, and how many such groups the walk may be ahead of the hashing.
 WALK_GROUP = 64
 WALK_QUEUE = 4
 
@@ -119,17 +118,16 @@ def feed(produce: Iterable[Entry], queue: asyncio.Queue[list[Entry] | None], loo
         return False
 
     group: list[Entry] = []
-    weight = 0
+    first = True
     try:
         for entry in produce:
             group.append(entry)
-            # A directory's files weigh as many entries: the first of them go to the workers as soon as
-            # they are listed, not once 64 directories' worth are (the walk of a large tree takes a while).
-            weight += len(entry.names) if isinstance(entry, Files) else 1
-            if weight >= WALK_GROUP:
+            # The first of a directory's files go at once, not with 63 more entries (a few thousand
+            # files whose walk takes a while): the workers, and the run, start on them meanwhile.
+            if len(group) >= WALK_GROUP or (first and isinstance(entry, Files)):
                 if not put(group):
                     return
-                group, weight = [], 0
+                group, first = [], False
         if group:
             put(group)
     finally:
