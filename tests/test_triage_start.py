@@ -3,6 +3,7 @@ they run, and a command line that imports only what the run asks for."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -11,7 +12,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from gateway import filehash
+from gateway import filehash, triage
+from gateway.config import NodeEntry
+from gateway.results import NodeAnswer, NodeStatus
 from gateway.triage import scan, workers
 from tests import media as draw
 
@@ -128,3 +131,26 @@ def test_decoding_in_a_worker_does_not_fault_in_fresh_memory_per_image(tmp_path:
         pool.shutdown()
     assert len(found.others) == 50 and all(fields[0] for _, fields, _ in found.others)  # hashed, PDQ included
     assert (after.ru_minflt - before.ru_minflt) / 50 < 50
+
+
+class _NoHits:
+    async def match(self, items, case, timeout=None, deadline=None):
+        return [NodeAnswer("FR", "FR", NodeStatus.NO_HIT, hits=((),) * len(items), truncated=(False,) * len(items))]
+
+
+async def test_a_run_in_process_hashes_everything_and_leaves_the_collector_as_it_found_it(tmp_path: Path) -> None:
+    """The first files read by the run's own process, the rest by the workers, an image by a worker
+    only; the collector's settings for the run (fewer passes over the waiting hashes) end with it."""
+    for number in range(600):
+        (tmp_path / f"f{number:03d}.bin").write_bytes(number.to_bytes(2, "big") * (number + 1))
+    draw.save_jpeg(draw.drawing(3, (160, 120)), tmp_path / "pic.jpg", 85)
+    before = gc.get_threshold()
+    run = triage.Triage(str(tmp_path), "START", [NodeEntry("FR", "FR", "127.0.0.1:1", "fr")], jobs=2, batch=100)
+    result = await run.run(_NoHits())
+    rows = {Path(r.path).name: r for r in result.store.rows()}
+    assert len(rows) == 601 and all(r.status == "hashed" for r in rows.values())
+    for name in ("f000.bin", "f599.bin"):
+        assert rows[name].hashes.exact == filehash.exact_and_head(tmp_path / name)[0]
+    assert rows["pic.jpg"].hashes.pdq is not None
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    result.store.close()

@@ -70,6 +70,11 @@ CHUNK_FILES = 64
 # space per hashing process (--worker-memory): a hostile file costs at most that.
 FILE_TIMEOUT = 30.0
 WORKER_MEMORY = 8 << 30
+# Allocations between two collections of the youngest generation during a run (Python's default: 700).
+# The hashes waiting for the nodes are young objects by the hundred thousand, alive until their batch
+# is answered: at the default the collector goes over them again and again (most of its passes find
+# nothing to free); a run makes few cycles, still collected, less often.
+GC_YOUNG = 50_000
 
 
 class Triage(Asking, Grouped):
@@ -141,8 +146,10 @@ class Triage(Asking, Grouped):
     # -- public
 
     async def run(self, federation: MatchingFederation) -> TriageResult:
-        gc.freeze()  # what is alive now (imported modules) lives as long as the run: the collector skips it
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
+        gc.freeze()  # what is alive now (imported modules) lives as long as the run: the collector skips it
+        thresholds = gc.get_threshold()
+        gc.set_threshold(GC_YOUNG, *thresholds[1:])
         loop = asyncio.get_running_loop()
         entries: asyncio.Queue[list[Task | FileRow | Digests | Files] | None] = asyncio.Queue(sources.WALK_QUEUE)
         with LiveProgress(self.console, self.show_progress) as progress:
@@ -176,6 +183,7 @@ class Triage(Asking, Grouped):
                     stop_pool(self._pool)
                 self._apart.close(finished)
                 self.cache.commit()
+                gc.set_threshold(*thresholds)
                 gc.unfreeze()
         if finished:
             self._final(self._live.indices())  # none is left, unless a hash was never answered
