@@ -4,6 +4,7 @@ they run, and a command line that imports only what the run asks for."""
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import resource
@@ -12,10 +13,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+from rich.console import Console
+
 from gateway import filehash, triage
 from gateway.config import NodeEntry
 from gateway.results import NodeAnswer, NodeStatus
 from gateway.triage import scan, workers
+from gateway.triage.progress import LiveProgress
 from tests import media as draw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +66,12 @@ def _loaded(code: str, *modules: str) -> list[str]:
     return done.stdout.split()
 
 
-def test_command_line_loads_neither_private_matching_nor_metrics() -> None:
-    """libsodium (private matching, only with a node that offers it) and the metrics library
-    (--metrics-file, never with --dir) are loaded when used, not by every start."""
-    assert _loaded("import gateway.cli", "rbcl", "federation.oprf", "prometheus_client") == []
+def test_command_line_loads_only_what_a_run_uses() -> None:
+    """libsodium (private matching, only with a node that offers it), the metrics library
+    (--metrics-file, never with --dir), rich's tables (the terminal's summary) and progress bar
+    (a terminal's) are loaded when used, not by every start."""
+    assert _loaded("import gateway.cli", "rbcl", "federation.oprf", "prometheus_client", "rich.table",
+                   "rich.progress") == []
 
 
 def test_hashing_processes_preload_no_numpy() -> None:
@@ -154,3 +160,15 @@ async def test_a_run_in_process_hashes_everything_and_leaves_the_collector_as_it
     assert rows["pic.jpg"].hashes.pdq is not None
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
     result.store.close()
+
+
+def test_progress_line_on_a_terminal_and_nothing_elsewhere() -> None:
+    """Shown on a terminal (rich's progress imported then); otherwise nothing, for no cost."""
+    shown = io.StringIO()
+    with LiveProgress(Console(file=shown, force_terminal=True, width=200), True) as progress:
+        progress.update(description="hashing", total=10, completed=4, known=1, hits=2, items=30, cached=0)
+    assert "hashing" in shown.getvalue() and "files hashed" in shown.getvalue()
+    silent = io.StringIO()
+    with LiveProgress(Console(file=silent), False) as progress:
+        progress.update(description="hashing", total=10, completed=4)
+    assert silent.getvalue() == ""
