@@ -30,7 +30,9 @@ the encoding above is of that list. A packed digest is encoded exactly as the
 same ``qh`` packed or not, and a node that ignores packed groups (it does not
 offer the feature) computes another ``qh`` and refuses the token instead of
 answering "no hit" for digests it never saw. A group's bytes are built as one
-array (``numpy``), not item by item.
+array (``numpy``), not item by item; ``numpy`` is imported by the first
+packed group, not with this module, which every process of a triage (its
+hashing processes too) imports for :class:`QueryItem` alone.
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ import hashlib
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple
 
 from federation import protocol
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DOMAIN_TAG = f"icse.v{protocol.MAJOR}.match".encode("ascii") + b"\x00"
 _U32 = struct.Struct(">I")
@@ -95,6 +98,8 @@ class PackedGroup:
 
     def array(self) -> np.ndarray:
         """The digests as a fixed-width byte-string array (a view of ``digests``, no copy)."""
+        import numpy as np  # noqa: PLC0415 - see the module's docstring
+
         return np.frombuffer(self.digests, dtype=f"S{self.size}")
 
     def digest(self, offset: int) -> bytes:
@@ -134,6 +139,8 @@ def _packed_records(group: PackedGroup) -> memoryview:
     name = group.algorithm.encode("utf-8")
     if len(name) > U32_MAX or group.size > U32_MAX:
         raise ValueError("query item does not fit the query digest's encoding")
+    import numpy as np  # noqa: PLC0415 - see the module's docstring
+
     head = np.frombuffer(_U32.pack(len(name)) + name + _U32.pack(group.size), dtype=np.uint8)
     records = np.zeros((group.count, len(head) + group.size + 4), dtype=np.uint8)  # max_distance u32 0 at the end
     records[:, :len(head)] = head

@@ -10,11 +10,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from federation import grpcenv  # noqa: F401  (first: quiets gRPC's C-core logs before grpc loads)
 
@@ -23,16 +21,22 @@ from federation import algorithms, logs
 from federation.config import ConfigError
 from federation.query import QueryItem
 from federation.wire import pb
-from gateway import config as gateway_config, filehash, interrupt, private, render, selfcheck, watch_cli
+from gateway import config as gateway_config, filehash, interrupt, private, selfcheck, watch_cli
 from gateway.config import PrivateMode
 from gateway.fanout import Federation
 from gateway.merge import merge
-from gateway.metrics import GatewayMetrics
 from gateway.results import NodeStatus, Skipped, Subject
 from gateway.signing import Signer, signer_for
 from gateway.textsafe import cell
 from gateway.triage import DEFAULT_BATCH, MAX_BATCH
 from gateway.triage.command import TriageOptions, command as triage_command
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+# Imported where they are used, not here: rich's tables (gateway.render), the metrics
+# (prometheus_client). A triage, the command run most, uses neither, and an
+# investigator waits for every import at every start.
 
 EXIT_HIT, EXIT_NO_HIT, EXIT_ERROR = 0, 1, 2
 MAX_CASE = 128
@@ -239,6 +243,9 @@ def _signer(config: gateway_config.GatewayConfig, officer: str | None = None) ->
 
 async def _query(config: gateway_config.GatewayConfig, args: argparse.Namespace, subjects: list[Subject],
                  skipped: list[Skipped], case: str) -> int:
+    from gateway import render  # noqa: PLC0415 - see the imports
+    from gateway.metrics import GatewayMetrics  # noqa: PLC0415
+
     request_id = uuid.uuid4().hex
     async with private.federation(config, _signer(config, args.officer)) as federation:
         answers = await federation.match([s.item for s in subjects], case, args.timeout, args.deadline, request_id)
@@ -291,6 +298,8 @@ async def _nodes(config, format_name: str, timeout: float | None) -> int:
     if format_name == "json":
         print(json.dumps({"nodes": rows}, indent=2))
     else:
+        from rich.table import Table  # noqa: PLC0415 - see the imports
+
         table = Table(title="Federation nodes", title_justify="left")
         for column in ("node", "replica", "status", "country", "version", "generation", "hashes", "private", "ms",
                        "message"):
@@ -322,6 +331,8 @@ def _private_cell(row: dict[str, object] | None) -> Text | str:
 
 
 def _hash(files: Sequence[Path], format_name: str, dihedral: bool) -> int:
+    from gateway import render  # noqa: PLC0415 - see the imports
+
     results = []
     for path in files:
         if not path.is_file():

@@ -31,13 +31,15 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TypeVar
 
 import grpc
 import numpy as np
 
-from federation import algorithms, buckets, oprf, protocol, tokens
+from federation import algorithms, buckets, protocol, tokens
 from federation.query import (
+    ELEMENT_BYTES,
     EMPTY_QUERY_SHA256,
     DiscloseItem,
     PrivateItem,
@@ -85,12 +87,21 @@ def fingerprint_bits(encoding: int, bits: int, output_bytes: int) -> int:
     return bits
 
 
+def _oprf() -> ModuleType:
+    """:mod:`federation.oprf`, imported the first time a node offers private matching: it loads
+    libsodium (``rbcl``), which nothing else of a query needs, and most nodes offer none (or
+    ``--no-private`` asks none privately): such a run does not pay for loading it."""
+    from federation import oprf  # noqa: PLC0415 - only private matching needs it
+
+    return oprf
+
+
 def offer_of(description: pb.DescribeResponse) -> Offer | None:
     """The node's offer, or None when it offers none this gateway can use (another suite or encoding)."""
     if FEATURE not in description.features or not description.HasField("private_exact"):
         return None
     info = description.private_exact
-    if info.suite != SUITE or not 1 <= info.prefix_bits <= oprf.MAX_BUCKET_BITS:
+    if info.suite != SUITE or not 1 <= info.prefix_bits <= _oprf().MAX_BUCKET_BITS:
         return None
     try:
         bits = fingerprint_bits(info.bucket_encoding, info.fingerprint_bits, info.output_bytes)
@@ -131,6 +142,8 @@ def _spread(function: Callable[[_In], _Out], inputs: Sequence[_In], workers: int
 
 def blind_items(items: Sequence[QueryItem], positions: Sequence[int], prefix_bits: int) -> list[Blinded]:
     """Fresh blinds for the items at ``positions`` (fresh per node and attempt: nodes cannot link them)."""
+    oprf = _oprf()
+
     def one(position: int) -> Blinded:
         item = items[position]
         data = oprf.digest_input(item.algorithm, item.digest)
@@ -148,6 +161,7 @@ def local_hits(blinded: Sequence[Blinded], response: pb.PrivateMatchResponse) ->
     fingerprint shared with another stored output is a false candidate: the
     node's disclosure, which checks the full output, weeds those out.
     """
+    oprf = _oprf()
     bits = fingerprint_bits(response.bucket_encoding, response.fingerprint_bits, response.output_bytes)
     evaluated = bytes(response.evaluated_elements)
     if len(evaluated) != oprf.ELEMENT_BYTES * len(blinded):
@@ -182,7 +196,7 @@ def answer_bytes(entries: float, encoding: int, bits: int) -> float:
 # have (gateway.fanout's channels, and the node's own 15 MiB refusal), with room
 # for buckets twice the mean size.
 ANSWER_BUDGET = 6 * 1024 * 1024
-RESULT_OVERHEAD = oprf.ELEMENT_BYTES  # an item's evaluated element
+RESULT_OVERHEAD = ELEMENT_BYTES  # an item's evaluated element
 
 
 def items_per_request(offer: Offer, budget: int = ANSWER_BUDGET) -> int:

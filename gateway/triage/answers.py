@@ -12,7 +12,8 @@ import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from itertools import compress
+from operator import itemgetter, not_, sub
 
 from federation.query import QueryItem
 from gateway.merge import merge
@@ -51,12 +52,12 @@ def apply(case: str, taken: Sequence[tuple[int, QueryItem, str]], answers: Seque
     if missing:
         for index in {index for index, _, _ in taken}:
             rows[index].not_answered_by.update(missing)
-    final = applied.final
-    for index, count in Counter(map(itemgetter(0), taken)).items():
-        left = unanswered[index] - count
-        unanswered[index] = left
-        if not left:
-            final.append(index)
+    # Items left per row, a column at a time (a batch holds thousands of rows, most of them no hit).
+    counts = Counter(map(itemgetter(0), taken))
+    indices = list(counts)
+    left = list(map(sub, map(unanswered.__getitem__, indices), counts.values()))
+    unanswered.update(zip(indices, left, strict=True))
+    applied.final += compress(indices, map(not_, left))
     return applied
 
 

@@ -13,7 +13,9 @@ time it is looked up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -132,6 +134,10 @@ class Grouped:
     _per_scan: int
     _scanned_files: int
     _scanned_bytes: int
+    file_timeout: float | None
+    # The pool being started (in a thread), and whether a group is being read in this process meanwhile.
+    _starting: asyncio.Future[ProcessPoolExecutor] | None
+    _early_busy: bool
 
     if TYPE_CHECKING:  # the run's own, and the querying half's
         def _finish(self, outcomes: list[tuple[int, Task | None, Done]], from_cache: bool = False) -> None: ...
@@ -144,9 +150,7 @@ class Grouped:
         """``function(*args)`` in a worker process; None if the pool broke (a decoder crashed on a
         hostile file, or the OOM killer): the others get a fresh pool (unless the run is closing),
         and the caller looks at its files one by one, apart."""
-        if self._pool is None:  # started with the first file to hash: a fully cached run needs none
-            self._pool = new_pool(self.jobs, self.worker_memory)
-        pool = self._pool
+        pool = self._pool or await self._started()
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
         except BrokenProcessPool:
@@ -155,10 +159,57 @@ class Grouped:
                 stop_pool(pool)
             return None
 
-    async def _scan(self, parts: list[tuple[str, list[str], int]]) -> None:
+    def _start_pool(self) -> asyncio.Future[ProcessPoolExecutor]:
+        """Starts the pool in a thread, the first time a file is to be looked at (a run of listed digests
+        needs none). Its first worker waits for the fork server, which may still be importing what the
+        workers run: meanwhile the run goes on, and reads its first files itself (:meth:`_early`)."""
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().run_in_executor(None, new_pool, self.jobs, self.worker_memory)
+        return self._starting
+
+    async def _started(self) -> ProcessPoolExecutor:
+        """The pool, once started (whoever waits for it, it is started once, and never lost to a cancellation)."""
+        pool = await asyncio.shield(self._start_pool())
+        if self._pool is None:
+            self._pool = pool
+        return self._pool
+
+    async def _pool_settled(self) -> None:
+        """Waits for a pool still being started, so that the run stops it with the rest."""
+        if self._pool is None and self._starting is not None:
+            with contextlib.suppress(Exception):
+                self._pool = await self._starting
+
+    async def _early(self, args: tuple[Any, ...]) -> scan.Scanned | None:
+        """A group's plain files read and hashed by a thread of this process while the pool starts: no
+        decoder runs here (images, videos and the other files are left to the workers: ``rest``), so this
+        process risks no hostile file; only a read can hang (a dead network share), and that is bounded
+        by the per-file limit: past it, None, and the group goes to the workers, which the watchdog
+        watches. One group at a time, so that the run's own work is not slowed."""
+        self._early_busy = True
+        try:
+            return await asyncio.wait_for(_in_thread(scan.scan, *args, True), self.file_timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._early_busy = False
+
+    async def _scan(self, parts: list[tuple[str, list[str], int]], early: bool = True) -> None:
         cache = self.cache.readable()
-        found = await self._in_workers(scan.scan, [(d, names) for d, names, _ in parts], self.dihedral,
-                                       self.hasher, self.max_distance, *(cache or (None, "")))
+        args = ([(d, names) for d, names, _ in parts], self.dihedral, self.hasher, self.max_distance,
+                *(cache or (None, "")))
+        started = self._start_pool()
+        if early and not started.done() and not self._early_busy and self.hasher is None:
+            read = await self._early(args)
+            if read is not None:
+                self._scanned(parts, read)
+                if read.rest:  # files to decode, or to look at one at a time: the workers' business
+                    where = [(d, name, start + at) for d, names, start in parts for at, name in enumerate(names)]
+                    await self._scan([(where[p][0], [where[p][1]], where[p][2]) for p in read.rest], early=False)
+                else:
+                    self.cache.commit(if_due=True)
+                return
+        found = await self._in_workers(scan.scan, *args)
         if found is None:
             if self._closing:
                 return
@@ -210,8 +261,33 @@ class Grouped:
             if len(pending) >= self._batch_size():
                 self._wake.set()
             self._update(completed=self.done, cached=self.result.cache_hits)
-        self._scanned_files += len(where)
+        self._scanned_files += len(where) - len(found.rest)
         self._scanned_bytes += sum(found.sizes)
         average = max(1, self._scanned_bytes // max(1, self._scanned_files))
         # At most a batch's worth of files at a time: what waits for the nodes stays near PENDING_BATCHES batches.
         self._per_scan = max(1, min(SCAN_MOST, self.batch, CHUNK_BYTES // average))
+
+
+def _in_thread(function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``function(*args)`` in a thread of its own, as a future of the running loop. A daemon thread:
+    one stuck in a read the run has given up on does not keep the process from ending."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():  # not given up on (wait_for cancels it past its limit)
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task, whatever it is
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="triage-early", daemon=True).start()
+    return future

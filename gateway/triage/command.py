@@ -6,7 +6,9 @@ below it sees the argument parser.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import json
 import os
 import sqlite3
@@ -160,6 +162,10 @@ WRITERS: dict[str, Callable[[TriageResult, Path], None]] = {
 def command(options: TriageOptions, config: GatewayConfig, case: str, signer: Callable[[], Signer]) -> int:
     """Runs the triage ``options`` ask for; called by :mod:`gateway.cli` once the common options are checked."""
     options.check()
+    # The process ends with the command, and on its way out the collector would look once more at
+    # everything still alive (gRPC, numpy, the run's objects: a tenth of a second or more, on every
+    # run) to free memory the end frees anyway: frozen then, it is skipped.
+    atexit.register(gc.freeze)
     if options.directories or options.from_list:
         workers.start_forkserver()  # files to hash: the workers' server starts while the rest is set up
     roots = _roots(options.directories)

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from federation import algorithms
@@ -211,6 +210,8 @@ def _listing(console: Console, store: RowStore, near: bool, count: int, title: s
     """Known files of one kind, the first :data:`STDOUT_KNOWN`, each with its distance and references."""
     if not count:
         return
+    from rich.table import Table  # noqa: PLC0415 - see print_summary
+
     shown = f", first {STDOUT_KNOWN} of {count:,}" if count > STDOUT_KNOWN else ""
     listing = Table(title=f"{title[:-1]}{shown})", title_justify="left")
     for column in ("file", "countries", "distance", "references"):
@@ -225,6 +226,9 @@ def _listing(console: Console, store: RowStore, near: bool, count: int, title: s
 
 
 def print_summary(result: TriageResult, console: Console, outputs: dict[str, Path] | None = None) -> None:
+    # rich's tables only for the terminal's summary: not with --format json, the form scripts ask for.
+    from rich.table import Table  # noqa: PLC0415
+
     files, known = result.files, result.files_known
     unreadable, not_hashed = result.count(UNREADABLE), result.count(NOT_HASHED)
     console.print(Text(f"Case {terminal(result.case)}: {terminal(result.root)}", style="bold"))

@@ -9,7 +9,9 @@ in it ``partial``. Hashing waits when the nodes fall behind, so memory stays
 bounded. A walked directory's regular files go to the workers by name, a group
 at a time (:mod:`.bulk`, :mod:`.scan`); listed paths and the odd entries of a
 tree (links, devices, what cannot be read) go one by one, as :class:`Task` and
-:class:`FileRow`.
+:class:`FileRow`. The pool starts in a thread with the first file to look at;
+until its first worker is up, the run reads the first plain files itself
+(no decoder runs in this process).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ CHUNK_FILES = 64
 # space per hashing process (--worker-memory): a hostile file costs at most that.
 FILE_TIMEOUT = 30.0
 WORKER_MEMORY = 8 << 30
+# Allocations between two collections of the youngest generation during a run (Python's default: 700).
+# The hashes waiting for the nodes are young objects by the hundred thousand, alive until their batch
+# is answered: at the default the collector goes over them again and again (most of its passes find
+# nothing to free); a run makes few cycles, still collected, less often.
+GC_YOUNG = 50_000
 
 
 class Triage(Asking, Grouped):
@@ -115,6 +122,8 @@ class Triage(Asking, Grouped):
         self._wake = asyncio.Event()
         self._stop_walk = threading.Event()
         self._pool: ProcessPoolExecutor | None = None
+        self._starting: asyncio.Future[ProcessPoolExecutor] | None = None
+        self._early_busy = False
         self._apart = Apart(dihedral, hasher, file_timeout, worker_memory)
         self._progress: LiveProgress | None = None
         self._known = self._hits = 0
@@ -137,8 +146,10 @@ class Triage(Asking, Grouped):
     # -- public
 
     async def run(self, federation: MatchingFederation) -> TriageResult:
-        gc.freeze()  # what is alive now (imported modules) lives as long as the run: the collector skips it
         """Walks, hashes and queries; ``federation`` has ``match(items, case, timeout, deadline)``."""
+        gc.freeze()  # what is alive now (imported modules) lives as long as the run: the collector skips it
+        thresholds = gc.get_threshold()
+        gc.set_threshold(GC_YOUNG, *thresholds[1:])
         loop = asyncio.get_running_loop()
         entries: asyncio.Queue[list[Task | FileRow | Digests | Files] | None] = asyncio.Queue(sources.WALK_QUEUE)
         with LiveProgress(self.console, self.show_progress) as progress:
@@ -165,12 +176,14 @@ class Triage(Asking, Grouped):
                 for task in unfinished:
                     task.cancel()
                 await asyncio.gather(*unfinished, return_exceptions=True)
+                await self._pool_settled()
                 if finished and self._pool is not None:
                     self._pool.shutdown(wait=True)
                 else:
                     stop_pool(self._pool)
                 self._apart.close(finished)
                 self.cache.commit()
+                gc.set_threshold(*thresholds)
                 gc.unfreeze()
         if finished:
             self._final(self._live.indices())  # none is left, unless a hash was never answered

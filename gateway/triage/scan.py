@@ -44,7 +44,9 @@ class Scanned:
     ``sizes``, ``mtimes``, ``digests`` (each file's exact digests end to end),
     ``cached`` (found in the cache) and ``texts`` (their hashes' text, for the
     cache: only for files read when there is a cache) are theirs, in that order.
-    ``others`` is (position, Done fields, from the cache) for every other file.
+    ``others`` is (position, Done fields, from the cache) for every other file,
+    unless the group was read for plain files only: ``rest`` then lists their
+    positions, not looked at further.
     """
 
     plain: list[int] = field(default_factory=list)
@@ -55,23 +57,40 @@ class Scanned:
     cached: list[bool] = field(default_factory=list)
     texts: list[str | None] = field(default_factory=list)
     others: list[tuple[int, tuple[Any, ...], bool]] = field(default_factory=list)
+    rest: list[int] = field(default_factory=list)
+
+
+def _open(path: str) -> sqlite3.Connection | None:
+    try:
+        return sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=10,
+                               check_same_thread=False)
+    except sqlite3.Error:
+        return None
 
 
 def _reader(path: str | None) -> sqlite3.Connection | None:
     if path is None:
         return None
     if path not in _readers:
-        try:
-            _readers[path] = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True, timeout=10,
-                                             check_same_thread=False)
-        except sqlite3.Error:
-            _readers[path] = None
+        _readers[path] = _open(path)
     return _readers[path]
 
 
-def _cached(cache: str | None, variant: str, keys: list[bytes]) -> dict[bytes, tuple[int, int, str]]:
-    """The cache's records for ``keys``; none when the cache cannot be read (the files are hashed)."""
-    db = _reader(cache)
+def _cached(cache: str | None, variant: str, keys: list[bytes], keep: bool = True) -> dict[bytes, tuple[int, int, str]]:
+    """The cache's records for ``keys``; none when the cache cannot be read (the files are hashed).
+    A worker keeps its connection for its life; the run's own process (``keep`` false) opens one for the
+    call: it outlives runs, and a cache file removed and made anew at the same path needs a new one."""
+    if not keep:
+        db = _open(cache) if cache else None
+        try:
+            return _cached_in(db, variant, keys)
+        finally:
+            if db is not None:
+                db.close()
+    return _cached_in(_reader(cache), variant, keys)
+
+
+def _cached_in(db: sqlite3.Connection | None, variant: str, keys: list[bytes]) -> dict[bytes, tuple[int, int, str]]:
     found: dict[bytes, tuple[int, int, str]] = {}
     if db is None:
         return found
@@ -87,16 +106,20 @@ def _cached(cache: str | None, variant: str, keys: list[bytes]) -> dict[bytes, t
 
 
 def scan(parts: Sequence[tuple[str, Sequence[str]]], dihedral: bool, hasher: workers.Hasher | None,
-         max_distance: int, cache: str | None, variant: str) -> Scanned:
-    """Hashes the files ``names`` of each ``directory`` in ``parts``, in that order (what a worker runs)."""
+         max_distance: int, cache: str | None, variant: str, plain_only: bool = False) -> Scanned:
+    """Hashes the files ``names`` of each ``directory`` in ``parts``, in that order (what a worker runs);
+    with ``plain_only``, only the plain files: no decoder runs (the run's own process, while its workers start)."""
     kinds = filehash.exact_kinds()
     out = Scanned()
     paths = [path for directory, names in parts for path in _joined(directory, names)]
     keys = list(map(os.fsencode, paths))
-    found = _cached(cache, variant, keys) if cache else {}
+    found = _cached(cache, variant, keys, keep=not plain_only) if cache else {}
     for position, (path, key) in enumerate(zip(paths, keys, strict=True)):
         done = _plain(path, key, found, kinds, hasher is None, cache is not None)
         if done is None:
+            if plain_only:
+                out.rest.append(position)
+                continue
             # Anything but a plain file: as one file always was (image, video, unreadable, changed, custom hasher).
             out.others.append((position, *_other(path, key, found, dihedral, hasher, max_distance)))
             continue

@@ -118,13 +118,16 @@ def feed(produce: Iterable[Entry], queue: asyncio.Queue[list[Entry] | None], loo
         return False
 
     group: list[Entry] = []
+    first = True
     try:
         for entry in produce:
             group.append(entry)
-            if len(group) >= WALK_GROUP:
+            # The first of a directory's files go at once, not with 63 more entries (a few thousand
+            # files whose walk takes a while): the workers, and the run, start on them meanwhile.
+            if len(group) >= WALK_GROUP or (first and isinstance(entry, Files)):
                 if not put(group):
                     return
-                group = []
+                group, first = [], False
         if group:
             put(group)
     finally:
