@@ -2,7 +2,7 @@
 
 Generates three trees (small files, large files, drawn images), then for each:
 ``hashdeep -c md5,sha1,sha256 -r`` twice — with ``-j 1``, one hashing thread,
-the reference the triage's goals are set against (issue: "hashdeep (1
+the reference the triage's goals are set against ("hashdeep (1
 thread)"), and with hashdeep's default, one hashing thread per core
 (``man hashdeep``, ``-j``), a stricter figure printed beside it — and
 ``icse-gateway query --dir`` against one real node over mTLS: exact-only work
@@ -170,7 +170,7 @@ def raw_pdq_seconds(root: Path, jobs: int) -> float:
 
 
 # The two hashdeep runs: the reference the goals are judged against, and hashdeep's own default.
-REFERENCE = "hashdeep -j 1 (the issue's reference)"
+REFERENCE = "hashdeep -j 1 (one hashing thread)"
 PER_CORE = "hashdeep, one thread per core"
 
 
