@@ -4,8 +4,8 @@ segment's sorted ``prefix`` array (``node.index.find_sorted``).
 The search is bound by memory, not by comparisons: a segment's 2 M prefixes are
 16 MB, beyond the caches, and ``numpy.searchsorted`` bisects all of them for
 every query, its last several steps each a miss (about 2.6 ms for 10,000
-queries in 2 M keys). Here each query first finds its block of ``SAMPLE_STEP``
-keys in the segment's sample (every 16th prefix, 1 MB, which stays cached),
+queries in 2 M keys). Here each query first finds its block of 16 keys in the
+segment's sample (``node.index.sample_of``: every 16th prefix, 1 MB, cached),
 starting where the query before ended, since the queries are sorted; then the
 blocks of eight queries are searched in lockstep, four steps each, so that
 their reads from memory overlap instead of waiting for one another. About
@@ -19,15 +19,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from node.index import SAMPLE_STEP, sample_of
-
 _LANES = 8  # queries whose blocks are searched together
 
 
 @njit(cache=True, nogil=True)
-def sorted_left(haystack, sample, needles, out):  # pragma: no cover - compiled
+def sorted_left(haystack, sample, step, needles, out):  # pragma: no cover - compiled
     """``out[i] = numpy.searchsorted(haystack, needles[i])`` (side "left") for ascending
-    ``needles`` in ascending ``haystack``; ``sample`` is ``haystack[::SAMPLE_STEP]``."""
+    ``needles`` in ascending ``haystack``; ``sample`` is ``haystack[::step]``, ``step`` a
+    power of two."""
     n = len(haystack)
     m = len(sample)
     low_of = np.empty(_LANES, np.int64)
@@ -55,8 +54,8 @@ def sorted_left(haystack, sample, needles, out):  # pragma: no cover - compiled
             start = low
             # haystack[(low - 1) * step] < x <= haystack[low * step]: the answer is one of the 15
             # keys between them, or the latter.
-            low_of[k] = 0 if low == 0 else (low - 1) * SAMPLE_STEP + 1
-        size = SAMPLE_STEP - 1
+            low_of[k] = 0 if low == 0 else (low - 1) * step + 1
+        size = step - 1
         while size > 0:  # the answer is in [low, low + size], size 2^j - 1, for every lane alike
             half = size >> 1
             for k in range(lanes):
@@ -68,13 +67,15 @@ def sorted_left(haystack, sample, needles, out):  # pragma: no cover - compiled
             out[base + k] = low_of[k]
 
 
-def search(haystack: np.ndarray, needles: np.ndarray, sample: np.ndarray | None = None) -> np.ndarray:
+def search(haystack: np.ndarray, sample: np.ndarray, step: int, needles: np.ndarray) -> np.ndarray:
     """``numpy.searchsorted(haystack, needles)`` for ascending uint64 ``needles``;
-    ``sample``: ``sample_of(haystack)``, made here when not given."""
+    ``sample`` is ``haystack[::step]`` (``node.index.sample_of``)."""
+    if step < 1 or step & (step - 1):
+        raise ValueError(f"a sample's step is a power of two, not {step}")
     out = np.empty(len(needles), dtype=np.int64)
     # Contiguous (a no-op for the arrays a search has): the layouts ``warm`` compiled for.
-    sorted_left(np.ascontiguousarray(haystack), sample if sample is not None else sample_of(haystack),
-                np.ascontiguousarray(needles), out)
+    sorted_left(np.ascontiguousarray(haystack), np.ascontiguousarray(sample), step, np.ascontiguousarray(needles),
+                out)
     return out
 
 
@@ -85,4 +86,4 @@ def warm() -> None:
     mapped = np.zeros(1, dtype=np.uint64)
     mapped.flags.writeable = False
     for haystack in (mapped, needles):
-        search(haystack, needles)
+        search(haystack, needles.copy(), 1, needles)

@@ -104,7 +104,8 @@ def find_sorted(keys: np.ndarray, prefix: np.ndarray, probe: Probe,
     if not count or not len(probe.keys):
         return np.empty(0, np.int64), np.empty(0, np.int64)
     from node import exact_kernels  # noqa: PLC0415 - imports numba: only a process that searches
-    at = np.minimum(exact_kernels.search(prefix, probe.prefix, sample), count - 1)
+    sample = sample if sample is not None else sample_of(prefix)
+    at = np.minimum(exact_kernels.search(prefix, sample, SAMPLE_STEP, probe.prefix), count - 1)
     candidates = np.flatnonzero(prefix[at] == probe.prefix)
     at = at[candidates]
     wanted = probe.keys[candidates]

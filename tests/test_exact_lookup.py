@@ -11,7 +11,7 @@ import pytest
 from federation import algorithms
 from federation.query import PackedGroup, QueryItem
 from node import matcher, segment_index
-from node.index import Candidate, ExactIndex, prefix_of, sample_of
+from node.index import SAMPLE_STEP, Candidate, ExactIndex, prefix_of, sample_of
 from node.segment_set import LiveSegment, MergedIndex, record_id
 
 
@@ -118,7 +118,7 @@ def test_the_sampled_search_places_sorted_queries_as_searchsorted_does(stored: i
     time) against ``numpy.searchsorted``: repeated prefixes in the keys and in the queries,
     queries below, between and above every key, on and next to the sample's keys, sparse and
     dense batches, key counts that are and are not a multiple of 16, a read-only (mapped)
-    array of keys, with its sample given or made."""
+    array of keys, samples of other steps."""
     from node import exact_kernels  # noqa: PLC0415 - imports numba
 
     rng = np.random.default_rng(stored * 7 + asked)
@@ -135,5 +135,8 @@ def test_the_sampled_search_places_sorted_queries_as_searchsorted_does(stored: i
     mapped.flags.writeable = False
     for keys in (prefix, mapped):
         expected = np.searchsorted(keys, queries)
-        assert np.array_equal(exact_kernels.search(keys, queries), expected)
-        assert np.array_equal(exact_kernels.search(keys, queries, sample_of(keys)), expected)
+        assert np.array_equal(exact_kernels.search(keys, sample_of(keys), SAMPLE_STEP, queries), expected)
+        for step in (1, 2, 64):
+            assert np.array_equal(exact_kernels.search(keys, keys[::step], step, queries), expected)
+    with pytest.raises(ValueError, match="power of two"):
+        exact_kernels.search(prefix, prefix[::3], 3, queries)
