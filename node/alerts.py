@@ -101,12 +101,6 @@ def _passes(settings: AlertSettings, claims: QueryClaims, series: str, category:
     return True
 
 
-def event_key(claims: QueryClaims, request_id: str, hit: ReleasedHit) -> str:
-    """One alert per gateway's request, item and reference: a request the gateway
-    sends again (same request id) does not alert the desk twice."""
-    return f"{claims.issuer}/{request_id}/{hit.item}/{hit.record.reference}"
-
-
 def _shared(node_id: str, country: str, claims: QueryClaims, request_id: str, when: dt.datetime) -> dict[str, object]:
     """The fields every alert of one answered request has in common."""
     return {
@@ -122,29 +116,6 @@ def _shared(node_id: str, country: str, claims: QueryClaims, request_id: str, wh
         "case": claims.case,
         "token_id": claims.token_id,
     }
-
-
-def _own(hit: ReleasedHit) -> dict[str, object]:
-    """The fields of one hit's alert that are its own."""
-    record = hit.record
-    return {
-        "reference": record.reference,
-        "series": record.series,
-        "category": record.category,
-        "victim_identified": record.victim_identified,
-        "algorithm": hit.algorithm,
-        "digest": hit.digest.hex(),
-        "distance": hit.distance,
-        "matched_share": hit.matched_share,
-        "item": hit.item,
-        "released_tier": hit.tier,
-    }
-
-
-def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit: ReleasedHit,
-          when: dt.datetime) -> dict[str, object]:
-    """The alert as the desk receives it (JSON object)."""
-    return {**_shared(node_id, country, claims, request_id, when), **_own(hit)}
 
 
 class Released(NamedTuple):
@@ -264,7 +235,9 @@ class Alerts:
         """Commits the alerts of one answer as one bundle (``Outbox.add_bundle``: the shared
         fields once, each hit's own as columns); how many alerts that is."""
         assert self._outbox is not None
-        key = BundleKey(f"{claims.issuer}/{request_id}/", ("item", "reference"), "event_id")  # event_key's
+        # One alert per gateway's request, item and reference: a request the gateway sends
+        # again (same request id) does not alert the desk twice.
+        key = BundleKey(f"{claims.issuer}/{request_id}/", ("item", "reference"), "event_id")
         return self._outbox.add_bundle(_shared(self._node_id, self._country, claims, request_id, when),
                                        chosen.columns(), key)
 

@@ -52,8 +52,8 @@ def sorted_left(haystack, sample, step, needles, out):  # pragma: no cover - com
                 else:
                     high = middle
             start = low
-            # haystack[(low - 1) * step] < x <= haystack[low * step]: the answer is one of the 15
-            # keys between them, or the latter.
+            # haystack[(low - 1) * step] < x <= haystack[low * step]: the answer is one of the
+            # step - 1 keys between them, or the latter.
             low_of[k] = 0 if low == 0 else (low - 1) * step + 1
         size = step - 1
         while size > 0:  # the answer is in [low, low + size], size 2^j - 1, for every lane alike

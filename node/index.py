@@ -156,6 +156,11 @@ class ExactIndex:
         return self._prefix
 
     @property
+    def sample(self) -> np.ndarray:
+        """The prefixes' ``sample_of``."""
+        return self._sample
+
+    @property
     def nbytes(self) -> int:
         return self._keys.nbytes + self._ids.nbytes + self._prefix.nbytes + self._sample.nbytes
 

@@ -349,8 +349,9 @@ class MappedSegment:
         if algorithm not in self.keys:
             return np.full(len(wanted), -1, dtype=np.int64)
         index = self.indexes.get(algorithm)
-        prefix = index.prefix if isinstance(index, ExactIndex) else None
-        return segment_index.find(*self.keys[algorithm], wanted, prefix)
+        if isinstance(index, ExactIndex):  # its prefixes and their sample, made when it was mapped
+            return segment_index.find(*self.keys[algorithm], wanted, index.prefix, index.sample)
+        return segment_index.find(*self.keys[algorithm], wanted)
 
     def query(self, sql: str, parameters: tuple = ()) -> list[tuple]:
         with self._lock:

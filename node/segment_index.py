@@ -67,14 +67,16 @@ def sorted_keys(keys: np.ndarray, ids: np.ndarray) -> Arrays:
     return {"keys": keys[order], "ids": ids[order]}
 
 
-def find(keys: np.ndarray, ids: np.ndarray, wanted: np.ndarray, prefix: np.ndarray | None = None) -> np.ndarray:
+def find(keys: np.ndarray, ids: np.ndarray, wanted: np.ndarray, prefix: np.ndarray | None = None,
+         sample: np.ndarray | None = None) -> np.ndarray:
     """The row id of each wanted key in sorted ``keys``, or -1: one vectorised search
-    (of ``prefix``, the keys' ``prefix_of``, when there is one)."""
+    (of ``prefix``, the keys' ``prefix_of``, when there is one; ``sample``, its
+    ``sample_of``, made for the search when not given)."""
     if not len(keys) or not len(wanted):
         return np.full(len(wanted), -1, dtype=np.int64)
     if prefix is not None:
         probe = Probe.of(wanted)
-        where, at = find_sorted(keys, prefix, probe)
+        where, at = find_sorted(keys, prefix, probe, sample)
         found = np.full(len(wanted), -1, dtype=np.int64)
         found[probe.order[where]] = ids[at]
         return found

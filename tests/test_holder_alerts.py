@@ -37,7 +37,7 @@ from federation.pki import DevPki
 from federation.tokens import QueryClaims
 from federation.webhook import verify
 from node import config as node_config
-from node.alerts import Alerts, ReleasedHit, event, event_key, open_outbox, passes
+from node.alerts import Alerts, ReleasedHit, open_outbox, passes
 from node.records import HashRecord
 from tests.support import query_json
 from tests.webhook import Receiver, receiving
@@ -443,6 +443,26 @@ def test_a_damaged_outbox_stops_the_start_in_words(pki: DevPki, tmp_path: Path) 
         assert feed.returncode == 2 and "not a database" in feed.stderr and "Traceback" not in feed.stderr
     finally:
         node.stop()
+
+
+def event_key(claims: QueryClaims, request_id: str, hit: ReleasedHit) -> str:
+    """An alert's id, as the README gives it: gateway / request id / item / reference."""
+    return f"{claims.issuer}/{request_id}/{hit.item}/{hit.record.reference}"
+
+
+def event(node_id: str, country: str, claims: QueryClaims, request_id: str, hit: ReleasedHit,
+          when: dt.datetime) -> dict[str, object]:
+    """The alert the desk should receive for ``hit``, every field spelled out."""
+    record = hit.record
+    return {
+        "type": "hit.released", "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "node_id": node_id, "node_country": country, "request_id": request_id, "gateway": claims.issuer,
+        "requesting_country": claims.country, "requesting_agency": claims.org, "officer": claims.subject,
+        "case": claims.case, "token_id": claims.token_id,
+        "reference": record.reference, "series": record.series, "category": record.category,
+        "victim_identified": record.victim_identified, "algorithm": hit.algorithm, "digest": hit.digest.hex(),
+        "distance": hit.distance, "matched_share": hit.matched_share, "item": hit.item, "released_tier": hit.tier,
+    }
 
 
 async def test_a_batch_of_alerts_is_stored_as_the_canonical_json_of_each_event(tmp_path: Path) -> None:
